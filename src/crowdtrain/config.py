@@ -1,0 +1,222 @@
+"""Run configuration: pydantic models loaded from TOML, and the config's content hash.
+
+One place to see a run (as in torchtitan): the model, the data, the inner optimizer
+(DiLoCo's AdamW, Douillard et al. 2023, arXiv:2311.08105), the outer optimizer, the wire codec,
+the aggregation rule and the round policy. Unknown keys and bad values are rejected with one
+sentence that names the key and what is allowed. The resolved config has a stable content hash,
+which the run manifest pins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is unusable; the message is one sentence for a person."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+ArchName = Literal["gpt", "mlp"]
+CodecName = Literal["fp32", "fp16", "bf16", "int8", "int4", "topk2bit"]
+AggregatorName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
+OuterName = Literal["nesterov", "error_feedback"]
+StalePolicy = Literal["reject", "accept"]
+
+
+class ModelConfig(_Strict):
+    """A built-in architecture, chosen by name, and its size."""
+
+    arch: ArchName = "gpt"
+    vocab_size: int = Field(256, ge=2, le=65536)
+    context: int = Field(128, ge=2, le=8192)
+    width: int = Field(128, ge=4, le=16384)
+    depth: int = Field(4, ge=1, le=256)
+    heads: int = Field(4, ge=1, le=256)
+    mlp_ratio: int = Field(4, ge=1, le=16)
+    init_seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.arch == "gpt" and self.width % self.heads:
+            raise ValueError(f"model.width ({self.width}) must be a multiple of model.heads")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the corpus comes from, how it is packed into shards, and how batches are drawn."""
+
+    source: str = "stdlib"
+    dir: str = "data/stdlib"
+    include: tuple[str, ...] = ("*.py",)
+    shard_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    val_fraction: float = Field(0.02, gt=0.0, lt=0.5)
+    batch_size: int = Field(16, ge=1, le=65536)
+    shards_per_peer: int = Field(4, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+
+
+class InnerConfig(_Strict):
+    """The inner loop on each volunteer: AdamW with warmup + cosine (DiLoCo defaults)."""
+
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0)
+    warmup_steps: int = Field(20, ge=0)
+    total_steps: int = Field(1000, ge=1)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    budget: Literal["steps", "seconds"] = "steps"
+    steps: int = Field(50, ge=1, le=1_000_000)
+    seconds: float = Field(30.0, gt=0.0, le=86_400.0)
+    threads: int = Field(1, ge=1, le=1024)
+    keep_optimizer_state: bool = False
+
+
+class OuterConfig(_Strict):
+    """The outer optimizer applied to the aggregate pseudo-gradient on the coordinator."""
+
+    optimizer: OuterName = "nesterov"
+    lr: float = Field(0.7, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+
+
+class CodecConfig(_Strict):
+    """How a pseudo-gradient is compressed on the wire."""
+
+    name: CodecName = "int8"
+    block_size: int = Field(64, ge=8, le=1 << 20)
+    chunk_size: int = Field(4096, ge=16, le=1 << 24)
+    topk: int = Field(64, ge=1, le=1 << 20)
+    ef_decay: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _topk_fits(self) -> CodecConfig:
+        if self.topk > self.chunk_size:
+            raise ValueError(
+                f"codec.topk ({self.topk}) must not exceed codec.chunk_size ({self.chunk_size})"
+            )
+        return self
+
+
+class AggregationConfig(_Strict):
+    """The robust aggregation rule and its parameters."""
+
+    method: AggregatorName = "centered_clip"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    bucket_size: int = Field(2, ge=1, le=1024)
+    clip_iters: int = Field(1, ge=1, le=100)
+    clip_tau: float | None = Field(None, gt=0.0)
+    fragment_numel: int = Field(1 << 20, ge=1024, le=1 << 30)
+
+
+class RoundsConfig(_Strict):
+    """The round policy: how many rounds, quorum, deadline and staleness."""
+
+    total: int = Field(20, ge=1, le=10_000_000)
+    quorum: int = Field(1, ge=1, le=1_000_000)
+    deadline_s: float = Field(120.0, gt=0.0)
+    max_peers_per_round: int = Field(64, ge=1, le=1_000_000)
+    late: StalePolicy = "reject"
+    late_weight: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class RunConfig(_Strict):
+    """A whole run: everything a coordinator needs to start, and what the manifest pins."""
+
+    name: str = Field("crowdtrain", min_length=1, max_length=128)
+    seed: int = Field(0, ge=0)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    inner: InnerConfig = InnerConfig()
+    outer: OuterConfig = OuterConfig()
+    codec: CodecConfig = CodecConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    rounds: RoundsConfig = RoundsConfig()
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: Any) -> str:
+    """Turn the first pydantic error into one sentence naming the key and what is allowed."""
+    loc = tuple(error["loc"])
+    key = _key(loc)
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc))
+        return f"unknown config key '{key}'; allowed keys here are: {allowed}"
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"config key '{key}' is {got!r}; allowed values are {expected}"
+    if kind == "value_error":
+        return f"bad config: {str(error['msg']).removeprefix('Value error, ')}"
+    return f"config key '{key}' is {got!r}: {error['msg'].lower()}"
+
+
+def parse_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a config mapping; raise ConfigError with one clear sentence when it is bad."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0])) from None
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Load a run config from a TOML file; `None` gives the built-in defaults."""
+    if path is None:
+        return RunConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return parse_config(raw)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no whitespace) used for every content hash."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def config_hash(config: RunConfig) -> str:
+    """Stable sha256 of the resolved config (defaults filled in), as a hex string."""
+    return hashlib.sha256(canonical_json(config.model_dump(mode="json"))).hexdigest()
+
+
+def allowed_values(name: str) -> tuple[str, ...]:
+    """The allowed names for one of the config's choice fields (for CLI help and errors)."""
+    table = {
+        "arch": ArchName,
+        "codec": CodecName,
+        "aggregator": AggregatorName,
+        "outer": OuterName,
+    }
+    return tuple(get_args(table[name]))

@@ -1,0 +1,1 @@
+"""crowdtrain.data."""
