@@ -1,0 +1,216 @@
+"""The `crowdtrain` command: demo, simulate, data, bench, config.
+
+Every error that reaches a person is one sentence on stderr and a non-zero exit status, never a
+traceback (exit status 2 for bad input, 1 for a failure while running).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crowdtrain.config import ConfigError, config_hash, load_config
+
+app = typer.Typer(
+    help="Train one neural network with compute donated by many volunteers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Pack corpora into content-addressed shards.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (their results are recorded in docs/).")
+config_app = typer.Typer(help="Check and show run configurations.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+@contextmanager
+def _friendly_errors() -> Iterator[None]:
+    """Turn the project's typed errors into one line on stderr and an exit status."""
+    from crowdtrain.codec import PayloadError
+    from crowdtrain.data import DataError
+
+    try:
+        yield
+    except (ConfigError, DataError, PayloadError) as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    console.print(f"wrote {path}")
+
+
+def _round_printer() -> tuple[Table, Callable[[Any], None]]:
+    table = Table(title="rounds")
+    for col in ("round", "train loss", "eval loss", "contributions", "bytes up"):
+        table.add_column(col, justify="right")
+
+    def on_round(row: Any) -> None:
+        console.print(
+            f"round {row.round:>3}  train {row.train_loss:.4f}  eval {row.eval_loss:.4f}  "
+            f"contributions {row.contributions}  bytes up {row.bytes_up:,}",
+            highlight=False,
+        )
+        table.add_row(
+            str(row.round),
+            f"{row.train_loss:.4f}",
+            f"{row.eval_loss:.4f}",
+            str(row.contributions),
+            f"{row.bytes_up:,}",
+        )
+
+    return table, on_round
+
+
+def _simulate(scenario_name: str, json_path: Path | None, rounds: int | None) -> float:
+    from crowdtrain.sim.scenario import load_scenario
+    from crowdtrain.sim.swarm import run_swarm
+
+    scenario = load_scenario(scenario_name)
+    run = scenario.run
+    if rounds is not None:
+        run = run.model_copy(update={"rounds": run.rounds.model_copy(update={"total": rounds})})
+    console.print(
+        f"scenario [bold]{scenario.name}[/bold]: {scenario.swarm.peers} volunteers, "
+        f"{run.rounds.total} rounds of {run.inner.steps} steps, {run.model.arch} "
+        f"width {run.model.width} depth {run.model.depth}, codec {run.codec.name}, "
+        f"aggregation {run.aggregation.method}, config {config_hash(run)[:12]}"
+    )
+    table, on_round = _round_printer()
+    result = run_swarm(
+        run,
+        scenario.swarm.peers,
+        eval_batch_count=scenario.swarm.eval_batches,
+        eval_batch_size=scenario.swarm.eval_batch_size,
+        on_round=on_round,
+    )
+    console.print(table)
+    console.print(
+        f"eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f} "
+        f"after {len(result.rounds)} rounds"
+    )
+    _write_json(json_path, result.to_json())
+    return result.final_eval_loss - result.initial_eval_loss
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="Built-in scenario name or a TOML file.")] = "smoke",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Override the round count.")] = None,
+) -> None:
+    """Run a swarm of in-process volunteers through the protocol core and print each round."""
+    with _friendly_errors():
+        _simulate(scenario, json_path, rounds)
+
+
+@app.command()
+def demo(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="Override the round count.")] = None,
+) -> None:
+    """The main demo: the in-process swarm on the stdlib corpus (the networked demo comes next)."""
+    with _friendly_errors():
+        change = _simulate("smoke", json_path, rounds)
+        if change >= 0:
+            errors.print("[red]the eval loss did not fall[/red]")
+            raise typer.Exit(1)
+
+
+@data_app.command("pack")
+def data_pack(
+    source: Annotated[str, typer.Argument(help="A file, a directory, or 'stdlib'.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for shards + manifest.")],
+    include: Annotated[
+        list[str] | None, typer.Option(help="Glob on file names (repeatable); default *.py.")
+    ] = None,
+    shard_bytes: Annotated[int, typer.Option(min=1024, help="Bytes per shard.")] = 1 << 20,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.02,
+) -> None:
+    """Pack text into fixed-size content-addressed shards with a JSON manifest."""
+    from crowdtrain.data import pack_source
+
+    with _friendly_errors():
+        manifest = pack_source(
+            source,
+            out,
+            include=tuple(include or ("*.py",)),
+            shard_bytes=shard_bytes,
+            val_fraction=val_fraction,
+        )
+        console.print(
+            f"packed {manifest.total_bytes:,} bytes into {len(manifest.train_ids)} training and "
+            f"{len(manifest.val_ids)} validation shards in {out} (manifest {manifest.hash()[:12]})"
+        )
+
+
+@bench_app.command("algo")
+def bench_algo(
+    quick: Annotated[bool, typer.Option(help="The small setting (< 10 min on 2 cores).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Single worker vs synchronous data-parallel vs DiLoCo (fp32, int8, top-k) on one corpus."""
+    from crowdtrain.benchmarks.algo import run_algo_bench
+
+    with _friendly_errors():
+        doc = run_algo_bench(quick=quick, log=lambda line: console.print(line, highlight=False))
+        table = Table(title="algorithm benchmark")
+        for col in ("method", "eval loss", "bytes sent per worker", "steps per worker"):
+            table.add_column(col, justify="right")
+        for name, row in doc["methods"].items():
+            table.add_row(
+                name, f"{row['eval_loss']:.4f}", f"{row['bytes_per_worker']:,}", str(row["steps"])
+            )
+        console.print(table)
+        _write_json(json_path, doc)
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="A run config TOML file.")]) -> None:
+    """Validate a run config and print its content hash."""
+    with _friendly_errors():
+        cfg = load_config(path)
+        console.print(f"{path}: ok, config hash {config_hash(cfg)}")
+
+
+@config_app.command("show")
+def config_show(
+    path: Annotated[Path | None, typer.Argument(help="A run config TOML file.")] = None,
+) -> None:
+    """Print the resolved config (defaults filled in) as JSON."""
+    with _friendly_errors():
+        cfg = load_config(path)
+        console.print_json(json.dumps(cfg.model_dump(mode="json")))
+
+
+def main() -> None:
+    """Entry point with logging set up."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

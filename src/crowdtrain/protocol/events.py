@@ -1,0 +1,156 @@
+"""Events into and decisions out of the round protocol (sans-IO, in the style of h11).
+
+Drivers (the HTTP coordinator, the in-process swarm, the simulator) turn what happens to them
+into these events, feed them to `RoundProtocol.handle`, and act on the decisions they get back.
+Nothing here does I/O or reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crowdtrain.robust import DeltaSource
+
+
+# --- events (driver -> protocol) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerJoined:
+    """A volunteer registered (or re-registered) under `peer_id`."""
+
+    peer_id: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PeerLeft:
+    """A volunteer said goodbye or was declared gone by the driver."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True)
+class WorkRequested:
+    """A volunteer asks what to do next."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True)
+class ContributionSubmitted:
+    """A volunteer's decoded, format-checked pseudo-gradient for one round."""
+
+    peer_id: str
+    round: int
+    base_version: int
+    delta: DeltaSource
+    samples: int
+    tokens: int
+    steps: int
+    train_loss: float
+    payload_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; the protocol reads the current time from its injected clock."""
+
+
+Event = PeerJoined | PeerLeft | WorkRequested | ContributionSubmitted | Tick
+
+
+# --- decisions (protocol -> driver) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkOrder:
+    """What one volunteer trains in one round: everything needed to replay it exactly."""
+
+    peer_id: str
+    round: int
+    base_version: int
+    shard_ids: tuple[str, ...]
+    seed: int
+    step_offset: int
+    budget: str
+    max_steps: int
+    max_seconds: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No work right now; ask again after `retry_after` seconds."""
+
+    peer_id: str
+    retry_after: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A contribution is recorded; `receipt` is stable for a repeated submission."""
+
+    peer_id: str
+    round: int
+    receipt: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A contribution is refused; `reason` is one sentence, `code` is machine-readable."""
+
+    peer_id: str
+    round: int
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    """A round ended: its contributions were aggregated and the outer step produced a version."""
+
+    round: int
+    new_version: int
+    contributors: tuple[str, ...]
+    weights: tuple[float, ...]
+    samples: int
+    train_loss: float
+    payload_bytes: int
+    scales: tuple[float, ...] = ()
+    tau: float | None = None
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The configured number of rounds is done."""
+
+    rounds: int
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """The event named a peer the protocol does not know."""
+
+    peer_id: str
+    reason: str
+
+
+Decision = WorkOrder | Wait | Accepted | Rejected | RoundClosed | RunFinished | Unknown
+
+
+@dataclass
+class PeerRecord:
+    """What the protocol knows about one volunteer."""
+
+    peer_id: str
+    name: str
+    joined_at: float
+    last_seen: float
+    online: bool = True
+    samples: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rounds: list[int] = field(default_factory=list)
