@@ -1,0 +1,193 @@
+"""The inner loop of DiLoCo: train locally from the global weights and return a pseudo-gradient.
+
+DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training of Language
+Models", arXiv:2311.08105) has each worker start a round from the global weights θ_r, take many
+AdamW steps on its own data, and send back the pseudo-gradient Δ = θ_r − θ_local instead of a
+gradient per step. ``LocalTrainer.train`` is that inner loop; its result is a ``Contribution``.
+
+Choices made here:
+
+* **Budget.** A round is a number of steps or a number of seconds (read from the injected
+  ``clock``, so the simulator can use virtual time), whichever is hit first; at least one step.
+* **Replayability.** With ``keep_optimizer_state=False`` (the default) AdamW starts fresh every
+  round, so Δ is a pure function of (base weights, batches, config, step_offset): any verifier can
+  recompute it bit for bit on the same hardware and thread count. With ``True`` the AdamW moments
+  persist across rounds, as in the original DiLoCo.
+* **Weight decay** follows the nanoGPT convention: every tensor with two or more dimensions
+  (linear weights *and* embeddings) is decayed; biases and LayerNorm parameters are not.
+* **Threads.** The trainer never changes torch's global thread count; the caller sets it
+  (``torch.set_num_threads(inner.threads)``), because results are only bit-reproducible for a
+  fixed thread count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crowdtrain.config import InnerConfig, ModelConfig
+from crowdtrain.models import build_model, lm_loss, load_state
+from crowdtrain.train.schedule import lr_at
+
+
+@dataclass
+class Contribution:
+    """One worker's result for one round: the pseudo-gradient and what it cost."""
+
+    delta: dict[str, torch.Tensor]  # Δ = θ_start − θ_end: float32 CPU tensors, parameter shapes
+    samples: int  # sequences trained on
+    tokens: int  # tokens trained on (samples × sequence length)
+    steps: int  # optimizer steps taken
+    loss_first: float  # training loss of the first step (before its update)
+    loss_last: float  # training loss of the last step (before its update)
+    loss_mean: float  # mean training loss over all steps
+    seconds: float  # time spent, as measured by the trainer's clock
+
+
+def _adamw(model: nn.Module, inner: InnerConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on tensors of dim >= 2 only (nanoGPT's convention)."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": inner.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), foreach=True)
+
+
+class LocalTrainer:
+    """Runs the inner AdamW loop of one worker on one device, one round per ``train`` call."""
+
+    def __init__(self, model_cfg: ModelConfig, inner: InnerConfig, *, device: str = "cpu") -> None:
+        self.model_cfg = model_cfg
+        self.inner = inner
+        self.device = torch.device(device)
+        # The initial weights are overwritten by `base` at the start of every round.
+        self.model = build_model(model_cfg).to(self.device)
+        self._params = list(self.model.parameters())
+        self._optimizer = _adamw(self.model, inner) if inner.keep_optimizer_state else None
+
+    def train(
+        self,
+        base: Mapping[str, torch.Tensor],
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        step_offset: int = 0,
+        max_steps: int | None = None,
+        max_seconds: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> Contribution:
+        """Train from `base` on `batches` within the budget and return the contribution.
+
+        The learning rate of the i-th step is ``lr_at(step_offset + i)``. Without `max_steps`
+        and `max_seconds` the budget is ``inner.budget``; with both, whichever is hit first ends
+        the round. The budget is checked after each step, so at least one step is always taken
+        and no batch is drawn from the iterator that will not be trained on. `on_step` is called
+        after every step with the global step index and that step's loss. `base` must not be
+        modified while training: Δ is computed against it without copying it.
+        """
+        if max_steps is None and max_seconds is None:
+            if self.inner.budget == "steps":
+                max_steps = self.inner.steps
+            else:
+                max_seconds = self.inner.seconds
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        if step_offset < 0:
+            raise ValueError(f"step_offset must be >= 0, got {step_offset}")
+
+        load_state(self.model, base)
+        optimizer = self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
+        self.model.train()
+
+        steps = samples = tokens = 0
+        loss_first = loss_last = loss_sum = 0.0
+        start = clock()
+        for x_cpu, y_cpu in batches:
+            x, y = x_cpu.to(self.device), y_cpu.to(self.device)
+            step = step_offset + steps
+            lr = lr_at(step, self.inner)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = lm_loss(self.model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
+            optimizer.step()
+
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training diverged: the loss became {value} at step {step}; "
+                    "lower inner.lr or inner.grad_clip"
+                )
+            if steps == 0:
+                loss_first = value
+            loss_last = value
+            loss_sum += value
+            steps += 1
+            samples += x.shape[0]
+            tokens += x.numel()
+            if on_step is not None:
+                on_step(step, value)
+            if max_steps is not None and steps >= max_steps:
+                break
+            if max_seconds is not None and clock() - start >= max_seconds:
+                break
+        if steps == 0:
+            raise ValueError("the batch iterator gave no batches; a round needs at least one")
+        seconds = clock() - start
+
+        with torch.no_grad():
+            delta = {
+                name: base[name].to("cpu", torch.float32) - p.to("cpu", torch.float32)
+                for name, p in self.model.state_dict().items()
+            }
+        return Contribution(
+            delta=delta,
+            samples=samples,
+            tokens=tokens,
+            steps=steps,
+            loss_first=loss_first,
+            loss_last=loss_last,
+            loss_mean=loss_sum / steps,
+            seconds=seconds,
+        )
+
+    def current_state(self) -> dict[str, torch.Tensor]:
+        """θ_local after the last ``train`` call, as float32 CPU copies."""
+        return {
+            name: t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+            for name, t in self.model.state_dict().items()
+        }
+
+
+def evaluate(
+    model_cfg: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: str = "cpu",
+) -> float:
+    """Mean next-token loss of the weights `state` over `batches`, weighted by tokens."""
+    if not batches:
+        raise ValueError("evaluation needs at least one batch")
+    model = build_model(model_cfg, state).to(device)
+    model.eval()
+    total = 0.0
+    count = 0
+    with torch.inference_mode():
+        for x, y in batches:
+            loss = lm_loss(model, x.to(device), y.to(device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+    return total / count

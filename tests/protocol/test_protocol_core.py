@@ -1,0 +1,230 @@
+"""The round protocol driven directly: no network, no disk, time from a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crowdtrain.config import RunConfig, parse_config
+from crowdtrain.protocol import (
+    Accepted,
+    ContributionSubmitted,
+    PeerJoined,
+    PeerLeft,
+    Rejected,
+    RoundClosed,
+    RoundProtocol,
+    RunFinished,
+    Tick,
+    Unknown,
+    Wait,
+    WorkOrder,
+    WorkRequested,
+)
+from crowdtrain.robust import DictSource
+
+SHARDS = [f"{i:064x}" for i in range(10)]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    rounds: dict[str, object] | None = None,
+    outer: dict[str, object] | None = None,
+    aggregation: str = "mean",
+) -> tuple[RoundProtocol, FakeClock]:
+    cfg = parse_config(
+        {
+            "rounds": {"total": 3, "quorum": 2, "deadline_s": 60.0, **(rounds or {})},
+            "outer": {"optimizer": "error_feedback", "lr": 1.0, **(outer or {})},
+            "aggregation": {"method": aggregation, "bucket_size": 1},
+            "data": {"shards_per_peer": 2},
+        }
+    )
+    clock = FakeClock()
+    params = {"w": torch.zeros(4, 3), "b": torch.zeros(5)}
+    return RoundProtocol(cfg, params, SHARDS, clock), clock
+
+
+def delta(value: float) -> DictSource:
+    return DictSource({"w": torch.full((4, 3), value), "b": torch.full((5,), value)})
+
+
+def submit(
+    p: RoundProtocol, peer: str, value: float, samples: int = 10, round_: int | None = None
+) -> list[object]:
+    rnd = p.round if round_ is None else round_
+    return list(
+        p.handle(
+            ContributionSubmitted(
+                peer_id=peer,
+                round=rnd,
+                base_version=rnd if round_ is None else round_,
+                delta=delta(value),
+                samples=samples,
+                tokens=samples * 8,
+                steps=5,
+                train_loss=2.0,
+            )
+        )
+    )
+
+
+def join_and_order(p: RoundProtocol, *peers: str) -> dict[str, WorkOrder]:
+    orders = {}
+    for peer in peers:
+        assert p.handle(PeerJoined(peer, peer)) == []
+        (order,) = p.handle(WorkRequested(peer))
+        assert isinstance(order, WorkOrder)
+        orders[peer] = order
+    return orders
+
+
+def test_work_orders_are_replayable_and_idempotent() -> None:
+    p, _ = make()
+    orders = join_and_order(p, "a", "b")
+    a = orders["a"]
+    assert (a.round, a.base_version, a.step_offset) == (0, 0, 0)
+    assert len(a.shard_ids) == 2 and set(a.shard_ids) <= set(SHARDS)
+    assert p.handle(WorkRequested("a")) == [a]  # asking again gives the same order
+    assert orders["a"].deadline == pytest.approx(1060.0)
+
+
+def test_unknown_peer_is_refused() -> None:
+    p, _ = make()
+    (d,) = p.handle(WorkRequested("ghost"))
+    assert isinstance(d, Unknown)
+    (d,) = submit(p, "ghost", 1.0)
+    assert isinstance(d, Unknown)
+
+
+def test_round_closes_early_when_all_assigned_submit_and_weights_by_samples() -> None:
+    p, _ = make()
+    join_and_order(p, "a", "b")
+    first = submit(p, "a", 1.0, samples=30)
+    assert len(first) == 1 and isinstance(first[0], Accepted)
+    decisions = submit(p, "b", 5.0, samples=10)
+    closed = [d for d in decisions if isinstance(d, RoundClosed)]
+    assert len(closed) == 1 and closed[0].new_version == 1
+    assert closed[0].contributors == ("a", "b")
+    # error-feedback outer step with lr 1: θ ← θ − weighted mean(Δ) = −(30·1 + 10·5)/40
+    assert torch.allclose(p.params["w"], torch.full((4, 3), -2.0))
+    assert p.round == 1 and p.version == 1
+
+
+def test_repeated_submission_returns_the_same_receipt() -> None:
+    p, _ = make(rounds={"quorum": 1})
+    join_and_order(p, "a", "b")
+    (first,) = submit(p, "a", 1.0)
+    (again,) = submit(p, "a", 9.0)
+    assert isinstance(first, Accepted) and isinstance(again, Accepted)
+    assert first.receipt == again.receipt
+    assert p.peers["a"].accepted == 1
+
+
+def test_deadline_closes_with_quorum_and_absent_peers_are_absent() -> None:
+    p, clock = make()
+    join_and_order(p, "a", "b", "c")
+    submit(p, "a", 1.0)
+    submit(p, "b", 1.0)
+    assert p.handle(Tick()) == []  # c still has time
+    clock.now += 61.0
+    (closed,) = p.handle(Tick())
+    assert isinstance(closed, RoundClosed) and closed.contributors == ("a", "b")
+    (late,) = submit(p, "c", 1.0, round_=0)
+    assert isinstance(late, Rejected) and late.code == "closed"
+
+
+def test_deadline_without_quorum_waits_for_quorum() -> None:
+    p, clock = make()
+    join_and_order(p, "a", "b")
+    submit(p, "a", 1.0)
+    clock.now += 1000.0
+    assert p.handle(Tick()) == []
+    assert p.round == 0
+    join_and_order(p, "c")
+    decisions = submit(p, "c", 1.0)
+    assert any(isinstance(d, RoundClosed) for d in decisions)
+
+
+def test_peer_leaving_releases_its_order() -> None:
+    p, _ = make()
+    join_and_order(p, "a", "b", "c")
+    submit(p, "a", 1.0)
+    submit(p, "b", 1.0)
+    decisions = p.handle(PeerLeft("c"))
+    assert any(isinstance(d, RoundClosed) for d in decisions)
+
+
+def test_wrong_base_no_order_and_bad_samples_are_rejected() -> None:
+    p, _ = make()
+    join_and_order(p, "a")
+    p.handle(PeerJoined("z"))
+    (d,) = submit(p, "z", 1.0)
+    assert isinstance(d, Rejected) and d.code == "no_order"
+    (d,) = p.handle(
+        ContributionSubmitted("a", 0, 7, delta(1.0), samples=5, tokens=5, steps=1, train_loss=1.0)
+    )
+    assert isinstance(d, Rejected) and d.code == "bad_base"
+    (d,) = submit(p, "a", 1.0, samples=0)
+    assert isinstance(d, Rejected) and d.code == "bad_samples"
+    assert p.peers["a"].rejected == 2
+
+
+def test_late_contribution_accepted_with_staleness_weight_when_configured() -> None:
+    p, clock = make(rounds={"late": "accept", "late_weight": 0.5, "quorum": 1})
+    join_and_order(p, "a", "b")
+    submit(p, "a", 1.0)
+    clock.now += 61.0
+    (closed,) = p.handle(Tick())
+    assert isinstance(closed, RoundClosed)
+    (late,) = submit(p, "b", 2.0, samples=10, round_=0)
+    assert isinstance(late, Accepted) and late.weight == 5.0
+    join_and_order(p, "a")
+    decisions = submit(p, "a", 1.0, samples=10)
+    (closed,) = [d for d in decisions if isinstance(d, RoundClosed)]
+    assert set(closed.contributors) == {"a", "b"}
+    assert closed.weights == (10.0, 5.0)
+
+
+def test_max_peers_per_round_and_run_finishes() -> None:
+    p, _ = make(rounds={"max_peers_per_round": 1, "quorum": 1, "total": 2})
+    join_and_order(p, "a")
+    p.handle(PeerJoined("b"))
+    (d,) = p.handle(WorkRequested("b"))
+    assert isinstance(d, Wait)
+    submit(p, "a", 1.0)
+    join_and_order(p, "b")
+    decisions = submit(p, "b", 1.0)
+    assert any(isinstance(d, RunFinished) for d in decisions)
+    (d,) = p.handle(WorkRequested("a"))
+    assert isinstance(d, RunFinished)
+    (d,) = submit(p, "a", 1.0)
+    assert isinstance(d, Rejected)
+
+
+def test_nesterov_outer_step_is_applied_to_the_aggregate() -> None:
+    p, _ = make(outer={"optimizer": "nesterov", "lr": 0.5, "momentum": 0.9})
+    join_and_order(p, "a", "b")
+    submit(p, "a", 1.0)
+    submit(p, "b", 1.0)
+    # m = Δ = 1; θ = 0 − 0.5·(Δ + 0.9·m) = −0.95
+    assert torch.allclose(p.params["b"], torch.full((5,), -0.95))
+
+
+def test_protocol_reads_only_the_injected_clock() -> None:
+    p, clock = make()
+    clock.now = 5.0
+    join_and_order(p, "a")
+    assert p.peers["a"].joined_at == 5.0
+
+
+def test_default_config_builds() -> None:
+    p = RoundProtocol(RunConfig(), {"w": torch.zeros(2)}, SHARDS, lambda: 0.0)
+    assert p.round == 0 and p.version == 0

@@ -1,0 +1,60 @@
+"""Run configuration: validation messages name the key; the content hash is stable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crowdtrain.config import ConfigError, RunConfig, config_hash, load_config, parse_config
+
+
+def test_defaults_follow_design() -> None:
+    cfg = RunConfig()
+    assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.95, 0.1)
+    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 0.7, 0.9)
+    assert cfg.codec.name == "int8"
+    assert cfg.aggregation.method == "centered_clip" and cfg.aggregation.bucket_size > 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"model": {"foo": 1}}, "unknown config key 'model.foo'; allowed keys here are: arch"),
+        ({"bogus": 1}, "unknown config key 'bogus'"),
+        ({"codec": {"name": "int3"}}, "'int8'"),
+        ({"aggregation": {"method": "avg"}}, "config key 'aggregation.method'"),
+        ({"inner": {"lr": 0}}, "config key 'inner.lr' is 0"),
+        ({"model": {"width": 10, "heads": 4}}, "model.width (10) must be a multiple"),
+        ({"codec": {"topk": 100, "chunk_size": 64}}, "codec.topk (100)"),
+        ({"rounds": {"total": "many"}}, "config key 'rounds.total'"),
+    ],
+)
+def test_bad_values_give_one_sentence(raw: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
+    a = config_hash(RunConfig())
+    assert a == config_hash(parse_config({}))
+    path = tmp_path / "run.toml"
+    path.write_text("[inner]\nlr = 0.003\n")  # the default, written out
+    assert config_hash(load_config(path)) == a
+    assert config_hash(parse_config({"inner": {"lr": 0.002}})) != a
+
+
+@given(st.floats(min_value=1e-6, max_value=1.0), st.integers(min_value=1, max_value=1000))
+def test_hash_depends_on_every_value(lr: float, steps: int) -> None:
+    cfg = parse_config({"inner": {"lr": lr, "steps": steps}})
+    again = parse_config(cfg.model_dump(mode="json"))
+    assert config_hash(cfg) == config_hash(again)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml")
