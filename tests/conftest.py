@@ -9,7 +9,24 @@ import pytest
 
 from crowdtrain.config import RunConfig, parse_config
 
-WORDS = "def class return import from self if else for while in not and or None True".split()
+WORDS = [
+    "def",
+    "class",
+    "return",
+    "import",
+    "from",
+    "self",
+    "if",
+    "else",
+    "for",
+    "while",
+    "in",
+    "not",
+    "and",
+    "or",
+    "None",
+    "True",
+]
 
 
 @pytest.fixture(scope="session")
@@ -29,8 +46,14 @@ def tiny_config(corpus: Path, data_dir: Path, **overrides: dict[str, object]) ->
     """A run config small enough for a unit test: a 2-layer GPT on the test corpus."""
     raw: dict[str, dict[str, object]] = {
         "model": {"arch": "gpt", "width": 32, "depth": 2, "heads": 2, "context": 32},
-        "data": {"source": str(corpus), "dir": str(data_dir), "shard_bytes": 8192,
-                 "val_fraction": 0.1, "batch_size": 8, "shards_per_peer": 2},
+        "data": {
+            "source": str(corpus),
+            "dir": str(data_dir),
+            "shard_bytes": 8192,
+            "val_fraction": 0.1,
+            "batch_size": 8,
+            "shards_per_peer": 2,
+        },
         "inner": {"steps": 8, "total_steps": 64, "warmup_steps": 2, "lr": 3e-3},
         "rounds": {"total": 4, "quorum": 3},
         "aggregation": {"method": "mean", "bucket_size": 1},

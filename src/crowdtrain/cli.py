@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from crowdtrain.config import ConfigError, config_hash, load_config
@@ -33,7 +34,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 @contextmanager
@@ -63,17 +64,13 @@ def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
     console.print(f"wrote {path}")
 
 
-def _round_printer() -> tuple[Table, Callable[[Any], None]]:
+def _round_table() -> tuple[Table, Callable[[Any], None]]:
+    """A per-round table and the callback that adds a row to it."""
     table = Table(title="rounds")
     for col in ("round", "train loss", "eval loss", "contributions", "bytes up"):
         table.add_column(col, justify="right")
 
     def on_round(row: Any) -> None:
-        console.print(
-            f"round {row.round:>3}  train {row.train_loss:.4f}  eval {row.eval_loss:.4f}  "
-            f"contributions {row.contributions}  bytes up {row.bytes_up:,}",
-            highlight=False,
-        )
         table.add_row(
             str(row.round),
             f"{row.train_loss:.4f}",
@@ -99,15 +96,20 @@ def _simulate(scenario_name: str, json_path: Path | None, rounds: int | None) ->
         f"width {run.model.width} depth {run.model.depth}, codec {run.codec.name}, "
         f"aggregation {run.aggregation.method}, config {config_hash(run)[:12]}"
     )
-    table, on_round = _round_printer()
-    result = run_swarm(
-        run,
-        scenario.swarm.peers,
-        eval_batch_count=scenario.swarm.eval_batches,
-        eval_batch_size=scenario.swarm.eval_batch_size,
-        on_round=on_round,
-    )
-    console.print(table)
+    table, on_round = _round_table()
+    with Live(table, console=console, auto_refresh=False) as live:
+
+        def show(row: Any) -> None:
+            on_round(row)
+            live.refresh()
+
+        result = run_swarm(
+            run,
+            scenario.swarm.peers,
+            eval_batch_count=scenario.swarm.eval_batches,
+            eval_batch_size=scenario.swarm.eval_batch_size,
+            on_round=show,
+        )
     console.print(
         f"eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f} "
         f"after {len(result.rounds)} rounds"

@@ -46,12 +46,24 @@ class AlgoSetting:
 
 
 QUICK = AlgoSetting(
-    workers=4, inner_steps=50, total_steps=400, width=96, depth=3, context=64,
-    batch_size=16, eval_batches=16,
+    workers=4,
+    inner_steps=50,
+    total_steps=400,
+    width=96,
+    depth=3,
+    context=64,
+    batch_size=16,
+    eval_batches=16,
 )
 FULL = AlgoSetting(
-    workers=4, inner_steps=100, total_steps=1500, width=128, depth=4, context=128,
-    batch_size=16, eval_batches=32,
+    workers=4,
+    inner_steps=100,
+    total_steps=1500,
+    width=128,
+    depth=4,
+    context=128,
+    batch_size=16,
+    eval_batches=32,
 )
 
 
@@ -60,11 +72,20 @@ def bench_config(s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov") -
     return parse_config(
         {
             "name": "bench-algo",
-            "model": {"arch": "gpt", "width": s.width, "depth": s.depth, "heads": 4,
-                      "context": s.context},
+            "model": {
+                "arch": "gpt",
+                "width": s.width,
+                "depth": s.depth,
+                "heads": 4,
+                "context": s.context,
+            },
             "data": {"batch_size": s.batch_size},
-            "inner": {"steps": s.inner_steps, "total_steps": s.total_steps,
-                      "warmup_steps": max(1, s.total_steps // 20), "threads": 2},
+            "inner": {
+                "steps": s.inner_steps,
+                "total_steps": s.total_steps,
+                "warmup_steps": max(1, s.total_steps // 20),
+                "threads": 2,
+            },
             "outer": {"optimizer": outer, "lr": 0.7 if outer == "nesterov" else 1.0},
             "codec": {"name": codec},
             "aggregation": {"method": "mean", "bucket_size": 1},
@@ -89,13 +110,21 @@ def _sequential(
 ) -> float:
     """Train one AdamW run for total_steps on `workers` workers' batches per step; eval loss."""
     samplers = [
-        BatchSampler(shards, train_ids, seed=config.seed, round=0, peer=f"peer-{i}",
-                     batch_size=config.data.batch_size, context=config.model.context)
+        BatchSampler(
+            shards,
+            train_ids,
+            seed=config.seed,
+            round=0,
+            peer=f"peer-{i}",
+            batch_size=config.data.batch_size,
+            context=config.model.context,
+        )
         for i in range(workers)
     ]
     trainer = LocalTrainer(config.model, config.inner)
-    trainer.train(initial_state(config.model), _merged(samplers),
-                  max_steps=config.inner.total_steps)
+    trainer.train(
+        initial_state(config.model), _merged(samplers), max_steps=config.inner.total_steps
+    )
     return evaluate(config.model, trainer.current_state(), evals)
 
 
@@ -105,19 +134,33 @@ def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> d
     base = bench_config(s)
     torch.set_num_threads(base.inner.threads)
     data_dir = Path(base.data.dir)
-    manifest = ensure_packed(base.data.source, data_dir, include=base.data.include,
-                             shard_bytes=base.data.shard_bytes,
-                             val_fraction=base.data.val_fraction)
+    manifest = ensure_packed(
+        base.data.source,
+        data_dir,
+        include=base.data.include,
+        shard_bytes=base.data.shard_bytes,
+        val_fraction=base.data.val_fraction,
+    )
     shards = load_shards(manifest, data_dir)
-    evals = eval_batches(shards, manifest.val_ids, batch_size=32, context=s.context,
-                         n_batches=s.eval_batches, seed=base.data.seed)
+    evals = eval_batches(
+        shards,
+        manifest.val_ids,
+        batch_size=32,
+        context=s.context,
+        n_batches=s.eval_batches,
+        seed=base.data.seed,
+    )
     params = count_params(base.model)
     ring = 2 * (s.workers - 1) / s.workers * 4 * params
     methods: dict[str, dict[str, Any]] = {}
 
     def record(name: str, loss: float, sent: float, started: float) -> None:
-        methods[name] = {"eval_loss": loss, "bytes_per_worker": int(sent),
-                         "steps": s.total_steps, "seconds": round(time.monotonic() - started, 1)}
+        methods[name] = {
+            "eval_loss": loss,
+            "bytes_per_worker": int(sent),
+            "steps": s.total_steps,
+            "seconds": round(time.monotonic() - started, 1),
+        }
         log(f"{name:12s} eval loss {loss:.4f}  bytes sent per worker {int(sent):,}")
 
     t0 = time.monotonic()

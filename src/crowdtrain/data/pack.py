@@ -115,12 +115,13 @@ def pack_source(
         emit(bytes(buf))
     if not refs:
         raise DataError(
-            f"data source {str(source)!r} has no usable text: its {len(files)} matching files "
-            "are empty, unreadable, not UTF-8 or contain NUL bytes"
+            f"data source {str(source)!r} has no usable text: each of the {len(files)} matching "
+            "files is empty, unreadable, not UTF-8 or contains NUL bytes"
         )
     if skipped:
-        log.info("skipped %d of %d files (unreadable, not UTF-8 or with NUL bytes)",
-                 skipped, len(files))
+        log.info(
+            "skipped %d of %d files (unreadable, not UTF-8 or with NUL bytes)", skipped, len(files)
+        )
 
     shards = list(refs.values())
     held_out = set(val_indices(len(shards), val_fraction))

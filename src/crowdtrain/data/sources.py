@@ -114,6 +114,8 @@ def list_files(source: str | Path, include: Sequence[str]) -> list[CorpusFile]:
     root = stdlib_root() if stdlib else Path(text)
     if root.is_file():
         return [CorpusFile(root, root.stat().st_size)]
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data source {text!r} is not a regular file or a directory")
     if not root.is_dir():
         if stdlib:
             raise DataError(f"the Python standard library source is not present at {root}")

@@ -59,7 +59,7 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(ratio * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.proj(F.gelu(self.fc(x)))
+        out: torch.Tensor = self.proj(F.gelu(self.fc(x), approximate="tanh"))
         return out
 
 
@@ -98,7 +98,12 @@ class GPT(nn.Module):
     def init_weights(self, generator: torch.Generator) -> None:
         """GPT-2 initialisation drawn from `generator`, in a fixed parameter order."""
         residual_std = INIT_STD / math.sqrt(2 * self.depth)
-        residual = {id(b.attn.proj) for b in self.blocks} | {id(b.mlp.proj) for b in self.blocks}
+        residual = {
+            id(proj)
+            for block in self.blocks
+            if isinstance(block, Block)
+            for proj in (block.attn.proj, block.mlp.proj)
+        }
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)

@@ -14,6 +14,7 @@ first loss is close to ln(vocab_size), and zero biases.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,7 +38,7 @@ class WindowMLP(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.width)
         sizes = [self.window * cfg.width] + [hidden] * cfg.depth
         self.hidden = nn.ModuleList(
-            nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+            nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(sizes)
         )
         self.head = nn.Linear(hidden, cfg.vocab_size)
 
@@ -61,6 +62,6 @@ class WindowMLP(nn.Module):
         windows = padded.unfold(1, self.window, 1)
         h = self.tok_emb(windows).reshape(b, t, -1)
         for layer in self.hidden:
-            h = F.gelu(layer(h))
+            h = F.gelu(layer(h), approximate="tanh")
         logits: torch.Tensor = self.head(h)
         return logits

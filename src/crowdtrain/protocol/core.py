@@ -269,7 +269,7 @@ class RoundProtocol:
         count = len(rnd.submissions) + len(rnd.late)
         if count < self.config.rounds.quorum:
             return []
-        if now < rnd.deadline and rnd.waiting_on():
+        if now < rnd.deadline and (rnd.waiting_on() or not rnd.orders):
             return []
         return self._close(now)
 

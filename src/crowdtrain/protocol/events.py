@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from crowdtrain.robust import DeltaSource
 
-
 # --- events (driver -> protocol) -------------------------------------------------------------
 
 

@@ -75,9 +75,7 @@ def centered_clip(
         for fragment in fragments:
             centre = gather(v, fragment)
             for index, bucket in enumerate(buckets):
-                x = read_bucket(
-                    sources, weights, bucket, fragment, centre=centre, member_sq=track
-                )
+                x = read_bucket(sources, weights, bucket, fragment, centre=centre, member_sq=track)
                 sq[index] += squared_distance(x, centre)
         distances = [sqrt(s) for s in sq]
         scales, chosen = clip_scales(distances, tau)

@@ -141,8 +141,11 @@ class SafetensorsFileSource:
             return torch.empty(0, dtype=torch.float32)
         with safe_open(str(self._path), framework="pt") as handle:
             if not shape:
-                return handle.get_tensor(name).reshape(-1).to(torch.float32)
+                whole: torch.Tensor = handle.get_tensor(name)
+                return whole.reshape(-1).to(torch.float32)
             view = handle.get_slice(name)
-            blocks = [view[index].reshape(-1) for index in flat_range_indices(shape, start, stop)]
+            blocks: list[torch.Tensor] = [
+                view[index].reshape(-1) for index in flat_range_indices(shape, start, stop)
+            ]
         flat = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         return flat.to(torch.float32)

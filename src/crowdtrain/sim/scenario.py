@@ -39,7 +39,9 @@ class Scenario(BaseModel):
 def builtin_scenarios() -> list[str]:
     """Names of the scenarios shipped inside the package."""
     folder = resources.files("crowdtrain") / "scenarios"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
 
 
 def _read(name_or_path: str) -> tuple[str, str]:

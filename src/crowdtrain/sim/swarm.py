@@ -157,13 +157,20 @@ def run_swarm(
     torch.set_num_threads(config.inner.threads)
     data_dir = Path(config.data.dir) if data_root is None else data_root
     manifest = ensure_packed(
-        config.data.source, data_dir, include=config.data.include,
-        shard_bytes=config.data.shard_bytes, val_fraction=config.data.val_fraction,
+        config.data.source,
+        data_dir,
+        include=config.data.include,
+        shard_bytes=config.data.shard_bytes,
+        val_fraction=config.data.val_fraction,
     )
     shards = load_shards(manifest, data_dir)
     evals = eval_batches(
-        shards, manifest.val_ids, batch_size=eval_batch_size, context=config.model.context,
-        n_batches=eval_batch_count, seed=config.data.seed,
+        shards,
+        manifest.val_ids,
+        batch_size=eval_batch_size,
+        context=config.model.context,
+        n_batches=eval_batch_count,
+        seed=config.data.seed,
     )
     clock = _CounterClock()
     protocol = RoundProtocol(config, initial_state(config.model), manifest.train_ids, clock)
@@ -171,7 +178,8 @@ def run_swarm(
     volunteers = [
         Volunteer(
             f"peer-{i}",
-            LocalTrainer(config.model, config.inner) if config.inner.keep_optimizer_state
+            LocalTrainer(config.model, config.inner)
+            if config.inner.keep_optimizer_state
             else shared,
         )
         for i in range(peers)

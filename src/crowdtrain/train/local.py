@@ -106,7 +106,9 @@ class LocalTrainer:
             raise ValueError(f"step_offset must be >= 0, got {step_offset}")
 
         load_state(self.model, base)
-        optimizer = self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
+        optimizer = (
+            self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
+        )
         self.model.train()
 
         steps = samples = tokens = 0
@@ -119,17 +121,17 @@ class LocalTrainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = lm_loss(self.model, x, y)
+            value = loss.item()
+            if not math.isfinite(value):  # checked before the update touches any state
+                raise FloatingPointError(
+                    f"training diverged: the loss became {value} at step {step}; "
+                    "lower inner.lr or inner.grad_clip"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
             optimizer.step()
 
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"training diverged: the loss became {value} at step {step}; "
-                    "lower inner.lr or inner.grad_clip"
-                )
             if steps == 0:
                 loss_first = value
             loss_last = value

@@ -1,0 +1,225 @@
+"""Encode a pseudo-gradient for upload, and decode (and fully validate) an uploaded payload.
+
+`encode` compresses Δ = θ_r − θ_local (one float32 tensor per parameter) with the configured
+codec. With a `residual` dict it applies error feedback (Seide et al. 2014; Lin et al. 2018,
+"Deep Gradient Compression", arXiv:1712.01887; Peng et al. 2024, DeMo, arXiv:2411.19870; Sarfi
+et al. 2025, SparseLoCo, arXiv:2508.15706): it compresses acc = ef_decay * residual + Δ and keeps
+residual = acc − decoded(acc) for the next round, so what compression drops is sent later.
+
+`decode` treats the payload as hostile: it checks the size before parsing, the safetensors header
+length before reading it, every declared name, dtype and length against what the expected shapes
+and codec parameters imply before any tensor is built, the digest, and every value (no NaN/Inf,
+indices in range). Any failure is one `PayloadError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import safetensors.torch
+import torch
+
+from crowdtrain.codec import wire
+from crowdtrain.codec.base import Slot, TensorCodec, all_finite, require, value_range
+from crowdtrain.codec.errors import PayloadError
+from crowdtrain.codec.quant import MAX_ABS
+from crowdtrain.codec.registry import get_codec
+from crowdtrain.codec.wire import PayloadHeader
+from crowdtrain.config import CodecConfig
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def _layout(shapes: Shapes, codec: TensorCodec, spec: CodecConfig) -> dict[str, Slot]:
+    """Every wire tensor's name and slot, in parameter order."""
+    layout: dict[str, Slot] = {}
+    for name in sorted(shapes):
+        for slot in codec.slots(math.prod(shapes[name]), spec):
+            layout[wire.tensor_name(name, slot.suffix)] = slot
+    return layout
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A 1-D CPU tensor's raw (little-endian) bytes."""
+    return t.contiguous().view(torch.uint8).numpy().data
+
+
+def _accumulate(
+    delta: Mapping[str, torch.Tensor],
+    spec: CodecConfig,
+    residual: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """acc = ef_decay * residual + delta per parameter, as checked CPU float32 tensors."""
+    accs: dict[str, torch.Tensor] = {}
+    for name in sorted(delta):
+        t = delta[name]
+        if not isinstance(name, str):
+            raise ValueError(f"parameter names must be strings, not {type(name).__name__}")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"delta[{name!r}] must be a floating-point tensor")
+        acc = t.detach().to(device="cpu", dtype=torch.float32)
+        if residual is not None and name in residual:
+            r = residual[name]
+            if r.shape != t.shape:
+                raise ValueError(
+                    f"residual[{name!r}] has shape {tuple(r.shape)} but delta[{name!r}] has "
+                    f"shape {tuple(t.shape)}; reset the residual when the model changes"
+                )
+            acc = spec.ef_decay * r.detach().to(device="cpu", dtype=torch.float32) + acc
+        low, high = value_range(acc)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"delta[{name!r}] contains NaN or Inf; refusing to encode it")
+        if max(-low, high) > MAX_ABS:
+            raise ValueError(f"delta[{name!r}] has a value above {MAX_ABS:.3g} in magnitude")
+        accs[name] = acc.contiguous()
+    return accs
+
+
+def encode(
+    delta: Mapping[str, torch.Tensor],
+    spec: CodecConfig,
+    residual: dict[str, torch.Tensor] | None = None,
+) -> bytes:
+    """Compress a pseudo-gradient into one payload; the same input always gives the same bytes.
+
+    With `residual` (error feedback; the sender keeps it), compress acc = ef_decay * residual +
+    delta and set residual[name] (in place when it exists) to acc − decoded(acc). Raises
+    ValueError for non-finite values, magnitudes above 2^100, or a residual of the wrong shape;
+    the residual is left untouched then.
+    """
+    codec = get_codec(spec.name)
+    accs = _accumulate(delta, spec, residual)
+    tensors: dict[str, torch.Tensor] = {}
+    decoded: dict[str, torch.Tensor] = {}
+    for name, acc in accs.items():
+        flat = acc.view(-1)
+        parts = codec.encode(flat, spec)
+        for suffix, part in parts.items():
+            tensors[wire.tensor_name(name, suffix)] = part.contiguous()
+        if residual is not None:
+            where = f"parameter {name!r}"
+            decoded[name] = codec.decode(parts, flat.numel(), spec, where).view(acc.shape)
+    shapes = {name: tuple(acc.shape) for name, acc in accs.items()}
+    core = wire.metadata_core(codec.name, codec.params(spec), shapes)
+    digest = wire.compute_digest(core, ((n, _bytes_of(tensors[n])) for n in sorted(tensors)))
+    blob = safetensors.torch.save(
+        tensors, metadata={wire.METADATA_KEY: wire.metadata_text(core, digest)}
+    )
+    if residual is not None:
+        with torch.no_grad():
+            for name, acc in accs.items():
+                new = acc - decoded[name]
+                old = residual.get(name)
+                if old is not None:
+                    old.copy_(new)
+                else:
+                    residual[name] = new
+    return bytes(blob)
+
+
+def max_payload_bytes(expected: Shapes, spec: CodecConfig) -> int:
+    """Upper bound on len(encode(delta, spec)) for any delta with these shapes.
+
+    The data size is exact (it depends only on shapes and codec parameters); the header bound
+    is exact up to a few digits per tensor and the header's padding to 8 bytes.
+    """
+    codec = get_codec(spec.name)
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
+    layout = _layout(shapes, codec, spec)
+    core = wire.metadata_core(codec.name, codec.params(spec), shapes)
+    data = sum(slot.nbytes for slot in layout.values())
+    return 8 + wire.header_size_bound(core, layout) + data
+
+
+def error_bound(x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
+    """Per-element bound on |decode(encode(x)) − x| (same shape as x, float32).
+
+    fp32: 0; bf16: 2^-8|x| + 2^-134; fp16: about 2^-11|x| + 2^-25 * scale (per-tensor power
+    of two); int8/int4: about scale/2 of the element's block. For topk2bit it is the element's
+    chunk max|x|, which always holds but is loose: that codec relies on error feedback.
+    See `crowdtrain.codec.quant` and `crowdtrain.codec.topk` for the exact expressions.
+    """
+    codec = get_codec(spec.name)
+    flat = x.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+    return codec.error_bound(flat, spec).view(x.shape)
+
+
+def read_header(payload: bytes, *, max_bytes: int | None = None) -> PayloadHeader:
+    """Read and validate a payload's header without decoding its tensors.
+
+    It checks the size limit, the header's length, JSON, format, version, codec, parameters and
+    shapes; the tensors and the digest are checked only by `decode`.
+    """
+    data = wire.as_bytes(payload)
+    wire.check_size(data, max_bytes)
+    raw, _ = wire.split(data, wire.MAX_HEADER_BYTES)
+    header, _, _ = wire.parse_metadata(raw)
+    return header
+
+
+def _check_shapes(header: PayloadHeader, expected: Shapes) -> None:
+    missing = sorted(set(expected) - set(header.shapes))
+    require(not missing, f"payload lacks the parameter {missing[0] if missing else ''!r}")
+    extra = sorted(set(header.shapes) - set(expected))
+    require(not extra, f"payload has the unexpected parameter {extra[0] if extra else ''!r}")
+    for name, shape in expected.items():
+        got = header.shapes[name]
+        want = tuple(int(d) for d in shape)
+        require(
+            got == want, f"parameter {name!r} has shape {list(got)} where {list(want)} was expected"
+        )
+
+
+def decode(
+    payload: bytes, expected: Shapes, *, max_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Decode a payload into float32 tensors with exactly the expected names and shapes.
+
+    Raises PayloadError (one sentence) for anything wrong with the payload; see the module
+    docstring for the checks and their order.
+    """
+    data = wire.as_bytes(payload)
+    wire.check_size(data, max_bytes)
+    try:
+        return _decode(data, expected)
+    except PayloadError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        # A safety net: every known problem has its own check above; this keeps the contract.
+        raise PayloadError(f"payload could not be decoded ({type(exc).__name__})") from exc
+
+
+def _decode(data: bytes, expected: Shapes) -> dict[str, torch.Tensor]:
+    raw, data_start = wire.split(data, wire.header_allowance(expected))
+    header, core, digest = wire.parse_metadata(raw)
+    _check_shapes(header, expected)
+    spec = header.spec
+    codec = get_codec(spec.name)
+    layout = _layout(header.shapes, codec, spec)
+    spans = wire.check_entries(raw, layout, len(data) - data_start)
+    body = memoryview(data)[data_start:]
+    actual = wire.compute_digest(core, ((n, body[slice(*spans[n])]) for n in sorted(spans)))
+    require(actual == digest, "payload digest does not match its contents (corrupted upload)")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise PayloadError(f"payload is not a readable safetensors blob ({exc})") from None
+    require(set(tensors) == set(layout), "payload tensors differ from its header")
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(header.shapes):
+        shape = header.shapes[name]
+        numel = math.prod(shape)
+        parts: dict[str, torch.Tensor] = {}
+        for slot in codec.slots(numel, spec):
+            t = tensors[wire.tensor_name(name, slot.suffix)]
+            require(
+                t.dtype == slot.dtype and tuple(t.shape) == (slot.length,),
+                f"tensor {wire.tensor_name(name, slot.suffix)!r} differs from its header",
+            )
+            parts[slot.suffix] = t
+        where = f"parameter {name!r}"
+        flat = codec.decode(parts, numel, spec, where)
+        require(all_finite(flat), f"{where} decodes to NaN or Inf")
+        out[name] = flat.view(shape)
+    return out

@@ -1,0 +1,217 @@
+"""Dense codecs: fp32 (exact), fp16 and bf16 (rounding), int8 and int4 (blockwise absmax).
+
+Error bounds (u = unit roundoff; all bounds are per element and hold for every finite input
+below `MAX_ABS` that `encode` accepts):
+
+- fp32 is the identity: error 0.
+- bf16 rounds to nearest even: |err| <= 2^-8 |x| + 2^-134 (the second term covers subnormals).
+- fp16 first divides the tensor by a per-tensor power of two `scale` chosen so that max|x|/scale
+  lies in [2^14, 2^15). Dividing by a power of two is exact, so fp16 can never overflow (a plain
+  cast would turn values above 65504 into Inf, and clamping would silently corrupt them), and
+  small pseudo-gradients (typically 1e-6..1e-2, mostly below fp16's smallest normal 6.1e-5) keep
+  fp16's full 11-bit precision instead of falling into its subnormals.
+  |err| <= 2^-11 |x| + 2^-25 scale (+2^-149 for float32 subnormal products).
+- int8 / int4 split the flattened tensor into blocks of `block_size` (the last block is padded
+  with zeros for the computation; the padding is not sent) and store per block a float32
+  scale = max|x| / 127 (int8) or / 7 (int4), rounded *up* to the next float32 so |x/scale| <= qmax,
+  and q = round(x / scale). The scale is float32, not fp16, because fp16 scales underflow for
+  small deltas (1e-6 / 127 is below fp16's range) and overflow for big ones.
+  |err| <= scale/2 + 127.5 * 2^-24 scale (float32 rounding of q*scale) + 2^-150 (subnormals);
+  `error_bound` reports scale * (1/2 + 2^-14) + 2^-149. int4 codes q + 8 (1..15) are packed two
+  per byte, the element with the even index in the low nibble.
+
+Blockwise absmax quantization follows Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+Quantization" (arXiv:2110.02861); DiLoCo-style pseudo-gradient quantization is studied in
+Douillard et al. 2023 (arXiv:2311.08105) and SparseLoCo (Sarfi et al. 2025, arXiv:2508.15706).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from crowdtrain.codec.base import Slot, ceil_div, require, require_finite, value_range
+from crowdtrain.config import CodecConfig
+
+#: encode() refuses values whose magnitude exceeds this (about 1.3e30): no sane pseudo-gradient
+#: reaches it, and it keeps every codec's decoded values finite (no rounding up to Inf).
+MAX_ABS = 2.0**100
+
+
+def _as_f32(bound: torch.Tensor) -> torch.Tensor:
+    """A float64 bound as float32 (the slack built into each bound covers this rounding)."""
+    return bound.to(torch.float32)
+
+
+class Fp32Codec:
+    """The identity: float32 values as they are."""
+
+    name = "fp32"
+
+    def params(self, spec: CodecConfig) -> dict[str, int]:
+        return {}
+
+    def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
+        return (Slot("v", torch.float32, numel),)
+
+    def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
+        return {"v": x.clone()}
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> torch.Tensor:
+        v = parts["v"]
+        require_finite(v, f"the values of {where}")
+        return v.to(torch.float32)
+
+    def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class Bf16Codec:
+    """bfloat16: float32's range, 8 significant bits, round to nearest even."""
+
+    name = "bf16"
+
+    def params(self, spec: CodecConfig) -> dict[str, int]:
+        return {}
+
+    def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
+        return (Slot("v", torch.bfloat16, numel),)
+
+    def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
+        return {"v": x.to(torch.bfloat16)}
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> torch.Tensor:
+        v = parts["v"]
+        require_finite(v, f"the values of {where}")
+        return v.to(torch.float32)
+
+    def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
+        return _as_f32(x.double().abs() * (2.0**-8 * (1 + 2.0**-20)) + 2.0**-134)
+
+
+def fp16_scale(x: torch.Tensor) -> float:
+    """The power of two that maps max|x| into [2^14, 2^15) (1 for an all-zero tensor).
+
+    The exponent is kept >= -126 so the scale is a normal float32; that loses nothing, since
+    then every float32 x / scale is at least 2^-23 apart from zero or exactly representable.
+    """
+    if x.numel() == 0:
+        return 1.0
+    absmax = float(x.abs().max())
+    if absmax == 0.0:
+        return 1.0
+    _, exponent = math.frexp(absmax)  # absmax = m * 2**exponent with m in [0.5, 1)
+    return math.ldexp(1.0, max(exponent - 15, -126))
+
+
+class Fp16Codec:
+    """float16 of x / scale, with a per-tensor power-of-two scale (never overflows)."""
+
+    name = "fp16"
+
+    def params(self, spec: CodecConfig) -> dict[str, int]:
+        return {}
+
+    def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
+        return (Slot("v", torch.float16, numel), Slot("scale", torch.float32, 1))
+
+    def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
+        scale = fp16_scale(x)
+        return {
+            "v": (x * (1.0 / scale)).to(torch.float16),
+            "scale": torch.tensor([scale], dtype=torch.float32),
+        }
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> torch.Tensor:
+        v, scale = parts["v"], parts["scale"]
+        require_finite(v, f"the values of {where}")
+        low, _ = require_finite(scale, f"the scale of {where}")
+        require(low > 0, f"the scale of {where} is not positive")
+        return v.to(torch.float32) * scale
+
+    def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
+        scale = fp16_scale(x)
+        rounding = x.double().abs() * 2.0**-11 + scale * 2.0**-25
+        return _as_f32(rounding * (1 + 2.0**-20) + 2.0**-149)
+
+
+def block_scales(blocks: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-row float32 scale = max|row| / qmax, rounded up so that |x / scale| <= qmax."""
+    absmax = blocks.abs().amax(dim=1).double()
+    scale = (absmax / qmax).to(torch.float32)
+    too_small = scale.double() * qmax < absmax  # exact: 24-bit scale times 7-bit qmax
+    return torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+
+
+class BlockwiseCodec:
+    """Blockwise absmax integer quantization: int8 (q in [-127, 127]) or int4 ([-7, 7])."""
+
+    def __init__(self, name: str, bits: int) -> None:
+        self.name = name
+        self.bits = bits
+        self.qmax = 2 ** (bits - 1) - 1
+
+    def params(self, spec: CodecConfig) -> dict[str, int]:
+        return {"block_size": spec.block_size}
+
+    def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
+        blocks = ceil_div(numel, spec.block_size)
+        if self.bits == 8:
+            q = Slot("q", torch.int8, numel)
+        else:
+            q = Slot("q", torch.uint8, ceil_div(numel, 2))
+        return (q, Slot("scale", torch.float32, blocks))
+
+    def _blocks(self, x: torch.Tensor, block_size: int) -> torch.Tensor:
+        n = x.numel()
+        count = ceil_div(n, block_size)
+        return F.pad(x, (0, count * block_size - n)).view(count, block_size)
+
+    def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
+        n = x.numel()
+        blocks = self._blocks(x, spec.block_size)
+        scale = block_scales(blocks, self.qmax)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).double()
+        q = torch.round(blocks.double() / safe[:, None]).clamp_(-self.qmax, self.qmax)
+        q = q.flatten()[:n]
+        if self.bits == 8:
+            return {"q": q.to(torch.int8), "scale": scale}
+        codes = (q + 8).to(torch.uint8)
+        if n % 2:
+            codes = torch.cat([codes, torch.full((1,), 8, dtype=torch.uint8)])
+        packed = codes[0::2] | (codes[1::2] << 4)
+        return {"q": packed, "scale": scale}
+
+    def _levels(self, q: torch.Tensor, numel: int, where: str) -> torch.Tensor:
+        """The integer levels as float32, checked to be values the encoder can produce."""
+        if self.bits == 8:
+            require(value_range(q)[0] > -128, f"{where} holds the int8 code -128")
+            return q.to(torch.float32)
+        codes = torch.stack([q & 0x0F, q >> 4], dim=1).flatten()
+        require(value_range(codes[:numel], empty=8)[0] > 0, f"{where} holds the int4 code 0")
+        require(bool((codes[numel:] == 8).all()), f"{where} has nonzero int4 padding")
+        return (codes[:numel].to(torch.int16) - 8).to(torch.float32)
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> torch.Tensor:
+        scale = parts["scale"]
+        low, _ = require_finite(scale, f"the scales of {where}")
+        require(low >= 0, f"a scale of {where} is negative")
+        levels = self._levels(parts["q"], numel, where)
+        blocks = self._blocks(levels, spec.block_size)
+        return (blocks * scale[:, None]).flatten()[:numel]
+
+    def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
+        scale = block_scales(self._blocks(x, spec.block_size), self.qmax)
+        bound = _as_f32(scale.double() * (0.5 + 2.0**-14) + 2.0**-149)
+        return bound.repeat_interleave(spec.block_size)[: x.numel()]
