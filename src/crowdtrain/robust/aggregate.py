@@ -133,18 +133,7 @@ def aggregate(
     else:
         buckets = make_buckets(weight_list, cfg.bucket_size, seed)
         delta = _zeros(shapes)
-        trim = trim_count(cfg.trim_fraction, len(buckets))
-        # One (inputs × fragment) buffer, reused for every fragment.
-        stack = torch.empty(len(buckets), max((f.numel for f in fragments), default=0))
-        for fragment in fragments:
-            rows = stack[:, : fragment.numel]
-            _fill_inputs(rows, sources, weight_list, buckets, fragment, ref, member_sq)
-            if cfg.method == "median":
-                values = coordinate_median(rows)
-            else:
-                values = coordinate_trimmed_mean(rows, trim)
-            scatter(delta, fragment, values)
-        del stack
+        _order_statistic(cfg, sources, weight_list, buckets, fragments, delta, ref, member_sq)
 
     return AggregateResult(delta, [sqrt(s) for s in member_sq], scales, tau)
 
@@ -183,6 +172,30 @@ def _weighted_mean(
             member_sq[index] += squared_distance(x, centre)
             acc.add_(x, alpha=weights[index] / total)
         scatter(out, fragment, acc)
+
+
+def _order_statistic(
+    cfg: AggregationConfig,
+    sources: Sequence[DeltaSource],
+    weights: list[float],
+    buckets: Sequence[Bucket],
+    fragments: Sequence[Fragment],
+    out: dict[str, torch.Tensor],
+    ref: dict[str, torch.Tensor] | None,
+    member_sq: list[float],
+) -> None:
+    """Coordinate-wise median or trimmed mean of the bucket inputs, fragment by fragment."""
+    trim = trim_count(cfg.trim_fraction, len(buckets))
+    widest = max((fragment.numel for fragment in fragments), default=0)
+    stack = torch.empty(len(buckets), widest, dtype=torch.float32)  # reused for every fragment
+    for fragment in fragments:
+        rows = stack[:, : fragment.numel]
+        _fill_inputs(rows, sources, weights, buckets, fragment, ref, member_sq)
+        if cfg.method == "median":
+            values = coordinate_median(rows)
+        else:
+            values = coordinate_trimmed_mean(rows, trim)
+        scatter(out, fragment, values)
 
 
 def _fill_inputs(
