@@ -40,12 +40,13 @@ errors = Console(stderr=True, soft_wrap=True)
 @contextmanager
 def _friendly_errors() -> Iterator[None]:
     """Turn the project's typed errors into one line on stderr and an exit status."""
+    from crowdtrain.client.transfer import ClientError
     from crowdtrain.codec import PayloadError
     from crowdtrain.data import DataError
 
     try:
         yield
-    except (ConfigError, DataError, PayloadError) as exc:
+    except (ConfigError, DataError, PayloadError, ClientError) as exc:
         errors.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -131,15 +132,103 @@ def simulate(
 
 @app.command()
 def demo(
+    volunteers: Annotated[int, typer.Option(min=1, max=32, help="Volunteer processes.")] = 4,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to train.")] = 8,
+    round_seconds: Annotated[float, typer.Option(min=0.5, help="Compute budget per round.")] = 6.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
-    rounds: Annotated[int | None, typer.Option(min=1, help="Override the round count.")] = None,
 ) -> None:
-    """The main demo: the in-process swarm on the stdlib corpus (the networked demo comes next)."""
+    """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN."""
+    from crowdtrain.demo import run_demo
+
     with _friendly_errors():
-        change = _simulate("smoke", json_path, rounds)
-        if change >= 0:
+        doc = run_demo(
+            volunteers=volunteers, rounds=rounds, round_seconds=round_seconds, console=console
+        )
+        table = Table(title="volunteers")
+        for col in ("volunteer", "samples", "bytes up", "bytes down", "utilization"):
+            table.add_column(col, justify="right")
+        for v in doc["volunteers"]:
+            table.add_row(
+                v["name"],
+                f"{v['samples']:,}",
+                f"{v['bytes_up']:,}",
+                f"{v['bytes_down']:,}",
+                f"{v['utilization']:.1%}",
+            )
+        console.print(table)
+        console.print(
+            f"eval loss {doc['eval_loss_start']:.4f} -> {doc['eval_loss_end']:.4f} over "
+            f"{doc['rounds_completed']} rounds in {doc['wall_s']:.0f} s; "
+            f"state and model in {doc['state_dir']}"
+        )
+        _write_json(json_path, doc)
+        if doc["eval_loss_end"] >= doc["eval_loss_start"]:
             errors.print("[red]the eval loss did not fall[/red]")
             raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Run config TOML (default: built-ins).")
+    ] = None,
+    state: Annotated[Path, typer.Option(help="State directory (created if missing).")] = Path(
+        "runs/default"
+    ),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0 picks a free one).")] = 8000,
+    invite: Annotated[
+        str | None,
+        typer.Option(help="Require this invite key to register.", envvar="CROWDTRAIN_INVITE"),
+    ] = None,
+) -> None:
+    """Run the coordinator: the HTTP API over the round protocol, with state under --state."""
+    from crowdtrain.server.serve import serve as run_server
+
+    with _friendly_errors():
+        cfg = load_config(config)
+        try:
+            run_server(cfg, state, host=host, port=port, invite=invite, announce=console.print)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+@app.command()
+def join(
+    url: Annotated[str, typer.Argument(help="The coordinator's URL, e.g. http://127.0.0.1:8000")],
+    name: Annotated[str | None, typer.Option(help="Your name on the leaderboard.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for training.")] = None,
+    max_upload_mbps: Annotated[
+        float | None, typer.Option(min=0.01, help="Cap your upload rate (Mbit/s).")
+    ] = None,
+    invite: Annotated[str | None, typer.Option(help="Invite key, if the run needs one.")] = None,
+    max_rounds: Annotated[
+        int | None, typer.Option(min=1, help="Leave after this many rounds.")
+    ] = None,
+    summary: Annotated[
+        Path | None, typer.Option(help="Write a JSON summary here at the end.")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No live display (for scripts).")] = False,
+    slowdown: Annotated[float, typer.Option(min=1.0, hidden=True)] = 1.0,
+) -> None:
+    """Donate compute: join a run and train until it ends (Ctrl-C stops cleanly)."""
+    from crowdtrain.client.run import run_volunteer
+
+    with _friendly_errors():
+        run_volunteer(
+            url,
+            name=name,
+            device=device,
+            threads=threads,
+            max_upload_mbps=max_upload_mbps,
+            invite=invite,
+            max_rounds=max_rounds,
+            summary=summary,
+            quiet=quiet,
+            slowdown=slowdown,
+            console=console,
+        )
 
 
 @data_app.command("pack")

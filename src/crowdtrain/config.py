@@ -81,6 +81,7 @@ class InnerConfig(_Strict):
     seconds: float = Field(30.0, gt=0.0, le=86_400.0)
     threads: int = Field(1, ge=1, le=1024)
     keep_optimizer_state: bool = False
+    overlap: bool = True
 
 
 class OuterConfig(_Strict):
@@ -126,6 +127,7 @@ class RoundsConfig(_Strict):
     total: int = Field(20, ge=1, le=10_000_000)
     quorum: int = Field(1, ge=1, le=1_000_000)
     deadline_s: float = Field(120.0, gt=0.0)
+    join_window: float = Field(0.5, gt=0.0, le=1.0)
     max_peers_per_round: int = Field(64, ge=1, le=1_000_000)
     late: StalePolicy = "reject"
     late_weight: float = Field(0.5, ge=0.0, le=1.0)

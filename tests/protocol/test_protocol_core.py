@@ -228,3 +228,69 @@ def test_protocol_reads_only_the_injected_clock() -> None:
 def test_default_config_builds() -> None:
     p = RoundProtocol(RunConfig(), {"w": torch.zeros(2)}, SHARDS, lambda: 0.0)
     assert p.round == 0 and p.version == 0
+
+
+def test_snapshot_restore_mid_round_continues_identically() -> None:
+    import json
+
+    sources: dict[str, DictSource] = {}
+
+    def submit_ref(p: RoundProtocol, peer: str, value: float) -> list[object]:
+        ref = f"{peer}-{p.round}"
+        sources[ref] = delta(value)
+        event = ContributionSubmitted(
+            peer,
+            p.round,
+            p.round,
+            sources[ref],
+            samples=10,
+            tokens=80,
+            steps=5,
+            train_loss=2.0,
+            ref=ref,
+        )
+        return list(p.handle(event))
+
+    def run(restart: bool) -> dict[str, torch.Tensor]:
+        p, clock = make(rounds={"total": 3, "late": "accept"}, outer={"optimizer": "nesterov"})
+        join_and_order(p, "a", "b", "c")
+        submit_ref(p, "a", 1.0)
+        submit_ref(p, "b", 3.0)
+        if restart:
+            doc = json.loads(json.dumps(p.snapshot()))
+            tensors = {k: {n: t.clone() for n, t in v.items()} for k, v in p.tensors().items()}
+            p = RoundProtocol.restore(p.config, doc, tensors, SHARDS, clock, sources.__getitem__)
+        clock.now += 61
+        p.handle(Tick())
+        submit_ref(p, "c", 2.0)  # late for round 0
+        join_and_order(p, "a", "b")
+        submit_ref(p, "a", -1.0)
+        if restart:
+            doc = json.loads(json.dumps(p.snapshot()))
+            tensors = {k: {n: t.clone() for n, t in v.items()} for k, v in p.tensors().items()}
+            p = RoundProtocol.restore(p.config, doc, tensors, SHARDS, clock, sources.__getitem__)
+            assert p.round == 1 and p.submitted() == ("a",)
+        submit_ref(p, "b", 0.5)
+        assert p.version == 2
+        return p.params
+
+    straight, restarted = run(False), run(True)
+    assert all(torch.equal(straight[k], restarted[k]) for k in straight)
+
+
+def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:
+    p, clock = make(rounds={"quorum": 1})
+    join_and_order(p, "a")
+    clock.now += 31.0  # past half the 60 s deadline
+    p.handle(PeerJoined("b"))
+    (d,) = p.handle(WorkRequested("b"))
+    assert isinstance(d, Wait) and "next round" in d.reason
+    submit(p, "a", 1.0)  # closes round 0 early: every assigned peer is in
+    (order,) = p.handle(WorkRequested("b"))
+    assert isinstance(order, WorkOrder) and order.round == 1
+    q, clock2 = make(rounds={"quorum": 2})
+    join_and_order(q, "a")
+    clock2.now += 59.0
+    join_and_order(q, "b")  # the round still needs peers for its quorum, so b gets work
+    clock2.now += 2.0
+    join_and_order(q, "c")  # past the deadline without a quorum: anyone is welcome

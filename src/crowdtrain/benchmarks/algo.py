@@ -67,8 +67,16 @@ FULL = AlgoSetting(
 )
 
 
-def bench_config(s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov") -> RunConfig:
-    """The run config of one DiLoCo method at setting `s` (plain mean: no attackers here)."""
+def bench_config(
+    s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov", keep_state: bool = True
+) -> RunConfig:
+    """The run config of one DiLoCo method at setting `s` (plain mean: no attackers here).
+
+    DiLoCo's own setting keeps each worker's AdamW state across rounds (`keep_state`); the
+    top-k codec is paired with SparseLoCo's outer step (plain SGD, lr 1, error feedback with
+    decay 0.95 on the workers), as in that paper.
+    """
+    sparse = outer == "error_feedback"
     return parse_config(
         {
             "name": "bench-algo",
@@ -84,10 +92,11 @@ def bench_config(s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov") -
                 "steps": s.inner_steps,
                 "total_steps": s.total_steps,
                 "warmup_steps": max(1, s.total_steps // 20),
+                "keep_optimizer_state": keep_state,
                 "threads": 2,
             },
-            "outer": {"optimizer": outer, "lr": 0.7 if outer == "nesterov" else 1.0},
-            "codec": {"name": codec},
+            "outer": {"optimizer": outer, "lr": 1.0 if sparse else 0.7},
+            "codec": {"name": codec, "ef_decay": 0.95 if sparse else 1.0},
             "aggregation": {"method": "mean", "bucket_size": 1},
             "rounds": {"total": s.total_steps // s.inner_steps, "quorum": s.workers},
         }
@@ -168,13 +177,14 @@ def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> d
     t0 = time.monotonic()
     loss = _sequential(base, shards, manifest.train_ids, s.workers, evals)
     record("ddp", loss, ring * s.total_steps, t0)
-    for name, codec, outer in (
-        ("diloco", "fp32", "nesterov"),
-        ("diloco_int8", "int8", "nesterov"),
-        ("diloco_topk", "topk2bit", "nesterov"),
+    for name, codec, outer, keep in (
+        ("diloco", "fp32", "nesterov", True),
+        ("diloco_int8", "int8", "nesterov", True),
+        ("diloco_topk", "topk2bit", "error_feedback", True),
+        ("diloco_int8_fresh_state", "int8", "nesterov", False),
     ):
         t0 = time.monotonic()
-        cfg = bench_config(s, codec, outer)
+        cfg = bench_config(s, codec, outer, keep)
         res = run_swarm(cfg, s.workers, eval_batch_count=s.eval_batches, eval_batch_size=32)
         sent = sum(r.bytes_up for r in res.rounds) / s.workers
         record(name, res.final_eval_loss, sent, t0)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,6 +54,22 @@ class _Submission:
     train_loss: float
     payload_bytes: int
     receipt: str
+    ref: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "weight": self.weight,
+            "samples": self.samples,
+            "train_loss": self.train_loss,
+            "payload_bytes": self.payload_bytes,
+            "receipt": self.receipt,
+            "ref": self.ref,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], source: Callable[[str], DeltaSource]) -> _Submission:
+        return cls(delta=source(doc["ref"]), **doc)
 
 
 @dataclass
@@ -67,6 +84,28 @@ class _Round:
 
     def waiting_on(self) -> set[str]:
         return set(self.orders) - set(self.submissions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "base_version": self.base_version,
+            "opened_at": self.opened_at,
+            "deadline": self.deadline,
+            "orders": [asdict(o) for o in self.orders.values()],
+            "submissions": [s.to_json() for s in self.submissions.values()],
+            "late": [s.to_json() for s in self.late.values()],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], source: Callable[[str], DeltaSource]) -> _Round:
+        rnd = cls(doc["number"], doc["base_version"], doc["opened_at"], doc["deadline"])
+        for o in doc["orders"]:
+            rnd.orders[o["peer_id"]] = WorkOrder(**{**o, "shard_ids": tuple(o["shard_ids"])})
+        for key in ("submissions", "late"):
+            table = getattr(rnd, key)
+            for sub in doc[key]:
+                table[sub["peer_id"]] = _Submission.from_json(sub, source)
+        return rnd
 
 
 def _receipt(peer_id: str, round_number: int, base_version: int) -> str:
@@ -127,6 +166,56 @@ class RoundProtocol:
         """Peers whose contribution to the open round is recorded."""
         return tuple(self._round.submissions)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The protocol's state as JSON, except the tensors (see `tensors`) and the history.
+
+        Contributions appear by their `ref`; a driver that persists this document after every
+        accepted contribution, and the tensors after every closed round, can `restore` exactly.
+        """
+        return {
+            "format": "crowdtrain-protocol",
+            "version": self.version,
+            "finished": self.finished,
+            "round": self._round.to_json(),
+            "previous": None if self._previous is None else self._previous.to_json(),
+            "peers": [asdict(p) for p in self.peers.values()],
+        }
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """θ, the outer optimizer's state and the last aggregate: what changes at a close."""
+        return {
+            "params": self.params,
+            "outer": self.outer.state_dict(),
+            "aggregate": dict(self.last_aggregate or {}),
+        }
+
+    @classmethod
+    def restore(
+        cls,
+        config: RunConfig,
+        snapshot: Mapping[str, Any],
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        train_shards: Sequence[str],
+        clock: Clock,
+        source: Callable[[str], DeltaSource],
+    ) -> RoundProtocol:
+        """Rebuild a protocol from `snapshot` and `tensors`; `source` maps a ref to its delta."""
+        if snapshot.get("format") != "crowdtrain-protocol":
+            raise ValueError("the protocol snapshot is not a crowdtrain-protocol document")
+        proto = cls(config, tensors["params"], train_shards, clock)
+        proto.outer.load_state_dict(tensors["outer"])
+        proto.last_aggregate = dict(tensors["aggregate"]) or None
+        proto.version = int(snapshot["version"])
+        proto.finished = bool(snapshot["finished"])
+        proto._round = _Round.from_json(snapshot["round"], source)
+        prev = snapshot["previous"]
+        proto._previous = None if prev is None else _Round.from_json(prev, source)
+        proto.peers = {
+            p["peer_id"]: PeerRecord(**{**p, "rounds": list(p["rounds"])})
+            for p in snapshot["peers"]
+        }
+        return proto
+
     def handle(self, event: Event) -> list[Decision]:
         """Apply one event and return the decisions it causes, in order."""
         now = self.clock()
@@ -176,6 +265,12 @@ class RoundProtocol:
             return [order]
         if len(rnd.orders) >= self.config.rounds.max_peers_per_round:
             return [Wait(event.peer_id, 1.0, "this round has all the peers it can take")]
+        window_end = rnd.opened_at + self.config.rounds.join_window * self.config.rounds.deadline_s
+        if window_end < now < rnd.deadline and len(rnd.orders) >= self.config.rounds.quorum:
+            # An open round past its deadline still lacks its quorum, so it takes anyone.
+            retry = max(0.5, min(5.0, rnd.deadline - now))
+            reason = "this round is past its join window; your work starts with the next round"
+            return [Wait(event.peer_id, retry, reason)]
         order = self._make_order(event.peer_id, rnd)
         rnd.orders[event.peer_id] = order
         return [order]
@@ -209,6 +304,7 @@ class RoundProtocol:
             train_loss=event.train_loss,
             payload_bytes=event.payload_bytes,
             receipt=_receipt(event.peer_id, event.round, event.base_version),
+            ref=event.ref,
         )
         if rnd is self._round:
             rnd.submissions[event.peer_id] = sub

@@ -49,6 +49,7 @@ class ContributionSubmitted:
     steps: int
     train_loss: float
     payload_bytes: int = 0
+    ref: str = ""  # the driver's durable handle of `delta` (a blob id), kept in snapshots
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ Choices made here:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ class LocalTrainer:
         max_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_step: Callable[[int, float], None] | None = None,
+        start: Mapping[str, torch.Tensor] | None = None,
+        stop: threading.Event | None = None,
     ) -> Contribution:
         """Train from `base` on `batches` within the budget and return the contribution.
 
@@ -92,6 +95,12 @@ class LocalTrainer:
         and no batch is drawn from the iterator that will not be trained on. `on_step` is called
         after every step with the global step index and that step's loss. `base` must not be
         modified while training: Δ is computed against it without copying it.
+
+        `start` (default `base`) is where the local weights begin: a volunteer that overlaps
+        communication with computation rebases the progress it made while waiting onto the new
+        global weights and starts there, while Δ is still measured from `base` (the one-step
+        delayed update of Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512). `stop`
+        ends the round after the current step when it is set.
         """
         if max_steps is None and max_seconds is None:
             if self.inner.budget == "steps":
@@ -105,7 +114,7 @@ class LocalTrainer:
         if step_offset < 0:
             raise ValueError(f"step_offset must be >= 0, got {step_offset}")
 
-        load_state(self.model, base)
+        load_state(self.model, base if start is None else start)
         optimizer = (
             self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
         )
@@ -113,7 +122,7 @@ class LocalTrainer:
 
         steps = samples = tokens = 0
         loss_first = loss_last = loss_sum = 0.0
-        start = clock()
+        started = clock()
         for x_cpu, y_cpu in batches:
             x, y = x_cpu.to(self.device), y_cpu.to(self.device)
             step = step_offset + steps
@@ -143,11 +152,13 @@ class LocalTrainer:
                 on_step(step, value)
             if max_steps is not None and steps >= max_steps:
                 break
-            if max_seconds is not None and clock() - start >= max_seconds:
+            if max_seconds is not None and clock() - started >= max_seconds:
+                break
+            if stop is not None and stop.is_set():
                 break
         if steps == 0:
             raise ValueError("the batch iterator gave no batches; a round needs at least one")
-        seconds = clock() - start
+        seconds = clock() - started
 
         with torch.no_grad():
             delta = {

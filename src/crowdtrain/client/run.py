@@ -1,0 +1,92 @@
+"""`crowdtrain join`: probe the machine, join the run, and show live progress until it ends.
+
+The volunteer rides through coordinator restarts and network drops on its own: every request
+retries with exponential back-off and jitter (see transfer.py). Ctrl-C (SIGINT) or SIGTERM stops
+it cleanly after the current step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import platformdirs
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from crowdtrain.client.api import CoordinatorApi
+from crowdtrain.client.probe import probe_device
+from crowdtrain.client.transfer import RetryPolicy
+from crowdtrain.client.volunteer import JoinOptions, Volunteer, VolunteerStats, write_summary
+
+
+def _view(stats: VolunteerStats) -> Table:
+    table = Table.grid(padding=(0, 2))
+    table.add_row("volunteer", f"{stats.name} ({stats.peer_id})")
+    table.add_row("status", stats.status)
+    table.add_row("round / step", f"{stats.round} / {stats.step}")
+    table.add_row("loss", f"{stats.loss:.4f}")
+    table.add_row("samples contributed", f"{stats.samples:,} in {stats.rounds} rounds")
+    table.add_row("bytes up / down", f"{stats.bytes_up:,} / {stats.bytes_down:,}")
+    table.add_row("compute utilization", f"{stats.utilization():.1%}")
+    return table
+
+
+def run_volunteer(
+    url: str,
+    *,
+    name: str | None,
+    device: str,
+    threads: int | None,
+    max_upload_mbps: float | None,
+    invite: str | None,
+    max_rounds: int | None,
+    summary: Path | None,
+    quiet: bool,
+    slowdown: float,
+    console: Console,
+) -> VolunteerStats:
+    """Join the run at `url` and work until it finishes or the user stops it."""
+    info = probe_device(device, threads)
+    options = JoinOptions(
+        url=url.rstrip("/"),
+        name=name or f"{info.kind}-volunteer",
+        device=info,
+        cache_dir=Path(platformdirs.user_cache_dir("crowdtrain")) / "blobs",
+        invite=invite,
+        max_upload_mbps=max_upload_mbps,
+        slowdown=slowdown,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    api = CoordinatorApi(options.url, policy=RetryPolicy(max_delay=10.0), stop=stop)
+    volunteer = Volunteer(options, api)
+    try:
+        volunteer.join()
+        console.print(
+            f"joined {options.url} as {options.name} ({volunteer.stats.peer_id}) on "
+            f"{info.kind} with {info.threads} threads"
+        )
+        if quiet:
+            stats = volunteer.run(stop, max_rounds)
+        else:
+            with Live(_view(volunteer.stats), console=console, refresh_per_second=4) as live:
+                volunteer.on_update = lambda s: live.update(_view(s))
+                stats = volunteer.run(stop, max_rounds)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if summary is not None:
+            write_summary(summary, volunteer.stats)
+    console.print(
+        f"done: {stats.samples:,} samples in {stats.rounds} rounds, "
+        f"utilization {stats.utilization():.1%}"
+    )
+    return stats

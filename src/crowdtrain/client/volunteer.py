@@ -1,0 +1,350 @@
+"""The volunteer's main loop: join, pin the manifest, then work orders until the run ends.
+
+Each round: fetch θ_base and the assigned shards (verified by sha256, cached, resumable), train
+with `LocalTrainer` on exactly the batches the work order names, compress Δ with the run's codec
+(keeping the error-feedback residual locally), and upload it with retries.
+
+With overlap on (DiLoCo run config `inner.overlap`), the volunteer does not sit idle while its
+upload travels and the round closes: it keeps training on the same work order's batch stream,
+and when θ_{r+1} arrives it rebases that extra progress onto θ_{r+1} and counts it towards round
+r+1 — the one-step-delayed outer update of Streaming DiLoCo (Douillard et al. 2025,
+arXiv:2501.18512) and of DeMo's delayed application (Peng et al. 2024, arXiv:2411.19870).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from crowdtrain import codec
+from crowdtrain.client.api import CoordinatorApi, FinishedMsg, WaitMsg, WorkOrderMsg
+from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
+from crowdtrain.client.probe import DeviceInfo
+from crowdtrain.client.transfer import ClientError
+from crowdtrain.config import RunConfig
+from crowdtrain.data import BatchSampler
+from crowdtrain.train import Contribution, LocalTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VolunteerStats:
+    """What a volunteer did: the numbers its live display and summary show."""
+
+    name: str = ""
+    peer_id: str = ""
+    round: int = -1
+    step: int = 0
+    loss: float = float("nan")
+    samples: int = 0
+    rounds: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    compute_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    status: str = "starting"
+
+    def utilization(self) -> float:
+        """Fraction of wall time since start spent computing."""
+        wall = time.monotonic() - self.started
+        return self.compute_s / wall if wall > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary document (`crowdtrain join --summary PATH`)."""
+        return {
+            "name": self.name,
+            "peer_id": self.peer_id,
+            "samples": self.samples,
+            "rounds": self.rounds,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "compute_s": round(self.compute_s, 3),
+            "wall_s": round(time.monotonic() - self.started, 3),
+            "utilization": round(self.utilization(), 4),
+        }
+
+
+@dataclass(frozen=True)
+class JoinOptions:
+    """How one volunteer joins a run."""
+
+    url: str
+    name: str
+    device: DeviceInfo
+    cache_dir: Path
+    config_dir: Path | None = None
+    invite: str | None = None
+    max_upload_mbps: float | None = None
+    slowdown: float = 1.0  # >1 emulates a slower machine (sleeps (slowdown-1)× each step)
+
+
+class _Speculation:
+    """Training that continues in a thread while the upload and the round close happen."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.result: Contribution | None = None
+        self.error: BaseException | None = None
+
+    def start(self, target: Callable[[threading.Event], Contribution]) -> None:
+        def run() -> None:
+            try:
+                self.result = target(self.stop)
+            except BaseException as exc:  # surfaced in finish()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="speculative-training", daemon=True)
+        self.thread.start()
+
+    def finish(self) -> Contribution | None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            log.warning("overlapped training failed: %s", self.error)
+            return None
+        return self.result
+
+
+class Volunteer:
+    """One volunteer process: its identity, trainer, caches and error-feedback residual."""
+
+    def __init__(
+        self,
+        options: JoinOptions,
+        api: CoordinatorApi,
+        *,
+        on_update: Callable[[VolunteerStats], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.api = api
+        self.stats = VolunteerStats(name=options.name)
+        self.on_update = on_update or (lambda s: None)
+        self.residual: dict[str, torch.Tensor] | None = None
+        self.shards: dict[str, np.ndarray] = {}
+        self.cache = options.cache_dir
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    # --- set-up --------------------------------------------------------------------------
+
+    def join(self) -> RunConfig:
+        """Register (once), verify and pin the manifest; return the run config."""
+        state = load_state(self.options.url, self.options.config_dir)
+        if state is None:
+            peer_id, token = self.api.register(
+                self.options.name, self.options.invite, self.options.device.to_json()
+            )
+            state = ClientState(url=self.options.url, peer_id=peer_id, token=token)
+            save_state(state, self.options.config_dir)
+        self.api.token = state.token
+        verified = verify_manifest(self.api.manifest(), state)
+        save_state(state.pin(verified), self.options.config_dir)
+        self.stats.peer_id = state.peer_id
+        self.config = verified.config
+        self.shapes = verified.param_shapes
+        torch.set_num_threads(self.options.device.threads)
+        self.trainer = LocalTrainer(
+            self.config.model, self.config.inner, device=self.options.device.kind
+        )
+        if self.config.codec.name == "topk2bit" or self.config.outer.optimizer == "error_feedback":
+            self.residual = {}
+        return self.config
+
+    def _fetch(self, sha: str, max_bytes: int) -> bytes:
+        path = self.cache / sha
+        before = path.stat().st_size if path.exists() else 0
+        self.api.download(sha, path, max_bytes=max_bytes)
+        self.stats.bytes_down += max(0, path.stat().st_size - before)
+        return path.read_bytes()
+
+    def _weights(self, sha: str) -> dict[str, torch.Tensor]:
+        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
+        tensors = load_safetensors(self._fetch(sha, limit))
+        if {k: tuple(v.shape) for k, v in tensors.items()} != self.shapes:
+            raise ClientError(f"the weights blob {sha[:12]} does not match the run's model shapes")
+        return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+    def _shards(self, ids: list[str]) -> dict[str, np.ndarray]:
+        limit = self.config.data.shard_bytes
+        for sha in ids:
+            if sha not in self.shards:
+                self.shards[sha] = np.frombuffer(self._fetch(sha, limit), dtype=np.uint8)
+        return {sha: self.shards[sha] for sha in ids}
+
+    # --- rounds --------------------------------------------------------------------------
+
+    def _sampler(self, order: WorkOrderMsg, first: int = 0) -> BatchSampler:
+        return BatchSampler(
+            self._shards(order.shard_ids),
+            order.shard_ids,
+            seed=order.seed,
+            round=order.round,
+            peer=self.stats.peer_id,
+            batch_size=self.config.data.batch_size,
+            context=self.config.model.context,
+        )
+
+    def _on_step(self, step: int, loss: float) -> None:
+        self.stats.step, self.stats.loss = step, loss
+        if self.options.slowdown > 1.0:
+            time.sleep(self._last_step_s * (self.options.slowdown - 1.0))
+        self.on_update(self.stats)
+
+    def _train(
+        self,
+        order: WorkOrderMsg,
+        base: Mapping[str, torch.Tensor],
+        *,
+        start: Mapping[str, torch.Tensor] | None = None,
+        first_batch: int = 0,
+        steps_done: int = 0,
+        seconds_done: float = 0.0,
+        stop: threading.Event | None = None,
+    ) -> Contribution:
+        sampler = self._sampler(order)
+        batches = (sampler.batch(i) for i in range(first_batch, 1 << 62))
+        # Overlapped (speculative) training runs until stopped, but never past one round's
+        # budget: it can hide communication, not replace the next round's work.
+        if order.budget == "steps":
+            max_steps, max_seconds = max(1, order.max_steps - steps_done), None
+        else:
+            max_steps, max_seconds = None, max(0.001, order.max_seconds - seconds_done)
+        t0 = time.monotonic()
+        self._last_step_s = 0.0
+        last = [t0]
+
+        def on_step(step: int, loss: float) -> None:
+            now = time.monotonic()
+            self._last_step_s = now - last[0]
+            self._on_step(step, loss)
+            last[0] = time.monotonic()
+
+        result = self.trainer.train(
+            base,
+            batches,
+            step_offset=order.step_offset + first_batch,
+            max_steps=max_steps,
+            max_seconds=max_seconds,
+            on_step=on_step,
+            start=start,
+            stop=stop,
+        )
+        self.stats.compute_s += time.monotonic() - t0
+        return result
+
+    def _speculate(
+        self, order: WorkOrderMsg, local: dict[str, torch.Tensor], done: int, stop: threading.Event
+    ) -> Contribution:
+        return self._train(order, local, first_batch=done, stop=stop)
+
+    def _upload(self, order: WorkOrderMsg, result: Contribution) -> None:
+        payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
+        meta = {
+            "base_version": order.base_version,
+            "samples": result.samples,
+            "tokens": result.tokens,
+            "steps": result.steps,
+            "train_loss": result.loss_mean,
+        }
+        self.stats.status = f"uploading round {order.round}"
+        self.on_update(self.stats)
+        self.api.upload(order.round, payload, meta, max_mbps=self.options.max_upload_mbps)
+        self.stats.bytes_up += len(payload)
+        self.stats.samples += result.samples
+        self.stats.rounds += 1
+
+    def _next_order(self, stop: threading.Event) -> WorkOrderMsg | None:
+        while not stop.is_set():
+            msg = self.api.work()
+            if isinstance(msg, WorkOrderMsg):
+                return msg
+            if isinstance(msg, FinishedMsg):
+                return None
+            assert isinstance(msg, WaitMsg)
+            self.stats.status = f"waiting: {msg.reason}"
+            self.on_update(self.stats)
+            stop.wait(min(msg.retry_after, 5.0))
+        return None
+
+    def run(self, stop: threading.Event, max_rounds: int | None = None) -> VolunteerStats:
+        """Work until the run finishes, `stop` is set, or `max_rounds` rounds are uploaded."""
+        self.stats.started = time.monotonic()
+        order = self._next_order(stop)
+        base = start = None
+        carried: Contribution | None = None
+        while order is not None and not stop.is_set():
+            self.stats.round, self.stats.status = order.round, f"training round {order.round}"
+            base = self._weights(order.weights)
+            if carried is not None:  # rebase the overlapped progress onto the new θ
+                start = {k: base[k] - carried.delta[k] for k in base}
+            if carried is not None and _fills_budget(order, carried):
+                result = carried  # Δ from the new θ is exactly the rebased progress
+            else:
+                result = self._train(
+                    order,
+                    base,
+                    start=start,
+                    steps_done=carried.steps if carried else 0,
+                    seconds_done=carried.seconds if carried else 0.0,
+                )
+                if carried is not None:
+                    result = _merge(carried, result)
+            spec = _Speculation()
+            if self.config.inner.overlap:
+                local_end = {k: base[k] - result.delta[k] for k in base}
+                fresh = result.steps - (carried.steps if carried is not None else 0)
+                spec.start(functools.partial(self._speculate, order, local_end, fresh))
+            try:
+                self._upload(order, result)
+            except ClientError:
+                spec.finish()
+                raise
+            if max_rounds is not None and self.stats.rounds >= max_rounds:
+                spec.finish()
+                break
+            order = self._next_order(stop)
+            carried = spec.finish() if self.config.inner.overlap else None
+            start = None
+        self.stats.status = "done"
+        self.on_update(self.stats)
+        return self.stats
+
+
+def _fills_budget(order: WorkOrderMsg, done: Contribution) -> bool:
+    """Whether overlapped work already used the whole budget of `order`."""
+    if order.budget == "steps":
+        return done.steps >= order.max_steps
+    return done.seconds >= order.max_seconds
+
+
+def _merge(first: Contribution, second: Contribution) -> Contribution:
+    """One round's result from the overlapped part and the rest (Δ is already from base)."""
+    steps = first.steps + second.steps
+    return Contribution(
+        delta=second.delta,
+        samples=first.samples + second.samples,
+        tokens=first.tokens + second.tokens,
+        steps=steps,
+        loss_first=first.loss_first,
+        loss_last=second.loss_last,
+        loss_mean=(first.loss_mean * first.steps + second.loss_mean * second.steps) / steps,
+        seconds=first.seconds + second.seconds,
+    )
+
+
+def write_summary(path: Path, stats: VolunteerStats) -> None:
+    """Write the volunteer's summary JSON (used by the demo)."""
+    path.write_text(json.dumps(stats.to_json(), indent=2) + "\n")

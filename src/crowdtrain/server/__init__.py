@@ -1,0 +1,1 @@
+"""The coordinator: FastAPI over the protocol core and the stores (see coordinator.py)."""

@@ -1,0 +1,218 @@
+"""The coordinator's HTTP API (docs/API.md) on FastAPI: thin handlers over `Coordinator`.
+
+Handlers parse and bound what arrives, then call the coordinator, which hands every round
+decision to the sans-IO protocol core. Upload bodies are refused with 413 from their
+Content-Length before a byte is read, and streamed to the blob store with the cap enforced
+again while reading (a client can lie about its length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from crowdtrain.server.coordinator import ContributionMeta, Coordinator, Problem
+from crowdtrain.store import BlobNotFound, BlobTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class DeviceInfo(BaseModel):
+    """What a volunteer says about its machine (informational)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str = Field("cpu", max_length=16)
+    threads: int = Field(1, ge=1, le=4096)
+    name: str = Field("", max_length=200)
+
+
+class RegisterBody(BaseModel):
+    """Body of POST /v1/register."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    invite: str | None = Field(None, max_length=256)
+    device: DeviceInfo = DeviceInfo()
+
+
+class MetaHeader(BaseModel):
+    """The X-Crowdtrain-Meta header of a contribution upload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_version: int = Field(ge=0)
+    samples: int = Field(ge=0, le=10**12)
+    tokens: int = Field(ge=0, le=10**15)
+    steps: int = Field(ge=0, le=10**9)
+    train_loss: float = Field(allow_inf_nan=False)
+
+
+def _problem(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """`bytes=a-b` / `bytes=a-` / `bytes=-n` → (start, stop) half-open, or None if unsatisfiable."""
+    unit, _, spec = header.partition("=")
+    if unit.strip() != "bytes" or "," in spec:
+        raise Problem(400, "bad_range", "only a single 'bytes=' range is supported")
+    first, _, last = spec.strip().partition("-")
+    try:
+        if first == "":
+            n = int(last)
+            start, stop = max(0, size - n), size
+        else:
+            start = int(first)
+            stop = size if last == "" else min(size, int(last) + 1)
+    except ValueError:
+        raise Problem(400, "bad_range", f"cannot parse the Range header {header!r}") from None
+    if start >= size or start >= stop:
+        return None
+    return start, stop
+
+
+def _peer(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """FastAPI dependency: the peer id behind the request's bearer token (else 401)."""
+    token = None
+    if authorization and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip()
+    coordinator: Coordinator = request.app.state.coordinator
+    return coordinator.authenticate(token)
+
+
+Peer = Annotated[str, Depends(_peer)]
+
+
+def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastAPI:
+    """The FastAPI application serving one coordinator."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(tick_interval)
+                try:
+                    await run_in_threadpool(coordinator.tick)
+                except Exception:  # keep ticking; the error is logged with its cause
+                    log.exception("closing a round failed")
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="crowdtrain coordinator",
+        version="1",
+        openapi_url="/v1/openapi.json",
+        lifespan=lifespan,
+    )
+    app.state.coordinator = coordinator
+
+    @app.exception_handler(Problem)
+    async def on_problem(request: Request, exc: Problem) -> JSONResponse:
+        return _problem(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        return _problem(400, "bad_request", f"{where}: {str(err.get('msg', '')).lower()}")
+
+    @app.post("/v1/register")
+    def register(body: RegisterBody) -> dict[str, str]:
+        return coordinator.register(body.name, body.invite, body.device.model_dump())
+
+    @app.get("/v1/manifest")
+    def manifest() -> dict[str, Any]:
+        return coordinator.manifest
+
+    @app.post("/v1/work")
+    def work(peer_id: Peer) -> dict[str, Any]:
+        return coordinator.work(peer_id)
+
+    @app.post("/v1/heartbeat")
+    def heartbeat(peer_id: Peer) -> dict[str, Any]:
+        return coordinator.heartbeat(peer_id)
+
+    @app.get("/v1/status")
+    def status() -> dict[str, Any]:
+        return coordinator.status()
+
+    @app.get("/v1/blobs/{sha}", response_model=None)
+    def blob(sha: str, range: Annotated[str | None, Header()] = None) -> Response:
+        try:
+            size = coordinator.blobs.size(sha)
+        except (BlobNotFound, ValueError):
+            raise Problem(404, "no_blob", f"no blob {sha[:64]!r} on this coordinator") from None
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if range is None:
+            headers["Content-Length"] = str(size)
+            return StreamingResponse(coordinator.blobs.iter_range(sha), headers=headers)
+        span = _parse_range(range, size)
+        if span is None:
+            headers["Content-Range"] = f"bytes */{size}"
+            return Response(status_code=416, headers=headers)
+        start, stop = span
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+        headers["Content-Length"] = str(stop - start)
+        return StreamingResponse(
+            coordinator.blobs.iter_range(sha, start, stop), status_code=206, headers=headers
+        )
+
+    @app.put("/v1/contributions/{round_number}")
+    async def contribute(
+        round_number: int,
+        request: Request,
+        peer_id: Peer,
+        x_crowdtrain_meta: Annotated[str | None, Header()] = None,
+        content_length: Annotated[int | None, Header()] = None,
+    ) -> dict[str, Any]:
+        cap = coordinator.max_payload_bytes
+        if content_length is None:
+            raise Problem(411, "no_length", "a contribution upload needs a Content-Length header")
+        if content_length > cap:
+            raise Problem(
+                413, "too_large", f"the payload is {content_length} bytes; the cap is {cap}"
+            )
+        if x_crowdtrain_meta is None or len(x_crowdtrain_meta) > 4096:
+            raise Problem(400, "bad_meta", "the X-Crowdtrain-Meta header is missing or too long")
+        try:
+            meta = MetaHeader.model_validate(json.loads(x_crowdtrain_meta))
+        except (ValueError, ValidationError) as exc:
+            first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            raise Problem(
+                400, "bad_meta", f"the X-Crowdtrain-Meta header is invalid: {first}"
+            ) from None
+        done = coordinator.existing_receipt(peer_id, round_number)
+        if done is not None:
+            return done
+        try:
+            sha, size = await coordinator.blobs.put_async_stream(request.stream(), max_bytes=cap)
+        except BlobTooLarge:
+            raise Problem(413, "too_large", f"the payload exceeds the cap of {cap} bytes") from None
+        return await run_in_threadpool(
+            coordinator.submit,
+            peer_id,
+            round_number,
+            ContributionMeta(**meta.model_dump()),
+            sha,
+            size,
+        )
+
+    return app

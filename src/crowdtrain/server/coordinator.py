@@ -1,0 +1,473 @@
+"""The coordinator: drives the sans-IO round protocol with real time, storage and payloads.
+
+Every round decision is the protocol core's (`crowdtrain.protocol`); this module only turns
+requests into events, decodes and stores payloads, and persists what the protocol decided:
+after every accepted contribution the protocol snapshot is committed together with the
+contribution row (so a receipt means durable), and after every closed round the new weights, the
+outer optimizer state and the aggregate are written as blobs with a version row. A restart with
+the same state directory restores the protocol exactly from those records (crash safety).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from crowdtrain import codec
+from crowdtrain.client.signing import load_or_create_signing_key, sign_manifest
+from crowdtrain.config import ConfigError, RunConfig, config_hash
+from crowdtrain.data import ShardStore, ensure_packed, eval_batches
+from crowdtrain.models import initial_state, param_shapes
+from crowdtrain.protocol import (
+    Accepted,
+    ContributionSubmitted,
+    Decision,
+    PeerJoined,
+    Rejected,
+    RoundClosed,
+    RoundProtocol,
+    RunFinished,
+    Tick,
+    Unknown,
+    Wait,
+    WorkOrder,
+    WorkRequested,
+)
+from crowdtrain.robust import DeltaSource, SafetensorsFileSource
+from crowdtrain.server.manifest import build_manifest, weights_bytes
+from crowdtrain.store import (
+    ContributionRow,
+    DirBlobStore,
+    PeerRow,
+    SqliteStateStore,
+    VersionRow,
+)
+from crowdtrain.train import evaluate
+
+log = logging.getLogger(__name__)
+
+MAX_META_BYTES = 4096
+
+
+class Problem(Exception):
+    """A request the coordinator refuses: HTTP status, machine code and one sentence."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+@dataclass(frozen=True)
+class ContributionMeta:
+    """What a volunteer claims about its upload (checked by the protocol and validators)."""
+
+    base_version: int
+    samples: int
+    tokens: int
+    steps: int
+    train_loss: float
+
+
+def token_hash(token: str) -> str:
+    """Tokens are stored as their sha256 only."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class _LazySource:
+    """A delta blob opened on first read, so a restored snapshot never needs deleted blobs."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+        self._source: SafetensorsFileSource | None = None
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self._source is None:
+            if self._path is None:
+                raise FileNotFoundError("the contribution's delta blob is gone")
+            self._source = SafetensorsFileSource(self._path)
+        return self._source.read(name, start, stop)
+
+
+class Coordinator:
+    """One run's coordinator state: stores, manifest, protocol, and the lock around them."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        state_dir: Path,
+        *,
+        invite: str | None = None,
+        clock: Callable[[], float] = time.time,
+        eval_batch_count: int = 4,
+    ) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.invite = invite
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.paused = False
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = DirBlobStore(state_dir / "blobs")
+        self.store = SqliteStateStore(state_dir / "state.sqlite")
+        self._check_config()
+        self.shapes = param_shapes(config.model)
+        self.max_payload_bytes = codec.max_payload_bytes(self.shapes, config.codec)
+        data_dir = Path(config.data.dir)
+        self.data = ensure_packed(
+            config.data.source,
+            data_dir,
+            include=config.data.include,
+            shard_bytes=config.data.shard_bytes,
+            val_fraction=config.data.val_fraction,
+        )
+        shards = ShardStore(data_dir)
+        for sha in self.data.train_ids + self.data.val_ids:
+            if not self.blobs.has(sha):
+                self.blobs.put_bytes(shards.load(sha, verify=True).tobytes())
+        val = {sha: shards.load(sha) for sha in self.data.val_ids}
+        self.evals = eval_batches(
+            val,
+            self.data.val_ids,
+            batch_size=16,
+            context=config.model.context,
+            n_batches=eval_batch_count,
+            seed=config.data.seed,
+        )
+        self.protocol = self._load_protocol()
+        self._delta_refs = self._open_refs()
+        key = load_or_create_signing_key(state_dir / "coordinator.key")
+        initial = self.store.get_version(0)
+        assert initial is not None
+        manifest = build_manifest(config, self.data, initial.weights_sha, self.shapes)
+        self.manifest = sign_manifest(manifest, key)
+
+    # --- start-up ------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        wanted = config_hash(self.config)
+        stored = self.store.get_json("config_hash")
+        if stored is None:
+            self.store.put_json("config_hash", wanted)
+            self.store.put_json("config", self.config.model_dump(mode="json"))
+        elif stored != wanted:
+            raise ConfigError(
+                f"the state directory {self.state_dir} belongs to a run with config "
+                f"{str(stored)[:12]}, not {wanted[:12]}; use the original config or a new --state"
+            )
+
+    def _tensors(self, sha: str | None) -> dict[str, torch.Tensor]:
+        if sha is None:
+            return {}
+        return dict(load_safetensors(self.blobs.read(sha)))
+
+    def _source(self, ref: str) -> DeltaSource:
+        return _LazySource(self.blobs.local_path(ref) if self.blobs.has(ref) else None)
+
+    def _load_protocol(self) -> RoundProtocol:
+        latest = self.store.latest_version()
+        if latest is None:
+            theta0 = initial_state(self.config.model)
+            sha = self.blobs.put_bytes(weights_bytes(theta0))
+            metrics = {"eval_loss": evaluate(self.config.model, theta0, self.evals)}
+            with self.store.transaction():
+                self.store.add_version(VersionRow(0, -1, sha, None, None, self.clock(), metrics))
+            return RoundProtocol(self.config, theta0, self.data.train_ids, self.clock)
+        snapshot = self.store.get_json("protocol")
+        tensors = {
+            "params": self._tensors(latest.weights_sha),
+            "outer": self._tensors(latest.optimizer_sha),
+            "aggregate": self._tensors(latest.aggregate_sha),
+        }
+        if snapshot is None or snapshot.get("version") != latest.version:
+            proto = RoundProtocol(self.config, tensors["params"], self.data.train_ids, self.clock)
+            proto.outer.load_state_dict(tensors["outer"])
+            proto.version = latest.version
+            return proto
+        log.info("resuming at version %d, round %d", latest.version, snapshot["round"]["number"])
+        return RoundProtocol.restore(
+            self.config, snapshot, tensors, self.data.train_ids, self.clock, self._source
+        )
+
+    # --- requests ------------------------------------------------------------------------
+
+    def register(self, name: str, invite: str | None, device: Mapping[str, Any]) -> dict[str, str]:
+        """Admit a volunteer; return its id and bearer token (stored hashed)."""
+        if self.invite is not None and not (
+            invite is not None and secrets.compare_digest(invite, self.invite)
+        ):
+            raise Problem(401, "bad_invite", "this run needs a valid invite key to join")
+        peer_id = "p-" + secrets.token_hex(8)
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        row = PeerRow(peer_id, name, token_hash(token), dict(device), now, now, False, None)
+        with self.lock:
+            with self.store.transaction():
+                self.store.add_peer(row)
+            self.protocol.handle(PeerJoined(peer_id, name))
+            self._persist_snapshot()
+        return {"peer_id": peer_id, "token": token}
+
+    def authenticate(self, token: str | None) -> str:
+        """The peer id behind a bearer token, or Problem(401)."""
+        if not token:
+            raise Problem(401, "no_token", "this call needs an Authorization: Bearer token")
+        row = self.store.peer_by_token_hash(token_hash(token))
+        if row is None:
+            raise Problem(401, "bad_token", "the bearer token is not valid for this run")
+        if row.banned:
+            raise Problem(403, "banned", f"this peer is banned: {row.ban_reason or 'no reason'}")
+        with self.lock:
+            if row.peer_id not in self.protocol.peers:
+                self.protocol.handle(PeerJoined(row.peer_id, row.name))
+        return row.peer_id
+
+    def work(self, peer_id: str) -> dict[str, Any]:
+        """The next thing for a volunteer to do, as the JSON of docs/API.md."""
+        if self.paused:
+            return {"kind": "wait", "retry_after": 2.0, "reason": "the run is paused"}
+        with self.lock:
+            decisions = self.protocol.handle(WorkRequested(peer_id))
+            self._persist(decisions)
+            now = self.clock()
+            for d in decisions:
+                if isinstance(d, WorkOrder):
+                    version = self.store.get_version(d.base_version)
+                    assert version is not None
+                    return {
+                        "kind": "work",
+                        "round": d.round,
+                        "base_version": d.base_version,
+                        "weights": version.weights_sha,
+                        "shard_ids": list(d.shard_ids),
+                        "seed": d.seed,
+                        "step_offset": d.step_offset,
+                        "budget": d.budget,
+                        "max_steps": d.max_steps,
+                        "max_seconds": d.max_seconds,
+                        "deadline_in": max(0.0, d.deadline - now),
+                        "max_payload_bytes": self.max_payload_bytes,
+                    }
+                if isinstance(d, Wait):
+                    return {"kind": "wait", "retry_after": d.retry_after, "reason": d.reason}
+                if isinstance(d, RunFinished):
+                    return self._finished()
+                if isinstance(d, Unknown):
+                    raise Problem(401, "unknown_peer", d.reason)
+        return {"kind": "wait", "retry_after": 1.0, "reason": "no work right now"}
+
+    def _finished(self) -> dict[str, Any]:
+        latest = self.store.latest_version()
+        assert latest is not None
+        return {"kind": "finished", "version": latest.version, "weights": latest.weights_sha}
+
+    def existing_receipt(self, peer_id: str, round_number: int) -> dict[str, Any] | None:
+        """The receipt of an already accepted upload (uploads are idempotent per round)."""
+        row = self.store.get_contribution(peer_id, round_number)
+        if row is None or row.status != "accepted":
+            return None
+        return {"receipt": row.receipt, "weight": row.weight}
+
+    def submit(
+        self, peer_id: str, round_number: int, meta: ContributionMeta, payload_sha: str, size: int
+    ) -> dict[str, Any]:
+        """Decode a stored payload, hand it to the protocol, persist, and return the receipt."""
+        try:
+            delta = codec.decode(
+                self.blobs.read(payload_sha), self.shapes, max_bytes=self.max_payload_bytes
+            )
+        except codec.PayloadError as exc:
+            self._record_rejection(peer_id, round_number, meta, payload_sha, size, str(exc))
+            raise Problem(400, "bad_payload", str(exc)) from None
+        delta_sha = self.blobs.put_bytes(weights_bytes(delta))
+        del delta
+        self._delta_refs.add(delta_sha)
+        event = ContributionSubmitted(
+            peer_id=peer_id,
+            round=round_number,
+            base_version=meta.base_version,
+            delta=self._source(delta_sha),
+            samples=meta.samples,
+            tokens=meta.tokens,
+            steps=meta.steps,
+            train_loss=meta.train_loss,
+            payload_bytes=size,
+            ref=delta_sha,
+        )
+        with self.lock:
+            decisions = self.protocol.handle(event)
+            for d in decisions:
+                if isinstance(d, Accepted):
+                    row = ContributionRow(
+                        peer_id,
+                        round_number,
+                        d.receipt,
+                        payload_sha,
+                        meta.samples,
+                        meta.tokens,
+                        meta.steps,
+                        meta.train_loss,
+                        d.weight,
+                        size,
+                        self.clock(),
+                        "accepted",
+                        None,
+                    )
+                    with self.store.transaction():
+                        if self.store.get_contribution(peer_id, round_number) is None:
+                            self.store.record_contribution(row)
+                        self._persist_snapshot()
+            self._persist(decisions)
+        for d in decisions:
+            if isinstance(d, Accepted):
+                return {"receipt": d.receipt, "weight": d.weight}
+            if isinstance(d, Rejected):
+                self._record_rejection(peer_id, round_number, meta, payload_sha, size, d.reason)
+                status = 409 if d.code in ("closed", "no_order", "bad_base") else 400
+                raise Problem(status, d.code, d.reason)
+            if isinstance(d, Unknown):
+                raise Problem(401, "unknown_peer", d.reason)
+        raise Problem(500, "internal", "the protocol gave no decision for this contribution")
+
+    def _record_rejection(
+        self, peer_id: str, rnd: int, meta: ContributionMeta, sha: str, size: int, reason: str
+    ) -> None:
+        row = ContributionRow(
+            peer_id,
+            rnd,
+            "",
+            sha,
+            meta.samples,
+            meta.tokens,
+            meta.steps,
+            meta.train_loss,
+            0.0,
+            size,
+            self.clock(),
+            "rejected",
+            reason,
+        )
+        with self.store.transaction():
+            self.store.record_contribution(row)
+
+    def tick(self) -> None:
+        """Let time pass: close a round whose deadline came with its quorum met."""
+        with self.lock:
+            self._persist(self.protocol.handle(Tick()))
+
+    def heartbeat(self, peer_id: str) -> dict[str, Any]:
+        """Liveness: the volunteer is here; tell it where the run is."""
+        now = self.clock()
+        self.store.touch_peer(peer_id, now)
+        with self.lock:
+            return {
+                "round": self.protocol.round,
+                "version": self.protocol.version,
+                "deadline_in": max(0.0, self.protocol.deadline - now),
+            }
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def _persist_snapshot(self) -> None:
+        self.store.put_json("protocol", self.protocol.snapshot())
+
+    def _persist(self, decisions: list[Decision]) -> None:
+        closed = [d for d in decisions if isinstance(d, RoundClosed)]
+        for c in closed:
+            self._persist_close(c)
+        if decisions:
+            with self.store.transaction():
+                self._persist_snapshot()
+
+    def _persist_close(self, closed: RoundClosed) -> None:
+        tensors = self.protocol.tensors()
+        weights = self.blobs.put_bytes(weights_bytes(tensors["params"]))
+        outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
+        agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
+        eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
+        metrics = {
+            "train_loss": closed.train_loss,
+            "eval_loss": eval_loss,
+            "samples": closed.samples,
+            "bytes_up": closed.payload_bytes,
+            "contributors": list(closed.contributors),
+            "weights": list(closed.weights),
+            "tau": closed.tau,
+        }
+        with self.store.transaction():
+            self.store.add_version(
+                VersionRow(
+                    closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
+                )
+            )
+            self._persist_snapshot()
+        log.info("round %d closed: eval loss %.4f", closed.round, eval_loss)
+        self._drop_deltas()
+
+    def _open_refs(self) -> set[str]:
+        rnd = self.protocol.snapshot()["round"]
+        return {s["ref"] for s in rnd["submissions"] + rnd["late"]}
+
+    def _drop_deltas(self) -> None:
+        """Delete decoded delta blobs that the open round no longer references.
+
+        Payload blobs (what volunteers sent) are kept for audit; the decoded fp32 copies exist
+        only so aggregation can read them fragment by fragment.
+        """
+        keep = self._open_refs()
+        for ref in self._delta_refs - keep:
+            self.blobs.delete(ref)
+        self._delta_refs &= keep
+
+    # --- views ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The public status document."""
+        with self.lock:
+            peers = [
+                {
+                    "name": p.name,
+                    "online": p.online,
+                    "samples": p.samples,
+                    "accepted": p.accepted,
+                    "rejected": p.rejected,
+                }
+                for p in self.protocol.peers.values()
+            ]
+            rnd, version, finished = (
+                self.protocol.round,
+                self.protocol.version,
+                self.protocol.finished,
+            )
+        versions = self.store.list_versions()
+        rounds = [
+            {
+                "round": v.round,
+                "version": v.version,
+                "contributors": len(v.metrics.get("contributors", [])),
+                "samples": v.metrics.get("samples", 0),
+                "train_loss": v.metrics.get("train_loss"),
+                "eval_loss": v.metrics.get("eval_loss"),
+                "bytes_up": v.metrics.get("bytes_up", 0),
+            }
+            for v in versions
+            if v.version > 0
+        ]
+        return {
+            "initial_eval_loss": versions[0].metrics.get("eval_loss") if versions else None,
+            "run": self.config.name,
+            "round": rnd,
+            "version": version,
+            "finished": finished,
+            "peers": peers,
+            "rounds": rounds,
+        }
