@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,19 @@ def _friendly_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         errors.print("interrupted")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        errors.print(f"[red]error:[/red] {exc.strerror or exc}{where}", highlight=False)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if os.environ.get("CROWDTRAIN_DEBUG"):
+            raise
+        errors.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+            "(set CROWDTRAIN_DEBUG=1 to see where; please report it)",
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
 
 
 def _write_json(path: Path | None, doc: dict[str, Any]) -> None:
@@ -210,6 +224,9 @@ def join(
         Path | None, typer.Option(help="Write a JSON summary here at the end.")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No live display (for scripts).")] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where downloaded weights and shards are cached.")
+    ] = None,
     slowdown: Annotated[float, typer.Option(min=1.0, hidden=True)] = 1.0,
 ) -> None:
     """Donate compute: join a run and train until it ends (Ctrl-C stops cleanly)."""
@@ -227,6 +244,7 @@ def join(
             summary=summary,
             quiet=quiet,
             slowdown=slowdown,
+            cache_dir=cache_dir,
             console=console,
         )
 

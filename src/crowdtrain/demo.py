@@ -137,7 +137,7 @@ def run_demo(
     if volunteers < 1:
         raise ConfigError("the demo needs at least one volunteer")
     config = demo_config(rounds, round_seconds)
-    state = state_root / time.strftime("demo-%Y%m%d-%H%M%S")
+    state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     state.mkdir(parents=True, exist_ok=True)
     config_path = state / "run.toml"
     config_path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
@@ -176,11 +176,7 @@ def run_demo(
             names.append(name)
             home = state / "volunteers" / name
             home.mkdir(parents=True, exist_ok=True)
-            venv = {
-                **env,
-                "CROWDTRAIN_CONFIG_DIR": str(home / "config"),
-                "XDG_CACHE_HOME": str(home / "cache"),
-            }
+            venv = {**env, "CROWDTRAIN_CONFIG_DIR": str(home / "config")}
             args = [
                 *cli,
                 "join",
@@ -192,6 +188,8 @@ def run_demo(
                 "--quiet",
                 "--summary",
                 str(home / "summary.json"),
+                "--cache-dir",
+                str(home / "cache"),
             ]
             if name.endswith("-slow"):
                 args += ["--slowdown", "3"]

@@ -48,6 +48,7 @@ def run_volunteer(
     quiet: bool,
     slowdown: float,
     console: Console,
+    cache_dir: Path | None = None,
 ) -> VolunteerStats:
     """Join the run at `url` and work until it finishes or the user stops it."""
     info = probe_device(device, threads)
@@ -55,7 +56,7 @@ def run_volunteer(
         url=url.rstrip("/"),
         name=name or f"{info.kind}-volunteer",
         device=info,
-        cache_dir=Path(platformdirs.user_cache_dir("crowdtrain")) / "blobs",
+        cache_dir=cache_dir or Path(platformdirs.user_cache_dir("crowdtrain")) / "blobs",
         invite=invite,
         max_upload_mbps=max_upload_mbps,
         slowdown=slowdown,

@@ -31,7 +31,7 @@ from crowdtrain import codec
 from crowdtrain.client.api import CoordinatorApi, FinishedMsg, WaitMsg, WorkOrderMsg
 from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
 from crowdtrain.client.probe import DeviceInfo
-from crowdtrain.client.transfer import ClientError
+from crowdtrain.client.transfer import ApiError, ClientError
 from crowdtrain.config import RunConfig
 from crowdtrain.data import BatchSampler
 from crowdtrain.train import Contribution, LocalTrainer
@@ -53,6 +53,8 @@ class VolunteerStats:
     bytes_up: int = 0
     bytes_down: int = 0
     compute_s: float = 0.0
+    refused: int = 0
+    receipts: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     status: str = "starting"
 
@@ -73,6 +75,8 @@ class VolunteerStats:
             "compute_s": round(self.compute_s, 3),
             "wall_s": round(time.monotonic() - self.started, 3),
             "utilization": round(self.utilization(), 4),
+            "refused": self.refused,
+            "receipts": self.receipts,
         }
 
 
@@ -261,10 +265,28 @@ class Volunteer:
         }
         self.stats.status = f"uploading round {order.round}"
         self.on_update(self.stats)
-        self.api.upload(order.round, payload, meta, max_mbps=self.options.max_upload_mbps)
+        try:
+            receipt = self.api.upload(
+                order.round,
+                payload,
+                meta,
+                max_payload_bytes=order.max_payload_bytes,
+                max_mbps=self.options.max_upload_mbps,
+            )
+        except ApiError as exc:
+            if exc.status in (400, 409):  # refused for this round only; the next one is fresh
+                log.warning(
+                    "round %d: the coordinator refused the contribution: %s",
+                    order.round,
+                    exc.detail,
+                )
+                self.stats.refused += 1
+                return
+            raise
         self.stats.bytes_up += len(payload)
         self.stats.samples += result.samples
         self.stats.rounds += 1
+        self.stats.receipts.append({"round": order.round, "receipt": receipt.receipt})
 
     def _next_order(self, stop: threading.Event) -> WorkOrderMsg | None:
         while not stop.is_set():
