@@ -297,6 +297,37 @@ def bench_algo(
         _write_json(json_path, doc)
 
 
+@bench_app.command("overlap")
+def bench_overlap(
+    quick: Annotated[bool, typer.Option(help="Fewer, shorter rounds.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Volunteer compute utilization with overlap on and off, behind 20 Mbit/s, 100 ms links."""
+    from crowdtrain.benchmarks.overlap import run_overlap_bench
+
+    with _friendly_errors():
+        doc = run_overlap_bench(quick=quick, console=console)
+        _write_json(json_path, doc)
+
+
+@bench_app.command("coordinator")
+def bench_coordinator(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    contributions: Annotated[int, typer.Option(min=1, help="Contributions per round.")] = 32,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to time.")] = 3,
+) -> None:
+    """Coordinator cost per round for int8 contributions of a 10M-parameter model."""
+    from crowdtrain.benchmarks.coordinator import run_coordinator_bench
+
+    with _friendly_errors():
+        doc = run_coordinator_bench(
+            contributions=contributions,
+            rounds=rounds,
+            log=lambda line: console.print(line, highlight=False),
+        )
+        _write_json(json_path, doc)
+
+
 @config_app.command("check")
 def config_check(path: Annotated[Path, typer.Argument(help="A run config TOML file.")]) -> None:
     """Validate a run config and print its content hash."""

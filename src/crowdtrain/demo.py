@@ -125,6 +125,15 @@ def _status_table(status: dict[str, Any], elapsed: float) -> Table:
     return table
 
 
+@dataclass(frozen=True)
+class VolunteerSpec:
+    """One volunteer process of a networked run: its name, link and speed."""
+
+    name: str
+    link: Link
+    slowdown: float = 1.0
+
+
 def run_demo(
     *,
     volunteers: int = 4,
@@ -133,16 +142,41 @@ def run_demo(
     state_root: Path = Path("runs"),
     console: Console,
 ) -> dict[str, Any]:
-    """Run the demo; return its summary document."""
+    """Run the demo (one volunteer of several is 3× slower); return its summary document."""
     if volunteers < 1:
         raise ConfigError("the demo needs at least one volunteer")
-    config = demo_config(rounds, round_seconds)
+    specs = []
+    for i in range(volunteers):
+        slow = volunteers > 1 and i == volunteers - 1
+        name = f"volunteer-{i}" + ("-slow" if slow else "")
+        specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0))
     state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    return run_network(demo_config(rounds, round_seconds), specs, state, console=console)
+
+
+def run_network(
+    config: RunConfig,
+    volunteers: list[VolunteerSpec],
+    state: Path,
+    *,
+    console: Console,
+    live: bool = True,
+) -> dict[str, Any]:
+    """A coordinator process and one process per volunteer behind its own WAN proxy.
+
+    Runs until the coordinator reports the run finished; returns the summary document.
+    """
     state.mkdir(parents=True, exist_ok=True)
     config_path = state / "run.toml"
     config_path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
-    console.print("packing the Python standard library into shards (once)…")
-    ensure_packed(config.data.source, Path(config.data.dir))
+    console.print("packing the corpus into shards (once)…")
+    ensure_packed(
+        config.data.source,
+        Path(config.data.dir),
+        include=config.data.include,
+        shard_bytes=config.data.shard_bytes,
+        val_fraction=config.data.val_fraction,
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "crowdtrain.cli"]
     with _processes() as procs, contextlib.ExitStack() as stack:
@@ -159,8 +193,8 @@ def run_demo(
         port = int(url.rsplit(":", 1)[1])
         console.print(f"coordinator at {url} (state in {state})")
         proxies = []
-        for i in range(volunteers):
-            link = LINKS[i % len(LINKS)]
+        for spec in volunteers:
+            link = spec.link
             proxy = WanProxy(
                 "127.0.0.1",
                 port,
@@ -169,20 +203,15 @@ def run_demo(
                 latency_ms=link.latency_ms,
             )
             stack.enter_context(proxy)
-            proxies.append((proxy, link))
-        names = []
-        for i, (proxy, link) in enumerate(proxies):
-            name = f"volunteer-{i}" + ("-slow" if i == volunteers - 1 and volunteers > 1 else "")
-            names.append(name)
-            home = state / "volunteers" / name
+            proxies.append(proxy)
+            home = state / "volunteers" / spec.name
             home.mkdir(parents=True, exist_ok=True)
-            venv = {**env, "CROWDTRAIN_CONFIG_DIR": str(home / "config")}
             args = [
                 *cli,
                 "join",
                 f"http://127.0.0.1:{proxy.port}",
                 "--name",
-                name,
+                spec.name,
                 "--threads",
                 "1",
                 "--quiet",
@@ -190,34 +219,42 @@ def run_demo(
                 str(home / "summary.json"),
                 "--cache-dir",
                 str(home / "cache"),
+                "--slowdown",
+                str(spec.slowdown),
             ]
-            if name.endswith("-slow"):
-                args += ["--slowdown", "3"]
             log = (home / "volunteer.log").open("wb")
             stack.callback(log.close)
+            venv = {**env, "CROWDTRAIN_CONFIG_DIR": str(home / "config")}
             procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=venv))
             console.print(
-                f"{name}: {link.up_mbps:g}/{link.down_mbps:g} Mbit/s up/down, "
-                f"{link.latency_ms:g} ms latency" + (", 3× slower" if "slow" in name else "")
+                f"{spec.name}: {link.up_mbps:g}/{link.down_mbps:g} Mbit/s up/down, "
+                f"{link.latency_ms:g} ms latency"
+                + (f", {spec.slowdown:g}× slower" if spec.slowdown > 1 else "")
             )
         started = time.monotonic()
         status: dict[str, Any] = {"round": 0, "peers": [], "rounds": [], "finished": False}
         with (
             httpx.Client(base_url=url, timeout=10.0) as http,
-            Live(_status_table(status, 0.0), console=console, refresh_per_second=2) as live,
+            Live(
+                _status_table(status, 0.0),
+                console=console,
+                refresh_per_second=2,
+                transient=not live,
+            ) as view,
         ):
             while not status.get("finished"):
                 if server.poll() is not None:
                     raise ConfigError("the coordinator stopped unexpectedly; see coordinator.log")
-                with contextlib.suppress(httpx.HTTPError):
+                with contextlib.suppress(httpx.HTTPError, ValueError):
                     status = http.get("/v1/status").json()
-                live.update(_status_table(status, time.monotonic() - started))
+                view.update(_status_table(status, time.monotonic() - started))
                 time.sleep(1.0)
             final = http.get("/v1/status").json()
         deadline = time.monotonic() + 60
         for p in procs[1:]:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    return _summary(state, final, names, [p for p, _ in proxies], time.monotonic() - started)
+    names = [v.name for v in volunteers]
+    return _summary(state, final, names, proxies, time.monotonic() - started)
 
 
 def _summary(
@@ -232,6 +269,9 @@ def _summary(
             {
                 "name": name,
                 "samples": doc.get("samples", 0),
+                "rounds": doc.get("rounds", 0),
+                "refused": doc.get("refused", 0),
+                "compute_s": doc.get("compute_s", 0.0),
                 "bytes_up": proxy.bytes_up,
                 "bytes_down": proxy.bytes_down,
                 "utilization": doc.get("utilization", 0.0),

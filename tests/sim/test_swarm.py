@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
 from crowdtrain.sim.swarm import run_swarm
+from crowdtrain_testing import tiny_config
 
 
 @pytest.mark.parametrize("codec", ["int8", "topk2bit"])

@@ -54,13 +54,18 @@ class VolunteerStats:
     bytes_down: int = 0
     compute_s: float = 0.0
     refused: int = 0
+    first_train: float | None = None
     receipts: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     status: str = "starting"
 
     def utilization(self) -> float:
-        """Fraction of wall time since start spent computing."""
-        wall = time.monotonic() - self.started
+        """Fraction of wall time spent computing, from the first training step to now.
+
+        Joining and the first downloads come before the first step and are not counted: they
+        happen once per volunteer, not once per round.
+        """
+        wall = time.monotonic() - (self.first_train or self.started)
         return self.compute_s / wall if wall > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -305,25 +310,13 @@ class Volunteer:
         """Work until the run finishes, `stop` is set, or `max_rounds` rounds are uploaded."""
         self.stats.started = time.monotonic()
         order = self._next_order(stop)
-        base = start = None
+        base = None if order is None else self._prefetch(order)
         carried: Contribution | None = None
-        while order is not None and not stop.is_set():
+        while order is not None and base is not None and not stop.is_set():
+            if self.stats.first_train is None:
+                self.stats.first_train = time.monotonic()
             self.stats.round, self.stats.status = order.round, f"training round {order.round}"
-            base = self._weights(order.weights)
-            if carried is not None:  # rebase the overlapped progress onto the new θ
-                start = {k: base[k] - carried.delta[k] for k in base}
-            if carried is not None and _fills_budget(order, carried):
-                result = carried  # Δ from the new θ is exactly the rebased progress
-            else:
-                result = self._train(
-                    order,
-                    base,
-                    start=start,
-                    steps_done=carried.steps if carried else 0,
-                    seconds_done=carried.seconds if carried else 0.0,
-                )
-                if carried is not None:
-                    result = _merge(carried, result)
+            result = self._round(order, base, carried)
             spec = _Speculation()
             if self.config.inner.overlap:
                 local_end = {k: base[k] - result.delta[k] for k in base}
@@ -331,18 +324,35 @@ class Volunteer:
                 spec.start(functools.partial(self._speculate, order, local_end, fresh))
             try:
                 self._upload(order, result)
-            except ClientError:
-                spec.finish()
-                raise
-            if max_rounds is not None and self.stats.rounds >= max_rounds:
-                spec.finish()
-                break
-            order = self._next_order(stop)
-            carried = spec.finish() if self.config.inner.overlap else None
-            start = None
+                if max_rounds is not None and self.stats.rounds >= max_rounds:
+                    break
+                # While these transfers run, the overlapped training goes on.
+                order = self._next_order(stop)
+                base = None if order is None else self._prefetch(order)
+            finally:
+                carried = spec.finish() if self.config.inner.overlap else None
         self.stats.status = "done"
         self.on_update(self.stats)
         return self.stats
+
+    def _prefetch(self, order: WorkOrderMsg) -> dict[str, torch.Tensor]:
+        """Download (or find cached) everything the work order needs; return θ_base."""
+        self._shards(order.shard_ids)
+        return self._weights(order.weights)
+
+    def _round(
+        self, order: WorkOrderMsg, base: dict[str, torch.Tensor], carried: Contribution | None
+    ) -> Contribution:
+        """Train one work order, counting overlapped progress `carried` (rebased onto base)."""
+        if carried is None:
+            return self._train(order, base)
+        if _fills_budget(order, carried):
+            return carried  # Δ from the new θ is exactly the rebased progress
+        start = {k: base[k] - carried.delta[k] for k in base}
+        rest = self._train(
+            order, base, start=start, steps_done=carried.steps, seconds_done=carried.seconds
+        )
+        return _merge(carried, rest)
 
 
 def _fills_budget(order: WorkOrderMsg, done: Contribution) -> bool:

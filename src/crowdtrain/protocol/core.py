@@ -259,7 +259,7 @@ class RoundProtocol:
             return [RunFinished(self.version)]
         rnd = self._round
         if event.peer_id in rnd.submissions:
-            return [Wait(event.peer_id, 1.0, "your contribution to this round is in")]
+            return [Wait(event.peer_id, 0.25, "your contribution to this round is in")]
         order = rnd.orders.get(event.peer_id)
         if order is not None:
             return [order]

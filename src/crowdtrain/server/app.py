@@ -15,16 +15,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crowdtrain.server.coordinator import ContributionMeta, Coordinator, Problem
 from crowdtrain.store import BlobNotFound, BlobTooLarge
 
 log = logging.getLogger(__name__)
+
+# Round numbers are stored as SQLite INTEGERs (64-bit signed); larger ones are malformed.
+MAX_ROUND = 2**63 - 1
 
 
 class DeviceInfo(BaseModel):
@@ -61,6 +65,14 @@ class MetaHeader(BaseModel):
 
 def _problem(status: int, code: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status)
+
+
+def _first_error(exc: ValidationError) -> str:
+    """The first validation error as 'field: message' (or just the message at top level)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"]).lower()
+    return f"{where}: {msg}" if where else msg
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -128,6 +140,24 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
         return _problem(exc.status, exc.code, exc.detail)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        detail = {404: "there is no such route", 405: "this route does not take this method"}
+        response = _problem(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            detail.get(exc.status_code, str(exc.detail)),
+        )
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback by the server; the volunteer gets one sentence only.
+        return _problem(500, "internal", "the coordinator failed to handle this request")
+
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -166,8 +196,11 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
             return StreamingResponse(coordinator.blobs.iter_range(sha), headers=headers)
         span = _parse_range(range, size)
         if span is None:
-            headers["Content-Range"] = f"bytes */{size}"
-            return Response(status_code=416, headers=headers)
+            return JSONResponse(
+                {"error": "bad_range", "detail": f"the range {range[:64]!r} is outside the blob"},
+                status_code=416,
+                headers={"Accept-Ranges": "bytes", "Content-Range": f"bytes */{size}"},
+            )
         start, stop = span
         headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         headers["Content-Length"] = str(stop - start)
@@ -177,11 +210,11 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
 
     @app.put("/v1/contributions/{round_number}")
     async def contribute(
-        round_number: int,
+        round_number: Annotated[int, Path(ge=0, le=MAX_ROUND)],
         request: Request,
         peer_id: Peer,
         x_crowdtrain_meta: Annotated[str | None, Header()] = None,
-        content_length: Annotated[int | None, Header()] = None,
+        content_length: Annotated[int | None, Header(ge=0)] = None,
     ) -> dict[str, Any]:
         cap = coordinator.max_payload_bytes
         if content_length is None:
@@ -195,7 +228,7 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
         try:
             meta = MetaHeader.model_validate(json.loads(x_crowdtrain_meta))
         except (ValueError, ValidationError) as exc:
-            first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+            first = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
             raise Problem(
                 400, "bad_meta", f"the X-Crowdtrain-Meta header is invalid: {first}"
             ) from None
@@ -203,9 +236,21 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
         if done is not None:
             return done
         try:
-            sha, size = await coordinator.blobs.put_async_stream(request.stream(), max_bytes=cap)
+            # The Content-Length (at most the cap) bounds the read: a body that lies about its
+            # length is refused as soon as it passes the length it declared.
+            sha, size = await coordinator.blobs.put_async_stream(
+                request.stream(), max_bytes=content_length
+            )
         except BlobTooLarge:
-            raise Problem(413, "too_large", f"the payload exceeds the cap of {cap} bytes") from None
+            raise Problem(
+                400, "bad_length", f"the body is longer than its Content-Length of {content_length}"
+            ) from None
+        if size != content_length:
+            raise Problem(
+                400,
+                "bad_length",
+                f"the body has {size} bytes, not its Content-Length of {content_length}",
+            )
         return await run_in_threadpool(
             coordinator.submit,
             peer_id,

@@ -116,6 +116,7 @@ class Coordinator:
         self.clock = clock
         self.lock = threading.RLock()
         self.paused = False
+        self.last_close_timing: dict[str, float] = {}
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -305,6 +306,7 @@ class Coordinator:
         )
         with self.lock:
             decisions = self.protocol.handle(event)
+            row = None
             for d in decisions:
                 if isinstance(d, Accepted):
                     row = ContributionRow(
@@ -322,18 +324,19 @@ class Coordinator:
                         "accepted",
                         None,
                     )
-                    with self.store.transaction():
-                        if self.store.get_contribution(peer_id, round_number) is None:
-                            self.store.record_contribution(row)
-                        self._persist_snapshot()
-            self._persist(decisions)
+            # The contribution row, a round it closed and the snapshot commit together.
+            self._persist(decisions, row)
+            current, finished = self.protocol.round, self.protocol.finished
         for d in decisions:
             if isinstance(d, Accepted):
                 return {"receipt": d.receipt, "weight": d.weight}
             if isinstance(d, Rejected):
-                self._record_rejection(peer_id, round_number, meta, payload_sha, size, d.reason)
+                reason = d.reason
+                if d.code == "closed" and round_number > current and not finished:
+                    reason = f"round {round_number} has not opened yet; the open round is {current}"
+                self._record_rejection(peer_id, round_number, meta, payload_sha, size, reason)
                 status = 409 if d.code in ("closed", "no_order", "bad_base") else 400
-                raise Problem(status, d.code, d.reason)
+                raise Problem(status, d.code, reason)
             if isinstance(d, Unknown):
                 raise Problem(401, "unknown_peer", d.reason)
         raise Problem(500, "internal", "the protocol gave no decision for this contribution")
@@ -380,20 +383,46 @@ class Coordinator:
     def _persist_snapshot(self) -> None:
         self.store.put_json("protocol", self.protocol.snapshot())
 
-    def _persist(self, decisions: list[Decision]) -> None:
-        closed = [d for d in decisions if isinstance(d, RoundClosed)]
-        for c in closed:
-            self._persist_close(c)
-        if decisions:
-            with self.store.transaction():
-                self._persist_snapshot()
+    def _persist(self, decisions: list[Decision], accepted: ContributionRow | None = None) -> None:
+        """Commit what `decisions` changed in one transaction: the accepted contribution's row
+        (once per peer and round), the versions of closed rounds, and the protocol snapshot.
 
-    def _persist_close(self, closed: RoundClosed) -> None:
+        Blobs are written before the transaction (an orphan blob is harmless); delta blobs are
+        deleted only after it commits, so a crash never leaves a snapshot naming a deleted delta.
+        """
+        if not decisions:
+            return
+        try:
+            versions = [self._close_version(d) for d in decisions if isinstance(d, RoundClosed)]
+            with self.store.transaction():
+                if accepted is not None and (
+                    self.existing_receipt(accepted.peer_id, accepted.round) is None
+                ):
+                    self.store.record_contribution(accepted)
+                for version in versions:
+                    self.store.add_version(version)
+                self._persist_snapshot()
+        except Exception:
+            # The protocol moved on in memory but not on disk: return to what the store holds,
+            # so that a retry (or the next tick) starts from the durable state.
+            self.protocol = self._load_protocol()
+            self._delta_refs |= self._open_refs()
+            raise
+        for version in versions:
+            log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
+        if versions:
+            self._drop_deltas()
+
+    def _close_version(self, closed: RoundClosed) -> VersionRow:
+        """Write a closed round's weights, optimizer state and aggregate; return its version row."""
         tensors = self.protocol.tensors()
+        t0 = time.perf_counter()
         weights = self.blobs.put_bytes(weights_bytes(tensors["params"]))
         outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
         agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
+        t1 = time.perf_counter()
         eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
+        self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
         metrics = {
             "train_loss": closed.train_loss,
             "eval_loss": eval_loss,
@@ -403,15 +432,9 @@ class Coordinator:
             "weights": list(closed.weights),
             "tau": closed.tau,
         }
-        with self.store.transaction():
-            self.store.add_version(
-                VersionRow(
-                    closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
-                )
-            )
-            self._persist_snapshot()
-        log.info("round %d closed: eval loss %.4f", closed.round, eval_loss)
-        self._drop_deltas()
+        return VersionRow(
+            closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
+        )
 
     def _open_refs(self) -> set[str]:
         rnd = self.protocol.snapshot()["round"]

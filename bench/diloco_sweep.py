@@ -1,0 +1,38 @@
+"""Sweep DiLoCo settings on the quick algorithm-benchmark setting (one line per variant).
+
+Usage: .venv/bin/python bench/diloco_sweep.py '[{"H": 50, "set": {"outer": {"lr": 1.0}}}]'
+Each variant may set H (inner steps per round), codec, outer (optimizer name), and "set":
+{section: {key: value}} overrides of the run config. Prints: variant, final eval loss, bytes
+uploaded per worker, wall seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+from crowdtrain.benchmarks.algo import QUICK, bench_config
+from crowdtrain.config import parse_config
+from crowdtrain.sim.swarm import run_swarm
+
+
+def main(variants: list[dict[str, object]]) -> None:
+    for v in variants:
+        s = dataclasses.replace(QUICK, inner_steps=int(v.get("H", QUICK.inner_steps)))  # type: ignore[call-overload]
+        cfg = bench_config(s, str(v.get("codec", "fp32")), str(v.get("outer", "nesterov")))
+        raw = cfg.model_dump(mode="json")
+        for section, update in dict(v.get("set", {})).items():  # type: ignore[call-overload]
+            raw[section].update(update)
+        cfg = parse_config(raw)
+        t = time.time()
+        res = run_swarm(cfg, s.workers, eval_batch_count=s.eval_batches, eval_batch_size=32)
+        sent = sum(r.bytes_up for r in res.rounds) // s.workers
+        print(
+            json.dumps(v), round(res.final_eval_loss, 4), sent, round(time.time() - t), flush=True
+        )
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

@@ -1,0 +1,154 @@
+"""Crash safety in-process: a second coordinator on the same state directory picks up exactly.
+
+Coordinator A is dropped without any shutdown (its SQLite connection simply stays open, as a
+killed process's would have committed nothing more); coordinator B then opens the same
+directory, as a restarted `crowdtrain serve` would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import (
+    FakeClock,
+    assert_error,
+    make_payload,
+    register,
+    server_config,
+    upload,
+    work,
+)
+
+from crowdtrain.config import ConfigError, RunConfig
+from crowdtrain.server.app import create_app
+from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.train import evaluate
+
+EVALUATE = "crowdtrain.server.coordinator.evaluate"  # patched to fail a round's close
+
+
+def start(config: RunConfig, state: Path, clock: FakeClock) -> Coordinator:
+    return Coordinator(config, state, clock=clock, eval_batch_count=1)
+
+
+def test_restart_keeps_receipts_and_the_open_round(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    state = tmp_path / "state"
+    a_coord = start(config, state, clock)
+    with TestClient(create_app(a_coord), raise_server_exceptions=False) as a_client:
+        p1, p2 = register(a_client, "one"), register(a_client, "two")
+        order1, order2 = work(a_client, p1), work(a_client, p2)
+        first = upload(a_client, p1, 0, make_payload(config, 1))
+        assert first.status_code == 200
+        manifest = a_client.get("/v1/manifest").json()
+    # A is dropped here: no shutdown, no close.
+
+    b_coord = start(config, state, clock)
+    assert b_coord.protocol.submitted() == (p1.peer_id,)
+    assert set(b_coord.protocol.assigned()) == {p1.peer_id, p2.peer_id}
+    with TestClient(create_app(b_coord), raise_server_exceptions=False) as b_client:
+        assert b_client.get("/v1/manifest").json() == manifest
+        # Tokens survive; the same order is handed out again.
+        again = work(b_client, p2)
+        assert {**again, "deadline_in": 0} == {**order2, "deadline_in": 0}
+        assert work(b_client, p1)["kind"] == "wait"
+        assert upload(b_client, p1, 0, make_payload(config, 1)).json() == first.json()
+        second = upload(b_client, p2, 0, make_payload(config, 2))
+        assert second.status_code == 200, second.text
+        status = b_client.get("/v1/status").json()
+        assert status["version"] == 1 and status["round"] == 1
+        assert status["rounds"][0]["contributors"] == 2
+        version = b_coord.store.get_version(1)
+        assert version is not None
+        assert set(version.metrics["contributors"]) == {p1.peer_id, p2.peer_id}
+        nxt = work(b_client, p1)
+        assert (nxt["round"], nxt["base_version"]) == (1, 1)
+        assert nxt["weights"] != order1["weights"]
+
+    c_coord = start(config, state, clock)
+    assert (c_coord.protocol.version, c_coord.protocol.round) == (1, 1)
+    assert c_coord.store.get_version(1) is not None
+
+
+def test_crash_while_closing_a_round_loses_no_receipt(
+    config: RunConfig, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash between accepting the quorum's last upload and writing the new version leaves
+    the store as it was before that upload (no receipt was given for it)."""
+    state = tmp_path / "state"
+    a_coord = start(config, state, clock)
+    with TestClient(create_app(a_coord), raise_server_exceptions=False) as a_client:
+        p1, p2 = register(a_client, "one"), register(a_client, "two")
+        work(a_client, p1), work(a_client, p2)
+        first = upload(a_client, p1, 0, make_payload(config, 1)).json()
+
+        def crash(*args: object, **kwargs: object) -> float:
+            raise RuntimeError("simulated crash while evaluating the new weights")
+
+        monkeypatch.setattr(EVALUATE, crash)
+        r = upload(a_client, p2, 0, make_payload(config, 2))
+        assert_error(r, 500)
+        assert "simulated" not in r.text
+    monkeypatch.undo()
+
+    b_coord = start(config, state, clock)
+    assert b_coord.protocol.version == 0
+    assert b_coord.protocol.submitted() == (p1.peer_id,)
+    with TestClient(create_app(b_coord), raise_server_exceptions=False) as b_client:
+        assert upload(b_client, p1, 0, make_payload(config, 1)).json() == first
+        assert upload(b_client, p2, 0, make_payload(config, 2)).status_code == 200
+        assert b_coord.protocol.version == 1
+        assert b_client.get("/v1/status").json()["rounds"][0]["contributors"] == 2
+
+
+def test_a_different_config_on_the_same_state_is_refused(
+    config: RunConfig,
+    tmp_path: Path,
+    clock: FakeClock,
+    server_corpus: Path,
+    server_data_dir: Path,
+) -> None:
+    state = tmp_path / "state"
+    start(config, state, clock)
+    other = server_config(server_corpus, server_data_dir, total=5)
+    with pytest.raises(ConfigError) as info:
+        start(other, state, clock)
+    message = str(info.value)
+    assert str(state) in message and "config" in message
+    assert "\n" not in message and "Traceback" not in message
+    # The original config still opens it.
+    assert start(config, state, clock).protocol.version == 0
+
+
+def test_a_failed_close_leaves_the_live_coordinator_consistent(
+    client: TestClient, coordinator: Coordinator, config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If writing a closed round fails (disk full, ...), the coordinator goes back to its durable
+    state instead of running ahead of it; the retried upload then closes the round."""
+    p1, p2 = register(client, "one"), register(client, "two")
+    work(client, p1), work(client, p2)
+    first = upload(client, p1, 0, make_payload(config, 1)).json()
+    calls = 0
+
+    def fail_once(*args: object, **kwargs: object) -> float:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("no space left on device")
+        return evaluate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EVALUATE, fail_once)
+    assert_error(upload(client, p2, 0, make_payload(config, 2)), 500)
+    assert coordinator.protocol.version == 0
+    assert coordinator.protocol.submitted() == (p1.peer_id,)
+    assert work(client, p2)["round"] == 0
+    second = upload(client, p2, 0, make_payload(config, 2))
+    assert second.status_code == 200, second.text
+    assert upload(client, p1, 0, make_payload(config, 1)).json() == first
+    assert coordinator.protocol.version == 1
+    nxt = work(client, p1)
+    assert (nxt["kind"], nxt["round"], nxt["base_version"]) == ("work", 1, 1)
+    assert client.get(f"/v1/blobs/{nxt['weights']}").status_code == 200
