@@ -2,6 +2,13 @@
 
 Timing is only ever checked from below, where physics guarantees it (bytes cannot cross a
 1 Mbit/s link faster than 1 Mbit/s); the box is shared, so nothing is checked from above.
+TIMEOUT only keeps a broken proxy from hanging the run; nothing passing comes close to it.
+
+Listeners here queue more pending connections than any test opens at once. With a short
+backlog (socketserver's default is 5) Linux answers a burst of simultaneous connects with SYN
+cookies, and data segments that reach the listener before the cookie-bearing ACK fail cookie
+validation and are answered with a reset: the echo server itself would then reset connections
+on a loaded machine, whatever the proxy does.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +30,9 @@ import pytest
 from crowdtrain.wan import LinkShaper, WanProxy
 
 TRAILER = b"<target saw eof>"
-TIMEOUT = 15.0
+TIMEOUT = 60.0
+BACKLOG = 128  # more than the most simultaneous connections any test opens (24)
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 class _EchoHandler(socketserver.BaseRequestHandler):
@@ -41,6 +51,7 @@ class _EchoHandler(socketserver.BaseRequestHandler):
 class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = BACKLOG
 
 
 @pytest.fixture
@@ -55,11 +66,28 @@ def echo_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A loopback port nobody listens on (connections to it are refused)."""
+def closed_port() -> Iterator[int]:
+    """A loopback port nobody listens on (connections to it are refused).
+
+    The port stays bound (but not listening) for the whole test, so no other process can start
+    listening on it and no outgoing connection can pick it as its own source port.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        yield int(sock.getsockname()[1])
+
+
+def _echo_mismatch(got: bytes, payload: bytes) -> str:
+    """Empty if ``got`` is ``payload`` echoed plus the trailer, else where they part ways."""
+    want = payload + TRAILER
+    if got == want:
+        return ""
+    same = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
+    where = f"first differing byte at offset {same}" if same is not None else "one is a prefix"
+    return (
+        f"got {len(got)} bytes, expected {len(want)} ({len(payload)} + trailer); {where}; "
+        f"got ends with {got[-24:]!r}"
+    )
 
 
 def _roundtrip(port: int, payload: bytes) -> bytes:
@@ -79,6 +107,31 @@ def _roundtrip(port: int, payload: bytes) -> bytes:
     return bytes(received)
 
 
+def _recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    """Read exactly nbytes (recv may return fewer than asked for); b"" ends it early."""
+    received = bytearray()
+    while len(received) < nbytes and (chunk := sock.recv(nbytes - len(received))):
+        received += chunk
+    return bytes(received)
+
+
+def _read_until_reset(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the peer sent, and whether it ended in a reset (True) or an EOF (False)."""
+    received = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        return bytes(received), True
+    return bytes(received), False
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN, as a crashing peer or a failing network would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    sock.close()
+
+
 def _sees_closed(sock: socket.socket) -> bool:
     """True when the peer closed the connection, in order (EOF) or not (reset)."""
     try:
@@ -95,7 +148,7 @@ def test_one_megabyte_both_ways_intact_and_counted(echo_port: int) -> None:
     payload = os.urandom(1_000_000)
     with WanProxy("127.0.0.1", echo_port, up_mbps=400, down_mbps=800, latency_ms=5) as proxy:
         echoed = _roundtrip(proxy.port, payload)
-        assert echoed == payload + TRAILER
+        assert _echo_mismatch(echoed, payload) == ""
         assert proxy.bytes_up == len(payload)
         assert proxy.bytes_down == len(payload) + len(TRAILER)
 
@@ -103,7 +156,7 @@ def test_one_megabyte_both_ways_intact_and_counted(echo_port: int) -> None:
 def test_unlimited_links_and_no_latency(echo_port: int) -> None:
     payload = os.urandom(1_000_000)
     with WanProxy("127.0.0.1", echo_port, up_mbps=None, down_mbps=None, latency_ms=0) as proxy:
-        assert _roundtrip(proxy.port, payload) == payload + TRAILER
+        assert _echo_mismatch(_roundtrip(proxy.port, payload), payload) == ""
 
 
 def test_many_concurrent_connections(echo_port: int) -> None:
@@ -127,7 +180,8 @@ def test_many_concurrent_connections(echo_port: int) -> None:
         results = await asyncio.wait_for(
             asyncio.gather(*(client(port, p) for p in payloads)), TIMEOUT
         )
-        assert results == [p + TRAILER for p in payloads]
+        mismatches = [_echo_mismatch(r, p) for r, p in zip(results, payloads, strict=True)]
+        assert {i: m for i, m in enumerate(mismatches) if m} == {}
 
     with WanProxy("127.0.0.1", echo_port, up_mbps=200, down_mbps=None, latency_ms=2) as proxy:
         asyncio.run(main(proxy.port))
@@ -168,7 +222,7 @@ def test_stop_with_open_connections(echo_port: int) -> None:
     try:
         for sock in socks:
             sock.sendall(b"ping")
-            assert sock.recv(4) == b"ping"
+            assert _recv_exactly(sock, 4) == b"ping"
         assert proxy.active_connections == 4
         proxy.stop()
         assert proxy.active_connections == 0
@@ -182,18 +236,22 @@ def test_stop_with_open_connections(echo_port: int) -> None:
             sock.close()
 
 
-def test_target_failure_closes_the_client(caplog: pytest.LogCaptureFixture) -> None:
-    """A target that resets the connection mid-stream: the client's side is closed too."""
-    listener = socket.create_server(("127.0.0.1", 0))
+def test_target_reset_reaches_the_client_as_a_reset(caplog: pytest.LogCaptureFixture) -> None:
+    """A target that resets mid-stream: the client is reset too, never shown a clean EOF.
+
+    An EOF would let the client take the bytes before it for a complete reply.
+    """
+    listener = socket.create_server(("127.0.0.1", 0), backlog=BACKLOG)
     port = listener.getsockname()[1]
 
-    def reset_after_first_bytes() -> None:
+    def reset_after_a_partial_reply() -> None:
         conn, _ = listener.accept()
-        conn.recv(10)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()  # linger 0: RST
+        conn.settimeout(TIMEOUT)
+        _recv_exactly(conn, 10)
+        conn.sendall(b"partial")
+        _reset(conn)
 
-    thread = threading.Thread(target=reset_after_first_bytes, daemon=True)
+    thread = threading.Thread(target=reset_after_a_partial_reply, daemon=True)
     thread.start()
     with (
         listener,
@@ -201,9 +259,39 @@ def test_target_failure_closes_the_client(caplog: pytest.LogCaptureFixture) -> N
         socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock,
     ):
         sock.sendall(b"0123456789")
-        assert _sees_closed(sock)
-        thread.join()
+        received, was_reset = _read_until_reset(sock)
+        assert was_reset, f"the client saw a clean EOF after {received!r}"
+        assert b"partial".startswith(received)
+        thread.join(TIMEOUT)
     assert _no_loop_errors(caplog.records) == []
+
+
+def test_client_reset_reaches_the_target_as_a_reset() -> None:
+    listener = socket.create_server(("127.0.0.1", 0), backlog=BACKLOG)
+    seen: list[tuple[bytes, bool]] = []
+
+    def read_until_the_end() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(TIMEOUT)
+        with conn:
+            seen.append(_read_until_reset(conn))
+
+    thread = threading.Thread(target=read_until_the_end, daemon=True)
+    thread.start()
+    with (
+        listener,
+        WanProxy(
+            "127.0.0.1", listener.getsockname()[1], up_mbps=None, down_mbps=None, latency_ms=0
+        ) as proxy,
+    ):
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
+        sock.sendall(b"half a request")
+        _reset(sock)
+        thread.join(TIMEOUT)
+    assert len(seen) == 1
+    received, was_reset = seen[0]
+    assert was_reset, f"the target saw a clean EOF after {received!r}"
+    assert b"half a request".startswith(received)
 
 
 def test_async_api_reports_nothing_to_the_loop_handler(echo_port: int, closed_port: int) -> None:

@@ -128,6 +128,7 @@ class RoundsConfig(_Strict):
     quorum: int = Field(1, ge=1, le=1_000_000)
     deadline_s: float = Field(120.0, gt=0.0)
     join_window: float = Field(0.5, gt=0.0, le=1.0)
+    peer_timeout_s: float = Field(60.0, gt=0.0)
     max_peers_per_round: int = Field(64, ge=1, le=1_000_000)
     late: StalePolicy = "reject"
     late_weight: float = Field(0.5, ge=0.0, le=1.0)

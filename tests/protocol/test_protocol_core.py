@@ -178,7 +178,9 @@ def test_wrong_base_no_order_and_bad_samples_are_rejected() -> None:
 
 
 def test_late_contribution_accepted_with_staleness_weight_when_configured() -> None:
-    p, clock = make(rounds={"late": "accept", "late_weight": 0.5, "quorum": 1})
+    p, clock = make(
+        rounds={"late": "accept", "late_weight": 0.5, "quorum": 1, "peer_timeout_s": 1e4}
+    )
     join_and_order(p, "a", "b")
     submit(p, "a", 1.0)
     clock.now += 61.0
@@ -294,3 +296,21 @@ def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:
     join_and_order(q, "b")  # the round still needs peers for its quorum, so b gets work
     clock2.now += 2.0
     join_and_order(q, "c")  # past the deadline without a quorum: anyone is welcome
+
+
+def test_silent_peer_times_out_and_heartbeats_keep_it() -> None:
+    from crowdtrain.protocol import PeerSeen
+
+    p, clock = make(rounds={"peer_timeout_s": 10.0, "deadline_s": 1000.0})
+    join_and_order(p, "a", "b", "c")
+    submit(p, "a", 1.0)
+    for _ in range(3):
+        clock.now += 6.0
+        assert p.handle(PeerSeen("b")) == []
+        p.handle(Tick())
+    assert p.peers["b"].online and not p.peers["c"].online
+    assert set(p.assigned()) == {"a", "b"}  # c's order lapsed; a already contributed
+    decisions = submit(p, "b", 1.0)
+    assert any(isinstance(d, RoundClosed) for d in decisions)
+    (d,) = p.handle(PeerSeen("ghost"))
+    assert isinstance(d, Unknown)

@@ -31,6 +31,9 @@ def _view(stats: VolunteerStats) -> Table:
     table.add_row("loss", f"{stats.loss:.4f}")
     table.add_row("samples contributed", f"{stats.samples:,} in {stats.rounds} rounds")
     table.add_row("bytes up / down", f"{stats.bytes_up:,} / {stats.bytes_down:,}")
+    table.add_row(
+        "last transfer rate", f"up {stats.up_mbps:.1f} Mbit/s, down {stats.down_mbps:.1f} Mbit/s"
+    )
     table.add_row("compute utilization", f"{stats.utilization():.1%}")
     return table
 

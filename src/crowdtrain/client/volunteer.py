@@ -54,6 +54,8 @@ class VolunteerStats:
     bytes_down: int = 0
     compute_s: float = 0.0
     refused: int = 0
+    up_mbps: float = 0.0
+    down_mbps: float = 0.0
     first_train: float | None = None
     receipts: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -175,8 +177,12 @@ class Volunteer:
     def _fetch(self, sha: str, max_bytes: int) -> bytes:
         path = self.cache / sha
         before = path.stat().st_size if path.exists() else 0
+        t0 = time.monotonic()
         self.api.download(sha, path, max_bytes=max_bytes)
-        self.stats.bytes_down += max(0, path.stat().st_size - before)
+        got = max(0, path.stat().st_size - before)
+        if got:
+            self.stats.bytes_down += got
+            self.stats.down_mbps = got * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
         return path.read_bytes()
 
     def _weights(self, sha: str) -> dict[str, torch.Tensor]:
@@ -270,6 +276,7 @@ class Volunteer:
         }
         self.stats.status = f"uploading round {order.round}"
         self.on_update(self.stats)
+        t0 = time.monotonic()
         try:
             receipt = self.api.upload(
                 order.round,
@@ -289,6 +296,7 @@ class Volunteer:
                 return
             raise
         self.stats.bytes_up += len(payload)
+        self.stats.up_mbps = len(payload) * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
         self.stats.samples += result.samples
         self.stats.rounds += 1
         self.stats.receipts.append({"round": order.round, "receipt": receipt.receipt})
@@ -309,6 +317,8 @@ class Volunteer:
     def run(self, stop: threading.Event, max_rounds: int | None = None) -> VolunteerStats:
         """Work until the run finishes, `stop` is set, or `max_rounds` rounds are uploaded."""
         self.stats.started = time.monotonic()
+        beat = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True)
+        beat.start()
         order = self._next_order(stop)
         base = None if order is None else self._prefetch(order)
         carried: Contribution | None = None
@@ -334,6 +344,15 @@ class Volunteer:
         self.stats.status = "done"
         self.on_update(self.stats)
         return self.stats
+
+    def _heartbeats(self, stop: threading.Event) -> None:
+        """Tell the coordinator we are alive while a long round trains (see peer_timeout_s)."""
+        interval = max(1.0, min(15.0, self.config.rounds.peer_timeout_s / 4))
+        while not stop.wait(interval) and self.stats.status != "done":
+            try:
+                self.api.heartbeat()
+            except ClientError as exc:
+                log.debug("heartbeat failed: %s", exc)
 
     def _prefetch(self, order: WorkOrderMsg) -> dict[str, torch.Tensor]:
         """Download (or find cached) everything the work order needs; return θ_base."""

@@ -31,6 +31,7 @@ from crowdtrain.protocol.events import (
     PeerJoined,
     PeerLeft,
     PeerRecord,
+    PeerSeen,
     Rejected,
     RoundClosed,
     RunFinished,
@@ -227,7 +228,14 @@ class RoundProtocol:
             return self._on_work(event, now)
         if isinstance(event, ContributionSubmitted):
             return self._on_contribution(event, now)
+        if isinstance(event, PeerSeen):
+            peer = self.peers.get(event.peer_id)
+            if peer is None:
+                return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+            peer.online, peer.last_seen = True, now
+            return []
         if isinstance(event, Tick):
+            self._expire_silent_peers(now)
             return self._maybe_close(now)
         raise TypeError(f"unknown event type {type(event).__name__}")
 
@@ -245,10 +253,21 @@ class RoundProtocol:
         peer = self.peers.get(event.peer_id)
         if peer is None:
             return [Unknown(event.peer_id, "no peer with this id has joined the run")]
-        peer.online, peer.last_seen = False, now
-        if event.peer_id not in self._round.submissions:
-            self._round.orders.pop(event.peer_id, None)
+        peer.last_seen = now
+        self._gone(peer, now)
         return self._maybe_close(now)
+
+    def _expire_silent_peers(self, now: float) -> None:
+        """Peers not heard from for `rounds.peer_timeout_s` are gone; their orders lapse."""
+        cutoff = now - self.config.rounds.peer_timeout_s
+        for peer in self.peers.values():
+            if peer.online and peer.last_seen < cutoff:
+                self._gone(peer, now)
+
+    def _gone(self, peer: PeerRecord, now: float) -> None:
+        peer.online = False
+        if peer.peer_id not in self._round.submissions:
+            self._round.orders.pop(peer.peer_id, None)
 
     def _on_work(self, event: WorkRequested, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)

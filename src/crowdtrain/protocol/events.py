@@ -30,6 +30,13 @@ class PeerLeft:
 
 
 @dataclass(frozen=True)
+class PeerSeen:
+    """A volunteer showed it is alive (a heartbeat) without asking for anything."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True)
 class WorkRequested:
     """A volunteer asks what to do next."""
 
@@ -57,7 +64,7 @@ class Tick:
     """Time passed; the protocol reads the current time from its injected clock."""
 
 
-Event = PeerJoined | PeerLeft | WorkRequested | ContributionSubmitted | Tick
+Event = PeerJoined | PeerLeft | PeerSeen | WorkRequested | ContributionSubmitted | Tick
 
 
 # --- decisions (protocol -> driver) ----------------------------------------------------------

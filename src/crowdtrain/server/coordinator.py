@@ -33,6 +33,7 @@ from crowdtrain.protocol import (
     ContributionSubmitted,
     Decision,
     PeerJoined,
+    PeerSeen,
     Rejected,
     RoundClosed,
     RoundProtocol,
@@ -372,6 +373,7 @@ class Coordinator:
         now = self.clock()
         self.store.touch_peer(peer_id, now)
         with self.lock:
+            self.protocol.handle(PeerSeen(peer_id))
             return {
                 "round": self.protocol.round,
                 "version": self.protocol.version,

@@ -26,7 +26,8 @@ What is emulated, per direction ("up" is client → target, "down" is target →
 
 Not emulated: loss, jitter, reordering, TCP slow start and congestion control (the loopback
 TCP underneath never loses a packet). Half-closes are forwarded after the data before them;
-a failure on either side aborts both. Nothing binds beyond loopback unless
+a failure on either side (a reset, a broken pipe) resets both connections, so neither peer can
+mistake it for an orderly end of stream. Nothing binds beyond loopback unless
 ``allow_remote=True`` is passed.
 
 Use it from synchronous code (``start()`` runs it on a background thread with its own event
@@ -41,6 +42,8 @@ import contextlib
 import ipaddress
 import logging
 import math
+import socket
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +61,8 @@ MIN_CHUNK_BYTES = 1024
 CHUNK_SECONDS = 0.005  # read at most ~5 ms worth of bytes at a time, so delivery stays smooth
 UNLIMITED_PIPE_BYTES = 16 * MIB  # in-flight allowance of a link with no rate limit
 MAX_PIPE_BYTES = 64 * MIB  # cap on the bandwidth-delay allowance of one connection-direction
+LISTEN_BACKLOG = 2048  # pending connections the listener queues (the kernel caps it at somaxconn)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff=1, l_linger=0}: close sends RST
 
 
 def _is_loopback(host: str) -> bool:
@@ -152,8 +157,20 @@ class _Direction:
 
 
 def _abort(writer: asyncio.StreamWriter | None) -> None:
-    if writer is not None:
-        writer.transport.abort()
+    """Close the connection with a TCP reset, so the peer sees a failure and not an EOF.
+
+    ``transport.abort()`` alone only drops the buffers: the kernel then sends a FIN, and a peer
+    that has read everything sees an orderly end of stream, so a failure on the far side would
+    reach it as silently truncated data. A zero linger timeout makes the close send RST instead
+    (socket(7), SO_LINGER), as a failure on the far side of a real link would.
+    """
+    if writer is None:
+        return
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed: nothing left to reset
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    writer.transport.abort()
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -278,7 +295,7 @@ class WanProxy:
             raise RuntimeError("This WAN proxy is already running.")
         self._closing = False
         self._server = await asyncio.start_server(
-            self._on_connect, self.listen_host, self.listen_port
+            self._on_connect, self.listen_host, self.listen_port, backlog=LISTEN_BACKLOG
         )
         self._port = int(self._server.sockets[0].getsockname()[1])
         log.debug(
