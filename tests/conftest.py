@@ -6,6 +6,11 @@ import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Shared 2-core machines are noisy: no per-example time limit anywhere (timings are benchmarks).
+settings.register_profile("crowdtrain", deadline=None)
+settings.load_profile("crowdtrain")
 
 WORDS = [
     "def",

@@ -33,16 +33,29 @@ def delta() -> dict[str, torch.Tensor]:
 PAYLOADS = {name: codec.encode(delta(), spec) for name, spec in SPECS.items()}
 
 
+CHECKS: dict[str, Callable[..., object]] = {
+    "decode": codec.decode,
+    "validate": codec.validate,
+    "PayloadSource": codec.PayloadSource,
+}
+
+
 def rejected(payload: Any, shapes: Any = SHAPES, **kw: Any) -> str:
-    """Decode must raise PayloadError from a specific check (not the safety net)."""
-    try:
-        codec.decode(payload, shapes, **kw)
-    except codec.PayloadError as exc:
-        message = str(exc)
-        assert not message.startswith(SAFETY_NET), message
-        assert "\n" not in message
-        return message
-    pytest.fail("a malformed payload was accepted")
+    """decode, validate and PayloadSource must all raise the same PayloadError, from a specific
+    check (not the safety net)."""
+    messages = set()
+    for name, check in CHECKS.items():
+        try:
+            check(payload, shapes, **kw)
+        except codec.PayloadError as exc:
+            messages.add(str(exc))
+        else:
+            pytest.fail(f"{name} accepted a malformed payload")
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert not message.startswith(SAFETY_NET), message
+    assert "\n" not in message
+    return message
 
 
 def parts(name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -87,6 +100,8 @@ def test_valid_payloads_decode() -> None:
         out = codec.decode(PAYLOADS[name], SHAPES, max_bytes=len(PAYLOADS[name]))
         assert {k: v.shape for k, v in out.items()} == SHAPES
         assert codec.decode(bytearray(PAYLOADS[name]), SHAPES).keys() == out.keys()
+        header = codec.validate(memoryview(PAYLOADS[name]), SHAPES, max_bytes=len(PAYLOADS[name]))
+        assert header == codec.read_header(PAYLOADS[name])
 
 
 # ---- framing ---------------------------------------------------------------------------------
@@ -350,14 +365,6 @@ def test_negative_int32_index() -> None:
     tensors["w::idx"] = tensors["w::idx"].clone()
     tensors["w::idx"][0] = -1
     assert "negative index" in rejected(craft(tensors, core))
-
-
-def test_safetensors_failures_are_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(data: bytes) -> dict[str, torch.Tensor]:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(safetensors.torch, "load", broken)
-    assert "not a readable safetensors blob" in rejected(PAYLOADS["int8"])
 
 
 # ---- fuzzing -----------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ codec. With a `residual` dict it applies error feedback (Seide et al. 2014; Lin 
 et al. 2025, SparseLoCo, arXiv:2508.15706): it compresses acc = ef_decay * residual + Δ and keeps
 residual = acc − decoded(acc) for the next round, so what compression drops is sent later.
 
-`decode` treats the payload as hostile: it checks the size before parsing, the safetensors header
-length before reading it, every declared name, dtype and length against what the expected shapes
-and codec parameters imply before any tensor is built, the digest, and every value (no NaN/Inf,
-indices in range). Any failure is one `PayloadError`.
+`decode` treats the payload as hostile: it first runs `validate` (crowdtrain.codec.validation),
+which checks the size before parsing, the safetensors header length before reading it, every
+declared name, dtype and length against what the expected shapes and codec parameters imply
+before any tensor is built, the digest, and every value (no NaN/Inf, indices in range). Any
+failure is one `PayloadError`.
 """
 
 from __future__ import annotations
@@ -21,23 +22,13 @@ import safetensors.torch
 import torch
 
 from crowdtrain.codec import wire
-from crowdtrain.codec.base import Slot, TensorCodec, all_finite, require, value_range
-from crowdtrain.codec.errors import PayloadError
+from crowdtrain.codec.base import value_range
+from crowdtrain.codec.buffers import Payload, as_buffer
 from crowdtrain.codec.quant import MAX_ABS
 from crowdtrain.codec.registry import get_codec
+from crowdtrain.codec.validation import Shapes, check_payload, payload_errors
 from crowdtrain.codec.wire import PayloadHeader
 from crowdtrain.config import CodecConfig
-
-Shapes = Mapping[str, tuple[int, ...]]
-
-
-def _layout(shapes: Shapes, codec: TensorCodec, spec: CodecConfig) -> dict[str, Slot]:
-    """Every wire tensor's name and slot, in parameter order."""
-    layout: dict[str, Slot] = {}
-    for name in sorted(shapes):
-        for slot in codec.slots(math.prod(shapes[name]), spec):
-            layout[wire.tensor_name(name, slot.suffix)] = slot
-    return layout
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -98,8 +89,7 @@ def encode(
         for suffix, part in parts.items():
             tensors[wire.tensor_name(name, suffix)] = part.contiguous()
         if residual is not None:
-            where = f"parameter {name!r}"
-            decoded[name] = codec.decode(parts, flat.numel(), spec, where).view(acc.shape)
+            decoded[name] = codec.decode(parts, flat.numel(), spec).view(acc.shape)
     shapes = {name: tuple(acc.shape) for name, acc in accs.items()}
     core = wire.metadata_core(codec.name, codec.params(spec), shapes)
     digest = wire.compute_digest(core, ((n, _bytes_of(tensors[n])) for n in sorted(tensors)))
@@ -126,7 +116,7 @@ def max_payload_bytes(expected: Shapes, spec: CodecConfig) -> int:
     """
     codec = get_codec(spec.name)
     shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
-    layout = _layout(shapes, codec, spec)
+    layout = wire.layout(shapes, codec, spec)
     core = wire.metadata_core(codec.name, codec.params(spec), shapes)
     data = sum(slot.nbytes for slot in layout.values())
     return 8 + wire.header_size_bound(core, layout) + data
@@ -145,81 +135,33 @@ def error_bound(x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
     return codec.error_bound(flat, spec).view(x.shape)
 
 
-def read_header(payload: bytes, *, max_bytes: int | None = None) -> PayloadHeader:
+def read_header(payload: Payload, *, max_bytes: int | None = None) -> PayloadHeader:
     """Read and validate a payload's header without decoding its tensors.
 
     It checks the size limit, the header's length, JSON, format, version, codec, parameters and
-    shapes; the tensors and the digest are checked only by `decode`.
+    shapes; the tensors and the digest are checked only by `validate` and `decode`.
     """
-    data = wire.as_bytes(payload)
+    data = as_buffer(payload)
     wire.check_size(data, max_bytes)
     raw, _ = wire.split(data, wire.MAX_HEADER_BYTES)
     header, _, _ = wire.parse_metadata(raw)
     return header
 
 
-def _check_shapes(header: PayloadHeader, expected: Shapes) -> None:
-    missing = sorted(set(expected) - set(header.shapes))
-    require(not missing, f"payload lacks the parameter {missing[0] if missing else ''!r}")
-    extra = sorted(set(header.shapes) - set(expected))
-    require(not extra, f"payload has the unexpected parameter {extra[0] if extra else ''!r}")
-    for name, shape in expected.items():
-        got = header.shapes[name]
-        want = tuple(int(d) for d in shape)
-        require(
-            got == want, f"parameter {name!r} has shape {list(got)} where {list(want)} was expected"
-        )
-
-
 def decode(
-    payload: bytes, expected: Shapes, *, max_bytes: int | None = None
+    payload: Payload, expected: Shapes, *, max_bytes: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Decode a payload into float32 tensors with exactly the expected names and shapes.
 
-    Raises PayloadError (one sentence) for anything wrong with the payload; see the module
-    docstring for the checks and their order.
+    It runs `validate` first (see `crowdtrain.codec.validation` for the checks and their order),
+    so it raises PayloadError (one sentence) exactly where `validate` does. The tensors are new:
+    none shares memory with the payload.
     """
-    data = wire.as_bytes(payload)
-    wire.check_size(data, max_bytes)
-    try:
-        return _decode(data, expected)
-    except PayloadError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
-        # A safety net: every known problem has its own check above; this keeps the contract.
-        raise PayloadError(f"payload could not be decoded ({type(exc).__name__})") from exc
-
-
-def _decode(data: bytes, expected: Shapes) -> dict[str, torch.Tensor]:
-    raw, data_start = wire.split(data, wire.header_allowance(expected))
-    header, core, digest = wire.parse_metadata(raw)
-    _check_shapes(header, expected)
-    spec = header.spec
-    codec = get_codec(spec.name)
-    layout = _layout(header.shapes, codec, spec)
-    spans = wire.check_entries(raw, layout, len(data) - data_start)
-    body = memoryview(data)[data_start:]
-    actual = wire.compute_digest(core, ((n, body[slice(*spans[n])]) for n in sorted(spans)))
-    require(actual == digest, "payload digest does not match its contents (corrupted upload)")
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError and others
-        raise PayloadError(f"payload is not a readable safetensors blob ({exc})") from None
-    require(set(tensors) == set(layout), "payload tensors differ from its header")
+    data = as_buffer(payload)
+    parsed = check_payload(data, expected, max_bytes)
     out: dict[str, torch.Tensor] = {}
-    for name in sorted(header.shapes):
-        shape = header.shapes[name]
-        numel = math.prod(shape)
-        parts: dict[str, torch.Tensor] = {}
-        for slot in codec.slots(numel, spec):
-            t = tensors[wire.tensor_name(name, slot.suffix)]
-            require(
-                t.dtype == slot.dtype and tuple(t.shape) == (slot.length,),
-                f"tensor {wire.tensor_name(name, slot.suffix)!r} differs from its header",
-            )
-            parts[slot.suffix] = t
-        where = f"parameter {name!r}"
-        flat = codec.decode(parts, numel, spec, where)
-        require(all_finite(flat), f"{where} decodes to NaN or Inf")
-        out[name] = flat.view(shape)
+    with payload_errors():
+        for name, shape in sorted(parsed.header.shapes.items()):
+            parts = parsed.parts(data, name)
+            out[name] = parsed.codec.decode(parts, parsed.numel(name), parsed.spec).view(shape)
     return out

@@ -1,9 +1,11 @@
 """What every per-tensor codec provides, and the checks they share.
 
 A codec turns one flat float32 tensor into a few named 1-D *wire tensors* (values, scales,
-indices, ...) and back. Its `slots` give the exact dtype and length of each wire tensor from the
-parameter's element count and the codec parameters alone, so the decoder can check a payload's
-sizes against the bytes before it allocates anything, and the server can bound upload sizes.
+indices, ...) and back: `check` validates the wire tensors once, then `decode` rebuilds the whole
+tensor or `decode_range` any element range of it, reading only the wire data that range needs.
+Its `slots` give the exact dtype and length of each wire tensor from the parameter's element
+count and the codec parameters alone, so the decoder can check a payload's sizes against the
+bytes before it allocates anything, and the server can bound upload sizes.
 """
 
 from __future__ import annotations
@@ -69,10 +71,30 @@ class TensorCodec(Protocol):
         """Compress a flat, finite float32 tensor into wire tensors keyed by slot suffix."""
         ...
 
-    def decode(
+    def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> None:
+        """Raise PayloadError (naming `where`) if the wire tensors hold a value that `encode`
+        never writes or that would decode to NaN/Inf. `parts` have the slots' dtypes and
+        lengths; temporary memory stays O(CHUNK), not O(numel)."""
+        ...
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        """Rebuild the flat float32 tensor; raise PayloadError (naming `where`) on bad values."""
+        """Rebuild the flat float32 tensor (a new one) from checked wire tensors."""
+        ...
+
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        """Elements [start, stop) of `decode(parts, numel, spec)`, bit for bit, as a new tensor,
+        computed from only the wire data those elements depend on (0 <= start <= stop <= numel)."""
         ...
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:

@@ -33,7 +33,15 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from crowdtrain.codec.base import Slot, ceil_div, require, require_finite, value_range
+from crowdtrain.codec.base import (
+    Slot,
+    all_finite,
+    ceil_div,
+    require,
+    require_finite,
+    value_range,
+)
+from crowdtrain.codec.buffers import CHUNK
 from crowdtrain.config import CodecConfig
 
 #: encode() refuses values whose magnitude exceeds this (about 1.3e30): no sane pseudo-gradient
@@ -60,12 +68,25 @@ class Fp32Codec:
     def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
         return {"v": x.clone()}
 
-    def decode(
+    def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> None:
+        require_finite(parts["v"], f"the values of {where}")
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        v = parts["v"]
-        require_finite(v, f"the values of {where}")
-        return v.to(torch.float32)
+        return parts["v"].clone()  # never a view of the payload's bytes
+
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        return parts["v"][start:stop].clone()
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         return torch.zeros_like(x)
@@ -85,12 +106,25 @@ class Bf16Codec:
     def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
         return {"v": x.to(torch.bfloat16)}
 
-    def decode(
+    def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> None:
+        require_finite(parts["v"], f"the values of {where}")
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        v = parts["v"]
-        require_finite(v, f"the values of {where}")
-        return v.to(torch.float32)
+        return parts["v"].to(torch.float32)
+
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        return parts["v"][start:stop].to(torch.float32)
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         return _as_f32(x.double().abs() * (2.0**-8 * (1 + 2.0**-20)) + 2.0**-134)
@@ -129,14 +163,31 @@ class Fp16Codec:
             "scale": torch.tensor([scale], dtype=torch.float32),
         }
 
-    def decode(
+    def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
-    ) -> torch.Tensor:
+    ) -> None:
         v, scale = parts["v"], parts["scale"]
-        require_finite(v, f"the values of {where}")
-        low, _ = require_finite(scale, f"the scale of {where}")
-        require(low > 0, f"the scale of {where} is not positive")
-        return v.to(torch.float32) * scale
+        low, high = require_finite(v, f"the values of {where}")
+        scale_low, _ = require_finite(scale, f"the scale of {where}")
+        require(scale_low > 0, f"the scale of {where} is not positive")
+        # Rounding is monotonic, so the largest |v| gives the largest decoded magnitude.
+        peak = torch.tensor([max(-low, high)], dtype=torch.float32) * scale
+        require(all_finite(peak), f"{where} decodes to NaN or Inf")
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
+    ) -> torch.Tensor:
+        return parts["v"].to(torch.float32) * parts["scale"]
+
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        return parts["v"][start:stop].to(torch.float32) * parts["scale"]
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         scale = fp16_scale(x)
@@ -191,25 +242,82 @@ class BlockwiseCodec:
         packed = codes[0::2] | (codes[1::2] << 4)
         return {"q": packed, "scale": scale}
 
-    def _levels(self, q: torch.Tensor, numel: int, where: str) -> torch.Tensor:
-        """The integer levels as float32, checked to be values the encoder can produce."""
+    def check(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> None:
+        scale, q = parts["scale"], parts["q"]
+        low, high = require_finite(scale, f"the scales of {where}")
+        require(low >= 0, f"a scale of {where} is negative")
         if self.bits == 8:
             require(value_range(q)[0] > -128, f"{where} holds the int8 code -128")
-            return q.to(torch.float32)
-        codes = torch.stack([q & 0x0F, q >> 4], dim=1).flatten()
-        require(value_range(codes[:numel], empty=8)[0] > 0, f"{where} holds the int4 code 0")
-        require(bool((codes[numel:] == 8).all()), f"{where} has nonzero int4 padding")
-        return (codes[:numel].to(torch.int16) - 8).to(torch.float32)
+        else:
+            self._check_nibbles(q, numel, where)
+        # |level| <= qmax and rounding is monotonic: if qmax * (largest scale) is finite, every
+        # decoded value is. Only a hostile scale near float32's limit needs the full look.
+        peak = torch.tensor([float(self.qmax)]) * torch.tensor([high], dtype=torch.float32)
+        if not all_finite(peak):
+            step = max(1, CHUNK // spec.block_size) * spec.block_size
+            for start in range(0, numel, step):
+                piece = self.decode_range(parts, numel, spec, start, min(numel, start + step))
+                require(all_finite(piece), f"{where} decodes to NaN or Inf")
+
+    @staticmethod
+    def _check_nibbles(q: torch.Tensor, numel: int, where: str) -> None:
+        """No int4 code may be 0 (level -8); the padding nibble of an odd count must be 8."""
+        pairs = numel // 2
+        for start in range(0, pairs, CHUNK):
+            packed = q[start : min(pairs, start + CHUNK)]
+            lowest = int(torch.minimum(packed & 0x0F, packed >> 4).min())
+            require(lowest > 0, f"{where} holds the int4 code 0")
+        if numel % 2:
+            last = int(q[pairs])
+            require(last & 0x0F > 0, f"{where} holds the int4 code 0")
+            require(last >> 4 == 8, f"{where} has nonzero int4 padding")
+
+    def _levels(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The integer levels of elements [start, stop) (int8; a view of q for int8 codes)."""
+        if self.bits == 8:
+            return q[start:stop]
+        first = start // 2
+        packed = q[first : ceil_div(stop, 2)]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()
+        offset = start - 2 * first
+        return codes[offset : offset + stop - start].to(torch.int8) - 8
 
     def decode(
-        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        scale = parts["scale"]
-        low, _ = require_finite(scale, f"the scales of {where}")
-        require(low >= 0, f"a scale of {where} is negative")
-        levels = self._levels(parts["q"], numel, where)
+        levels = self._levels(parts["q"], 0, numel).to(torch.float32)
         blocks = self._blocks(levels, spec.block_size)
-        return (blocks * scale[:, None]).flatten()[:numel]
+        return (blocks * parts["scale"][:, None]).flatten()[:numel]
+
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        """level * scale of its block, in three pieces: the partial block at the start, the
+        whole blocks in the middle (one broadcast multiply), and the partial block at the end."""
+        size, scale = spec.block_size, parts["scale"]
+        levels = self._levels(parts["q"], start, stop)
+        out = torch.empty(stop - start, dtype=torch.float32)
+        head = min(stop, ceil_div(start, size) * size)  # end of the first partial block
+        if head > start:
+            torch.mul(levels[: head - start], scale[start // size], out=out[: head - start])
+        middle = max(head, stop // size * size)  # end of the whole blocks
+        if middle > head:
+            first, count = head // size, (middle - head) // size
+            torch.mul(
+                levels[head - start : middle - start].view(count, size),
+                scale[first : first + count, None],
+                out=out[head - start : middle - start].view(count, size),
+            )
+        if stop > middle:
+            torch.mul(levels[middle - start :], scale[middle // size], out=out[middle - start :])
+        return out
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         scale = block_scales(self._blocks(x, spec.block_size), self.qmax)

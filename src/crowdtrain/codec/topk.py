@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from crowdtrain.codec.base import Slot, ceil_div, require, require_finite, value_range
+from crowdtrain.codec.buffers import CHUNK
 from crowdtrain.config import CodecConfig
 
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
@@ -108,47 +109,95 @@ class TopK2BitCodec:
         packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
         return {"idx": idx.to(_index_dtype(spec)), "code": packed, "levels": levels}
 
-    def decode(
+    def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
+    ) -> None:
+        full, tail, tail_k = _geometry(numel, spec)
+        k = spec.topk
+        low, _ = require_finite(parts["levels"], f"the levels of {where}")
+        require(low >= 0, f"a level of {where} is negative")
+        kept = full * k + tail_k
+        if kept % 4:  # the unused codes of the last byte must be 0
+            unused = int(parts["code"][-1]) >> (2 * (kept % 4))
+            require(unused == 0, f"{where} has nonzero padding bits")
+        idx = parts["idx"]
+        if idx.dtype != torch.uint16:
+            require(value_range(idx)[0] >= 0, f"{where} has a negative index")
+        if full:
+            self._check_rows(idx[: full * k], k, spec.chunk_size, where)
+        if tail:
+            self._check_rows(idx[full * k :], tail_k, tail, where)
+
+    @staticmethod
+    def _check_rows(flat: torch.Tensor, k: int, length: int, where: str) -> None:
+        """Rows of k indices must lie inside their chunk of `length` elements and be strictly
+        ascending (so all distinct); checked a piece of rows at a time, all rows for the first
+        rule before the second."""
+        step = max(1, CHUNK // k) * k
+        pieces = range(0, flat.numel(), step)
+        for start in pieces:
+            piece = flat[start : start + step].to(torch.int32)
+            require(value_range(piece)[1] < length, f"{where} has an index outside its chunk")
+        for start in pieces:
+            rows = flat[start : start + step].to(torch.int32).view(-1, k)
+            ascending = bool((rows[:, 1:] > rows[:, :-1]).all())
+            require(ascending, f"{where} has indices that are not strictly ascending in a chunk")
+
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
         full, tail, tail_k = _geometry(numel, spec)
         size, k = spec.chunk_size, spec.topk
-        levels = parts["levels"]
-        low, _ = require_finite(levels, f"the levels of {where}")
-        require(low >= 0, f"a level of {where} is negative")
         kept = full * k + tail_k
-        codes = ((parts["code"][:, None] >> _SHIFTS) & 3).flatten()
-        require(not bool(codes[kept:].any()), f"{where} has nonzero padding bits")
-        codes = codes[:kept]
+        codes = ((parts["code"][:, None] >> _SHIFTS) & 3).flatten()[:kept]
         idx = parts["idx"].to(torch.int64)
-        require(value_range(idx)[0] >= 0, f"{where} has a negative index")
         positions = []
         rows = []
         if full:
-            block = idx[: full * k].view(full, k)
-            self._check_rows(block, size, where)
             offsets = torch.arange(full, dtype=torch.int64)[:, None] * size
-            positions.append((block + offsets).flatten())
+            positions.append((idx[: full * k].view(full, k) + offsets).flatten())
             rows.append(torch.arange(full, dtype=torch.int64).repeat_interleave(k))
         if tail:
-            block = idx[full * k :].view(1, tail_k)
-            self._check_rows(block, tail, where)
-            positions.append(block.flatten() + full * size)
+            positions.append(idx[full * k :] + full * size)
             rows.append(torch.full((tail_k,), full, dtype=torch.int64))
         out = torch.zeros(numel, dtype=torch.float32)
         if positions:
-            level_table = levels.view(-1, 2)
+            level_table = parts["levels"].view(-1, 2)
             mags = level_table[torch.cat(rows), (codes & 1).to(torch.int64)]
             values = torch.where((codes & 2).bool(), -mags, mags)
             out[torch.cat(positions)] = values
         return out
 
-    @staticmethod
-    def _check_rows(block: torch.Tensor, length: int, where: str) -> None:
-        """Indices must lie inside their chunk and be strictly ascending (so all distinct)."""
-        require(bool((block < length).all()), f"{where} has an index outside its chunk")
-        ascending = bool((block[:, 1:] > block[:, :-1]).all())
-        require(ascending, f"{where} has indices that are not strictly ascending in a chunk")
+    def decode_range(
+        self,
+        parts: Mapping[str, torch.Tensor],
+        numel: int,
+        spec: CodecConfig,
+        start: int,
+        stop: int,
+    ) -> torch.Tensor:
+        """Decode only the kept entries of the chunks that [start, stop) touches, then keep the
+        ones that fall inside the range (kept entries are stored chunk after chunk)."""
+        full, _, tail_k = _geometry(numel, spec)
+        size, k = spec.chunk_size, spec.topk
+        out = torch.zeros(stop - start, dtype=torch.float32)
+        first, last = start // size, ceil_div(stop, size)  # chunks [first, last)
+        begin = first * k  # the tail chunk's entries also start at full * k
+        end = min(last, full) * k + (tail_k if last > full else 0)
+        if end <= begin:
+            return out
+        packed = parts["code"][begin // 4 : ceil_div(end, 4)]
+        codes = ((packed[:, None] >> _SHIFTS) & 3).flatten()
+        codes = codes[begin % 4 : begin % 4 + end - begin]
+        entries = torch.arange(begin, end, dtype=torch.int64)
+        rows = entries // k  # an entry of the tail chunk has entry // k == full too
+        positions = parts["idx"][begin:end].to(torch.int64) + rows * size - start
+        level_table = parts["levels"].view(-1, 2)
+        mags = level_table[rows, (codes & 1).to(torch.int64)]
+        values = torch.where((codes & 2).bool(), -mags, mags)
+        inside = (positions >= 0) & (positions < stop - start)
+        out[positions[inside]] = values[inside]
+        return out
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         size = spec.chunk_size

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -25,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from crowdtrain.codec.base import Slot, ceil_div, require
+from crowdtrain.codec.base import Slot, TensorCodec, ceil_div, require
 from crowdtrain.codec.errors import PayloadError
 from crowdtrain.codec.registry import CODECS, codec_names
 from crowdtrain.config import CodecConfig, canonical_json
@@ -45,12 +46,14 @@ _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 @dataclass(frozen=True)
 class PayloadHeader:
-    """What a payload says about itself: codec, format version, shapes and codec parameters."""
+    """What a payload says about itself: codec, format version, codec parameters, shapes, and
+    the digest of its contents (so two headers are equal only for the same contents)."""
 
     codec: str
     version: int
     params: Mapping[str, int]
     shapes: Mapping[str, tuple[int, ...]]
+    digest: str
 
     @property
     def spec(self) -> CodecConfig:
@@ -61,6 +64,17 @@ class PayloadHeader:
 def tensor_name(param: str, suffix: str) -> str:
     """The blob's name for one wire tensor of a parameter (no two (param, suffix) collide)."""
     return f"{param}::{suffix}"
+
+
+def layout(
+    shapes: Mapping[str, tuple[int, ...]], codec: TensorCodec, spec: CodecConfig
+) -> dict[str, Slot]:
+    """Every wire tensor's name and slot, in parameter order."""
+    out: dict[str, Slot] = {}
+    for name in sorted(shapes):
+        for slot in codec.slots(math.prod(shapes[name]), spec):
+            out[tensor_name(name, slot.suffix)] = slot
+    return out
 
 
 def metadata_core(
@@ -124,16 +138,7 @@ def header_size_bound(core: Mapping[str, Any], layout: Mapping[str, Slot]) -> in
     return ceil_div(len(text.encode("utf-8")), 8) * 8
 
 
-def as_bytes(payload: object) -> bytes:
-    """The payload as bytes; anything that is not bytes-like is a PayloadError."""
-    if isinstance(payload, bytes):
-        return payload
-    if isinstance(payload, bytearray | memoryview):
-        return bytes(payload)
-    raise PayloadError(f"a payload must be bytes, not {type(payload).__name__}")
-
-
-def check_size(payload: bytes, max_bytes: int | None) -> None:
+def check_size(payload: memoryview, max_bytes: int | None) -> None:
     """The size limit, checked before anything is parsed."""
     if max_bytes is not None and len(payload) > max_bytes:
         raise PayloadError(f"payload is {len(payload)} bytes, over the limit of {max_bytes}")
@@ -152,17 +157,28 @@ def _no_constants(token: str) -> Any:
     raise ValueError(f"non-standard JSON constant {token}")
 
 
+def _int(token: str) -> int:
+    if token == "-0":  # safetensors (serde_json) reads -0 as a float and refuses it
+        raise ValueError("the integer -0")
+    return int(token)
+
+
 def strict_json(text: str, what: str) -> Any:
     """Parse JSON that has no duplicate keys and no NaN/Infinity; errors become PayloadError."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_int=_int
+        )
     except (ValueError, RecursionError) as exc:
         reason = str(exc).split("\n")[0][:120] if isinstance(exc, ValueError) else "nested too deep"
         raise PayloadError(f"{what} is not valid JSON ({reason})") from None
 
 
-def split(payload: bytes, header_cap: int) -> tuple[dict[str, Any], int]:
-    """Parse the safetensors header; return it and the offset where tensor data starts."""
+def split(payload: memoryview, header_cap: int) -> tuple[dict[str, Any], int]:
+    """Parse the safetensors header; return it and the offset where tensor data starts.
+
+    Only the header's bytes are copied (at most `header_cap` of them).
+    """
     size = len(payload)
     require(size >= 8, f"payload is {size} bytes, too short to hold a safetensors header")
     length = int.from_bytes(payload[:8], "little")
@@ -175,7 +191,7 @@ def split(payload: bytes, header_cap: int) -> tuple[dict[str, Any], int]:
         f"payload declares a {length}-byte header, over the limit of {header_cap}",
     )
     try:
-        text = payload[8 : 8 + length].decode("utf-8")
+        text = bytes(payload[8 : 8 + length]).decode("utf-8")
     except UnicodeDecodeError:
         raise PayloadError("payload header is not valid UTF-8") from None
     raw = strict_json(text, "payload header")
@@ -259,6 +275,7 @@ def parse_metadata(raw: Mapping[str, Any]) -> tuple[PayloadHeader, dict[str, Any
         version=FORMAT_VERSION,
         params=MappingProxyType(dict(params)),
         shapes=MappingProxyType(shapes),
+        digest=digest,
     )
     core = {key: value for key, value in obj.items() if key != "digest"}
     return header, core, digest
