@@ -143,7 +143,7 @@ def test_round_closes_at_the_deadline_with_quorum(
     assert client.get("/v1/status").json()["rounds"][0]["contributors"] == 2
 
 
-def test_closed_round_deletes_delta_blobs_and_keeps_payloads(
+def test_aggregation_reads_payload_blobs_without_decoded_copies(
     client: TestClient, coordinator: Coordinator, config: RunConfig
 ) -> None:
     a, b = register(client, "a"), register(client, "b")
@@ -151,12 +151,11 @@ def test_closed_round_deletes_delta_blobs_and_keeps_payloads(
     payloads = [make_payload(config, 1), make_payload(config, 2)]
     deltas = [delta_blob_id(config, p) for p in payloads]
     assert upload(client, a, 0, payloads[0]).status_code == 200
-    assert coordinator.blobs.has(deltas[0])
     assert upload(client, b, 0, payloads[1]).status_code == 200
     assert coordinator.protocol.version == 1
     for delta, payload in zip(deltas, payloads, strict=True):
-        assert not coordinator.blobs.has(delta)
-        assert coordinator.blobs.has(sha256(payload))
+        assert not coordinator.blobs.has(delta)  # no fp32 copy was ever written
+        assert coordinator.blobs.has(sha256(payload))  # what the volunteer sent is kept
     rows = coordinator.store.contributions_for_round(0, status="accepted")
     assert {r.blob_sha for r in rows} == {sha256(p) for p in payloads}
 

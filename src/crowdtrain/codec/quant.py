@@ -177,7 +177,7 @@ class Fp16Codec:
     def decode(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        return parts["v"].to(torch.float32) * parts["scale"]
+        return parts["v"].to(torch.float32).mul_(parts["scale"])
 
     def decode_range(
         self,
@@ -187,7 +187,7 @@ class Fp16Codec:
         start: int,
         stop: int,
     ) -> torch.Tensor:
-        return parts["v"][start:stop].to(torch.float32) * parts["scale"]
+        return parts["v"][start:stop].to(torch.float32).mul_(parts["scale"])
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         scale = fp16_scale(x)
@@ -254,7 +254,8 @@ class BlockwiseCodec:
             self._check_nibbles(q, numel, where)
         # |level| <= qmax and rounding is monotonic: if qmax * (largest scale) is finite, every
         # decoded value is. Only a hostile scale near float32's limit needs the full look.
-        peak = torch.tensor([float(self.qmax)]) * torch.tensor([high], dtype=torch.float32)
+        largest = torch.tensor([high], dtype=torch.float32)
+        peak = largest * torch.tensor([float(self.qmax)], dtype=torch.float32)
         if not all_finite(peak):
             step = max(1, CHUNK // spec.block_size) * spec.block_size
             for start in range(0, numel, step):
@@ -287,9 +288,8 @@ class BlockwiseCodec:
     def decode(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        levels = self._levels(parts["q"], 0, numel).to(torch.float32)
-        blocks = self._blocks(levels, spec.block_size)
-        return (blocks * parts["scale"][:, None]).flatten()[:numel]
+        # Equal, bit for bit, to (padded levels viewed as blocks) * scale[:, None], trimmed.
+        return self.decode_range(parts, numel, spec, 0, numel)
 
     def decode_range(
         self,
@@ -302,21 +302,17 @@ class BlockwiseCodec:
         """level * scale of its block, in three pieces: the partial block at the start, the
         whole blocks in the middle (one broadcast multiply), and the partial block at the end."""
         size, scale = spec.block_size, parts["scale"]
-        levels = self._levels(parts["q"], start, stop)
-        out = torch.empty(stop - start, dtype=torch.float32)
+        out = self._levels(parts["q"], start, stop).to(torch.float32)  # exact; a new tensor
         head = min(stop, ceil_div(start, size) * size)  # end of the first partial block
         if head > start:
-            torch.mul(levels[: head - start], scale[start // size], out=out[: head - start])
+            out[: head - start].mul_(scale[start // size])
         middle = max(head, stop // size * size)  # end of the whole blocks
         if middle > head:
             first, count = head // size, (middle - head) // size
-            torch.mul(
-                levels[head - start : middle - start].view(count, size),
-                scale[first : first + count, None],
-                out=out[head - start : middle - start].view(count, size),
-            )
+            whole = out[head - start : middle - start].view(count, size)
+            whole.mul_(scale[first : first + count, None])
         if stop > middle:
-            torch.mul(levels[middle - start :], scale[middle // size], out=out[middle - start :])
+            out[middle - start :].mul_(scale[middle // size])
         return out
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 The coordinator must reject a bad upload with a reason but should not pay for an fp32 copy of
 the model to do so (the design's trust model: every byte a volunteer sends is validated before
-it can touch the model). `validate` runs every check that `decode` relies on, in `decode`'s
-order, directly on the payload's bytes:
+it can touch the model). `validate` runs every check on a payload, in this order, directly on
+its bytes; `decode` and `PayloadSource` call it, so there is one implementation of the checks:
 
 1. the size limit, before anything is parsed;
 2. the safetensors framing and header, our JSON header, the parameter names and shapes, and
@@ -13,7 +13,8 @@ order, directly on the payload's bytes:
    encoder never writes, indices inside their chunk and ascending, nothing that decodes to Inf.
 
 Temporary memory is O(`buffers.CHUNK`): the wire tensors are views of the payload's bytes and
-the checks walk them in pieces. `Parsed` records where each wire tensor lies, so that
+the checks walk them in pieces (a tensor stored misaligned, which `encode` never writes, is
+copied: O(that tensor)). `Parsed` records where each wire tensor lies, so that
 `PayloadSource` can decode any fragment later (SparseLoCo-style sparse and blockwise int8
 payloads, Sarfi et al. 2025, arXiv:2508.15706; Dettmers et al. 2022, arXiv:2110.02861).
 """

@@ -10,8 +10,10 @@ length N, N bytes of JSON (tensor entries plus `__metadata__`), then the tensor 
 Each parameter becomes a few 1-D tensors named "<param>::<slot>" (e.g. "w::q", "w::scale").
 `digest` is BLAKE2b-128 over the header without the digest and every tensor's name and bytes in
 name order, so any corruption (a flipped bit anywhere) is detected; it is an integrity check,
-not a signature. This module parses the header itself, with strict bounds, before safetensors
-sees the bytes, so that nothing is allocated from numbers a payload merely claims.
+not a signature. This module parses the header itself, with strict bounds, so that nothing is
+allocated from numbers a payload merely claims; the decoder then reads the tensors in place and
+never hands the bytes to safetensors. The JSON rules are at least as strict as safetensors' own
+(its header must also be readable by `safetensors.torch.load`, e.g. no `-0` integers).
 """
 
 from __future__ import annotations

@@ -155,7 +155,8 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        # Logged with its traceback by the server; the volunteer gets one sentence only.
+        # Logged with its traceback here; the volunteer gets one sentence only.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _problem(500, "internal", "the coordinator failed to handle this request")
 
     @app.exception_handler(RequestValidationError)

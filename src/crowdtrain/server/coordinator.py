@@ -44,9 +44,10 @@ from crowdtrain.protocol import (
     WorkOrder,
     WorkRequested,
 )
-from crowdtrain.robust import DeltaSource, SafetensorsFileSource
+from crowdtrain.robust import DeltaSource
 from crowdtrain.server.manifest import build_manifest, weights_bytes
 from crowdtrain.store import (
+    BlobTooLarge,
     ContributionRow,
     DirBlobStore,
     PeerRow,
@@ -84,19 +85,28 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class _LazySource:
-    """A delta blob opened on first read, so a restored snapshot never needs deleted blobs."""
+class _LazyPayload:
+    """A stored payload decoded fragment by fragment on demand (validated when it arrived).
 
-    def __init__(self, path: Path | None) -> None:
-        self._path = path
-        self._source: SafetensorsFileSource | None = None
+    The file is mapped on first read, so restoring a snapshot opens nothing until the round
+    closes; aggregation never holds a decoded fp32 copy of a contribution.
+    """
+
+    def __init__(self, path: Path | None, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._path, self._shapes = path, shapes
+        self._source: codec.PayloadSource | None = None
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         if self._source is None:
             if self._path is None:
-                raise FileNotFoundError("the contribution's delta blob is gone")
-            self._source = SafetensorsFileSource(self._path)
+                raise FileNotFoundError("the contribution's payload blob is gone")
+            self._source = codec.PayloadSource.from_file(self._path, self._shapes)
         return self._source.read(name, start, stop)
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
 
 class Coordinator:
@@ -146,7 +156,6 @@ class Coordinator:
             seed=config.data.seed,
         )
         self.protocol = self._load_protocol()
-        self._delta_refs = self._open_refs()
         key = load_or_create_signing_key(state_dir / "coordinator.key")
         initial = self.store.get_version(0)
         assert initial is not None
@@ -173,7 +182,8 @@ class Coordinator:
         return dict(load_safetensors(self.blobs.read(sha)))
 
     def _source(self, ref: str) -> DeltaSource:
-        return _LazySource(self.blobs.local_path(ref) if self.blobs.has(ref) else None)
+        path = self.blobs.local_path(ref) if self.blobs.has(ref) else None
+        return _LazyPayload(path, self.shapes)
 
     def _load_protocol(self) -> RoundProtocol:
         latest = self.store.latest_version()
@@ -282,28 +292,29 @@ class Coordinator:
     def submit(
         self, peer_id: str, round_number: int, meta: ContributionMeta, payload_sha: str, size: int
     ) -> dict[str, Any]:
-        """Decode a stored payload, hand it to the protocol, persist, and return the receipt."""
+        """Validate a stored payload, hand it to the protocol, persist, and return the receipt.
+
+        The payload is checked completely here (crowdtrain.codec.validate) but not decoded; the
+        aggregator decodes it fragment by fragment from the blob when the round closes.
+        """
         try:
-            delta = codec.decode(
-                self.blobs.read(payload_sha), self.shapes, max_bytes=self.max_payload_bytes
-            )
-        except codec.PayloadError as exc:
+            payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
+            codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
+        except (codec.PayloadError, BlobTooLarge) as exc:
             self._record_rejection(peer_id, round_number, meta, payload_sha, size, str(exc))
             raise Problem(400, "bad_payload", str(exc)) from None
-        delta_sha = self.blobs.put_bytes(weights_bytes(delta))
-        del delta
-        self._delta_refs.add(delta_sha)
+        del payload
         event = ContributionSubmitted(
             peer_id=peer_id,
             round=round_number,
             base_version=meta.base_version,
-            delta=self._source(delta_sha),
+            delta=self._source(payload_sha),
             samples=meta.samples,
             tokens=meta.tokens,
             steps=meta.steps,
             train_loss=meta.train_loss,
             payload_bytes=size,
-            ref=delta_sha,
+            ref=payload_sha,
         )
         with self.lock:
             decisions = self.protocol.handle(event)
@@ -389,8 +400,8 @@ class Coordinator:
         """Commit what `decisions` changed in one transaction: the accepted contribution's row
         (once per peer and round), the versions of closed rounds, and the protocol snapshot.
 
-        Blobs are written before the transaction (an orphan blob is harmless); delta blobs are
-        deleted only after it commits, so a crash never leaves a snapshot naming a deleted delta.
+        Blobs are written before the transaction (an orphan blob is harmless). Payload blobs are
+        kept: they are what volunteers sent, for audit and for restoring an open round.
         """
         if not decisions:
             return
@@ -408,12 +419,9 @@ class Coordinator:
             # The protocol moved on in memory but not on disk: return to what the store holds,
             # so that a retry (or the next tick) starts from the durable state.
             self.protocol = self._load_protocol()
-            self._delta_refs |= self._open_refs()
             raise
         for version in versions:
             log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
-        if versions:
-            self._drop_deltas()
 
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
@@ -437,21 +445,6 @@ class Coordinator:
         return VersionRow(
             closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
         )
-
-    def _open_refs(self) -> set[str]:
-        rnd = self.protocol.snapshot()["round"]
-        return {s["ref"] for s in rnd["submissions"] + rnd["late"]}
-
-    def _drop_deltas(self) -> None:
-        """Delete decoded delta blobs that the open round no longer references.
-
-        Payload blobs (what volunteers sent) are kept for audit; the decoded fp32 copies exist
-        only so aggregation can read them fragment by fragment.
-        """
-        keep = self._open_refs()
-        for ref in self._delta_refs - keep:
-            self.blobs.delete(ref)
-        self._delta_refs &= keep
 
     # --- views ---------------------------------------------------------------------------
 
