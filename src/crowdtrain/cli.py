@@ -158,6 +158,7 @@ def demo(
         doc = run_demo(
             volunteers=volunteers, rounds=rounds, round_seconds=round_seconds, console=console
         )
+        console.print()
         table = Table(title="volunteers")
         for col in ("volunteer", "samples", "bytes up", "bytes down", "utilization"):
             table.add_column(col, justify="right")

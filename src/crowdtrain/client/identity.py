@@ -15,13 +15,11 @@ on the same data from the same initial weights.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,10 +28,12 @@ from typing import Any
 import httpx
 import platformdirs
 
+from crowdtrain import strictjson
 from crowdtrain.client.signing import manifest_hash, signature_is_valid
 from crowdtrain.client.transfer import ClientError, ManifestChanged
 from crowdtrain.config import ConfigError, RunConfig, canonical_json, config_hash, parse_config
 from crowdtrain.data import DataError, DataManifest, parse_manifest
+from crowdtrain.data.atomic import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -229,19 +229,8 @@ def save_state(state: ClientState, config_dir: Path | None = None) -> Path:
         if os.name == "posix":
             os.chmod(directory, 0o700)
     data = (json.dumps(state.to_json(), indent=1, sort_keys=True) + "\n").encode()
-    tmp = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
+    atomic_write_bytes(path, data)  # a mkstemp file: mode 0600 from its creation
+    fsync_dir(directory)
     return path
 
 
@@ -254,34 +243,8 @@ def forget_state(url: str, config_dir: Path | None = None) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # ---------------------------------------------------------------------------------------------
 # The manifest
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ManifestError(f"the coordinator's manifest has the key {key[:64]!r} twice")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise ManifestError(f"the coordinator's manifest contains {name}, which is not JSON")
 
 
 def parse_manifest_doc(raw: bytes) -> dict[str, Any]:
@@ -291,13 +254,9 @@ def parse_manifest_doc(raw: bytes) -> dict[str, Any]:
             f"the coordinator's manifest is larger than {MAX_MANIFEST_DOC_BYTES} bytes"
         )
     try:
-        doc = json.loads(
-            raw.decode("utf-8"),
-            object_pairs_hook=_no_duplicate_keys,
-            parse_constant=_no_constants,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ManifestError("the coordinator's manifest is not valid JSON") from None
+        doc = strictjson.loads(raw)
+    except strictjson.StrictJsonError as exc:
+        raise ManifestError(f"the coordinator's manifest is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ManifestError("the coordinator's manifest document is not a JSON object")
     return doc

@@ -33,6 +33,8 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from crowdtrain import strictjson
+
 log = logging.getLogger(__name__)
 
 Sleep = Callable[[float], None]
@@ -259,13 +261,9 @@ def _read_error_body(response: httpx.Response, limit: int) -> bytes:
     return bytes(body)
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in JSON")
-
-
 def loads_json(raw: bytes) -> Any:
-    """Parse JSON bytes strictly (UTF-8, no NaN/Infinity); ValueError if they are not JSON."""
-    return json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+    """Parse JSON bytes strictly (UTF-8, no NaN/Infinity, no duplicate keys); else ValueError."""
+    return strictjson.loads(raw)
 
 
 def api_error(response: httpx.Response) -> ApiError:

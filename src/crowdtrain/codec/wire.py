@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from crowdtrain import strictjson
 from crowdtrain.codec.base import Slot, TensorCodec, ceil_div, require
 from crowdtrain.codec.errors import PayloadError
 from crowdtrain.codec.registry import CODECS, codec_names
@@ -146,19 +147,6 @@ def check_size(payload: memoryview, max_bytes: int | None) -> None:
         raise PayloadError(f"payload is {len(payload)} bytes, over the limit of {max_bytes}")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constants(token: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {token}")
-
-
 def _int(token: str) -> int:
     if token == "-0":  # safetensors (serde_json) reads -0 as a float and refuses it
         raise ValueError("the integer -0")
@@ -168,11 +156,9 @@ def _int(token: str) -> int:
 def strict_json(text: str, what: str) -> Any:
     """Parse JSON that has no duplicate keys and no NaN/Infinity; errors become PayloadError."""
     try:
-        return json.loads(
-            text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_int=_int
-        )
-    except (ValueError, RecursionError) as exc:
-        reason = str(exc).split("\n")[0][:120] if isinstance(exc, ValueError) else "nested too deep"
+        return strictjson.loads(text, parse_int=_int)
+    except ValueError as exc:
+        reason = str(exc).split("\n")[0][:120]
         raise PayloadError(f"{what} is not valid JSON ({reason})") from None
 
 

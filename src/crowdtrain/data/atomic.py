@@ -14,7 +14,10 @@ from pathlib import Path
 
 
 def atomic_write_bytes(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write DATA to PATH atomically (temp file + flush + fsync + os.replace)."""
+    """Write DATA to PATH atomically (temp file + flush + fsync + os.replace).
+
+    The file is created by `tempfile.mkstemp`, so it is readable by its owner only (0600).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

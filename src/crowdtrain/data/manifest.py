@@ -17,11 +17,12 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crowdtrain import strictjson
 from crowdtrain.config import canonical_json
 
 FORMAT = "crowdtrain-data"
@@ -211,32 +212,15 @@ def manifest_path(data_dir: str | Path) -> Path:
     return p if p.is_file() else p / MANIFEST_NAME
 
 
-def _no_duplicate_keys(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise DataError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise DataError(f"{name} is not allowed in JSON")
-
-
 def parse_manifest(raw: bytes, where: str = "the data manifest") -> DataManifest:
     """Parse and validate manifest bytes; raise DataError naming WHERE and the problem."""
     try:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise DataError(f"it is larger than {MAX_MANIFEST_BYTES} bytes")
         try:
-            obj = json.loads(
-                raw.decode("utf-8"),
-                object_pairs_hook=_no_duplicate_keys,
-                parse_constant=_no_constants,
-            )
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"it is not valid JSON ({exc})") from None
+            obj = strictjson.loads(raw)
+        except strictjson.StrictJsonError as exc:
+            raise DataError(str(exc)) from None
         return _parse(obj)
     except DataError as exc:
         raise DataError(f"{where} is invalid: {exc}") from None
