@@ -220,3 +220,16 @@ def test_volunteer_killed_mid_round_round_closes_at_deadline(run: Run) -> None:
     assert final["finished"] and len(final["rounds"]) == 3
     assert all(r["contributors"] >= 2 for r in final["rounds"])
     assert any(r["round"] == held for r in final["rounds"])  # its round closed without it
+
+
+def test_ctrl_c_stops_a_volunteer_cleanly(run: Run) -> None:
+    text = run.config.read_text().replace("total = 3", "total = 1000")
+    run.config.write_text(text.replace("quorum = 2", "quorum = 1"))
+    url = run.start_server()
+    vol = run.volunteer(url, "v0")
+    wait_until("the volunteer to contribute", lambda: status(url).get("version", 0) >= 1 or None)
+    vol.send_signal(signal.SIGINT)
+    assert vol.wait(timeout=60) == 0
+    log = (run.tmp / "v0" / "log").read_text()
+    assert "Traceback" not in log and "done:" in log
+    assert run.summary("v0")["rounds"] >= 1
