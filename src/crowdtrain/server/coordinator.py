@@ -128,6 +128,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.paused = False
         self.last_close_timing: dict[str, float] = {}
+        self._sources: list[_LazyPayload] = []
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -183,7 +184,15 @@ class Coordinator:
 
     def _source(self, ref: str) -> DeltaSource:
         path = self.blobs.local_path(ref) if self.blobs.has(ref) else None
-        return _LazyPayload(path, self.shapes)
+        source = _LazyPayload(path, self.shapes)
+        self._sources.append(source)
+        return source
+
+    def _release_sources(self) -> None:
+        """Unmap the payloads a closed round read (a later read would map them again)."""
+        for source in self._sources:
+            source.close()
+        self._sources.clear()
 
     def _load_protocol(self) -> RoundProtocol:
         latest = self.store.latest_version()
@@ -422,6 +431,8 @@ class Coordinator:
             raise
         for version in versions:
             log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
+        if versions:
+            self._release_sources()
 
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
