@@ -147,7 +147,7 @@ def simulate(
 @app.command()
 def demo(
     volunteers: Annotated[int, typer.Option(min=1, max=32, help="Volunteer processes.")] = 4,
-    rounds: Annotated[int, typer.Option(min=1, help="Rounds to train.")] = 8,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to train.")] = 16,
     round_seconds: Annotated[float, typer.Option(min=0.5, help="Compute budget per round.")] = 6.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:

@@ -137,7 +137,7 @@ class VolunteerSpec:
 def run_demo(
     *,
     volunteers: int = 4,
-    rounds: int = 8,
+    rounds: int = 16,
     round_seconds: float = 6.0,
     state_root: Path = Path("runs"),
     console: Console,
