@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from crowdtrain.config import ConfigError, RunConfig, parse_config
-from crowdtrain.data import ensure_packed
+from crowdtrain.data import ensure_packed_for
 from crowdtrain.wan import WanProxy
 
 
@@ -170,13 +170,7 @@ def run_network(
     config_path = state / "run.toml"
     config_path.write_text(tomli_w.dumps(config.model_dump(mode="json", exclude_none=True)))
     console.print("packing the corpus into shards (once)…")
-    ensure_packed(
-        config.data.source,
-        Path(config.data.dir),
-        include=config.data.include,
-        shard_bytes=config.data.shard_bytes,
-        val_fraction=config.data.val_fraction,
-    )
+    ensure_packed_for(config.data)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "crowdtrain.cli"]
     with _processes() as procs, contextlib.ExitStack() as stack:

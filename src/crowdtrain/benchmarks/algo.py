@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from crowdtrain.config import RunConfig, parse_config
-from crowdtrain.data import BatchSampler, ensure_packed, eval_batches
+from crowdtrain.data import BatchSampler, ensure_packed_for, eval_batches
 from crowdtrain.models import count_params, initial_state
 from crowdtrain.sim.swarm import load_shards, run_swarm
 from crowdtrain.train import LocalTrainer, evaluate
@@ -143,13 +143,7 @@ def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> d
     base = bench_config(s)
     torch.set_num_threads(base.inner.threads)
     data_dir = Path(base.data.dir)
-    manifest = ensure_packed(
-        base.data.source,
-        data_dir,
-        include=base.data.include,
-        shard_bytes=base.data.shard_bytes,
-        val_fraction=base.data.val_fraction,
-    )
+    manifest = ensure_packed_for(base.data)
     shards = load_shards(manifest, data_dir)
     evals = eval_batches(
         shards,

@@ -13,7 +13,13 @@ from crowdtrain.data.manifest import (
     load_manifest,
     parse_manifest,
 )
-from crowdtrain.data.pack import SEPARATOR, ensure_packed, pack_source, val_indices
+from crowdtrain.data.pack import (
+    SEPARATOR,
+    ensure_packed,
+    ensure_packed_for,
+    pack_source,
+    val_indices,
+)
 from crowdtrain.data.sampler import Batch, BatchSampler, assign_shards, eval_batches, peer_key
 from crowdtrain.data.shards import Shard, ShardStore, shard_id
 from crowdtrain.data.sources import STDLIB, list_files, stdlib_root
@@ -30,6 +36,7 @@ __all__ = [
     "ShardStore",
     "assign_shards",
     "ensure_packed",
+    "ensure_packed_for",
     "eval_batches",
     "list_files",
     "load_manifest",

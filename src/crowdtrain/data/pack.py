@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from crowdtrain.config import DataConfig
 from crowdtrain.data.atomic import atomic_write_bytes, fsync_dir
 from crowdtrain.data.manifest import (
     MANIFEST_NAME,
@@ -181,4 +182,15 @@ def ensure_packed(
         shard_bytes=shard_bytes,
         val_fraction=val_fraction,
         progress=progress,
+    )
+
+
+def ensure_packed_for(data: DataConfig) -> DataManifest:
+    """`ensure_packed` with the source, directory and parameters of a run's data config."""
+    return ensure_packed(
+        data.source,
+        data.dir,
+        include=data.include,
+        shard_bytes=data.shard_bytes,
+        val_fraction=data.val_fraction,
     )

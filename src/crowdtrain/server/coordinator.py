@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from crowdtrain import codec
 from crowdtrain.client.signing import load_or_create_signing_key, sign_manifest
 from crowdtrain.config import ConfigError, RunConfig, config_hash
-from crowdtrain.data import ShardStore, ensure_packed, eval_batches
+from crowdtrain.data import ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.models import initial_state, param_shapes
 from crowdtrain.protocol import (
     Accepted,
@@ -136,13 +136,7 @@ class Coordinator:
         self.shapes = param_shapes(config.model)
         self.max_payload_bytes = codec.max_payload_bytes(self.shapes, config.codec)
         data_dir = Path(config.data.dir)
-        self.data = ensure_packed(
-            config.data.source,
-            data_dir,
-            include=config.data.include,
-            shard_bytes=config.data.shard_bytes,
-            val_fraction=config.data.val_fraction,
-        )
+        self.data = ensure_packed_for(config.data)
         shards = ShardStore(data_dir)
         for sha in self.data.train_ids + self.data.val_ids:
             if not self.blobs.has(sha):

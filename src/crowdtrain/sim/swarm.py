@@ -26,7 +26,7 @@ from crowdtrain.data import (
     BatchSampler,
     DataManifest,
     ShardStore,
-    ensure_packed,
+    ensure_packed_for,
     eval_batches,
 )
 from crowdtrain.models import initial_state
@@ -151,18 +151,11 @@ def run_swarm(
     eval_batch_count: int = 8,
     eval_batch_size: int = 16,
     on_round: Callable[[RoundRow], None] | None = None,
-    data_root: Path | None = None,
 ) -> SwarmResult:
     """Run `peers` in-process volunteers through `config.rounds.total` rounds of the protocol."""
     torch.set_num_threads(config.inner.threads)
-    data_dir = Path(config.data.dir) if data_root is None else data_root
-    manifest = ensure_packed(
-        config.data.source,
-        data_dir,
-        include=config.data.include,
-        shard_bytes=config.data.shard_bytes,
-        val_fraction=config.data.val_fraction,
-    )
+    data_dir = Path(config.data.dir)
+    manifest = ensure_packed_for(config.data)
     shards = load_shards(manifest, data_dir)
     evals = eval_batches(
         shards,
