@@ -19,7 +19,7 @@ from rich.table import Table
 
 from crowdtrain.client.api import CoordinatorApi
 from crowdtrain.client.probe import probe_device
-from crowdtrain.client.transfer import RetryPolicy
+from crowdtrain.client.transfer import RetryPolicy, Stopped
 from crowdtrain.client.volunteer import JoinOptions, Volunteer, VolunteerStats, write_summary
 
 
@@ -79,16 +79,19 @@ def run_volunteer(
             f"{info.kind} with {info.threads} threads"
         )
         if quiet:
-            stats = volunteer.run(stop, max_rounds)
+            volunteer.run(stop, max_rounds)
         else:
             with Live(_view(volunteer.stats), console=console, refresh_per_second=4) as live:
                 volunteer.on_update = lambda s: live.update(_view(s))
-                stats = volunteer.run(stop, max_rounds)
+                volunteer.run(stop, max_rounds)
+    except Stopped:  # Ctrl-C or SIGTERM arrived while a transfer was waiting: a clean stop
+        console.print("stopped")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if summary is not None:
             write_summary(summary, volunteer.stats)
+    stats = volunteer.stats
     console.print(
         f"done: {stats.samples:,} samples in {stats.rounds} rounds, "
         f"utilization {stats.utilization():.1%}"
