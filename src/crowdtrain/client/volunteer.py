@@ -201,7 +201,7 @@ class Volunteer:
 
     # --- rounds --------------------------------------------------------------------------
 
-    def _sampler(self, order: WorkOrderMsg, first: int = 0) -> BatchSampler:
+    def _sampler(self, order: WorkOrderMsg) -> BatchSampler:
         return BatchSampler(
             self._shards(order.shard_ids),
             order.shard_ids,
