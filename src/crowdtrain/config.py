@@ -31,6 +31,7 @@ CodecName = Literal["fp32", "fp16", "bf16", "int8", "int4", "topk2bit"]
 AggregatorName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
 OuterName = Literal["nesterov", "error_feedback"]
 StalePolicy = Literal["reject", "accept"]
+SpotCheckMode = Literal["off", "peer", "coordinator"]
 
 
 class ModelConfig(_Strict):
@@ -134,6 +135,46 @@ class RoundsConfig(_Strict):
     late_weight: float = Field(0.5, ge=0.0, le=1.0)
 
 
+class DefenceConfig(_Strict):
+    """The coordinator's verification pipeline for untrusted contributions (docs/SECURITY.md).
+
+    Stages, in order: format (always on: the codec's checks), norm screening against the round's
+    median, copy detection (within the round and against recent rounds), the claimed-samples
+    check, robust aggregation (``aggregation``), usefulness scoring, recomputation spot-checks,
+    and reputation with probation and bans. ``enabled = false`` turns off every stage except
+    format, which is what the robustness benchmark's undefended runs use.
+    """
+
+    enabled: bool = True
+    norm_low: float = Field(0.2, ge=0.0, lt=1.0)
+    norm_high: float = Field(4.0, gt=1.0)
+    copy_min_cos: float = Field(0.95, gt=0.0, le=1.0)
+    copy_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    copy_history_rounds: int = Field(4, ge=0, le=1000)
+    fingerprint_blocks: int = Field(256, ge=1, le=1 << 20)
+    fingerprint_block_len: int = Field(64, ge=1, le=1 << 16)
+    claims_slack: float = Field(2.0, ge=1.0)
+    score_per_round: int = Field(8, ge=0, le=100_000)
+    score_batch_size: int = Field(32, ge=1, le=65536)
+    score_min_gain: float = Field(0.0)
+    score_heldout_tol: float = Field(0.05, ge=0.0)
+    score_rel_gain: float = Field(0.3, ge=0.0, le=1.0)
+    score_z: float = Field(2.0, ge=0.0)
+    spot_check: SpotCheckMode = "peer"
+    check_p_new: float = Field(0.25, ge=0.0, le=1.0)
+    check_p_min: float = Field(0.02, ge=0.0, le=1.0)
+    check_tolerance: float = Field(0.05, gt=0.0)
+    reputation_initial: float = Field(0.3, ge=0.0, le=1.0)
+    reputation_gain: float = Field(0.2, gt=0.0, le=1.0)
+    reputation_slash: float = Field(0.5, ge=0.0, lt=1.0)
+    trust_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    probation_rounds: int = Field(2, ge=0)
+    probation_weight: float = Field(0.5, gt=0.0, le=1.0)
+    ban_strikes: float = Field(3.0, gt=0.0)
+    strike_forgive: float = Field(0.25, ge=0.0)
+    check_strikes: float = Field(3.0, gt=0.0)
+
+
 class RunConfig(_Strict):
     """A whole run: everything a coordinator needs to start, and what the manifest pins."""
 
@@ -146,6 +187,7 @@ class RunConfig(_Strict):
     codec: CodecConfig = CodecConfig()
     aggregation: AggregationConfig = AggregationConfig()
     rounds: RoundsConfig = RoundsConfig()
+    defence: DefenceConfig = DefenceConfig()
 
 
 def _key(loc: tuple[int | str, ...]) -> str:

@@ -45,6 +45,8 @@ def make(
             "outer": {"optimizer": "error_feedback", "lr": 1.0, **(outer or {})},
             "aggregation": {"method": aggregation, "bucket_size": 1},
             "data": {"shards_per_peer": 2},
+            # Round mechanics only; the verification stages have their own tests.
+            "defence": {"enabled": False},
         }
     )
     clock = FakeClock()

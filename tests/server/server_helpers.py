@@ -70,6 +70,8 @@ def server_config(corpus: Path, data_dir: Path, **rounds: Any) -> RunConfig:
             },
             "inner": {"steps": 2},
             "rounds": {"total": 3, "quorum": 2, "deadline_s": 30, **rounds},
+            # HTTP mechanics with random deltas; test_server_defence.py turns the stages on.
+            "defence": {"enabled": False},
         }
     )
 

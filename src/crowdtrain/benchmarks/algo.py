@@ -99,6 +99,7 @@ def bench_config(
             "codec": {"name": codec, "ef_decay": 0.95 if sparse else 1.0},
             "aggregation": {"method": "mean", "bucket_size": 1},
             "rounds": {"total": s.total_steps // s.inner_steps, "quorum": s.workers},
+            "defence": {"enabled": False},
         }
     )
 

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from crowdtrain.config import RunConfig
 from crowdtrain.data import assign_shards
+from crowdtrain.data.probe import ShardProbe
 from crowdtrain.outer import OuterOptimizer, build_outer
 from crowdtrain.protocol.events import (
     Accepted,
+    Banned,
+    CheckDone,
+    ContributionMalformed,
     ContributionSubmitted,
     Decision,
     Event,
+    Flagged,
+    PeerBanned,
     PeerJoined,
     PeerLeft,
     PeerRecord,
@@ -37,11 +43,29 @@ from crowdtrain.protocol.events import (
     RunFinished,
     Tick,
     Unknown,
+    Verdict,
+    VerificationSubmitted,
+    VerifyOrder,
     Wait,
     WorkOrder,
     WorkRequested,
 )
-from crowdtrain.robust import DeltaSource, aggregate
+from crowdtrain.protocol.screening import Candidate, screen
+from crowdtrain.robust import DeltaSource, DictSource, aggregate
+from crowdtrain.robust.claims import check_claim
+from crowdtrain.robust.copies import fingerprint
+from crowdtrain.robust.reputation import (
+    Standing,
+    check_probability,
+    is_trusted,
+    new_standing,
+    record_check,
+    record_failure,
+    record_success,
+    weight_factor,
+)
+from crowdtrain.robust.spotcheck import compare, mismatch
+from crowdtrain.robust.usefulness import Scorer
 
 Clock = Callable[[], float]
 
@@ -56,6 +80,8 @@ class _Submission:
     payload_bytes: int
     receipt: str
     ref: str = ""
+    steps: int = 0
+    overlap_steps: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +92,8 @@ class _Submission:
             "payload_bytes": self.payload_bytes,
             "receipt": self.receipt,
             "ref": self.ref,
+            "steps": self.steps,
+            "overlap_steps": self.overlap_steps,
         }
 
     @classmethod
@@ -109,6 +137,49 @@ class _Round:
         return rnd
 
 
+@dataclass
+class _Check:
+    """A pending recomputation spot-check of one accepted contribution."""
+
+    order: VerifyOrder
+    delta: DeltaSource
+    ref: str
+    opened_round: int
+    samples: int = 0
+    assigned_to: str = ""
+    assigned_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "order": {**asdict(self.order), "shard_ids": list(self.order.shard_ids)},
+            "ref": self.ref,
+            "opened_round": self.opened_round,
+            "samples": self.samples,
+            "assigned_to": self.assigned_to,
+            "assigned_at": self.assigned_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], source: Callable[[str], DeltaSource]) -> _Check:
+        o = doc["order"]
+        order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"])})
+        return cls(
+            order,
+            source(doc["ref"]),
+            doc["ref"],
+            doc["opened_round"],
+            doc["samples"],
+            doc["assigned_to"],
+            doc["assigned_at"],
+        )
+
+
+#: Pending spot-checks lapse after this many rounds without a verifier.
+CHECK_LIFETIME_ROUNDS = 3
+#: How many verdicts the snapshot (and the status API) keeps.
+VERDICTS_KEPT = 1000
+
+
 def _receipt(peer_id: str, round_number: int, base_version: int) -> str:
     return hashlib.sha256(f"{peer_id}\x00{round_number}\x00{base_version}".encode()).hexdigest()[
         :24
@@ -119,7 +190,9 @@ class RoundProtocol:
     """The coordinator's round logic over the global weights θ and the outer optimizer state.
 
     `params` is θ_0 (copied); `train_shards` are the ids of the training shards that work orders
-    draw from. `clock` is the only source of time.
+    draw from. `clock` is the only source of time. `probe` gives the usefulness stage its
+    batches (no probe: that stage is skipped); `secret` keys the copy-detection fingerprints
+    (a driver facing real peers passes a random one and keeps it).
     """
 
     def __init__(
@@ -128,6 +201,9 @@ class RoundProtocol:
         params: Mapping[str, torch.Tensor],
         train_shards: Sequence[str],
         clock: Clock,
+        *,
+        probe: ShardProbe | None = None,
+        secret: int = 0,
     ) -> None:
         if not train_shards:
             raise ValueError("the run needs at least one training shard")
@@ -143,7 +219,14 @@ class RoundProtocol:
         self.peers: dict[str, PeerRecord] = {}
         self.last_aggregate: dict[str, torch.Tensor] | None = None
         self.history: list[RoundClosed] = []
+        self.verdicts: list[Verdict] = []
         self.finished = False
+        self.probe = probe
+        self.secret = secret
+        self.checks: dict[str, _Check] = {}
+        self.fingerprints: dict[str, torch.Tensor] = {}  # "round/peer" -> fingerprint
+        self.scored = 0  # usefulness evaluations so far
+        self._scorer: Scorer | None = None
         self._round = self._open_round(0)
         self._previous: _Round | None = None
 
@@ -158,6 +241,11 @@ class RoundProtocol:
     def deadline(self) -> float:
         """When the open round may close (once the quorum is met)."""
         return self._round.deadline
+
+    @property
+    def defended(self) -> bool:
+        """Whether the verification stages beyond the format check are on."""
+        return self.config.defence.enabled
 
     def assigned(self) -> dict[str, WorkOrder]:
         """The work orders handed out in the open round."""
@@ -180,14 +268,19 @@ class RoundProtocol:
             "round": self._round.to_json(),
             "previous": None if self._previous is None else self._previous.to_json(),
             "peers": [asdict(p) for p in self.peers.values()],
+            "checks": [c.to_json() for c in self.checks.values()],
+            "verdicts": [asdict(v) for v in self.verdicts[-VERDICTS_KEPT:]],
+            "scored": self.scored,
         }
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """θ, the outer optimizer's state and the last aggregate: what changes at a close."""
+        """θ, the outer optimizer's state, the last aggregate and the copy-detection
+        fingerprints of recent rounds: what changes at a close."""
         return {
             "params": self.params,
             "outer": self.outer.state_dict(),
             "aggregate": dict(self.last_aggregate or {}),
+            "fingerprints": dict(self.fingerprints),
         }
 
     @classmethod
@@ -199,22 +292,38 @@ class RoundProtocol:
         train_shards: Sequence[str],
         clock: Clock,
         source: Callable[[str], DeltaSource],
+        *,
+        probe: ShardProbe | None = None,
+        secret: int = 0,
     ) -> RoundProtocol:
         """Rebuild a protocol from `snapshot` and `tensors`; `source` maps a ref to its delta."""
         if snapshot.get("format") != "crowdtrain-protocol":
             raise ValueError("the protocol snapshot is not a crowdtrain-protocol document")
-        proto = cls(config, tensors["params"], train_shards, clock)
+        proto = cls(config, tensors["params"], train_shards, clock, probe=probe, secret=secret)
         proto.outer.load_state_dict(tensors["outer"])
         proto.last_aggregate = dict(tensors["aggregate"]) or None
+        proto.fingerprints = dict(tensors.get("fingerprints", {}))
         proto.version = int(snapshot["version"])
         proto.finished = bool(snapshot["finished"])
         proto._round = _Round.from_json(snapshot["round"], source)
         prev = snapshot["previous"]
         proto._previous = None if prev is None else _Round.from_json(prev, source)
         proto.peers = {
-            p["peer_id"]: PeerRecord(**{**p, "rounds": list(p["rounds"])})
+            p["peer_id"]: PeerRecord(
+                **{
+                    **p,
+                    "rounds": list(p["rounds"]),
+                    "steps": list(p.get("steps", [])),
+                    "standing": Standing(**p["standing"]),
+                }
+            )
             for p in snapshot["peers"]
         }
+        for doc in snapshot.get("checks", []):
+            check = _Check.from_json(doc, source)
+            proto.checks[check.order.check_id] = check
+        proto.verdicts = [Verdict(**v) for v in snapshot.get("verdicts", [])]
+        proto.scored = int(snapshot.get("scored", 0))
         return proto
 
     def handle(self, event: Event) -> list[Decision]:
@@ -228,6 +337,12 @@ class RoundProtocol:
             return self._on_work(event, now)
         if isinstance(event, ContributionSubmitted):
             return self._on_contribution(event, now)
+        if isinstance(event, ContributionMalformed):
+            return self._on_malformed(event, now)
+        if isinstance(event, VerificationSubmitted):
+            return self._on_verification(event, now)
+        if isinstance(event, PeerBanned):
+            return self._on_banned(event, now)
         if isinstance(event, PeerSeen):
             peer = self.peers.get(event.peer_id)
             if peer is None:
@@ -244,7 +359,10 @@ class RoundProtocol:
     def _on_joined(self, event: PeerJoined, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
-            self.peers[event.peer_id] = PeerRecord(event.peer_id, event.name, now, now)
+            standing = new_standing(self.config.defence)
+            self.peers[event.peer_id] = PeerRecord(
+                event.peer_id, event.name, now, now, standing=standing
+            )
         else:
             peer.online, peer.last_seen = True, now
         return []
@@ -256,6 +374,24 @@ class RoundProtocol:
         peer.last_seen = now
         self._gone(peer, now)
         return self._maybe_close(now)
+
+    def _on_banned(self, event: PeerBanned, now: float) -> list[Decision]:
+        peer = self.peers.get(event.peer_id)
+        if peer is None:
+            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+        peer.standing.banned, peer.standing.ban_reason = True, event.reason
+        self._record(now, peer.peer_id, self._round.number, "admin", "banned", event.reason)
+        self._evict(peer)
+        return [Banned(peer.peer_id, event.reason), *self._maybe_close(now)]
+
+    def _evict(self, peer: PeerRecord) -> None:
+        """A banned peer's open order and unaggregated contribution are dropped."""
+        self._round.orders.pop(peer.peer_id, None)
+        self._round.submissions.pop(peer.peer_id, None)
+        self._round.late.pop(peer.peer_id, None)
+        for check in list(self.checks.values()):
+            if check.assigned_to == peer.peer_id:
+                check.assigned_to = ""
 
     def _expire_silent_peers(self, now: float) -> None:
         """Peers not heard from for `rounds.peer_timeout_s` are gone; their orders lapse."""
@@ -274,8 +410,13 @@ class RoundProtocol:
         if peer is None:
             return [Unknown(event.peer_id, "no peer with this id has joined the run")]
         peer.online, peer.last_seen = True, now
+        if peer.standing.banned:
+            return [Banned(peer.peer_id, peer.standing.ban_reason)]
         if self.finished:
             return [RunFinished(self.version)]
+        check = self._check_for(peer, now)
+        if check is not None:
+            return [check]
         rnd = self._round
         if event.peer_id in rnd.submissions:
             return [Wait(event.peer_id, 0.25, "your contribution to this round is in")]
@@ -294,18 +435,39 @@ class RoundProtocol:
         rnd.orders[event.peer_id] = order
         return [order]
 
+    def _check_for(self, peer: PeerRecord, now: float) -> VerifyOrder | None:
+        """A pending spot-check for a trusted peer that is not already busy this round."""
+        cfg = self.config.defence
+        if cfg.spot_check != "peer" or not self.defended:
+            return None
+        if not is_trusted(peer.standing, cfg) or peer.peer_id in self._round.orders:
+            return None
+        lapse = self.config.rounds.deadline_s
+        for check in self.checks.values():
+            if check.assigned_to == peer.peer_id:
+                return replace(check.order, peer_id=peer.peer_id)
+        for check in self.checks.values():
+            free = not check.assigned_to or now - check.assigned_at > lapse
+            if free and check.order.target != peer.peer_id:
+                check.assigned_to, check.assigned_at = peer.peer_id, now
+                return replace(check.order, peer_id=peer.peer_id)
+        return None
+
     def _on_contribution(self, event: ContributionSubmitted, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
             return [Unknown(event.peer_id, "no peer with this id has joined the run")]
         peer.last_seen = now
-        rnd, weight_factor = self._round_for(event.round)
+        if peer.standing.banned:
+            return [Banned(peer.peer_id, peer.standing.ban_reason)]
+        rnd, weight_factor_late = self._round_for(event.round)
         if rnd is None:
             return [self._reject(peer, event.round, "closed", "this round is closed")]
         done = rnd.submissions.get(event.peer_id) or rnd.late.get(event.peer_id)
         if done is not None:
             return [Accepted(event.peer_id, event.round, done.receipt, done.weight)]
-        if event.peer_id not in rnd.orders:
+        order = rnd.orders.get(event.peer_id)
+        if order is None:
             reason = "this peer has no work order for this round"
             return [self._reject(peer, event.round, "no_order", reason)]
         if event.base_version != rnd.base_version:
@@ -315,15 +477,34 @@ class RoundProtocol:
         if event.samples <= 0 or event.steps <= 0:
             reason = "a contribution must report a positive number of samples and steps"
             return [self._reject(peer, event.round, "bad_samples", reason)]
+        factor = weight_factor_late
+        if self.defended:
+            claim = check_claim(
+                samples=event.samples,
+                tokens=event.tokens,
+                steps=event.steps,
+                batch_size=self.config.data.batch_size,
+                context=self.config.model.context,
+                budget=order.budget,
+                max_steps=order.max_steps,
+                history_steps=peer.steps,
+                round_steps=[s.steps for s in rnd.submissions.values()],
+                slack=self.config.defence.claims_slack,
+            )
+            if claim is not None:
+                return self._fail(peer, event.round, "claims", "bad_claim", claim, now)
+            factor *= weight_factor(peer.standing, self.config.defence)
         sub = _Submission(
             peer_id=event.peer_id,
             delta=event.delta,
-            weight=float(event.samples) * weight_factor,
+            weight=float(event.samples) * factor,
             samples=event.samples,
             train_loss=event.train_loss,
             payload_bytes=event.payload_bytes,
             receipt=_receipt(event.peer_id, event.round, event.base_version),
             ref=event.ref,
+            steps=event.steps,
+            overlap_steps=event.overlap_steps,
         )
         if rnd is self._round:
             rnd.submissions[event.peer_id] = sub
@@ -333,11 +514,79 @@ class RoundProtocol:
         peer.accepted += 1
         peer.samples += event.samples
         peer.rounds.append(event.round)
+        peer.steps = [*peer.steps, event.steps][-10:]
         decisions: list[Decision] = [Accepted(event.peer_id, event.round, sub.receipt, sub.weight)]
         decisions.extend(self._maybe_close(now))
         return decisions
 
+    def _on_malformed(self, event: ContributionMalformed, now: float) -> list[Decision]:
+        peer = self.peers.get(event.peer_id)
+        if peer is None:
+            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+        peer.last_seen = now
+        if peer.standing.banned:
+            return [Banned(peer.peer_id, peer.standing.ban_reason)]
+        if not self.defended:
+            return [self._reject(peer, event.round, "bad_payload", event.reason)]
+        return self._fail(peer, event.round, "format", "bad_payload", event.reason, now)
+
+    def _on_verification(self, event: VerificationSubmitted, now: float) -> list[Decision]:
+        check = self.checks.get(event.check_id)
+        if check is None:
+            return [Unknown(event.peer_id, f"no open spot-check has id {event.check_id}")]
+        if event.peer_id and check.assigned_to != event.peer_id:
+            return [Unknown(event.peer_id, "this spot-check is assigned to another peer")]
+        del self.checks[event.check_id]
+        order = check.order
+        target = self.peers[order.target]
+        if event.peer_id in self.peers:
+            self.peers[event.peer_id].standing.verified += 1
+        verdict = mismatch(
+            compare(check.delta, event.delta, self.shapes, self.config.aggregation.fragment_numel),
+            tolerance=self.config.defence.check_tolerance,
+        )
+        if verdict is None and event.steps != order.steps:
+            verdict = f"the replay ran {event.steps} steps, not the {order.steps} claimed"
+        passed = verdict is None
+        reason = verdict or "the replay matched the contribution"
+        outcome = "check_passed" if passed else "check_failed"
+        self._record(now, order.target, order.round, "spot_check", outcome, reason)
+        decisions: list[Decision] = [
+            CheckDone(order.check_id, order.target, order.round, event.peer_id, passed, reason)
+        ]
+        if not passed:
+            target.samples -= check.samples  # the contribution is void: no credit for it
+            decisions.append(Flagged(order.target, order.round, "spot_check", reason))
+            if record_check(target.standing, self.config.defence, False, reason):
+                decisions.extend(self._ban(target, order.round, now))
+        else:
+            record_check(target.standing, self.config.defence, True, reason)
+        return decisions
+
     # --- internals -----------------------------------------------------------------------
+
+    def _record(
+        self, now: float, peer_id: str, round_number: int, stage: str, outcome: str, reason: str
+    ) -> None:
+        self.verdicts.append(Verdict(now, peer_id, round_number, stage, outcome, reason))
+        if len(self.verdicts) > 2 * VERDICTS_KEPT:
+            del self.verdicts[:-VERDICTS_KEPT]
+
+    def _fail(
+        self, peer: PeerRecord, round_number: int, stage: str, code: str, reason: str, now: float
+    ) -> list[Decision]:
+        """A stage refused a peer's contribution at submission: reject, strike, maybe ban."""
+        decisions: list[Decision] = [self._reject(peer, round_number, code, reason)]
+        self._record(now, peer.peer_id, round_number, stage, "rejected", reason)
+        if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
+            decisions.extend(self._ban(peer, round_number, now))
+        return decisions
+
+    def _ban(self, peer: PeerRecord, round_number: int, now: float) -> list[Decision]:
+        reason = peer.standing.ban_reason
+        self._record(now, peer.peer_id, round_number, "reputation", "banned", reason)
+        self._evict(peer)
+        return [Banned(peer.peer_id, reason)]
 
     def _round_for(self, number: int) -> tuple[_Round | None, float]:
         if number == self._round.number and not self.finished:
@@ -388,19 +637,136 @@ class RoundProtocol:
             return []
         return self._close(now)
 
+    def _screen(self, rnd: _Round, subs: list[_Submission], now: float) -> list[Decision]:
+        """Stages (b), (c), (f) on the round's contributions; flagged ones leave `subs`."""
+        if self._scorer is None and self.probe is not None:
+            self._scorer = Scorer(self.config.model)
+        orders = {**self._round.orders, **(self._previous.orders if self._previous else {})}
+        candidates = [
+            Candidate(
+                s.peer_id,
+                s.delta,
+                orders[s.peer_id] if s.peer_id in orders else self._make_order(s.peer_id, rnd),
+                s.steps,
+                self.peers[s.peer_id].standing.score,
+            )
+            for s in subs
+        ]
+        outcome = screen(
+            candidates,
+            config=self.config,
+            shapes=self.shapes,
+            history=[*self.fingerprints.values(), *self._aggregate_print()],
+            key=secret_seed("fingerprint", self.secret, self.config.seed),
+            params=self.params,
+            scorer=self._scorer,
+            probe=self.probe,
+            seed=secret_seed("scoring", self.secret, self.config.seed, rnd.number),
+        )
+        self.scored += outcome.scored
+        decisions: list[Decision] = []
+        for peer_id, (stage, reason) in outcome.flags.items():
+            peer = self.peers[peer_id]
+            peer.samples -= next(s.samples for s in subs if s.peer_id == peer_id)
+            self._record(now, peer_id, rnd.number, stage, "flagged", reason)
+            decisions.append(Flagged(peer_id, rnd.number, stage, reason))
+            if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
+                decisions.extend(self._ban(peer, rnd.number, now))
+        subs[:] = [s for s in subs if s.peer_id not in outcome.flags]
+        for peer_id, fp in outcome.fingerprints.items():
+            self.fingerprints[f"{rnd.number}/{peer_id}"] = fp
+        keep = rnd.number - self.config.defence.copy_history_rounds
+        for name in [n for n in self.fingerprints if int(n.split("/", 1)[0]) <= keep]:
+            del self.fingerprints[name]
+        for s in subs:
+            record_success(self.peers[s.peer_id].standing, self.config.defence)
+        return decisions
+
+    def _aggregate_print(self) -> list[torch.Tensor]:
+        """The last aggregate's fingerprint: a free-rider resubmitting the global update (which
+        any peer can compute from two downloads) is then a copy of it."""
+        if self.last_aggregate is None:
+            return []
+        cfg = self.config.defence
+        source = DictSource(self.last_aggregate)
+        key = secret_seed("fingerprint", self.secret, self.config.seed)
+        return [
+            fingerprint(
+                source,
+                self.shapes,
+                key=key,
+                blocks=cfg.fingerprint_blocks,
+                block_len=cfg.fingerprint_block_len,
+            )
+        ]
+
+    def _schedule_checks(self, rnd: _Round, subs: list[_Submission], now: float) -> list[Decision]:
+        """Pick this round's contributions to replay (BOINC-style adaptive replication)."""
+        cfg = self.config.defence
+        for check_id, check in list(self.checks.items()):
+            if rnd.number - check.opened_round >= CHECK_LIFETIME_ROUNDS:
+                del self.checks[check_id]
+                o = check.order
+                self._record(
+                    now,
+                    o.target,
+                    o.round,
+                    "spot_check",
+                    "check_expired",
+                    "no verifier replayed this contribution in time",
+                )
+        decisions: list[Decision] = []
+        if cfg.spot_check == "off" or not replayable(self.config):
+            return decisions
+        rng = torch.Generator().manual_seed(
+            secret_seed("checks", self.secret, self.config.seed, rnd.number)
+        )
+        orders = {**rnd.orders}
+        for s in subs:
+            draw = float(torch.rand((), generator=rng))
+            p = check_probability(self.peers[s.peer_id].standing, cfg)
+            if s.overlap_steps or draw >= p or s.peer_id not in orders:
+                continue
+            work = orders[s.peer_id]
+            check_id = hashlib.sha256(f"check\x00{s.peer_id}\x00{rnd.number}".encode()).hexdigest()
+            order = VerifyOrder(
+                check_id=check_id[:24],
+                peer_id="",
+                target=s.peer_id,
+                round=rnd.number,
+                base_version=rnd.base_version,
+                shard_ids=work.shard_ids,
+                seed=work.seed,
+                step_offset=work.step_offset,
+                steps=s.steps,
+            )
+            self.checks[order.check_id] = _Check(order, s.delta, s.ref, rnd.number, s.samples)
+            if cfg.spot_check == "coordinator":
+                decisions.append(order)
+        return decisions
+
     def _close(self, now: float) -> list[Decision]:
         rnd = self._round
         subs = list(rnd.submissions.values()) + list(rnd.late.values())
-        result = aggregate(
-            [s.delta for s in subs],
-            [s.weight for s in subs],
-            self.shapes,
-            self.config.aggregation,
-            reference=self.last_aggregate,
-            seed=self.config.seed * 1_000_003 + rnd.number,
-        )
-        self.outer.step(self.params, result.delta)
-        self.last_aggregate = result.delta
+        decisions: list[Decision] = []
+        if self.defended:
+            decisions.extend(self._screen(rnd, subs, now))
+        if subs:
+            result = aggregate(
+                [s.delta for s in subs],
+                [s.weight for s in subs],
+                self.shapes,
+                self.config.aggregation,
+                reference=self.last_aggregate,
+                seed=self.config.seed * 1_000_003 + rnd.number,
+            )
+            self.outer.step(self.params, result.delta)
+            self.last_aggregate = result.delta
+            scales, tau = tuple(result.scales), result.tau
+        else:
+            scales, tau = (), None  # every contribution was flagged: θ stays as it was
+        if self.defended:
+            decisions.extend(self._schedule_checks(rnd, subs, now))
         self.version += 1
         total_weight = sum(s.weight for s in subs)
         closed = RoundClosed(
@@ -409,17 +775,33 @@ class RoundProtocol:
             contributors=tuple(s.peer_id for s in subs),
             weights=tuple(s.weight for s in subs),
             samples=sum(s.samples for s in subs),
-            train_loss=sum(s.train_loss * s.weight for s in subs) / total_weight,
+            train_loss=sum(s.train_loss * s.weight for s in subs) / total_weight
+            if subs
+            else float("nan"),
             payload_bytes=sum(s.payload_bytes for s in subs),
-            scales=tuple(result.scales),
-            tau=result.tau,
+            scales=scales,
+            tau=tau,
         )
         self.history.append(closed)
         self._previous = rnd
-        decisions: list[Decision] = [closed]
+        decisions.append(closed)
         if rnd.number + 1 >= self.config.rounds.total:
             self.finished = True
             decisions.append(RunFinished(self.version))
         else:
             self._round = self._open_round(rnd.number + 1)
         return decisions
+
+
+def replayable(config: RunConfig) -> bool:
+    """Whether a replay can reproduce what a peer sent: not when the peer adds its own
+    error-feedback residual (top-k codec, SparseLoCo outer step), which no one else knows."""
+    return config.codec.name != "topk2bit" and config.outer.optimizer != "error_feedback"
+
+
+def secret_seed(purpose: str, *parts: int) -> int:
+    """A 63-bit seed from the driver's secret and public numbers: peers cannot predict which
+    contributions are scored or checked, nor where fingerprints sample (fixed for the run, so
+    fingerprints of different rounds compare)."""
+    text = "\x00".join([purpose, *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from crowdtrain.robust import DeltaSource
+from crowdtrain.robust.reputation import Standing
 
 # --- events (driver -> protocol) -------------------------------------------------------------
 
@@ -57,6 +58,35 @@ class ContributionSubmitted:
     train_loss: float
     payload_bytes: int = 0
     ref: str = ""  # the driver's durable handle of `delta` (a blob id), kept in snapshots
+    overlap_steps: int = 0  # steps trained before the base arrived (not replayable exactly)
+
+
+@dataclass(frozen=True)
+class ContributionMalformed:
+    """The driver could not accept a payload's format (the first stage of verification)."""
+
+    peer_id: str
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class VerificationSubmitted:
+    """The result of a replayed work order: Δ' recomputed by a verifier (or the coordinator)."""
+
+    check_id: str
+    peer_id: str  # the verifier; "" when the coordinator replayed it itself
+    delta: DeltaSource
+    steps: int
+    ref: str = ""
+
+
+@dataclass(frozen=True)
+class PeerBanned:
+    """An administrator bans a peer (reason recorded)."""
+
+    peer_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -64,7 +94,17 @@ class Tick:
     """Time passed; the protocol reads the current time from its injected clock."""
 
 
-Event = PeerJoined | PeerLeft | PeerSeen | WorkRequested | ContributionSubmitted | Tick
+Event = (
+    PeerJoined
+    | PeerLeft
+    | PeerSeen
+    | WorkRequested
+    | ContributionSubmitted
+    | ContributionMalformed
+    | VerificationSubmitted
+    | PeerBanned
+    | Tick
+)
 
 
 # --- decisions (protocol -> driver) ----------------------------------------------------------
@@ -84,6 +124,25 @@ class WorkOrder:
     max_steps: int
     max_seconds: float
     deadline: float
+
+
+@dataclass(frozen=True)
+class VerifyOrder:
+    """Replay another peer's work order exactly: same base, shards, seed, offset and steps.
+
+    `target` is the peer whose batches to draw (the sampler is keyed by it); the verifier
+    trains `steps` steps from version `base_version` and submits Δ' (recomputation spot-check).
+    """
+
+    check_id: str
+    peer_id: str  # who replays it ("" for the coordinator)
+    target: str
+    round: int
+    base_version: int
+    shard_ids: tuple[str, ...]
+    seed: int
+    step_offset: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -112,6 +171,37 @@ class Rejected:
     peer_id: str
     round: int
     code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Flagged:
+    """A verification stage excluded an accepted contribution (at the round's close, or later
+    by a failed spot-check, which voids its credit)."""
+
+    peer_id: str
+    round: int
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Banned:
+    """A peer is banned: its work is refused from now on."""
+
+    peer_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CheckDone:
+    """A spot-check ended; `passed` tells whether the replay matched the contribution."""
+
+    check_id: str
+    target: str
+    round: int
+    verifier: str
+    passed: bool
     reason: str
 
 
@@ -145,7 +235,31 @@ class Unknown:
     reason: str
 
 
-Decision = WorkOrder | Wait | Accepted | Rejected | RoundClosed | RunFinished | Unknown
+Decision = (
+    WorkOrder
+    | VerifyOrder
+    | Wait
+    | Accepted
+    | Rejected
+    | Flagged
+    | Banned
+    | CheckDone
+    | RoundClosed
+    | RunFinished
+    | Unknown
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One recorded decision of the verification pipeline, for the status API and audits."""
+
+    time: float
+    peer_id: str
+    round: int
+    stage: str  # format, claims, norm, copy, usefulness, spot_check, reputation, admin, ...
+    outcome: str  # rejected, flagged, banned, check_passed, check_failed, check_expired
+    reason: str
 
 
 @dataclass
@@ -161,3 +275,5 @@ class PeerRecord:
     accepted: int = 0
     rejected: int = 0
     rounds: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # steps of recent accepted rounds
+    standing: Standing = field(default_factory=lambda: Standing(score=0.0))

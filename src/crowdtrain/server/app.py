@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 # Round numbers are stored as SQLite INTEGERs (64-bit signed); larger ones are malformed.
 MAX_ROUND = 2**63 - 1
+M = TypeVar("M", bound=BaseModel)
 
 
 class DeviceInfo(BaseModel):
@@ -61,6 +62,15 @@ class MetaHeader(BaseModel):
     tokens: int = Field(ge=0, le=10**15)
     steps: int = Field(ge=0, le=10**9)
     train_loss: float = Field(allow_inf_nan=False)
+    overlap_steps: int = Field(0, ge=0, le=10**9)
+
+
+class VerifyMetaHeader(BaseModel):
+    """The X-Crowdtrain-Meta header of a spot-check replay upload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(ge=0, le=10**9)
 
 
 def _problem(status: int, code: str, detail: str) -> JSONResponse:
@@ -209,33 +219,30 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
             coordinator.blobs.iter_range(sha, start, stop), status_code=206, headers=headers
         )
 
-    @app.put("/v1/contributions/{round_number}")
-    async def contribute(
-        round_number: Annotated[int, Path(ge=0, le=MAX_ROUND)],
-        request: Request,
-        peer_id: Peer,
-        x_crowdtrain_meta: Annotated[str | None, Header()] = None,
-        content_length: Annotated[int | None, Header(ge=0)] = None,
-    ) -> dict[str, Any]:
+    def upload_headers(
+        meta_header: str | None, content_length: int | None, model: type[M]
+    ) -> tuple[M, int]:
+        """Check an upload's Content-Length against the cap and parse its meta header."""
         cap = coordinator.max_payload_bytes
         if content_length is None:
-            raise Problem(411, "no_length", "a contribution upload needs a Content-Length header")
+            raise Problem(411, "no_length", "an upload needs a Content-Length header")
         if content_length > cap:
             raise Problem(
                 413, "too_large", f"the payload is {content_length} bytes; the cap is {cap}"
             )
-        if x_crowdtrain_meta is None or len(x_crowdtrain_meta) > 4096:
+        if meta_header is None or len(meta_header) > 4096:
             raise Problem(400, "bad_meta", "the X-Crowdtrain-Meta header is missing or too long")
         try:
-            meta = MetaHeader.model_validate(json.loads(x_crowdtrain_meta))
+            meta = model.model_validate(json.loads(meta_header))
         except (ValueError, ValidationError) as exc:
             first = _first_error(exc) if isinstance(exc, ValidationError) else str(exc)
             raise Problem(
                 400, "bad_meta", f"the X-Crowdtrain-Meta header is invalid: {first}"
             ) from None
-        done = coordinator.existing_receipt(peer_id, round_number)
-        if done is not None:
-            return done
+        return meta, content_length
+
+    async def upload_body(request: Request, content_length: int) -> tuple[str, int]:
+        """Store an upload's body as a blob, reading no more than its Content-Length."""
         try:
             # The Content-Length (at most the cap) bounds the read: a body that lies about its
             # length is refused as soon as it passes the length it declared.
@@ -252,6 +259,21 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
                 "bad_length",
                 f"the body has {size} bytes, not its Content-Length of {content_length}",
             )
+        return sha, size
+
+    @app.put("/v1/contributions/{round_number}")
+    async def contribute(
+        round_number: Annotated[int, Path(ge=0, le=MAX_ROUND)],
+        request: Request,
+        peer_id: Peer,
+        x_crowdtrain_meta: Annotated[str | None, Header()] = None,
+        content_length: Annotated[int | None, Header(ge=0)] = None,
+    ) -> dict[str, Any]:
+        meta, length = upload_headers(x_crowdtrain_meta, content_length, MetaHeader)
+        done = coordinator.existing_receipt(peer_id, round_number)
+        if done is not None:
+            return done
+        sha, size = await upload_body(request, length)
         return await run_in_threadpool(
             coordinator.submit,
             peer_id,
@@ -259,6 +281,20 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
             ContributionMeta(**meta.model_dump()),
             sha,
             size,
+        )
+
+    @app.put("/v1/verifications/{check_id}")
+    async def verification(
+        check_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")],
+        request: Request,
+        peer_id: Peer,
+        x_crowdtrain_meta: Annotated[str | None, Header()] = None,
+        content_length: Annotated[int | None, Header(ge=0)] = None,
+    ) -> dict[str, Any]:
+        meta, length = upload_headers(x_crowdtrain_meta, content_length, VerifyMetaHeader)
+        sha, size = await upload_body(request, length)
+        return await run_in_threadpool(
+            coordinator.verification, peer_id, check_id, meta.steps, sha, size
         )
 
     return app

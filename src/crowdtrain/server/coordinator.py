@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,13 @@ from safetensors.torch import load as load_safetensors
 from crowdtrain import codec
 from crowdtrain.client.signing import load_or_create_signing_key, sign_manifest
 from crowdtrain.config import ConfigError, RunConfig, config_hash
-from crowdtrain.data import ShardStore, ensure_packed_for, eval_batches
+from crowdtrain.data import BatchSampler, ShardStore, ensure_packed_for, eval_batches
+from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state, param_shapes
 from crowdtrain.protocol import (
     Accepted,
+    Banned,
+    ContributionMalformed,
     ContributionSubmitted,
     Decision,
     PeerJoined,
@@ -40,11 +43,13 @@ from crowdtrain.protocol import (
     RunFinished,
     Tick,
     Unknown,
+    VerificationSubmitted,
+    VerifyOrder,
     Wait,
     WorkOrder,
     WorkRequested,
 )
-from crowdtrain.robust import DeltaSource
+from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.server.manifest import build_manifest, weights_bytes
 from crowdtrain.store import (
     BlobTooLarge,
@@ -54,7 +59,7 @@ from crowdtrain.store import (
     SqliteStateStore,
     VersionRow,
 )
-from crowdtrain.train import evaluate
+from crowdtrain.train import LocalTrainer, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,7 @@ class ContributionMeta:
     tokens: int
     steps: int
     train_loss: float
+    overlap_steps: int = 0
 
 
 def token_hash(token: str) -> str:
@@ -129,6 +135,8 @@ class Coordinator:
         self.paused = False
         self.last_close_timing: dict[str, float] = {}
         self._sources: list[_LazyPayload] = []
+        self._replays: list[VerifyOrder] = []  # spot-checks the coordinator runs itself
+        self._replaying: threading.Thread | None = None
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -142,6 +150,16 @@ class Coordinator:
             if not self.blobs.has(sha):
                 self.blobs.put_bytes(shards.load(sha, verify=True).tobytes())
         val = {sha: shards.load(sha) for sha in self.data.val_ids}
+        self.shard_store = shards
+        self.probe = ShardProbe(
+            shards.load,
+            self.data.val_ids,
+            train_batch_size=config.data.batch_size,
+            batch_size=config.defence.score_batch_size,
+            context=config.model.context,
+            seed=config.data.seed,
+        )
+        self.secret = self._secret()
         self.evals = eval_batches(
             val,
             self.data.val_ids,
@@ -171,6 +189,25 @@ class Coordinator:
                 f"{str(stored)[:12]}, not {wanted[:12]}; use the original config or a new --state"
             )
 
+    def _secret(self) -> int:
+        """The key of copy-detection fingerprints: random per run, never shown to peers."""
+        stored = self.store.get_json("fingerprint_secret")
+        if stored is None:
+            stored = secrets.randbits(62)
+            with self.store.transaction():
+                self.store.put_json("fingerprint_secret", stored)
+        return int(stored)
+
+    def _new_protocol(self, params: Mapping[str, torch.Tensor]) -> RoundProtocol:
+        return RoundProtocol(
+            self.config,
+            params,
+            self.data.train_ids,
+            self.clock,
+            probe=self.probe,
+            secret=self.secret,
+        )
+
     def _tensors(self, sha: str | None) -> dict[str, torch.Tensor]:
         if sha is None:
             return {}
@@ -196,21 +233,29 @@ class Coordinator:
             metrics = {"eval_loss": evaluate(self.config.model, theta0, self.evals)}
             with self.store.transaction():
                 self.store.add_version(VersionRow(0, -1, sha, None, None, self.clock(), metrics))
-            return RoundProtocol(self.config, theta0, self.data.train_ids, self.clock)
+            return self._new_protocol(theta0)
         snapshot = self.store.get_json("protocol")
         tensors = {
             "params": self._tensors(latest.weights_sha),
             "outer": self._tensors(latest.optimizer_sha),
             "aggregate": self._tensors(latest.aggregate_sha),
+            "fingerprints": self._tensors(latest.metrics.get("fingerprints_sha")),
         }
         if snapshot is None or snapshot.get("version") != latest.version:
-            proto = RoundProtocol(self.config, tensors["params"], self.data.train_ids, self.clock)
+            proto = self._new_protocol(tensors["params"])
             proto.outer.load_state_dict(tensors["outer"])
             proto.version = latest.version
             return proto
         log.info("resuming at version %d, round %d", latest.version, snapshot["round"]["number"])
         return RoundProtocol.restore(
-            self.config, snapshot, tensors, self.data.train_ids, self.clock, self._source
+            self.config,
+            snapshot,
+            tensors,
+            self.data.train_ids,
+            self.clock,
+            self._source,
+            probe=self.probe,
+            secret=self.secret,
         )
 
     # --- requests ------------------------------------------------------------------------
@@ -272,6 +317,24 @@ class Coordinator:
                         "deadline_in": max(0.0, d.deadline - now),
                         "max_payload_bytes": self.max_payload_bytes,
                     }
+                if isinstance(d, VerifyOrder):
+                    version = self.store.get_version(d.base_version)
+                    assert version is not None
+                    return {
+                        "kind": "verify",
+                        "check_id": d.check_id,
+                        "target": d.target,
+                        "round": d.round,
+                        "base_version": d.base_version,
+                        "weights": version.weights_sha,
+                        "shard_ids": list(d.shard_ids),
+                        "seed": d.seed,
+                        "step_offset": d.step_offset,
+                        "steps": d.steps,
+                        "max_payload_bytes": self.max_payload_bytes,
+                    }
+                if isinstance(d, Banned):
+                    raise Problem(403, "banned", f"this peer is banned: {d.reason}")
                 if isinstance(d, Wait):
                     return {"kind": "wait", "retry_after": d.retry_after, "reason": d.reason}
                 if isinstance(d, RunFinished):
@@ -304,6 +367,10 @@ class Coordinator:
             payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
             codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
         except (codec.PayloadError, BlobTooLarge) as exc:
+            with self.lock:
+                self._persist(
+                    self.protocol.handle(ContributionMalformed(peer_id, round_number, str(exc)))
+                )
             self._record_rejection(peer_id, round_number, meta, payload_sha, size, str(exc))
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
@@ -318,6 +385,7 @@ class Coordinator:
             train_loss=meta.train_loss,
             payload_bytes=size,
             ref=payload_sha,
+            overlap_steps=meta.overlap_steps,
         )
         with self.lock:
             decisions = self.protocol.handle(event)
@@ -352,9 +420,30 @@ class Coordinator:
                 self._record_rejection(peer_id, round_number, meta, payload_sha, size, reason)
                 status = 409 if d.code in ("closed", "no_order", "bad_base") else 400
                 raise Problem(status, d.code, reason)
+            if isinstance(d, Banned):
+                raise Problem(403, "banned", f"this peer is banned: {d.reason}")
             if isinstance(d, Unknown):
                 raise Problem(401, "unknown_peer", d.reason)
         raise Problem(500, "internal", "the protocol gave no decision for this contribution")
+
+    def verification(
+        self, peer_id: str, check_id: str, steps: int, payload_sha: str, size: int
+    ) -> dict[str, Any]:
+        """A trusted peer's replay of a spot-checked work order (docs/SECURITY.md, stage g)."""
+        try:
+            payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
+            codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
+        except (codec.PayloadError, BlobTooLarge) as exc:
+            raise Problem(400, "bad_payload", str(exc)) from None
+        del payload
+        event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha), steps)
+        with self.lock:
+            decisions = self.protocol.handle(event)
+            self._persist(decisions)
+        for d in decisions:
+            if isinstance(d, Unknown):
+                raise Problem(409, "no_check", d.reason)
+        return {"check_id": check_id, "received": True}
 
     def _record_rejection(
         self, peer_id: str, rnd: int, meta: ContributionMeta, sha: str, size: int, reason: str
@@ -378,9 +467,42 @@ class Coordinator:
             self.store.record_contribution(row)
 
     def tick(self) -> None:
-        """Let time pass: close a round whose deadline came with its quorum met."""
+        """Let time pass: close a round whose deadline came with its quorum met; start the
+        next spot-check replay the coordinator runs itself (`defence.spot_check = coordinator`)."""
         with self.lock:
             self._persist(self.protocol.handle(Tick()))
+            idle = self._replaying is None or not self._replaying.is_alive()
+            if self._replays and idle:
+                order = self._replays.pop(0)
+                self._replaying = threading.Thread(target=self._replay, args=(order,), daemon=True)
+                self._replaying.start()
+
+    def _replay(self, order: VerifyOrder) -> None:
+        """Recompute a spot-checked work order here and hand the result to the protocol."""
+        try:
+            version = self.store.get_version(order.base_version)
+            assert version is not None
+            base = self._tensors(version.weights_sha)
+            sampler = BatchSampler(
+                {sha: self.shard_store.load(sha) for sha in order.shard_ids},
+                order.shard_ids,
+                seed=order.seed,
+                round=order.round,
+                peer=order.target,
+                batch_size=self.config.data.batch_size,
+                context=self.config.model.context,
+            )
+            trainer = LocalTrainer(self.config.model, self.config.inner)
+            result = trainer.train(
+                base, iter(sampler), step_offset=order.step_offset, max_steps=order.steps
+            )
+            event = VerificationSubmitted(
+                order.check_id, "", DictSource(result.delta), result.steps
+            )
+            with self.lock:
+                self._persist(self.protocol.handle(event))
+        except Exception:  # a failed replay must not take the coordinator down
+            log.exception("the spot-check replay %s failed", order.check_id)
 
     def heartbeat(self, peer_id: str) -> dict[str, Any]:
         """Liveness: the volunteer is here; tell it where the run is."""
@@ -417,6 +539,9 @@ class Coordinator:
                     self.store.record_contribution(accepted)
                 for version in versions:
                     self.store.add_version(version)
+                for d in decisions:
+                    if isinstance(d, Banned):
+                        self.store.set_banned(d.peer_id, True, d.reason)
                 self._persist_snapshot()
         except Exception:
             # The protocol moved on in memory but not on disk: return to what the store holds,
@@ -425,6 +550,11 @@ class Coordinator:
             raise
         for version in versions:
             log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
+        for d in decisions:
+            if isinstance(d, Banned):
+                log.warning("peer %s banned: %s", d.peer_id, d.reason)
+            elif isinstance(d, VerifyOrder) and not d.peer_id:
+                self._replays.append(d)
         if versions:
             self._release_sources()
 
@@ -435,6 +565,7 @@ class Coordinator:
         weights = self.blobs.put_bytes(weights_bytes(tensors["params"]))
         outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
         agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
+        prints = self.blobs.put_bytes(weights_bytes(tensors["fingerprints"]))
         t1 = time.perf_counter()
         eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
         self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
@@ -446,6 +577,7 @@ class Coordinator:
             "contributors": list(closed.contributors),
             "weights": list(closed.weights),
             "tau": closed.tau,
+            "fingerprints_sha": prints,
         }
         return VersionRow(
             closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
@@ -463,8 +595,19 @@ class Coordinator:
                     "samples": p.samples,
                     "accepted": p.accepted,
                     "rejected": p.rejected,
+                    "flagged": p.standing.failures,
+                    "reputation": round(p.standing.score, 4),
+                    "strikes": p.standing.strikes,
+                    "verified": p.standing.verified,
+                    "banned": p.standing.banned,
+                    "ban_reason": p.standing.ban_reason,
                 }
                 for p in self.protocol.peers.values()
+            ]
+            names = {p.peer_id: p.name for p in self.protocol.peers.values()}
+            verdicts = [
+                {**asdict(v), "peer": names.get(v.peer_id, v.peer_id)}
+                for v in self.protocol.verdicts[-200:]
             ]
             rnd, version, finished = (
                 self.protocol.round,
@@ -493,4 +636,5 @@ class Coordinator:
             "finished": finished,
             "peers": peers,
             "rounds": rounds,
+            "verdicts": verdicts,
         }

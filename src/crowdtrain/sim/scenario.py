@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from crowdtrain.adversary import ATTACKS
 from crowdtrain.config import ConfigError, RunConfig, parse_config
 
 
@@ -24,6 +25,25 @@ class SwarmConfig(BaseModel):
     peers: int = Field(4, ge=1, le=100_000)
     eval_batches: int = Field(8, ge=1, le=10_000)
     eval_batch_size: int = Field(16, ge=1, le=65_536)
+    attack: str | None = None
+    attackers: int = Field(0, ge=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _attack_is_known(self) -> SwarmConfig:
+        check_attack(self.attack, self.attackers, self.peers)
+        return self
+
+
+def check_attack(attack: str | None, attackers: int, peers: int) -> None:
+    """Raise ValueError (one sentence) unless the attack and attacker count make sense."""
+    if attack is None:
+        if attackers:
+            raise ValueError("swarm.attackers needs swarm.attack (an attack name)")
+        return
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack '{attack}'; the attacks are: {', '.join(ATTACKS)}")
+    if not 0 < attackers < peers:
+        raise ValueError(f"the attackers must number between 1 and {peers - 1} (peers less one)")
 
 
 class Scenario(BaseModel):

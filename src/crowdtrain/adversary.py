@@ -1,0 +1,402 @@
+"""Attack behaviours of untrusted volunteers, as pure deterministic transformations.
+
+The swarm, the networked volunteer client, the tests and the benchmarks all attack through this
+one module, so a defence measured in the simulator is measured against the same bytes a
+malicious client would send. An `Attacker` takes the pseudo-gradient Δ it trained honestly (with
+its batches passed through `Attacker.poison` first) and what its coalition can see of the round
+(`RoundView`), and returns a `Forgery`: the Δ and the `Claim` (samples, tokens, steps, loss) it
+reports. `encode_forgery` turns that into a payload of the run's codec, including payloads that
+decode to NaN/Inf, which the honest encoder refuses to write. Randomness comes from a generator
+seeded by (attack, seed, peer, round), so the same seed always gives the same forgery.
+
+The attacks and where they come from:
+
+- ``sign_flip`` (−Δ), ``noise`` (Gaussian, ‖noise‖ = 10‖Δ‖) and ``nan`` (non-finite values):
+  the classic Byzantine baselines of Blanchard et al. 2017, "Machine Learning with Adversaries:
+  Byzantine Tolerant Gradient Descent" (NeurIPS; Krum), and Karimireddy, He, Jaggi 2021,
+  "Learning from History for Byzantine Robust Optimization" (ICML, arXiv:2012.10333; bit flip).
+- ``scale100`` / ``scale1000`` (100Δ, 1000Δ): the boosted update of model replacement,
+  Bagdasaryan et al. 2020, "How To Backdoor Federated Learning" (AISTATS, arXiv:1807.00459).
+- ``alie``: Baruch, Baruch, Goldberg 2019, "A Little Is Enough: Circumventing Defenses For
+  Distributed Learning" (NeurIPS, arXiv:1902.06156). Every coordinate is μ − z·σ of the honest
+  deltas, with s = ⌊n/2 + 1⌋ − m and z = Φ⁻¹((n − s)/n) for n peers and m attackers.
+- ``ipm0.1`` / ``ipm100``: inner-product manipulation, Xie, Koyejo, Gupta 2019, "Fall of
+  Empires: Breaking Byzantine-tolerant SGD by Inner Product Manipulation" (UAI,
+  arXiv:1903.03936): −ε · mean(honest Δ), ε = 0.1 or 100.
+- ``poison``: label flipping (data poisoning), Tolpegin et al. 2020, "Data Poisoning Attacks
+  Against Federated Learning Systems" (ESORICS, arXiv:2007.08432): train on targets mapped
+  through a fixed permutation of the vocabulary and send the resulting Δ as it is.
+- ``free_rider``, ``copycat``, ``stale``: free-riders that claim a full budget without doing the
+  work: Lin, Du, Liu 2019, "Free-riders in Federated Learning: Attacks and Defenses"
+  (arXiv:1911.12560), and Fraboni, Vidal, Lorenzi 2021, "Free-rider Attacks on Model
+  Aggregation in Federated Learning" (AISTATS, arXiv:2006.11901; disguised free-riders).
+  ``free_rider`` sends zeros or tiny noise, ``copycat`` a disguised copy of another peer's Δ,
+  ``stale`` the Δ of its first round again and again.
+- ``inflate``: an honest Δ with samples and tokens claimed ×100, aimed at sample-weighted
+  averaging (FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
+  from Decentralized Data", AISTATS, arXiv:1602.05629).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
+
+import safetensors.torch
+import torch
+
+from crowdtrain import codec
+from crowdtrain.codec import wire
+from crowdtrain.config import CodecConfig
+
+ATTACKS: tuple[str, ...] = (
+    "sign_flip",
+    "scale100",
+    "scale1000",
+    "noise",
+    "alie",
+    "ipm0.1",
+    "ipm100",
+    "poison",
+    "free_rider",
+    "copycat",
+    "stale",
+    "nan",
+    "inflate",
+)
+
+#: ‖noise‖ / ‖Δ‖ of the `noise` attack.
+NOISE_RATIO = 10.0
+#: Per-element standard deviation of the `free_rider`'s random Δ in odd rounds.
+FREE_RIDER_STD = 1e-6
+#: The `copycat` rescales its victim by a factor drawn uniformly from this range ...
+COPYCAT_SCALE = (0.9, 1.1)
+#: ... and adds Gaussian noise with this norm relative to the victim's.
+COPYCAT_NOISE = 0.01
+#: The `inflate` attack multiplies the claimed samples and tokens by this.
+INFLATE_FACTOR = 100
+
+_SCALES = {"scale100": 100.0, "scale1000": 1000.0}
+_IPM_EPSILON = {"ipm0.1": 0.1, "ipm100": 100.0}
+
+Delta = dict[str, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a volunteer reports next to its payload."""
+
+    samples: int
+    tokens: int
+    steps: int
+    train_loss: float
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """What the attacker coalition can see in one round."""
+
+    round: int
+    peers: int  # n: total peers in the round (honest + attackers)
+    attackers: int  # m: colluding attackers in the round
+    #: honest deltas the coalition sees this round (all of them in the swarm: omniscient)
+    honest: Sequence[Mapping[str, torch.Tensor]] = field(default=())
+    #: deltas other peers already submitted this round, in order (for copycat)
+    others: Sequence[Mapping[str, torch.Tensor]] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.round < 0:
+            raise ValueError(f"RoundView.round must be >= 0, got {self.round}")
+        if not 0 <= self.attackers <= self.peers:
+            raise ValueError(
+                f"RoundView needs 0 <= attackers <= peers, got {self.attackers} attackers "
+                f"among {self.peers} peers"
+            )
+
+
+@dataclass(frozen=True)
+class Forgery:
+    """An attacker's upload before encoding: the Δ (NaN/Inf allowed) and the claim."""
+
+    delta: dict[str, torch.Tensor]
+    claim: Claim
+
+
+def alie_z(peers: int, attackers: int) -> float:
+    """ALIE's z for n peers of which m attack: s = ⌊n/2 + 1⌋ − m, z = Φ⁻¹((n − s)/n).
+
+    s is the number of honest peers the attackers must win over for a majority; it is clamped
+    to [1, n − 1] so that z stays finite when m is at least half of n (outside the paper's
+    assumptions).
+    """
+    if peers < 2:
+        raise ValueError(f"ALIE needs at least 2 peers in the round, got {peers}")
+    if not 0 <= attackers <= peers:
+        raise ValueError(f"ALIE needs 0 <= attackers <= peers, got {attackers} of {peers}")
+    s = min(max(peers // 2 + 1 - attackers, 1), peers - 1)
+    return NormalDist().inv_cdf((peers - s) / peers)
+
+
+def target_permutation(seed: int, vocab_size: int) -> torch.Tensor:
+    """The `poison` attack's map of targets: int64 [vocab_size], y ↦ perm[y].
+
+    It is one cycle through the vocabulary in a random order (seeded), so it is a permutation
+    with no fixed point: every target is changed. It depends on the seed only, so a coalition
+    of poisoners that shares a seed flips targets the same way.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"poisoning needs a vocabulary of at least 2 tokens, got {vocab_size}")
+    order = torch.randperm(vocab_size, generator=_generator("poison", seed, "", 0))
+    perm = torch.empty(vocab_size, dtype=torch.int64)
+    perm[order] = order.roll(-1)
+    return perm
+
+
+class Attacker:
+    """One attacking volunteer; keeps its own state (e.g. the old delta for `stale`).
+
+    Drivers call `poison` on the batches before training, train, then call `forge` with the
+    honest Δ and claim and encode the result with `encode_forgery`. When `trains` is False the
+    honest Δ is never used beyond its names, shapes and dtypes, so a driver may pass zeros
+    instead of training. `needs_honest` asks the driver to fill `RoundView.honest`;
+    `needs_others` to fill `RoundView.others`.
+    """
+
+    def __init__(self, name: str, peer_id: str, seed: int) -> None:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; the attacks are {', '.join(ATTACKS)}")
+        self.name = name
+        self.peer_id = peer_id
+        self.seed = seed
+        self.needs_honest = name in ("alie", *_IPM_EPSILON)
+        self.needs_others = name == "copycat"
+        self.trains = name != "free_rider"
+        self._kept: tuple[int, Delta] | None = None
+
+    def __repr__(self) -> str:
+        return f"Attacker({self.name!r}, {self.peer_id!r}, seed={self.seed})"
+
+    def poison(self, batches: Iterator[Batch], vocab_size: int) -> Iterator[Batch]:
+        """The batches to train on: unchanged, except for `poison`, which maps every target
+        y through `target_permutation(seed, vocab_size)` and leaves the inputs x as they are."""
+        if self.name != "poison":
+            return batches
+        return _relabel(batches, target_permutation(self.seed, vocab_size))
+
+    def forge(self, honest: Mapping[str, torch.Tensor], claim: Claim, view: RoundView) -> Forgery:
+        """The upload of this attacker in `view.round`, from its own honestly trained Δ.
+
+        The forged Δ has the names, shapes, dtypes and devices of `honest` and never shares
+        memory with any input; the claim is `claim`, except for `inflate`.
+        """
+        delta = self._delta(honest, view)
+        if self.name == "inflate":
+            claim = replace(
+                claim,
+                samples=claim.samples * INFLATE_FACTOR,
+                tokens=claim.tokens * INFLATE_FACTOR,
+            )
+        return Forgery(delta=delta, claim=claim)
+
+    def _rng(self, view: RoundView) -> torch.Generator:
+        return _generator(self.name, self.seed, self.peer_id, view.round)
+
+    def _delta(self, honest: Mapping[str, torch.Tensor], view: RoundView) -> Delta:
+        name = self.name
+        if name == "sign_flip":
+            return {k: -t.detach() for k, t in honest.items()}
+        if name in _SCALES:
+            return {k: t.detach() * _SCALES[name] for k, t in honest.items()}
+        if name == "noise":
+            noise = _gaussian(honest, self._rng(view))
+            return _scaled_to(noise, NOISE_RATIO * _norm(honest))
+        if name == "alie":
+            return _alie(honest, view)
+        if name in _IPM_EPSILON:
+            reference = view.honest or [honest]
+            mean = _mean(reference, honest, "RoundView.honest")
+            return {k: t * -_IPM_EPSILON[name] for k, t in mean.items()}
+        if name == "free_rider":
+            if view.round % 2 == 0:
+                return {k: torch.zeros_like(t) for k, t in honest.items()}
+            return {k: t * FREE_RIDER_STD for k, t in _gaussian(honest, self._rng(view)).items()}
+        if name == "copycat":
+            return self._copy(honest, view)
+        if name == "stale":
+            if self._kept is None:
+                self._kept = (view.round, _clone(honest))
+            kept_round, kept = self._kept
+            return _clone(kept if view.round > kept_round else honest)
+        if name == "nan":
+            return _with_nonfinite(honest)
+        return _clone(honest)  # poison (Δ of poisoned training) and inflate (honest Δ)
+
+    def _copy(self, honest: Mapping[str, torch.Tensor], view: RoundView) -> Delta:
+        """The last delta of `view.others`, times U(0.9, 1.1), plus noise of 1% of its norm."""
+        if not view.others:
+            return _clone(honest)
+        victim = _like(view.others[-1], honest, "the copied delta in RoundView.others")
+        rng = self._rng(view)
+        low, high = COPYCAT_SCALE
+        factor = low + (high - low) * float(torch.rand((), generator=rng, dtype=torch.float64))
+        noise = _scaled_to(_gaussian(honest, rng), COPYCAT_NOISE * _norm(victim))
+        return {k: victim[k] * factor + noise[k] for k in honest}
+
+
+def encode_forgery(
+    forgery: Forgery, codec_cfg: CodecConfig, residual: dict[str, torch.Tensor] | None = None
+) -> bytes:
+    """The payload a malicious client would upload for `forgery`, in the run's codec.
+
+    A finite Δ is simply `codec.encode(delta, codec_cfg, residual)`. For a Δ holding NaN/Inf
+    (which `codec.encode` refuses), the finite part (non-finite entries set to 0) is encoded,
+    updating `residual` as usual, then the wire tensor behind each non-finite entry is
+    overwritten so that it decodes to NaN/Inf: the value itself (fp32, fp16, bf16), the scale
+    of its block (int8, int4) or both levels of its chunk (topk2bit). The header and digest are
+    rewritten to match, so the result is a well-formed payload that only the value checks of
+    `codec.validate` / `codec.decode` reject (with `codec.PayloadError`).
+    """
+    bad = {k: ~torch.isfinite(t.detach()) for k, t in forgery.delta.items()}
+    if not any(bool(mask.any()) for mask in bad.values()):
+        return codec.encode(forgery.delta, codec_cfg, residual=residual)
+    finite = {
+        k: torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        for k, t in forgery.delta.items()
+    }
+    blob = codec.encode(finite, codec_cfg, residual=residual)
+    header = codec.read_header(blob)
+    tensors: dict[str, torch.Tensor] = safetensors.torch.load(blob)
+    for name, mask in bad.items():
+        index = torch.nonzero(mask.to("cpu").reshape(-1)).flatten()
+        if index.numel():
+            values = forgery.delta[name].detach().to("cpu", torch.float32).reshape(-1)[index]
+            _corrupt(tensors, name, header, index, values)
+    core = wire.metadata_core(header.codec, header.params, header.shapes)
+    digest = wire.compute_digest(core, ((n, _bytes_of(tensors[n])) for n in sorted(tensors)))
+    text = wire.metadata_text(core, digest)
+    return bytes(safetensors.torch.save(tensors, metadata={wire.METADATA_KEY: text}))
+
+
+def _corrupt(
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    header: codec.PayloadHeader,
+    index: torch.Tensor,
+    values: torch.Tensor,
+) -> None:
+    """Overwrite the wire values that elements `index` of parameter `name` decode from."""
+    if header.codec in ("fp32", "fp16", "bf16"):
+        v = tensors[wire.tensor_name(name, "v")]
+        v[index] = values.to(v.dtype)
+    elif header.codec in ("int8", "int4"):
+        scale = tensors[wire.tensor_name(name, "scale")]
+        scale[index // header.params["block_size"]] = values.abs()
+    elif header.codec == "topk2bit":
+        levels = tensors[wire.tensor_name(name, "levels")]
+        chunk = index // header.params["chunk_size"]
+        levels[2 * chunk] = values.abs()
+        levels[2 * chunk + 1] = values.abs()
+    else:  # pragma: no cover - every codec of the registry is handled above
+        raise ValueError(f"cannot forge a non-finite payload for codec {header.codec!r}")
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A 1-D CPU tensor's raw (little-endian) bytes, as the digest reads them."""
+    return t.contiguous().view(torch.uint8).numpy().data
+
+
+def _relabel(batches: Iterator[Batch], perm: torch.Tensor) -> Iterator[Batch]:
+    for x, y in batches:
+        yield x, perm.to(y.device)[y].to(y.dtype)
+
+
+def _generator(attack: str, seed: int, peer_id: str, round: int) -> torch.Generator:
+    """A CPU generator seeded from (attack, seed, peer, round), the same on every platform."""
+    key = f"crowdtrain-adversary|{attack}|{seed}|{peer_id}|{round}".encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def _clone(delta: Mapping[str, torch.Tensor]) -> Delta:
+    return {k: t.detach().clone(memory_format=torch.contiguous_format) for k, t in delta.items()}
+
+
+def _norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all tensors together, accumulated in float64."""
+    squares = sum(
+        float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
+        for t in delta.values()
+    )
+    return math.sqrt(squares)
+
+
+def _gaussian(like: Mapping[str, torch.Tensor], rng: torch.Generator) -> Delta:
+    """Standard normal tensors shaped like `like` (drawn in name order, on the CPU, float32)."""
+    return {
+        k: torch.randn(like[k].shape, generator=rng, dtype=torch.float32).to(
+            like[k].device, like[k].dtype
+        )
+        for k in sorted(like)
+    }
+
+
+def _scaled_to(delta: Delta, norm: float) -> Delta:
+    """`delta` rescaled to the given total norm (zeros when either norm is 0)."""
+    current = _norm(delta)
+    factor = norm / current if current > 0 else 0.0
+    return {k: t * factor for k, t in delta.items()}
+
+
+def _like(
+    delta: Mapping[str, torch.Tensor], honest: Mapping[str, torch.Tensor], what: str
+) -> Delta:
+    """`delta` checked to have the names and shapes of `honest`, cast to its dtypes/devices."""
+    if set(delta) != set(honest):
+        raise ValueError(f"{what} has different parameter names than the attacker's own delta")
+    for k, t in honest.items():
+        if delta[k].shape != t.shape:
+            raise ValueError(
+                f"{what} gives {k!r} the shape {tuple(delta[k].shape)} where the attacker's "
+                f"own delta has {tuple(t.shape)}"
+            )
+    return {k: delta[k].detach().to(honest[k].device, honest[k].dtype) for k in honest}
+
+
+def _mean(
+    deltas: Sequence[Mapping[str, torch.Tensor]], honest: Mapping[str, torch.Tensor], what: str
+) -> Delta:
+    """The coordinate-wise mean of `deltas` (each checked against `honest`)."""
+    checked = [_like(d, honest, what) for d in deltas]
+    return {k: torch.stack([d[k] for d in checked]).mean(dim=0) for k in honest}
+
+
+def _alie(honest: Mapping[str, torch.Tensor], view: RoundView) -> Delta:
+    """μ − z·σ per coordinate over `view.honest` (σ with Bessel's correction); own Δ when the
+    coalition sees fewer than two honest deltas."""
+    if len(view.honest) < 2:
+        return _clone(honest)
+    z = alie_z(view.peers, view.attackers)
+    checked = [_like(d, honest, "RoundView.honest") for d in view.honest]
+    out: Delta = {}
+    for k in honest:
+        sigma, mu = torch.std_mean(torch.stack([d[k] for d in checked]), dim=0, correction=1)
+        out[k] = mu - z * sigma
+    return out
+
+
+def _with_nonfinite(honest: Mapping[str, torch.Tensor]) -> Delta:
+    """The honest Δ with one tensor's first element NaN and another's +Inf (in name order);
+    with a single non-empty tensor, its first two elements."""
+    out = _clone(honest)
+    flats = [out[k].view(-1) for k in sorted(out) if out[k].numel() > 0]
+    if not flats:
+        raise ValueError("the nan attack needs a delta with at least one element")
+    targets = [(flats[0], 0), (flats[1], 0)] if len(flats) > 1 else [(flats[0], 0), (flats[0], 1)]
+    for (flat, i), value in zip(targets, (math.nan, math.inf), strict=True):
+        if i < flat.numel():
+            flat[i] = value
+    return out

@@ -1,0 +1,141 @@
+"""The round-close screening stages: norms, copies and usefulness, over one round's contributions.
+
+The verification pipeline of docs/SECURITY.md, stages (b), (c) and (f); the protocol runs them
+when a round closes, before robust aggregation (stage e), on every contribution it accepted in
+that round. Stage (b) compares each update's norm with the round's median; stage (c) compares
+secret-keyed fingerprints within the round and with recent rounds (copies and replays); stage
+(f) scores a sample of the survivors, newest and least trusted peers first, by the loss before
+and after applying the update on the peer's assigned data and on held-out data, in the style of
+Templar's Gauntlet validator (tplr.ai, 2025). Pure computation: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from crowdtrain.config import RunConfig
+from crowdtrain.data.probe import ShardProbe
+from crowdtrain.protocol.events import WorkOrder
+from crowdtrain.robust import DeltaSource, global_norms
+from crowdtrain.robust.copies import detect_copies, fingerprint
+from crowdtrain.robust.norms import screen_norms
+from crowdtrain.robust.usefulness import Scorer, judge
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One accepted contribution as the screening stages see it."""
+
+    peer_id: str
+    delta: DeltaSource
+    order: WorkOrder
+    steps: int
+    trust: float  # the peer's reputation score: the least trusted are scored first
+
+
+@dataclass
+class Screened:
+    """The outcome: excluded peers with (stage, reason), and the survivors' fingerprints."""
+
+    flags: dict[str, tuple[str, str]]
+    fingerprints: dict[str, torch.Tensor]
+    scored: int = 0
+
+
+def screen(
+    candidates: Sequence[Candidate],
+    *,
+    config: RunConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    history: Sequence[torch.Tensor],
+    key: int,
+    params: Mapping[str, torch.Tensor],
+    scorer: Scorer | None,
+    probe: ShardProbe | None,
+    seed: int,
+) -> Screened:
+    """Run stages (b), (c) and (f) on a round's contributions, in submission order."""
+    cfg = config.defence
+    flags: dict[str, tuple[str, str]] = {}
+    norms = global_norms([c.delta for c in candidates], shapes, config.aggregation.fragment_numel)
+    for c, reason in zip(
+        candidates, screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high), strict=True
+    ):
+        if reason is not None:
+            flags[c.peer_id] = ("norm", reason)
+    prints = [
+        fingerprint(
+            c.delta,
+            shapes,
+            key=key,
+            blocks=cfg.fingerprint_blocks,
+            block_len=cfg.fingerprint_block_len,
+        )
+        for c in candidates
+    ]
+    copies = detect_copies(prints, history, min_cos=cfg.copy_min_cos, ratio=cfg.copy_ratio)
+    for c, reason in zip(candidates, copies, strict=True):
+        if reason is not None and c.peer_id not in flags:
+            flags[c.peer_id] = ("copy", reason)
+    scored = 0
+    if scorer is not None and probe is not None and cfg.score_per_round > 0:
+        rng = torch.Generator().manual_seed(seed)
+        survivors = [c for c in candidates if c.peer_id not in flags]
+        ties = torch.rand(len(survivors), generator=rng).tolist()
+        ranked = sorted(
+            zip(survivors, ties, strict=True), key=lambda pair: (pair[0].trust, pair[1])
+        )
+        gains: dict[str, tuple[float, float]] = {}
+        for c, _ in ranked[: cfg.score_per_round]:
+            last = max(1, c.steps - probe.batches_needed() + 1)
+            index = int(torch.randint(last, (1,), generator=rng))
+            held = int(torch.randint(1 << 30, (1,), generator=rng))
+            assigned = probe.assigned(
+                c.order.shard_ids,
+                seed=c.order.seed,
+                round=c.order.round,
+                peer=c.peer_id,
+                index=index,
+            )
+            score = scorer.score(params, c.delta, assigned, probe.heldout(held))
+            reason = judge(
+                score,
+                min_gain=cfg.score_min_gain,
+                heldout_tol=cfg.score_heldout_tol,
+                z=cfg.score_z,
+            )
+            scored += 1
+            if reason is not None:
+                flags[c.peer_id] = ("usefulness", reason)
+            else:
+                gains[c.peer_id] = (score.assigned_gain, cfg.score_z * score.assigned_se)
+        flags.update(_weak_gains(gains, cfg.score_rel_gain))
+    fingerprints = {
+        c.peer_id: fp for c, fp in zip(candidates, prints, strict=True) if c.peer_id not in flags
+    }
+    return Screened(flags, fingerprints, scored)
+
+
+def _weak_gains(
+    gains: Mapping[str, tuple[float, float]], ratio: float
+) -> dict[str, tuple[str, str]]:
+    """Gains far below the round's median, beyond their noise (gain, z × standard error).
+
+    Early in training almost any update lowers the loss a little, even a sign-flipped one,
+    so the absolute test alone is too weak then."""
+    if len(gains) < 3:
+        return {}
+    median = statistics.median(gain for gain, _ in gains.values())
+    return {
+        peer: (
+            "usefulness",
+            f"training on the assigned data barely shows: the loss fell by {gain:.4g}, "
+            f"less than {ratio:g}× the round's median {median:.4g}",
+        )
+        for peer, (gain, noise) in gains.items()
+        if median > 0 and gain + noise < ratio * median
+    }

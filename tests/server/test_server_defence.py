@@ -1,0 +1,155 @@
+"""The verification pipeline through the coordinator's HTTP API: refusals, bans, spot-checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from server_helpers import (
+    FakeClock,
+    Peer,
+    assert_error,
+    make_payload,
+    meta,
+    nan_payload,
+    register,
+    upload,
+    work,
+)
+
+from crowdtrain.config import RunConfig
+from crowdtrain.server.app import create_app
+from crowdtrain.server.coordinator import Coordinator
+
+
+def defended(config: RunConfig, **defence: Any) -> RunConfig:
+    """The server tests' config with the verification stages on (scoring off: random deltas)."""
+    doc = config.model_dump()
+    doc["defence"] = {**doc["defence"], "enabled": True, "score_per_round": 0, **defence}
+    return RunConfig.model_validate(doc)
+
+
+def serve(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
+    coord = Coordinator(config, tmp_path / "state", clock=clock, eval_batch_count=1)
+    with TestClient(create_app(coord), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def strict(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
+    """Bans on the first failure."""
+    yield from serve(defended(config, ban_strikes=1.0), tmp_path, clock)
+
+
+@pytest.fixture
+def checking(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
+    """Every contribution is spot-checked and every peer may verify at once."""
+    cfg = defended(
+        config,
+        check_p_new=1.0,
+        probation_rounds=0,
+        reputation_initial=1.0,
+        trust_threshold=0.0,
+    )
+    yield from serve(cfg, tmp_path, clock)
+
+
+def status_of(client: TestClient, name: str) -> dict[str, Any]:
+    doc = client.get("/v1/status").json()
+    return next(p for p in doc["peers"] if p["name"] == name)
+
+
+def test_a_nan_payload_is_refused_and_bans_the_peer_with_its_reason(
+    strict: TestClient, config: RunConfig
+) -> None:
+    peer = register(strict, "nan-sender")
+    order = work(strict, peer)
+    assert order["kind"] == "work"
+    doc = assert_error(upload(strict, peer, 0, nan_payload(config)), 400)
+    assert doc["error"] == "bad_payload"
+    banned = assert_error(strict.post("/v1/work", headers=peer.auth), 403)
+    assert banned["error"] == "banned" and "NaN" in banned["detail"]
+    entry = status_of(strict, "nan-sender")
+    assert entry["banned"] and "format" in entry["ban_reason"]
+    verdicts = strict.get("/v1/status").json()["verdicts"]
+    assert [v["outcome"] for v in verdicts] == ["rejected", "banned"]
+    assert verdicts[0]["stage"] == "format" and verdicts[0]["peer"] == "nan-sender"
+
+
+def test_an_inflated_sample_claim_is_refused(strict: TestClient, config: RunConfig) -> None:
+    peer = register(strict, "inflater")
+    work(strict, peer)
+    claim = meta(samples=800, tokens=25_600)  # 100x what 2 steps of batch 4 make
+    doc = assert_error(upload(strict, peer, 0, make_payload(config), claim), 400)
+    assert doc["error"] == "bad_claim" and "800" in doc["detail"]
+    assert status_of(strict, "inflater")["banned"]
+
+
+def test_an_honest_claim_is_accepted(strict: TestClient, config: RunConfig) -> None:
+    peer = register(strict, "honest")
+    work(strict, peer)
+    r = upload(strict, peer, 0, make_payload(config))
+    assert r.status_code == 200, r.text
+    assert r.json()["weight"] == pytest.approx(8 * config.defence.probation_weight)
+
+
+def close_round_zero(client: TestClient, config: RunConfig) -> tuple[Peer, Peer, bytes]:
+    a, b = register(client, "a"), register(client, "b")
+    work(client, a), work(client, b)
+    payload_b = make_payload(config, seed=2)
+    assert upload(client, a, 0, make_payload(config, seed=1)).status_code == 200
+    assert upload(client, b, 0, payload_b).status_code == 200
+    return a, b, payload_b
+
+
+def put_verification(client: TestClient, peer: Peer, check_id: str, payload: bytes) -> Any:
+    headers = {**peer.auth, "X-Crowdtrain-Meta": '{"steps": 2}'}
+    return client.put(f"/v1/verifications/{check_id}", content=payload, headers=headers)
+
+
+def test_a_trusted_peer_replays_another_peers_work_and_a_match_passes(
+    checking: TestClient, config: RunConfig
+) -> None:
+    a, _b, payload_b = close_round_zero(checking, config)
+    order = work(checking, a)
+    assert order["kind"] == "verify"
+    target = "b" if order["target"] != a.peer_id else "a"
+    assert order["target"] != a.peer_id and order["steps"] == 2
+    assert order["round"] == 0 and order["weights"] and order["shard_ids"]
+    replay = payload_b if target == "b" else make_payload(config, seed=1)
+    r = put_verification(checking, a, order["check_id"], replay)
+    assert r.json() == {"check_id": order["check_id"], "received": True}
+    verdicts = checking.get("/v1/status").json()["verdicts"]
+    assert [v["outcome"] for v in verdicts] == ["check_passed"]
+    assert status_of(checking, "a")["verified"] == 1
+
+
+def test_a_replay_that_differs_fails_the_check_and_bans_the_target(
+    checking: TestClient, config: RunConfig
+) -> None:
+    a, b, _ = close_round_zero(checking, config)
+    order = work(checking, a)
+    assert order["kind"] == "verify" and order["target"] == b.peer_id
+    other = make_payload(config, seed=99)
+    assert put_verification(checking, a, order["check_id"], other).status_code == 200
+    entry = status_of(checking, "b")
+    assert entry["banned"] and "replay differs" in entry["ban_reason"]
+    assert entry["samples"] == 0  # the voided contribution earns nothing
+    assert_error(checking.post("/v1/work", headers=b.auth), 403)
+
+
+def test_verifications_for_unknown_or_foreign_checks_are_refused(
+    checking: TestClient, config: RunConfig
+) -> None:
+    a, b, payload_b = close_round_zero(checking, config)
+    doc = assert_error(put_verification(checking, a, "ab" * 12, payload_b), 409)
+    assert doc["error"] == "no_check"
+    order = work(checking, a)
+    assert order["kind"] == "verify"
+    doc = assert_error(put_verification(checking, b, order["check_id"], payload_b), 409)
+    assert doc["error"] == "no_check"
+    bad = assert_error(put_verification(checking, a, "not-hex!", payload_b), 400)
+    assert bad["error"]
