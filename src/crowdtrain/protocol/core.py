@@ -82,9 +82,15 @@ class _Submission:
     ref: str = ""
     steps: int = 0
     overlap_steps: int = 0
+    round: int = -1  # the round the work was ordered for (a late one belongs to the last)
+
+    @property
+    def key(self) -> str:
+        return f"{self.round}/{self.peer_id}"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "round": self.round,
             "peer_id": self.peer_id,
             "weight": self.weight,
             "samples": self.samples,
@@ -463,7 +469,9 @@ class RoundProtocol:
         rnd, weight_factor_late = self._round_for(event.round)
         if rnd is None:
             return [self._reject(peer, event.round, "closed", "this round is closed")]
-        done = rnd.submissions.get(event.peer_id) or rnd.late.get(event.peer_id)
+        done = rnd.submissions.get(event.peer_id)
+        if done is None and rnd is not self._round:  # the open round's `late` is the last's
+            done = rnd.late.get(event.peer_id)
         if done is not None:
             return [Accepted(event.peer_id, event.round, done.receipt, done.weight)]
         order = rnd.orders.get(event.peer_id)
@@ -505,6 +513,7 @@ class RoundProtocol:
             ref=event.ref,
             steps=event.steps,
             overlap_steps=event.overlap_steps,
+            round=event.round,
         )
         if rnd is self._round:
             rnd.submissions[event.peer_id] = sub
@@ -559,6 +568,7 @@ class RoundProtocol:
             decisions.append(Flagged(order.target, order.round, "spot_check", reason))
             if record_check(target.standing, self.config.defence, False, reason):
                 decisions.extend(self._ban(target, order.round, now))
+                decisions.extend(self._maybe_close(now))
         else:
             record_check(target.standing, self.config.defence, True, reason)
         return decisions
@@ -580,6 +590,7 @@ class RoundProtocol:
         self._record(now, peer.peer_id, round_number, stage, "rejected", reason)
         if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
             decisions.extend(self._ban(peer, round_number, now))
+            decisions.extend(self._maybe_close(now))  # it may have been the last one awaited
         return decisions
 
     def _ban(self, peer: PeerRecord, round_number: int, now: float) -> list[Decision]:
@@ -641,12 +652,12 @@ class RoundProtocol:
         """Stages (b), (c), (f) on the round's contributions; flagged ones leave `subs`."""
         if self._scorer is None and self.probe is not None:
             self._scorer = Scorer(self.config.model)
-        orders = {**self._round.orders, **(self._previous.orders if self._previous else {})}
         candidates = [
             Candidate(
+                s.key,
                 s.peer_id,
                 s.delta,
-                orders[s.peer_id] if s.peer_id in orders else self._make_order(s.peer_id, rnd),
+                self._order_of(s),
                 s.steps,
                 self.peers[s.peer_id].standing.score,
             )
@@ -665,22 +676,30 @@ class RoundProtocol:
         )
         self.scored += outcome.scored
         decisions: list[Decision] = []
-        for peer_id, (stage, reason) in outcome.flags.items():
-            peer = self.peers[peer_id]
-            peer.samples -= next(s.samples for s in subs if s.peer_id == peer_id)
-            self._record(now, peer_id, rnd.number, stage, "flagged", reason)
-            decisions.append(Flagged(peer_id, rnd.number, stage, reason))
+        for sub in [s for s in subs if s.key in outcome.flags]:
+            stage, reason = outcome.flags[sub.key]
+            peer = self.peers[sub.peer_id]
+            peer.samples -= sub.samples
+            self._record(now, sub.peer_id, sub.round, stage, "flagged", reason)
+            decisions.append(Flagged(sub.peer_id, sub.round, stage, reason))
             if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
                 decisions.extend(self._ban(peer, rnd.number, now))
-        subs[:] = [s for s in subs if s.peer_id not in outcome.flags]
-        for peer_id, fp in outcome.fingerprints.items():
-            self.fingerprints[f"{rnd.number}/{peer_id}"] = fp
+        subs[:] = [s for s in subs if s.key not in outcome.flags]
+        self.fingerprints.update(outcome.fingerprints)
         keep = rnd.number - self.config.defence.copy_history_rounds
         for name in [n for n in self.fingerprints if int(n.split("/", 1)[0]) <= keep]:
             del self.fingerprints[name]
         for s in subs:
             record_success(self.peers[s.peer_id].standing, self.config.defence)
         return decisions
+
+    def _order_of(self, sub: _Submission) -> WorkOrder:
+        """The work order a contribution answered (recomputed if it lapsed: it is a pure
+        function of the round and the peer)."""
+        for rnd in (self._round, self._previous):
+            if rnd is not None and rnd.number == sub.round:
+                return rnd.orders.get(sub.peer_id) or self._make_order(sub.peer_id, rnd)
+        raise ValueError(f"round {sub.round} is neither the open nor the last round")
 
     def _aggregate_print(self) -> list[torch.Tensor]:
         """The last aggregate's fingerprint: a free-rider resubmitting the global update (which
@@ -721,20 +740,20 @@ class RoundProtocol:
         rng = torch.Generator().manual_seed(
             secret_seed("checks", self.secret, self.config.seed, rnd.number)
         )
-        orders = {**rnd.orders}
         for s in subs:
             draw = float(torch.rand((), generator=rng))
             p = check_probability(self.peers[s.peer_id].standing, cfg)
-            if s.overlap_steps or draw >= p or s.peer_id not in orders:
+            if s.overlap_steps or draw >= p:
                 continue
-            work = orders[s.peer_id]
-            check_id = hashlib.sha256(f"check\x00{s.peer_id}\x00{rnd.number}".encode()).hexdigest()
+            work = self._order_of(s)
+            text = f"check\x00{s.peer_id}\x00{s.round}"
+            check_id = hashlib.sha256(text.encode()).hexdigest()
             order = VerifyOrder(
                 check_id=check_id[:24],
                 peer_id="",
                 target=s.peer_id,
-                round=rnd.number,
-                base_version=rnd.base_version,
+                round=work.round,
+                base_version=work.base_version,
                 shard_ids=work.shard_ids,
                 seed=work.seed,
                 step_offset=work.step_offset,

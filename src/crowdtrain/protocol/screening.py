@@ -30,6 +30,7 @@ from crowdtrain.robust.usefulness import Scorer, judge
 class Candidate:
     """One accepted contribution as the screening stages see it."""
 
+    key: str  # "round/peer": a peer may have a late and an on-time contribution in one close
     peer_id: str
     delta: DeltaSource
     order: WorkOrder
@@ -39,7 +40,8 @@ class Candidate:
 
 @dataclass
 class Screened:
-    """The outcome: excluded peers with (stage, reason), and the survivors' fingerprints."""
+    """The outcome, keyed by `Candidate.key`: the excluded contributions with (stage, reason),
+    and the survivors' fingerprints."""
 
     flags: dict[str, tuple[str, str]]
     fingerprints: dict[str, torch.Tensor]
@@ -66,7 +68,7 @@ def screen(
         candidates, screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high), strict=True
     ):
         if reason is not None:
-            flags[c.peer_id] = ("norm", reason)
+            flags[c.key] = ("norm", reason)
     prints = [
         fingerprint(
             c.delta,
@@ -79,12 +81,12 @@ def screen(
     ]
     copies = detect_copies(prints, history, min_cos=cfg.copy_min_cos, ratio=cfg.copy_ratio)
     for c, reason in zip(candidates, copies, strict=True):
-        if reason is not None and c.peer_id not in flags:
-            flags[c.peer_id] = ("copy", reason)
+        if reason is not None and c.key not in flags:
+            flags[c.key] = ("copy", reason)
     scored = 0
     if scorer is not None and probe is not None and cfg.score_per_round > 0:
         rng = torch.Generator().manual_seed(seed)
-        survivors = [c for c in candidates if c.peer_id not in flags]
+        survivors = [c for c in candidates if c.key not in flags]
         ties = torch.rand(len(survivors), generator=rng).tolist()
         ranked = sorted(
             zip(survivors, ties, strict=True), key=lambda pair: (pair[0].trust, pair[1])
@@ -110,12 +112,12 @@ def screen(
             )
             scored += 1
             if reason is not None:
-                flags[c.peer_id] = ("usefulness", reason)
+                flags[c.key] = ("usefulness", reason)
             else:
-                gains[c.peer_id] = (score.assigned_gain, cfg.score_z * score.assigned_se)
+                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se)
         flags.update(_weak_gains(gains, cfg.score_rel_gain))
     fingerprints = {
-        c.peer_id: fp for c, fp in zip(candidates, prints, strict=True) if c.peer_id not in flags
+        c.key: fp for c, fp in zip(candidates, prints, strict=True) if c.key not in flags
     }
     return Screened(flags, fingerprints, scored)
 
