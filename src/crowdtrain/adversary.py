@@ -11,7 +11,7 @@ seeded by (attack, seed, peer, round), so the same seed always gives the same fo
 
 The attacks and where they come from:
 
-- ``sign_flip`` (−Δ), ``noise`` (Gaussian, ‖noise‖ = 10‖Δ‖) and ``nan`` (non-finite values):
+- ``sign_flip`` (−Δ), ``noise`` (Gaussian, ‖noise‖ = 100‖Δ‖) and ``nan`` (non-finite values):
   the classic Byzantine baselines of Blanchard et al. 2017, "Machine Learning with Adversaries:
   Byzantine Tolerant Gradient Descent" (NeurIPS; Krum), and Karimireddy, He, Jaggi 2021,
   "Learning from History for Byzantine Robust Optimization" (ICML, arXiv:2012.10333; bit flip).
@@ -69,7 +69,7 @@ ATTACKS: tuple[str, ...] = (
 )
 
 #: ‖noise‖ / ‖Δ‖ of the `noise` attack.
-NOISE_RATIO = 10.0
+NOISE_RATIO = 100.0
 #: Per-element standard deviation of the `free_rider`'s random Δ in odd rounds.
 FREE_RIDER_STD = 1e-6
 #: The `copycat` rescales its victim by a factor drawn uniformly from this range ...

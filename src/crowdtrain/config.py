@@ -161,7 +161,7 @@ class DefenceConfig(_Strict):
     score_rel_gain: float = Field(0.3, ge=0.0, le=1.0)
     score_z: float = Field(2.0, ge=0.0)
     spot_check: SpotCheckMode = "peer"
-    check_p_new: float = Field(0.25, ge=0.0, le=1.0)
+    check_p_new: float = Field(0.15, ge=0.0, le=1.0)
     check_p_min: float = Field(0.02, ge=0.0, le=1.0)
     check_tolerance: float = Field(0.05, gt=0.0)
     reputation_initial: float = Field(0.3, ge=0.0, le=1.0)

@@ -14,6 +14,7 @@ import torch
 from crowdtrain import codec
 from crowdtrain.adversary import (
     ATTACKS,
+    NOISE_RATIO,
     Attacker,
     Claim,
     Forgery,
@@ -136,8 +137,8 @@ def test_noise_has_ten_times_the_honest_norm_and_is_seeded_per_round() -> None:
     honest = make_delta(1)
     r0 = forge("noise", honest, make_view(round=0)).delta
     r1 = forge("noise", honest, make_view(round=1)).delta
-    assert norm(r0) == pytest.approx(10 * norm(honest), rel=1e-5)
-    assert norm(r1) == pytest.approx(10 * norm(honest), rel=1e-5)
+    assert norm(r0) == pytest.approx(NOISE_RATIO * norm(honest), rel=1e-5)
+    assert norm(r1) == pytest.approx(NOISE_RATIO * norm(honest), rel=1e-5)
     assert not equal(r0, r1)
     cosine = float(flat(r0) @ flat(honest)) / (norm(r0) * norm(honest))
     assert abs(cosine) < 0.5  # pure noise, not a multiple of Δ

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
 from server_helpers import (
     FakeClock,
     Peer,
@@ -20,9 +22,12 @@ from server_helpers import (
     work,
 )
 
+from crowdtrain import codec
 from crowdtrain.config import RunConfig
+from crowdtrain.data import BatchSampler
 from crowdtrain.server.app import create_app
-from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.server.coordinator import ContributionMeta, Coordinator
+from crowdtrain.train import LocalTrainer
 
 
 def defended(config: RunConfig, **defence: Any) -> RunConfig:
@@ -153,3 +158,51 @@ def test_verifications_for_unknown_or_foreign_checks_are_refused(
     assert doc["error"] == "no_check"
     bad = assert_error(put_verification(checking, a, "not-hex!", payload_b), 400)
     assert bad["error"]
+
+
+def honest_upload(coord: Coordinator, config: RunConfig, peer_id: str, *, flip: bool) -> None:
+    """Train the peer's real work order with LocalTrainer (as a volunteer would) and submit."""
+    order = coord.work(peer_id)
+    assert order["kind"] == "work"
+    shards = {sha: coord.shard_store.load(sha) for sha in order["shard_ids"]}
+    sampler = BatchSampler(
+        shards,
+        order["shard_ids"],
+        seed=order["seed"],
+        round=order["round"],
+        peer=peer_id,
+        batch_size=config.data.batch_size,
+        context=config.model.context,
+    )
+    base = dict(load_safetensors(coord.blobs.read(order["weights"])))
+    result = LocalTrainer(config.model, config.inner).train(
+        base, iter(sampler), step_offset=order["step_offset"], max_steps=order["max_steps"]
+    )
+    delta = {k: -v if flip else v for k, v in result.delta.items()}
+    payload = codec.encode(delta, config.codec)
+    sha = coord.blobs.put_bytes(payload)
+    meta = ContributionMeta(0, result.samples, result.tokens, result.steps, result.loss_mean)
+    coord.submit(peer_id, order["round"], meta, sha, len(payload))
+
+
+def test_the_coordinator_replays_spot_checks_itself_when_configured(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    cfg = defended(config, spot_check="coordinator", check_p_new=1.0)
+    coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1)
+    honest = coord.register("honest", None, {})["peer_id"]
+    cheat = coord.register("cheat", None, {})["peer_id"]
+    torch.set_num_threads(1)
+    honest_upload(coord, cfg, honest, flip=False)
+    honest_upload(coord, cfg, cheat, flip=True)  # passes screening, fails the replay
+    assert coord.protocol.version == 1
+    for _ in range(2):  # one replay at a time, in a background thread
+        coord.tick()
+        assert coord._replaying is not None
+        coord._replaying.join(timeout=120)
+    outcomes = {v["peer"]: v["outcome"] for v in coord.status()["verdicts"]}
+    assert outcomes["honest"] == "check_passed"
+    assert outcomes["cheat"] in ("check_failed", "banned")
+    cheat_entry = next(p for p in coord.status()["peers"] if p["name"] == "cheat")
+    assert cheat_entry["banned"] and "replay differs" in cheat_entry["ban_reason"]
+    assert coord.store.get_peer(cheat) is not None and coord.store.get_peer(cheat).banned

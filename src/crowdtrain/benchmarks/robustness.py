@@ -22,11 +22,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from crowdtrain.config import parse_config
+from crowdtrain.data import ensure_packed_for
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,13 @@ AT_20 = (
 AT_40 = ("alie", "ipm0.1", "ipm100")
 
 
-def scenario(s: RobustSetting, defended: bool, data_dir: str) -> dict[str, Any]:
+def scenario(
+    s: RobustSetting, defended: bool, data_dir: str, peers: int | None = None, seed: int = 0
+) -> dict[str, Any]:
     """The scenario document of one run (validated as a RunConfig here)."""
     run: dict[str, Any] = {
         "name": "bench-robustness",
-        "seed": 0,
+        "seed": seed,
         "model": {"arch": "gpt", "width": s.width, "depth": s.depth, "heads": 4},
         "data": {"source": "stdlib", "dir": data_dir, "batch_size": s.batch_size},
         "inner": {
@@ -85,7 +88,8 @@ def scenario(s: RobustSetting, defended: bool, data_dir: str) -> dict[str, Any]:
     }
     run["model"]["context"] = s.context
     parse_config(run)  # fail here, not in a child process
-    return {"swarm": {"peers": s.peers, "eval_batches": 8, "eval_batch_size": 32}, "run": run}
+    swarm = {"peers": peers or s.peers, "eval_batches": 8, "eval_batch_size": 32}
+    return {"swarm": swarm, "run": run}
 
 
 def _toml(doc: Mapping[str, Any], prefix: str = "") -> str:
@@ -142,7 +146,12 @@ def caught_in_round(result: Mapping[str, Any], attackers: set[str], attack: str)
 
 
 def summarize(
-    attack: str, k: int, peers: int, defended: Mapping[str, Any], plain: Mapping[str, Any]
+    attack: str,
+    k: int,
+    peers: int,
+    defended: Mapping[str, Any],
+    plain: Mapping[str, Any],
+    honest_only: Mapping[str, Any],
 ) -> dict[str, Any]:
     """One row of the JSON: what the defences did against one attack."""
     bad = set(defended["attackers"])
@@ -151,6 +160,7 @@ def summarize(
         "fraction": k / peers,
         "defended_eval_loss": defended["final_eval_loss"],
         "undefended_eval_loss": plain["final_eval_loss"],
+        "honest_only_eval_loss": honest_only["final_eval_loss"],
         "attackers_banned": sum(p in bad for p in defended["banned"]),
         "attackers_total": k,
         "honest_flagged": sum(p not in bad for p in defended["flagged"]),
@@ -166,42 +176,73 @@ def overhead(result: Mapping[str, Any]) -> float:
     return float(result["verify_steps"] / total) if total else 0.0
 
 
+#: Data-order seeds of the extra clean runs that show the run-to-run spread.
+SPREAD_SEEDS = (1, 2)
+#: The long clean run that measures the spot-check overhead once peers are past newcomer status.
+LONG_ROUNDS_FACTOR = 5
+
+
 def run_robustness_bench(
-    *, quick: bool, jobs: int = 2, log: Callable[[str], None] = print
+    *,
+    quick: bool,
+    jobs: int = 2,
+    runs_dir: Path | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the clean, defended and undefended swarms; return the benchmark's JSON document."""
+    """Run the clean, defended and undefended swarms; return the benchmark's JSON document.
+
+    Besides one defended and one plain run per attack, it runs: the clean run with the
+    defences on and with a plain mean; the honest peers alone (what perfect exclusion of the
+    attackers gives); the clean run with other data-order seeds (the run-to-run spread that
+    any difference must exceed to mean something); and a clean run `LONG_ROUNDS_FACTOR` times
+    longer, for the spot-check overhead after the newcomer phase. With `runs_dir`, every run's
+    own JSON (per-round losses, every verdict with its reason) is kept there for audit.
+    """
     s = QUICK if quick else FULL
     k20 = max(1, round(0.2 * s.peers))
     k40 = max(1, round(0.4 * s.peers))
     cases = [(a, k20) for a in AT_20] + [(a, k40) for a in AT_40]
+    data_dir = str(Path("data/stdlib").resolve())
+    defended, plain = scenario(s, True, data_dir), scenario(s, False, data_dir)
+    long = replace(s, rounds=s.rounds * LONG_ROUNDS_FACTOR)
+    runs: list[tuple[str, dict[str, Any], str | None, int]] = [
+        ("clean-defended", defended, None, 0),
+        ("clean-plain", plain, None, 0),
+        ("clean-long", scenario(long, True, data_dir), None, 0),
+    ]
+    for seed in SPREAD_SEEDS:
+        runs.append((f"clean-seed{seed}", scenario(s, True, data_dir, seed=seed), None, 0))
+    for k in sorted({k20, k40}):
+        runs.append((f"honest-only-{k}", scenario(s, True, data_dir, s.peers - k), None, 0))
+    for attack, k in cases:
+        runs.append((f"{attack}-{k}-defended", defended, attack, k))
+        runs.append((f"{attack}-{k}-plain", plain, attack, k))
+    # Pack the corpus once, before the parallel runs race to do it.
+    ensure_packed_for(parse_config(defended["run"]).data)
     with tempfile.TemporaryDirectory(prefix="crowdtrain-robust-") as tmp:
         folder = Path(tmp)
-        data_dir = str(Path("data/stdlib").resolve())
-        docs = {d: scenario(s, d, data_dir) for d in (True, False)}
-        runs: list[tuple[str, bool, str | None, int]] = [
-            ("clean-defended", True, None, 0),
-            ("clean-plain", False, None, 0),
-        ]
-        for attack, k in cases:
-            runs.append((f"{attack}-{k}-defended", True, attack, k))
-            runs.append((f"{attack}-{k}-plain", False, attack, k))
-        # Pack the corpus once, before the parallel runs race to do it.
-        from crowdtrain.data import ensure_packed_for
 
-        ensure_packed_for(parse_config(docs[True]["run"]).data)
-
-        def go(spec: tuple[str, bool, str | None, int]) -> tuple[str, dict[str, Any]]:
-            tag, defended, attack, k = spec
-            result = _run_one(folder, tag, docs[defended], attack, k)
+        def go(spec: tuple[str, dict[str, Any], str | None, int]) -> tuple[str, dict[str, Any]]:
+            tag, doc, attack, k = spec
+            result = _run_one(folder, tag, doc, attack, k)
             log(f"{tag}: eval loss {result['final_eval_loss']:.4f}")
             return tag, result
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             results = dict(pool.map(go, runs))
+    if runs_dir is not None:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        for tag, result in results.items():
+            (runs_dir / f"{tag}.json").write_text(json.dumps(result, indent=1))
     clean = results["clean-defended"]
     attacks = {
-        f"{attack}@{k}": summarize(
-            attack, k, s.peers, results[f"{attack}-{k}-defended"], results[f"{attack}-{k}-plain"]
+        attack if k == k20 else f"{attack}@{k / s.peers:.0%}": summarize(
+            attack,
+            k,
+            s.peers,
+            results[f"{attack}-{k}-defended"],
+            results[f"{attack}-{k}-plain"],
+            results[f"honest-only-{k}"],
         )
         for attack, k in cases
     }
@@ -210,9 +251,18 @@ def run_robustness_bench(
         "setting": {**s.__dict__, "quick": quick},
         "clean_eval_loss": clean["final_eval_loss"],
         "clean_plain_eval_loss": results["clean-plain"]["final_eval_loss"],
+        "clean_seed_eval_loss": {
+            "0": clean["final_eval_loss"],
+            **{str(n): results[f"clean-seed{n}"]["final_eval_loss"] for n in SPREAD_SEEDS},
+        },
+        "honest_only_eval_loss": {
+            str(k): results[f"honest-only-{k}"]["final_eval_loss"] for k in sorted({k20, k40})
+        },
         "initial_eval_loss": clean["initial_eval_loss"],
         "attacks": attacks,
         "spot_check_overhead": overhead(clean),
+        "spot_check_overhead_long": overhead(results["clean-long"]),
+        "long_rounds": long.rounds,
         "spot_check_overhead_median_attacked": statistics.median(defended_overheads),
         "usefulness_scored_clean": clean["scored"],
     }

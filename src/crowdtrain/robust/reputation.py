@@ -73,7 +73,8 @@ def record_failure(st: Standing, cfg: DefenceConfig, severity: float, reason: st
     if st.banned or st.strikes < cfg.ban_strikes:
         return False
     st.banned = True
-    st.ban_reason = f"banned after {st.failures} failures; the last: {reason}"
+    count = "1 failure" if st.failures == 1 else f"{st.failures} failures"
+    st.ban_reason = f"banned after {count}; the last: {reason}"
     return True
 
 
