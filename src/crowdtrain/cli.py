@@ -97,14 +97,29 @@ def _round_table() -> tuple[Table, Callable[[Any], None]]:
     return table, on_round
 
 
-def _simulate(scenario_name: str, json_path: Path | None, rounds: int | None) -> float:
-    from crowdtrain.sim.scenario import load_scenario
+def _simulate(
+    scenario_name: str,
+    json_path: Path | None,
+    rounds: int | None,
+    attack: str | None = None,
+    attackers: int | None = None,
+) -> float:
+    from crowdtrain.sim.scenario import check_attack, load_scenario
     from crowdtrain.sim.swarm import run_swarm
 
     scenario = load_scenario(scenario_name)
     run = scenario.run
     if rounds is not None:
         run = run.model_copy(update={"rounds": run.rounds.model_copy(update={"total": rounds})})
+    attack = attack or scenario.swarm.attack
+    if attackers is None:
+        attackers = scenario.swarm.attackers or (1 if attack else 0)
+    try:
+        check_attack(attack, attackers, scenario.swarm.peers)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if attack:
+        console.print(f"attack [bold]{attack}[/bold] by {attackers} of the volunteers")
     console.print(
         f"scenario [bold]{scenario.name}[/bold]: {scenario.swarm.peers} volunteers, "
         f"{run.rounds.total} rounds of {run.inner.steps} steps, {run.model.arch} "
@@ -121,6 +136,8 @@ def _simulate(scenario_name: str, json_path: Path | None, rounds: int | None) ->
         result = run_swarm(
             run,
             scenario.swarm.peers,
+            attack=attack,
+            attackers=attackers,
             eval_batch_count=scenario.swarm.eval_batches,
             eval_batch_size=scenario.swarm.eval_batch_size,
             on_round=show,
@@ -129,6 +146,10 @@ def _simulate(scenario_name: str, json_path: Path | None, rounds: int | None) ->
         f"eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f} "
         f"after {len(result.rounds)} rounds"
     )
+    if run.defence.enabled:
+        banned = ", ".join(f"{p} ({why})" for p, why in result.banned.items()) or "none"
+        console.print(f"flagged at least once: {', '.join(result.flagged) or 'none'}")
+        console.print(f"banned: {banned}")
     _write_json(json_path, result.to_json())
     return result.final_eval_loss - result.initial_eval_loss
 
@@ -138,10 +159,16 @@ def simulate(
     scenario: Annotated[str, typer.Option(help="Built-in scenario name or a TOML file.")] = "smoke",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Override the round count.")] = None,
+    attack: Annotated[
+        str | None, typer.Option(help="An attack from crowdtrain.adversary (docs/SECURITY.md).")
+    ] = None,
+    attackers: Annotated[
+        int | None, typer.Option(min=1, help="How many volunteers attack (default 1).")
+    ] = None,
 ) -> None:
     """Run a swarm of in-process volunteers through the protocol core and print each round."""
     with _friendly_errors():
-        _simulate(scenario, json_path, rounds)
+        _simulate(scenario, json_path, rounds, attack, attackers)
 
 
 @app.command()
@@ -150,17 +177,30 @@ def demo(
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to train.")] = 16,
     round_seconds: Annotated[float, typer.Option(min=0.5, help="Compute budget per round.")] = 6.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(help="Make some volunteers attack: an attack from crowdtrain.adversary."),
+    ] = None,
+    attackers: Annotated[
+        int | None, typer.Option(min=1, help="How many volunteers attack (default 1).")
+    ] = None,
 ) -> None:
     """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN."""
     from crowdtrain.demo import run_demo
 
     with _friendly_errors():
         doc = run_demo(
-            volunteers=volunteers, rounds=rounds, round_seconds=round_seconds, console=console
+            volunteers=volunteers,
+            rounds=rounds,
+            round_seconds=round_seconds,
+            attack=attack,
+            attackers=attackers,
+            console=console,
         )
         console.print()
         table = Table(title="volunteers")
-        for col in ("volunteer", "samples", "bytes up", "bytes down", "utilization"):
+        cols = ("volunteer", "samples", "bytes up", "bytes down", "utilization", "spot-checks")
+        for col in cols + (("banned",) if attack else ()):
             table.add_column(col, justify="right")
         for v in doc["volunteers"]:
             table.add_row(
@@ -169,6 +209,8 @@ def demo(
                 f"{v['bytes_up']:,}",
                 f"{v['bytes_down']:,}",
                 f"{v['utilization']:.1%}",
+                str(v["verified"]),
+                *(("yes" if v["banned"] else "",) if attack else ()),
             )
         console.print(table)
         console.print(
@@ -176,10 +218,20 @@ def demo(
             f"{doc['rounds_completed']} rounds in {doc['wall_s']:.0f} s; "
             f"state and model in {doc['state_dir']}"
         )
+        if attack is not None:
+            banned = doc["banned"]
+            console.print(
+                "banned: "
+                + (", ".join(f"{n} ({why})" for n, why in banned.items()) if banned else "none")
+            )
         _write_json(json_path, doc)
-        if doc["eval_loss_end"] >= doc["eval_loss_start"]:
-            errors.print("[red]the eval loss did not fall[/red]")
-            raise typer.Exit(1)
+    # Outside _friendly_errors, which would take typer.Exit (an Exception) for a bug.
+    if not doc["finished"]:
+        errors.print("[red]the run did not finish[/red]")
+        raise typer.Exit(1)
+    if doc["eval_loss_end"] >= doc["eval_loss_start"]:
+        errors.print("[red]the eval loss did not fall[/red]")
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -229,25 +281,41 @@ def join(
         Path | None, typer.Option(help="Where downloaded weights and shards are cached.")
     ] = None,
     slowdown: Annotated[float, typer.Option(min=1.0, hidden=True)] = 1.0,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="For testing defences: behave as this attack from crowdtrain.adversary "
+            "(seeing only its own update: ALIE and IPM use it, copycat sends it)."
+        ),
+    ] = None,
 ) -> None:
     """Donate compute: join a run and train until it ends (Ctrl-C stops cleanly)."""
+    from crowdtrain.client.api import PeerBanned
     from crowdtrain.client.run import run_volunteer
 
+    banned: PeerBanned | None = None
     with _friendly_errors():
-        run_volunteer(
-            url,
-            name=name,
-            device=device,
-            threads=threads,
-            max_upload_mbps=max_upload_mbps,
-            invite=invite,
-            max_rounds=max_rounds,
-            summary=summary,
-            quiet=quiet,
-            slowdown=slowdown,
-            cache_dir=cache_dir,
-            console=console,
-        )
+        try:
+            run_volunteer(
+                url,
+                name=name,
+                device=device,
+                threads=threads,
+                max_upload_mbps=max_upload_mbps,
+                invite=invite,
+                max_rounds=max_rounds,
+                summary=summary,
+                quiet=quiet,
+                slowdown=slowdown,
+                cache_dir=cache_dir,
+                console=console,
+                attack=attack,
+            )
+        except PeerBanned as exc:
+            banned = exc
+    if banned is not None:  # outside _friendly_errors: typer.Exit is an Exception
+        errors.print(f"[red]stopped:[/red] {banned}", highlight=False)
+        raise typer.Exit(1)
 
 
 @data_app.command("pack")
@@ -295,6 +363,55 @@ def bench_algo(
                 name, f"{row['eval_loss']:.4f}", f"{row['bytes_per_worker']:,}", str(row["steps"])
             )
         console.print(table)
+        _write_json(json_path, doc)
+
+
+@bench_app.command("robustness")
+def bench_robustness(
+    quick: Annotated[bool, typer.Option(help="The small setting (< 15 min on 2 cores).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="Runs at a time.")] = 2,
+    runs: Annotated[
+        Path | None, typer.Option(help="Keep every run's JSON (with its verdicts) here.")
+    ] = None,
+) -> None:
+    """Every attack with the defences on and with a plain mean, against the clean run."""
+    from crowdtrain.benchmarks.robustness import run_robustness_bench
+
+    with _friendly_errors():
+        doc = run_robustness_bench(
+            quick=quick,
+            jobs=jobs,
+            runs_dir=runs,
+            log=lambda line: console.print(line, highlight=False),
+        )
+        clean = doc["clean_eval_loss"]
+        table = Table(title=f"robustness (clean run: eval loss {clean:.4f})")
+        cols = (
+            "attack",
+            "attackers",
+            "defended",
+            "vs clean",
+            "plain mean",
+            "banned",
+            "caught in round",
+            "honest flagged",
+        )
+        for col in cols:
+            table.add_column(col, justify="right")
+        for row in doc["attacks"].values():
+            table.add_row(
+                row["attack"],
+                f"{row['fraction']:.0%}",
+                f"{row['defended_eval_loss']:.4f}",
+                f"{row['defended_eval_loss'] / clean - 1:+.1%}",
+                f"{row['undefended_eval_loss']:.4f}",
+                f"{row['attackers_banned']}/{row['attackers_total']}",
+                f"{row['caught_in_round']:.0%}",
+                str(row["honest_flagged"]),
+            )
+        console.print(table)
+        console.print(f"spot-check overhead (clean run): {doc['spot_check_overhead']:.1%}")
         _write_json(json_path, doc)
 
 

@@ -5,6 +5,10 @@ bandwidth and latency; see wanproxy.py), and N `crowdtrain join` processes that 
 coordinator only through their proxy. One volunteer is 3× slower, as a laptop next to gaming PCs.
 Rounds are time-budgeted, so the slow volunteer contributes fewer samples instead of stalling a
 round. The demo shows live progress and ends with a summary and, optionally, a JSON document.
+
+With `attack`, the last K volunteers run `crowdtrain join --attack NAME` (crowdtrain.adversary),
+and the summary says which volunteers the coordinator's verification pipeline banned and why
+(docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from crowdtrain.adversary import ATTACKS
 from crowdtrain.config import ConfigError, RunConfig, parse_config
 from crowdtrain.data import ensure_packed_for
 from crowdtrain.wan import WanProxy
@@ -48,7 +53,7 @@ LINKS = (
 )
 
 
-def demo_config(rounds: int, round_seconds: float) -> RunConfig:
+def demo_config(rounds: int, round_seconds: float, quorum: int = 2) -> RunConfig:
     """The demo's run: a small byte-level GPT on the stdlib, time-budgeted DiLoCo rounds."""
     return parse_config(
         {
@@ -67,7 +72,7 @@ def demo_config(rounds: int, round_seconds: float) -> RunConfig:
             "codec": {"name": "int8"},
             "rounds": {
                 "total": rounds,
-                "quorum": 2,
+                "quorum": quorum,
                 "deadline_s": round_seconds * 4 + 20,
                 "late": "accept",
             },
@@ -107,7 +112,7 @@ def _status_table(status: dict[str, Any], elapsed: float) -> Table:
     rounds = status.get("rounds", [])
     last = rounds[-1] if rounds else {}
     table = Table(title=f"crowdtrain demo: round {status['round']}  ({elapsed:.0f} s)")
-    for col in ("volunteer", "online", "samples", "accepted", "rejected"):
+    for col in ("volunteer", "online", "samples", "accepted", "rejected", "banned"):
         table.add_column(col, justify="right")
     for p in status.get("peers", []):
         table.add_row(
@@ -116,6 +121,7 @@ def _status_table(status: dict[str, Any], elapsed: float) -> Table:
             f"{p['samples']:,}",
             str(p["accepted"]),
             str(p["rejected"]),
+            "yes" if p.get("banned") else "",
         )
     if last:
         table.caption = (
@@ -127,11 +133,30 @@ def _status_table(status: dict[str, Any], elapsed: float) -> Table:
 
 @dataclass(frozen=True)
 class VolunteerSpec:
-    """One volunteer process of a networked run: its name, link and speed."""
+    """One volunteer process of a networked run: its name, link, speed and attack, if any."""
 
     name: str
     link: Link
     slowdown: float = 1.0
+    attack: str | None = None
+
+
+def check_attack(attack: str | None, attackers: int | None, volunteers: int) -> int:
+    """How many volunteers attack (0 without an attack); ConfigError if the request is bad."""
+    if attack is None:
+        if attackers is not None:
+            raise ConfigError("--attackers needs --attack to say what the attackers do")
+        return 0
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r}; the attacks are {', '.join(ATTACKS)}")
+    count = 1 if attackers is None else attackers
+    if volunteers < 2:
+        raise ConfigError("an attack needs at least 2 volunteers, so that one is honest")
+    if not 1 <= count <= volunteers - 1:
+        raise ConfigError(
+            f"--attackers must be between 1 and {volunteers - 1} (the volunteers less one)"
+        )
+    return count
 
 
 def run_demo(
@@ -140,18 +165,28 @@ def run_demo(
     rounds: int = 16,
     round_seconds: float = 6.0,
     state_root: Path = Path("runs"),
+    attack: str | None = None,
+    attackers: int | None = None,
     console: Console,
 ) -> dict[str, Any]:
-    """Run the demo (one volunteer of several is 3× slower); return its summary document."""
+    """Run the demo (one volunteer of several is 3× slower); return its summary document.
+
+    With ATTACK, the last ATTACKERS volunteers (default 1) behave as that attack; the slow one
+    is then the last honest volunteer, and the quorum never exceeds the honest volunteers.
+    """
     if volunteers < 1:
         raise ConfigError("the demo needs at least one volunteer")
+    bad = check_attack(attack, attackers, volunteers)
+    honest = volunteers - bad
     specs = []
     for i in range(volunteers):
-        slow = volunteers > 1 and i == volunteers - 1
-        name = f"volunteer-{i}" + ("-slow" if slow else "")
-        specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0))
+        slow = volunteers > 1 and i == honest - 1
+        evil = attack if i >= honest else None
+        name = f"volunteer-{i}" + ("-slow" if slow else "") + (f"-{evil}" if evil else "")
+        specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0, evil))
     state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
-    return run_network(demo_config(rounds, round_seconds), specs, state, console=console)
+    config = demo_config(rounds, round_seconds, quorum=min(2, honest))
+    return run_network(config, specs, state, console=console)
 
 
 def run_network(
@@ -215,6 +250,7 @@ def run_network(
                 str(home / "cache"),
                 "--slowdown",
                 str(spec.slowdown),
+                *(["--attack", spec.attack] if spec.attack else []),
             ]
             log = (home / "volunteer.log").open("wb")
             stack.callback(log.close)
@@ -224,6 +260,7 @@ def run_network(
                 f"{spec.name}: {link.up_mbps:g}/{link.down_mbps:g} Mbit/s up/down, "
                 f"{link.latency_ms:g} ms latency"
                 + (f", {spec.slowdown:g}× slower" if spec.slowdown > 1 else "")
+                + (f", attacking with {spec.attack}" if spec.attack else "")
             )
         started = time.monotonic()
         status: dict[str, Any] = {"round": 0, "peers": [], "rounds": [], "finished": False}
@@ -239,43 +276,68 @@ def run_network(
             while not status.get("finished"):
                 if server.poll() is not None:
                     raise ConfigError("the coordinator stopped unexpectedly; see coordinator.log")
+                running = sum(p.poll() is None for p in procs[1:])
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     status = http.get("/v1/status").json()
                 view.update(_status_table(status, time.monotonic() - started))
+                if running < config.rounds.quorum:  # banned or failed: no round can close
+                    break
                 time.sleep(1.0)
             final = http.get("/v1/status").json()
-        deadline = time.monotonic() + 60
-        for p in procs[1:]:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-    names = [v.name for v in volunteers]
-    return _summary(state, final, names, proxies, time.monotonic() - started)
+        if final.get("finished"):
+            deadline = time.monotonic() + 60
+            for p in procs[1:]:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        else:
+            console.print(
+                f"[red]the run stalled:[/red] only {running} volunteer(s) still run, fewer "
+                f"than the quorum of {config.rounds.quorum}; see the volunteers' logs"
+            )
+    return _summary(state, final, volunteers, proxies, time.monotonic() - started)
 
 
 def _summary(
-    state: Path, status: dict[str, Any], names: list[str], proxies: list[WanProxy], wall: float
+    state: Path,
+    status: dict[str, Any],
+    specs: list[VolunteerSpec],
+    proxies: list[WanProxy],
+    wall: float,
 ) -> dict[str, Any]:
     rounds = status["rounds"]
+    peers = {p.get("name"): p for p in status.get("peers", [])}
     volunteers = []
-    for name, proxy in zip(names, proxies, strict=True):
-        path = state / "volunteers" / name / "summary.json"
+    for spec, proxy in zip(specs, proxies, strict=True):
+        path = state / "volunteers" / spec.name / "summary.json"
         doc = json.loads(path.read_text()) if path.exists() else {}
+        peer = peers.get(spec.name, {})
         volunteers.append(
             {
-                "name": name,
+                "name": spec.name,
+                "attack": spec.attack,
                 "samples": doc.get("samples", 0),
                 "rounds": doc.get("rounds", 0),
                 "refused": doc.get("refused", 0),
+                "verified": doc.get("verified", 0),
+                "verify_steps": doc.get("verify_steps", 0),
                 "compute_s": doc.get("compute_s", 0.0),
                 "bytes_up": proxy.bytes_up,
                 "bytes_down": proxy.bytes_down,
                 "utilization": doc.get("utilization", 0.0),
+                "banned": bool(peer.get("banned", False)),
+                "ban_reason": peer.get("ban_reason", ""),
+                "reputation": peer.get("reputation"),
+                "strikes": peer.get("strikes"),
+                "flagged": peer.get("flagged", 0),
             }
         )
     return {
         "eval_loss_start": status["initial_eval_loss"],
         "eval_loss_end": rounds[-1]["eval_loss"] if rounds else status["initial_eval_loss"],
         "rounds_completed": len(rounds),
+        "finished": bool(status.get("finished", False)),
         "state_dir": str(state),
         "wall_s": round(wall, 1),
         "volunteers": volunteers,
+        "banned": {v["name"]: v["ban_reason"] for v in volunteers if v["banned"]},
+        "verdicts": status.get("verdicts", []),
     }

@@ -212,7 +212,7 @@ def test_upload_sends_payload_and_meta_and_returns_the_receipt(fake: Fake) -> No
     assert req.content == b"\x00payload"
     assert req.headers["content-type"] == "application/octet-stream"
     assert req.headers["content-length"] == "8"
-    assert json.loads(req.headers[META_HEADER]) == META
+    assert json.loads(req.headers[META_HEADER]) == {**META, "overlap_steps": 0}
     assert req.headers["authorization"] == "Bearer t"
 
 

@@ -18,7 +18,7 @@ from crowdtrain.robust.copies import (
     fingerprint,
 )
 
-CFG = DefenceConfig()
+CFG = DefenceConfig(copy_min_cos=0.95, copy_ratio=0.1)  # the behaviour at fixed settings
 MIN_COS, RATIO = CFG.copy_min_cos, CFG.copy_ratio
 DIM = 4096  # fingerprint length for the detect_copies tests
 

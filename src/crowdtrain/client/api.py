@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from crowdtrain.client.identity import MAX_MANIFEST_DOC_BYTES, normalize_url
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import (
+    ApiError,
     ClientError,
     Progress,
     RetryPolicy,
@@ -38,6 +39,7 @@ from crowdtrain.client.transfer import (
 from crowdtrain.config import canonical_json
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+CHECK_ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]  # goes into a URL path
 MAX_REPLY_BYTES = 1 << 20
 MAX_STATUS_BYTES = 16 << 20
 META_HEADER = "X-Crowdtrain-Meta"
@@ -45,6 +47,24 @@ META_HEADER = "X-Crowdtrain-Meta"
 
 class ProtocolError(ClientError):
     """The coordinator's reply has the wrong shape for this version of crowdtrain."""
+
+
+class PeerBanned(ApiError):
+    """The coordinator banned this volunteer (403 `banned`): stop, never retry.
+
+    Its message is the coordinator's one sentence, e.g. "this peer is banned: <reason>".
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(403, "banned", detail)
+        self.args = (detail,)
+
+
+def _banned_or(exc: ApiError) -> ApiError:
+    """EXC, or the PeerBanned it stands for when the coordinator says this peer is banned."""
+    if exc.status == 403 and exc.code == "banned" and not isinstance(exc, PeerBanned):
+        return PeerBanned(exc.detail)
+    return exc
 
 
 class _Msg(BaseModel):
@@ -74,6 +94,26 @@ class WorkOrderMsg(_Msg):
     _clamp_deadline = field_validator("deadline_in")(_not_negative)
 
 
+class VerifyOrderMsg(_Msg):
+    """`POST /v1/work`: replay peer `target`'s work order exactly and upload Δ' (a spot-check).
+
+    Train exactly `steps` steps from weights `weights` on the batches that `target` was given
+    (the sampler is keyed by the target's peer id), then `PUT /v1/verifications/{check_id}`.
+    """
+
+    kind: Literal["verify"]
+    check_id: CHECK_ID
+    target: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    weights: SHA256
+    shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
+    seed: int = Field(ge=0)
+    step_offset: int = Field(ge=0)
+    steps: int = Field(ge=1, le=1_000_000_000)
+    max_payload_bytes: int = Field(ge=1, le=1 << 40)
+
+
 class WaitMsg(_Msg):
     """`POST /v1/work`: no work now; ask again after `retry_after` seconds."""
 
@@ -90,7 +130,7 @@ class FinishedMsg(_Msg):
     weights: SHA256
 
 
-WorkReply = WorkOrderMsg | WaitMsg | FinishedMsg
+WorkReply = WorkOrderMsg | VerifyOrderMsg | WaitMsg | FinishedMsg
 
 
 class RegisterMsg(_Msg):
@@ -117,8 +157,20 @@ class ReceiptMsg(_Msg):
     weight: float = Field(ge=0.0, allow_inf_nan=False)
 
 
+class VerificationReceiptMsg(_Msg):
+    """`PUT /v1/verifications/{check_id}`: the replay arrived."""
+
+    check_id: str = Field(min_length=1, max_length=128)
+    received: Literal[True]
+
+
 class ContributionMeta(BaseModel):
-    """The `X-Crowdtrain-Meta` header of an upload."""
+    """The `X-Crowdtrain-Meta` header of an upload.
+
+    `overlap_steps` counts the round's steps trained speculatively before θ_base arrived (on
+    the previous order's batches, then rebased); the coordinator does not spot-check such a
+    contribution, since it cannot be replayed from θ_base alone.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -127,6 +179,7 @@ class ContributionMeta(BaseModel):
     tokens: int = Field(ge=0)
     steps: int = Field(ge=0)
     train_loss: float = Field(allow_inf_nan=False)
+    overlap_steps: int = Field(0, ge=0)
 
 
 _WORK_REPLY: TypeAdapter[WorkReply] = TypeAdapter(Annotated[WorkReply, Field(discriminator="kind")])
@@ -219,17 +272,20 @@ class CoordinatorApi:
         auth: bool = False,
         max_bytes: int = MAX_REPLY_BYTES,
     ) -> Any:
-        return request_json(
-            self._client,
-            method,
-            path,
-            json=body,
-            headers=self._auth() if auth else None,
-            policy=self.policy,
-            sleep=self._sleep,
-            stop=self.stop,
-            max_bytes=max_bytes,
-        )
+        try:
+            return request_json(
+                self._client,
+                method,
+                path,
+                json=body,
+                headers=self._auth() if auth else None,
+                policy=self.policy,
+                sleep=self._sleep,
+                stop=self.stop,
+                max_bytes=max_bytes,
+            )
+        except ApiError as exc:
+            raise _banned_or(exc) from None
 
     def register(
         self, name: str, invite: str | None, device: DeviceInfo | Mapping[str, Any]
@@ -253,7 +309,8 @@ class CoordinatorApi:
         return doc
 
     def work(self) -> WorkReply:
-        """`POST /v1/work`: a work order, a request to wait, or the news that the run is over."""
+        """`POST /v1/work`: a work order, a spot-check to replay, a request to wait, or the news
+        that the run is over."""
         reply = self._json("POST", "/v1/work", auth=True)
         return _validate(_WORK_REPLY, reply, "POST /v1/work")
 
@@ -279,17 +336,20 @@ class CoordinatorApi:
         expected_size: int | None = None,
     ) -> Path:
         """`GET /v1/blobs/{sha256}` into DEST, resumable and verified (see `download_blob`)."""
-        return download_blob(
-            self._client,
-            sha256,
-            dest,
-            expected_size=expected_size,
-            max_bytes=max_bytes,
-            policy=self.policy,
-            sleep=self._sleep,
-            stop=self.stop,
-            progress=progress,
-        )
+        try:
+            return download_blob(
+                self._client,
+                sha256,
+                dest,
+                expected_size=expected_size,
+                max_bytes=max_bytes,
+                policy=self.policy,
+                sleep=self._sleep,
+                stop=self.stop,
+                progress=progress,
+            )
+        except ApiError as exc:
+            raise _banned_or(exc) from None
 
     def upload(
         self,
@@ -304,23 +364,80 @@ class CoordinatorApi:
 
         MAX_MBPS (megabits per second), if given, caps the upload rate. Raises ClientError if
         PAYLOAD is larger than MAX_PAYLOAD_BYTES (the work order's cap) or META is malformed,
-        ApiError if the coordinator refuses the contribution.
+        ApiError if the coordinator refuses the contribution (PeerBanned if this peer is banned).
         """
-        if max_payload_bytes is not None and len(payload) > max_payload_bytes:
-            raise ClientError(
-                f"the contribution is {len(payload)} bytes, more than the work order's "
-                f"{max_payload_bytes}; use a smaller codec"
-            )
         if not isinstance(meta, ContributionMeta):
             try:
                 meta = ContributionMeta.model_validate(dict(meta))
             except ValidationError as exc:
                 raise ClientError(f"bad contribution metadata ({_describe(exc)})") from None
-        headers = {**self._auth(), META_HEADER: canonical_json(meta.model_dump()).decode()}
-        what = f"PUT /v1/contributions/{round}"
+        reply = self._put(
+            f"/v1/contributions/{int(round)}",
+            payload,
+            meta.model_dump(),
+            what="contribution",
+            max_payload_bytes=max_payload_bytes,
+            max_mbps=max_mbps,
+        )
+        return _validate(TypeAdapter(ReceiptMsg), reply, f"PUT /v1/contributions/{int(round)}")
+
+    def upload_verification(
+        self,
+        check_id: str,
+        payload: bytes,
+        steps: int,
+        *,
+        max_payload_bytes: int | None = None,
+        max_mbps: float | None = None,
+    ) -> VerificationReceiptMsg:
+        """`PUT /v1/verifications/{check_id}`: upload the replayed Δ' of a spot-check.
+
+        Retries like `upload`; raises ApiError if the coordinator refuses it (409: the check is
+        not, or no longer, assigned to this peer).
+        """
+        try:
+            TypeAdapter(CHECK_ID).validate_python(check_id)
+        except ValidationError:
+            raise ClientError(f"{check_id[:80]!r} is not a spot-check id") from None
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ClientError(f"a replay's step count must be an integer >= 0, not {steps!r}")
+        what = f"PUT /v1/verifications/{check_id}"
+        reply = self._put(
+            f"/v1/verifications/{check_id}",
+            payload,
+            {"steps": steps},
+            what="replay",
+            max_payload_bytes=max_payload_bytes,
+            max_mbps=max_mbps,
+        )
+        msg = _validate(TypeAdapter(VerificationReceiptMsg), reply, what)
+        if msg.check_id != check_id:
+            raise ProtocolError(
+                f"the coordinator acknowledged spot-check {msg.check_id[:40]!r} instead of "
+                f"{check_id!r}"
+            )
+        return msg
+
+    def _put(
+        self,
+        path: str,
+        payload: bytes,
+        meta: Mapping[str, Any],
+        *,
+        what: str,
+        max_payload_bytes: int | None,
+        max_mbps: float | None,
+    ) -> Any:
+        """PUT a codec payload with its meta header, with retries; the parsed JSON reply."""
+        if max_payload_bytes is not None and len(payload) > max_payload_bytes:
+            raise ClientError(
+                f"the {what} is {len(payload)} bytes, more than the work order's "
+                f"{max_payload_bytes}; use a smaller codec"
+            )
+        headers = {**self._auth(), META_HEADER: canonical_json(dict(meta)).decode()}
         r = upload_payload(
             self._client,
-            f"/v1/contributions/{int(round)}",
+            path,
             payload,
             headers=headers,
             policy=self.policy,
@@ -330,9 +447,10 @@ class CoordinatorApi:
             max_bytes_per_s=None if max_mbps is None else max_mbps * 1e6 / 8,
         )
         if not r.is_success:
-            raise api_error(r)
+            raise _banned_or(api_error(r))
         try:
-            reply = loads_json(r.content)
+            return loads_json(r.content)
         except ValueError:
-            raise ProtocolError(f"the coordinator's reply to {what} is not valid JSON") from None
-        return _validate(TypeAdapter(ReceiptMsg), reply, what)
+            raise ProtocolError(
+                f"the coordinator's reply to PUT {path} is not valid JSON"
+            ) from None

@@ -2,7 +2,8 @@
 
 The volunteer rides through coordinator restarts and network drops on its own: every request
 retries with exponential back-off and jitter (see transfer.py). Ctrl-C (SIGINT) or SIGTERM stops
-it cleanly after the current step.
+it cleanly after the current step. A volunteer the coordinator has banned stops at once with
+the coordinator's one-sentence reason (`PeerBanned`), without retrying.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from crowdtrain.adversary import ATTACKS
 from crowdtrain.client.api import CoordinatorApi
 from crowdtrain.client.probe import probe_device
-from crowdtrain.client.transfer import RetryPolicy, Stopped
+from crowdtrain.client.transfer import ClientError, RetryPolicy, Stopped
 from crowdtrain.client.volunteer import JoinOptions, Volunteer, VolunteerStats, write_summary
 
 
@@ -31,6 +33,7 @@ def _view(stats: VolunteerStats) -> Table:
     table.add_row("loss", f"{stats.loss:.4f}")
     table.add_row("samples contributed", f"{stats.samples:,} in {stats.rounds} rounds")
     table.add_row("bytes up / down", f"{stats.bytes_up:,} / {stats.bytes_down:,}")
+    table.add_row("spot-checks replayed", f"{stats.verified} ({stats.verify_steps:,} steps)")
     table.add_row(
         "last transfer rate", f"up {stats.up_mbps:.1f} Mbit/s, down {stats.down_mbps:.1f} Mbit/s"
     )
@@ -52,8 +55,16 @@ def run_volunteer(
     slowdown: float,
     console: Console,
     cache_dir: Path | None = None,
+    attack: str | None = None,
 ) -> VolunteerStats:
-    """Join the run at `url` and work until it finishes or the user stops it."""
+    """Join the run at `url` and work until it finishes or the user stops it.
+
+    ATTACK (for testing defences) makes this volunteer behave as that attack of
+    `crowdtrain.adversary`. Raises PeerBanned if the coordinator bans this volunteer (the
+    summary is written first).
+    """
+    if attack is not None and attack not in ATTACKS:
+        raise ClientError(f"unknown attack {attack!r}; the attacks are {', '.join(ATTACKS)}")
     info = probe_device(device, threads)
     options = JoinOptions(
         url=url.rstrip("/"),
@@ -63,6 +74,7 @@ def run_volunteer(
         invite=invite,
         max_upload_mbps=max_upload_mbps,
         slowdown=slowdown,
+        attack=attack,
     )
     stop = threading.Event()
 
@@ -77,6 +89,7 @@ def run_volunteer(
         console.print(
             f"joined {options.url} as {options.name} ({volunteer.stats.peer_id}) on "
             f"{info.kind} with {info.threads} threads"
+            + (f", behaving as the attack {attack}" if attack else "")
         )
         if quiet:
             volunteer.run(stop, max_rounds)

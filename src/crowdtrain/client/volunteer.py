@@ -9,6 +9,19 @@ upload travels and the round closes: it keeps training on the same work order's 
 and when θ_{r+1} arrives it rebases that extra progress onto θ_{r+1} and counts it towards round
 r+1 — the one-step-delayed outer update of Streaming DiLoCo (Douillard et al. 2025,
 arXiv:2501.18512) and of DeMo's delayed application (Peng et al. 2024, arXiv:2411.19870).
+Such a contribution carries `overlap_steps` in its metadata: it cannot be replayed from θ_base
+alone, so the coordinator does not spot-check it.
+
+A trusted volunteer may instead be asked to verify another peer's contribution: replay that
+peer's work order exactly (same θ_base, shards, seed, step offset and step count, batches keyed
+by the target peer) and upload Δ' for the coordinator to compare — the recomputation spot-check
+of BOINC-style adaptive replication (Anderson, "BOINC: A Platform for Volunteer Computing",
+J. Grid Computing 2020). With AdamW fresh every round the replay is bit-exact on the same
+hardware and thread count.
+
+For testing defences, `JoinOptions.attack` makes the volunteer behave as an attack of
+`crowdtrain.adversary`. A networked attacker is not omniscient: it sees only its own honest Δ,
+so ALIE and IPM work from that one Δ and copycat, having nobody to copy, sends its own.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +41,15 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from crowdtrain import codec
-from crowdtrain.client.api import CoordinatorApi, FinishedMsg, WaitMsg, WorkOrderMsg
+from crowdtrain.adversary import ATTACKS, Attacker, Claim, RoundView, encode_forgery
+from crowdtrain.client.api import (
+    CoordinatorApi,
+    FinishedMsg,
+    PeerBanned,
+    VerifyOrderMsg,
+    WaitMsg,
+    WorkOrderMsg,
+)
 from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
@@ -37,6 +58,9 @@ from crowdtrain.data import BatchSampler
 from crowdtrain.train import Contribution, LocalTrainer
 
 log = logging.getLogger(__name__)
+
+Order = WorkOrderMsg | VerifyOrderMsg
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -54,6 +78,8 @@ class VolunteerStats:
     bytes_down: int = 0
     compute_s: float = 0.0
     refused: int = 0
+    verified: int = 0
+    verify_steps: int = 0
     up_mbps: float = 0.0
     down_mbps: float = 0.0
     first_train: float | None = None
@@ -83,6 +109,8 @@ class VolunteerStats:
             "wall_s": round(time.monotonic() - self.started, 3),
             "utilization": round(self.utilization(), 4),
             "refused": self.refused,
+            "verified": self.verified,
+            "verify_steps": self.verify_steps,
             "receipts": self.receipts,
         }
 
@@ -99,6 +127,13 @@ class JoinOptions:
     invite: str | None = None
     max_upload_mbps: float | None = None
     slowdown: float = 1.0  # >1 emulates a slower machine (sleeps (slowdown-1)× each step)
+    attack: str | None = None  # for testing defences: an attack from crowdtrain.adversary
+
+    def __post_init__(self) -> None:
+        if self.attack is not None and self.attack not in ATTACKS:
+            raise ClientError(
+                f"unknown attack {self.attack!r}; the attacks are {', '.join(ATTACKS)}"
+            )
 
 
 class _Speculation:
@@ -148,6 +183,9 @@ class Volunteer:
         self.shards: dict[str, np.ndarray] = {}
         self.cache = options.cache_dir
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.attacker: Attacker | None = None
+        self._replayer: LocalTrainer | None = None
+        self._halt = threading.Event()
 
     # --- set-up --------------------------------------------------------------------------
 
@@ -172,6 +210,8 @@ class Volunteer:
         )
         if self.config.codec.name == "topk2bit" or self.config.outer.optimizer == "error_feedback":
             self.residual = {}
+        if self.options.attack is not None:
+            self.attacker = Attacker(self.options.attack, state.peer_id, seed=self.config.seed)
         return self.config
 
     def _fetch(self, sha: str, max_bytes: int) -> bytes:
@@ -201,13 +241,14 @@ class Volunteer:
 
     # --- rounds --------------------------------------------------------------------------
 
-    def _sampler(self, order: WorkOrderMsg) -> BatchSampler:
+    def _sampler(self, order: Order) -> BatchSampler:
+        """The order's batch stream; a spot-check draws the batches of the peer it replays."""
         return BatchSampler(
             self._shards(order.shard_ids),
             order.shard_ids,
             seed=order.seed,
             round=order.round,
-            peer=self.stats.peer_id,
+            peer=order.target if isinstance(order, VerifyOrderMsg) else self.stats.peer_id,
             batch_size=self.config.data.batch_size,
             context=self.config.model.context,
         )
@@ -230,13 +271,34 @@ class Volunteer:
         stop: threading.Event | None = None,
     ) -> Contribution:
         sampler = self._sampler(order)
-        batches = (sampler.batch(i) for i in range(first_batch, 1 << 62))
+        batches: Iterator[Batch] = (sampler.batch(i) for i in range(first_batch, 1 << 62))
+        if self.attacker is not None:
+            batches = self.attacker.poison(batches, self.config.model.vocab_size)
         # Overlapped (speculative) training runs until stopped, but never past one round's
         # budget: it can hide communication, not replace the next round's work.
         if order.budget == "steps":
             max_steps, max_seconds = max(1, order.max_steps - steps_done), None
         else:
             max_steps, max_seconds = None, max(0.001, order.max_seconds - seconds_done)
+        return self._timed(
+            self.trainer,
+            base,
+            batches,
+            step_offset=order.step_offset + first_batch,
+            max_steps=max_steps,
+            max_seconds=max_seconds,
+            start=start,
+            stop=stop,
+        )
+
+    def _timed(
+        self,
+        trainer: LocalTrainer,
+        base: Mapping[str, torch.Tensor],
+        batches: Iterator[Batch],
+        **kwargs: Any,
+    ) -> Contribution:
+        """`trainer.train(base, batches, **kwargs)`, counted as compute and shown step by step."""
         t0 = time.monotonic()
         self._last_step_s = 0.0
         last = [t0]
@@ -247,32 +309,102 @@ class Volunteer:
             self._on_step(step, loss)
             last[0] = time.monotonic()
 
-        result = self.trainer.train(
-            base,
-            batches,
-            step_offset=order.step_offset + first_batch,
-            max_steps=max_steps,
-            max_seconds=max_seconds,
-            on_step=on_step,
-            start=start,
-            stop=stop,
-        )
+        result = trainer.train(base, batches, on_step=on_step, **kwargs)
         self.stats.compute_s += time.monotonic() - t0
         return result
+
+    def replay(self, order: VerifyOrderMsg, base: Mapping[str, torch.Tensor]) -> Contribution:
+        """Train exactly the spot-checked work order: `order.steps` steps on the target's
+        batches from `base`, with a fresh optimizer, no overlap and no attack."""
+        if self.config.inner.keep_optimizer_state:  # the replay must not touch our own moments
+            if self._replayer is None:
+                self._replayer = LocalTrainer(
+                    self.config.model, self.config.inner, device=self.options.device.kind
+                )
+            trainer = self._replayer
+        else:
+            trainer = self.trainer
+        return self._timed(
+            trainer,
+            base,
+            iter(self._sampler(order)),
+            step_offset=order.step_offset,
+            max_steps=order.steps,
+        )
+
+    def _verify(self, order: VerifyOrderMsg) -> None:
+        """Replay a spot-check and upload Δ' (a refusal is logged, not fatal)."""
+        self.stats.status = f"verifying round {order.round} of {order.target}"
+        self.on_update(self.stats)
+        base = self._prefetch(order)
+        result = self.replay(order, base)
+        self.stats.verify_steps += result.steps
+        payload = codec.encode(result.delta, self.config.codec)
+        self.stats.status = f"uploading the replay of round {order.round} of {order.target}"
+        self.on_update(self.stats)
+        try:
+            self.api.upload_verification(
+                order.check_id,
+                payload,
+                result.steps,
+                max_payload_bytes=order.max_payload_bytes,
+                max_mbps=self.options.max_upload_mbps,
+            )
+        except ApiError as exc:
+            if exc.status in (400, 409):  # no longer ours, or already decided: go on
+                log.warning(
+                    "spot-check %s: the coordinator refused the replay: %s",
+                    order.check_id,
+                    exc.detail,
+                )
+                return
+            raise
+        self.stats.bytes_up += len(payload)
+        self.stats.verified += 1
 
     def _speculate(
         self, order: WorkOrderMsg, local: dict[str, torch.Tensor], done: int, stop: threading.Event
     ) -> Contribution:
         return self._train(order, local, first_batch=done, stop=stop)
 
-    def _upload(self, order: WorkOrderMsg, result: Contribution) -> None:
-        payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
+    def _forge(
+        self, order: WorkOrderMsg, result: Contribution | None, base: Mapping[str, torch.Tensor]
+    ) -> tuple[bytes, Claim]:
+        """What an attacker uploads: its forgery of its own honest result (none if it does
+        not train), seeing only that one Δ (networked attackers are not omniscient)."""
+        assert self.attacker is not None
+        if result is not None:
+            honest = result.delta
+            claim = Claim(result.samples, result.tokens, result.steps, result.loss_mean)
+        else:  # claims the whole budget without training (see sim.swarm.Volunteer.attack)
+            honest = {k: torch.zeros_like(t) for k, t in base.items()}
+            samples = order.max_steps * self.config.data.batch_size
+            claim = Claim(samples, samples * self.config.model.context, order.max_steps, 2.0)
+        view = RoundView(round=order.round, peers=1, attackers=1, honest=[honest], others=[])
+        forgery = self.attacker.forge(honest, claim, view)
+        return encode_forgery(forgery, self.config.codec, self.residual), forgery.claim
+
+    def _upload(
+        self,
+        order: WorkOrderMsg,
+        result: Contribution | None,
+        base: Mapping[str, torch.Tensor],
+        overlap_steps: int = 0,
+    ) -> None:
+        """Encode (or forge) and upload one round's contribution; a refusal is not fatal."""
+        if self.attacker is not None:
+            payload, claim = self._forge(order, result, base)
+        else:
+            assert result is not None
+            payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
+            claim = Claim(result.samples, result.tokens, result.steps, result.loss_mean)
         meta = {
             "base_version": order.base_version,
-            "samples": result.samples,
-            "tokens": result.tokens,
-            "steps": result.steps,
-            "train_loss": result.loss_mean,
+            "samples": claim.samples,
+            "tokens": claim.tokens,
+            "steps": claim.steps,
+            "train_loss": claim.train_loss,
+            "overlap_steps": overlap_steps,
         }
         self.stats.status = f"uploading round {order.round}"
         self.on_update(self.stats)
@@ -297,17 +429,29 @@ class Volunteer:
             raise
         self.stats.bytes_up += len(payload)
         self.stats.up_mbps = len(payload) * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
-        self.stats.samples += result.samples
+        self.stats.samples += claim.samples
         self.stats.rounds += 1
         self.stats.receipts.append({"round": order.round, "receipt": receipt.receipt})
 
-    def _next_order(self, stop: threading.Event) -> WorkOrderMsg | None:
+    def _next_order(
+        self, stop: threading.Event, spec: _Speculation | None = None
+    ) -> WorkOrderMsg | None:
+        """Ask for work until a work order comes (None: the run is over or STOP is set).
+
+        Spot-checks that come instead are replayed and uploaded on the way; overlapped training
+        SPEC is ended first, since a replay needs the trainer and the cores to itself.
+        """
         while not stop.is_set():
             msg = self.api.work()
             if isinstance(msg, WorkOrderMsg):
                 return msg
             if isinstance(msg, FinishedMsg):
                 return None
+            if isinstance(msg, VerifyOrderMsg):
+                if spec is not None:
+                    spec.finish()
+                self._verify(msg)
+                continue
             assert isinstance(msg, WaitMsg)
             self.stats.status = f"waiting: {msg.reason}"
             self.on_update(self.stats)
@@ -315,46 +459,64 @@ class Volunteer:
         return None
 
     def run(self, stop: threading.Event, max_rounds: int | None = None) -> VolunteerStats:
-        """Work until the run finishes, `stop` is set, or `max_rounds` rounds are uploaded."""
+        """Work until the run finishes, `stop` is set, or `max_rounds` rounds are uploaded.
+
+        Raises PeerBanned (without retrying) once the coordinator has banned this peer.
+        """
         self.stats.started = time.monotonic()
+        self._halt.clear()
         beat = threading.Thread(target=self._heartbeats, args=(stop,), daemon=True)
         beat.start()
+        try:
+            self._loop(stop, max_rounds)
+        except PeerBanned:
+            self.stats.status = "banned"
+            raise
+        else:
+            self.stats.status = "done"
+        finally:
+            self._halt.set()
+            self.on_update(self.stats)
+        return self.stats
+
+    def _loop(self, stop: threading.Event, max_rounds: int | None) -> None:
         order = self._next_order(stop)
         base = None if order is None else self._prefetch(order)
         carried: Contribution | None = None
+        overlap = self.config.inner.overlap and self.attacker is None
         while order is not None and base is not None and not stop.is_set():
             if self.stats.first_train is None:
                 self.stats.first_train = time.monotonic()
             self.stats.round, self.stats.status = order.round, f"training round {order.round}"
-            result = self._round(order, base, carried)
+            trains = self.attacker is None or self.attacker.trains
+            result = self._round(order, base, carried) if trains else None
             spec = _Speculation()
-            if self.config.inner.overlap:
+            if overlap and result is not None:
                 local_end = {k: base[k] - result.delta[k] for k in base}
                 fresh = result.steps - (carried.steps if carried is not None else 0)
                 spec.start(functools.partial(self._speculate, order, local_end, fresh))
             try:
-                self._upload(order, result)
+                self._upload(order, result, base, carried.steps if carried is not None else 0)
                 if max_rounds is not None and self.stats.rounds >= max_rounds:
                     break
                 # While these transfers run, the overlapped training goes on.
-                order = self._next_order(stop)
+                order = self._next_order(stop, spec)
                 base = None if order is None else self._prefetch(order)
             finally:
-                carried = spec.finish() if self.config.inner.overlap else None
-        self.stats.status = "done"
-        self.on_update(self.stats)
-        return self.stats
+                carried = spec.finish() if overlap else None
 
     def _heartbeats(self, stop: threading.Event) -> None:
         """Tell the coordinator we are alive while a long round trains (see peer_timeout_s)."""
         interval = max(1.0, min(15.0, self.config.rounds.peer_timeout_s / 4))
-        while not stop.wait(interval) and self.stats.status != "done":
+        while not stop.wait(interval) and not self._halt.is_set():
             try:
                 self.api.heartbeat()
+            except PeerBanned:
+                return  # the main loop stops on its next call
             except ClientError as exc:
                 log.debug("heartbeat failed: %s", exc)
 
-    def _prefetch(self, order: WorkOrderMsg) -> dict[str, torch.Tensor]:
+    def _prefetch(self, order: Order) -> dict[str, torch.Tensor]:
         """Download (or find cached) everything the work order needs; return θ_base."""
         self._shards(order.shard_ids)
         return self._weights(order.weights)

@@ -86,12 +86,14 @@ def screen(
     scored = 0
     if scorer is not None and probe is not None and cfg.score_per_round > 0:
         rng = torch.Generator().manual_seed(seed)
-        survivors = [c for c in candidates if c.key not in flags]
+        # A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
+        # noise; such contributions weigh little (their samples) and are not scored.
+        survivors = [c for c in candidates if c.key not in flags and c.steps >= cfg.score_min_steps]
         ties = torch.rand(len(survivors), generator=rng).tolist()
         ranked = sorted(
             zip(survivors, ties, strict=True), key=lambda pair: (pair[0].trust, pair[1])
         )
-        gains: dict[str, tuple[float, float]] = {}
+        gains: dict[str, tuple[float, float, int]] = {}
         for c, _ in ranked[: cfg.score_per_round]:
             last = max(1, c.steps - probe.batches_needed() + 1)
             index = int(torch.randint(last, (1,), generator=rng))
@@ -114,7 +116,7 @@ def screen(
             if reason is not None:
                 flags[c.key] = ("usefulness", reason)
             else:
-                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se)
+                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.steps)
         flags.update(_weak_gains(gains, cfg.score_rel_gain))
     fingerprints = {
         c.key: fp for c, fp in zip(candidates, prints, strict=True) if c.key not in flags
@@ -123,21 +125,25 @@ def screen(
 
 
 def _weak_gains(
-    gains: Mapping[str, tuple[float, float]], ratio: float
+    gains: Mapping[str, tuple[float, float, int]], ratio: float
 ) -> dict[str, tuple[str, str]]:
-    """Gains far below the round's median, beyond their noise (gain, z × standard error).
+    """Gains far below the round's median, beyond their noise: (gain, z × standard error, steps).
 
-    Early in training almost any update lowers the loss a little, even a sign-flipped one,
-    so the absolute test alone is too weak then."""
+    Early in training almost any update lowers the loss a little, even a sign-flipped one, so
+    the absolute test alone is too weak then. A peer that took fewer steps than the median
+    (a slower machine on a time budget) is held to a proportionally lower bar."""
     if len(gains) < 3:
         return {}
-    median = statistics.median(gain for gain, _ in gains.values())
-    return {
-        peer: (
-            "usefulness",
-            f"training on the assigned data barely shows: the loss fell by {gain:.4g}, "
-            f"less than {ratio:g}× the round's median {median:.4g}",
-        )
-        for peer, (gain, noise) in gains.items()
-        if median > 0 and gain + noise < ratio * median
-    }
+    median = statistics.median(gain for gain, _, _ in gains.values())
+    steps = statistics.median(n for _, _, n in gains.values())
+    flags = {}
+    for key, (gain, noise, n) in gains.items():
+        bar = ratio * median * min(1.0, n / steps)
+        if median > 0 and gain + noise < bar:
+            reason = (
+                f"training on the assigned data barely shows: the loss fell by {gain:.4g}, "
+                f"less than {bar:.4g} ({ratio:g}× the round's median {median:.4g}"
+                f"{'' if n >= steps else f', scaled to its {n} of {steps:g} steps'})"
+            )
+            flags[key] = ("usefulness", reason)
+    return flags
