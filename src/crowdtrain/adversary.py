@@ -247,6 +247,16 @@ class Attacker:
         return {k: victim[k] * factor + noise[k] for k in honest}
 
 
+def idle_start(
+    base: Mapping[str, torch.Tensor], *, max_steps: int, batch_size: int, context: int
+) -> tuple[dict[str, torch.Tensor], Claim]:
+    """What an attacker that does not train (`Attacker.trains` is False) forges from: a zero
+    Δ shaped like the weights, and a claim of the work order's whole step budget."""
+    samples = max_steps * batch_size
+    zeros = {name: torch.zeros_like(t) for name, t in base.items()}
+    return zeros, Claim(samples, samples * context, max_steps, 2.0)
+
+
 def encode_forgery(
     forgery: Forgery, codec_cfg: CodecConfig, residual: dict[str, torch.Tensor] | None = None
 ) -> bytes:

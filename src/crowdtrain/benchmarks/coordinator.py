@@ -66,12 +66,14 @@ def run_coordinator_bench(
 def _config(contributions: int, rounds: int, defended: bool) -> RunConfig:
     # Random deltas carry no signal, so usefulness scoring runs (its cost is measured) but may
     # not refuse them: the timing compares the same aggregation work with and without stages.
+    # Spot-checks are replayed by volunteers; here they would only turn work orders into
+    # verify orders.
     return parse_config(
         {
             "name": "bench-coordinator",
             "model": {"arch": "gpt", "width": 464, "depth": 4, "heads": 8, "context": 128},
             "codec": {"name": "int8"},
-            "inner": {"steps": 4},
+            "inner": {"steps": 8},
             "rounds": {
                 "total": rounds + 1,
                 "quorum": contributions,
@@ -80,6 +82,7 @@ def _config(contributions: int, rounds: int, defended: bool) -> RunConfig:
             },
             "defence": {
                 "enabled": defended,
+                "spot_check": "off",  # replays happen on volunteers, not on this path
                 "score_min_gain": -1e9,
                 "score_rel_gain": 0.0,
                 "score_heldout_tol": 1e9,
@@ -110,8 +113,9 @@ def _time_rounds(
                 }
                 payload = codec.encode(delta, config.codec)
                 del delta
-                meta = ContributionMeta(orders[i]["base_version"], 64, 8192, 4, 2.0)
-                # (4 steps of batch 16 with context 128: a claim the claims stage accepts)
+                # 8 steps of batch 16 with context 128: a claim the claims stage accepts, and
+                # enough steps for usefulness scoring (defence.score_min_steps).
+                meta = ContributionMeta(orders[i]["base_version"], 128, 16384, 8, 2.0)
                 t0 = time.perf_counter()
                 sha = coord.blobs.put_bytes(payload)
                 t1 = time.perf_counter()

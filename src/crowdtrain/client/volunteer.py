@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from crowdtrain import codec
-from crowdtrain.adversary import ATTACKS, Attacker, Claim, RoundView, encode_forgery
+from crowdtrain.adversary import ATTACKS, Attacker, Claim, RoundView, encode_forgery, idle_start
 from crowdtrain.client.api import (
     CoordinatorApi,
     FinishedMsg,
@@ -376,10 +376,13 @@ class Volunteer:
         if result is not None:
             honest = result.delta
             claim = Claim(result.samples, result.tokens, result.steps, result.loss_mean)
-        else:  # claims the whole budget without training (see sim.swarm.Volunteer.attack)
-            honest = {k: torch.zeros_like(t) for k, t in base.items()}
-            samples = order.max_steps * self.config.data.batch_size
-            claim = Claim(samples, samples * self.config.model.context, order.max_steps, 2.0)
+        else:
+            honest, claim = idle_start(
+                base,
+                max_steps=order.max_steps,
+                batch_size=self.config.data.batch_size,
+                context=self.config.model.context,
+            )
         view = RoundView(round=order.round, peers=1, attackers=1, honest=[honest], others=[])
         forgery = self.attacker.forge(honest, claim, view)
         return encode_forgery(forgery, self.config.codec, self.residual), forgery.claim

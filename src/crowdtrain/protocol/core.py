@@ -391,12 +391,15 @@ class RoundProtocol:
         return [Banned(peer.peer_id, event.reason), *self._maybe_close(now)]
 
     def _evict(self, peer: PeerRecord) -> None:
-        """A banned peer's open order and unaggregated contribution are dropped."""
+        """A banned peer's open order, unaggregated contribution and pending checks of its own
+        work are dropped; checks it was to replay go back to the pool."""
         self._round.orders.pop(peer.peer_id, None)
         self._round.submissions.pop(peer.peer_id, None)
         self._round.late.pop(peer.peer_id, None)
-        for check in list(self.checks.values()):
-            if check.assigned_to == peer.peer_id:
+        for check_id, check in list(self.checks.items()):
+            if check.order.target == peer.peer_id:  # no replay can change a ban
+                del self.checks[check_id]
+            elif check.assigned_to == peer.peer_id:
                 check.assigned_to = ""
 
     def _expire_silent_peers(self, now: float) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from crowdtrain import codec
-from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery
+from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
 from crowdtrain.config import RunConfig
 from crowdtrain.data import (
     BatchSampler,
@@ -184,9 +184,12 @@ class Volunteer:
             honest = local.delta
             claim = Claim(local.samples, local.tokens, local.steps, local.loss_mean)
         else:
-            honest = {k: torch.zeros_like(t) for k, t in base.items()}
-            samples = order.max_steps * config.data.batch_size
-            claim = Claim(samples, samples * config.model.context, order.max_steps, 2.0)
+            honest, claim = idle_start(
+                base,
+                max_steps=order.max_steps,
+                batch_size=config.data.batch_size,
+                context=config.model.context,
+            )
         forgery = self.attacker.forge(honest, claim, view)
         return encode_forgery(forgery, config.codec), forgery.claim
 
