@@ -9,8 +9,6 @@ from typing import Any
 from typer.testing import CliRunner
 
 from crowdtrain.benchmarks.robustness import (
-    AT_20,
-    AT_40,
     QUICK,
     _toml,
     caught_in_round,
@@ -30,13 +28,6 @@ def test_the_scenario_files_parse_back_to_what_was_meant(tmp_path: Path) -> None
         assert parsed.run.defence.enabled is defended
         assert parsed.run.aggregation.method == ("centered_clip" if defended else "mean")
         assert parsed.run.inner.steps == QUICK.steps and parsed.run.rounds.total == QUICK.rounds
-
-
-def test_every_attack_of_the_suite_is_benchmarked() -> None:
-    from crowdtrain.adversary import ATTACKS
-
-    assert set(AT_20) == set(ATTACKS)
-    assert set(AT_40) == {"alie", "ipm0.1", "ipm100"}
 
 
 def run_doc(

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from crowdtrain.adversary import ATTACKS
 from crowdtrain.config import parse_config
 from crowdtrain.data import ensure_packed_for
 
@@ -44,24 +45,10 @@ class RobustSetting:
 
 
 QUICK = RobustSetting(peers=5, rounds=8, steps=20, width=64, depth=2, context=64, batch_size=16)
-FULL = RobustSetting(peers=10, rounds=12, steps=30, width=96, depth=3, context=64, batch_size=16)
+FULL = RobustSetting(peers=10, rounds=10, steps=20, width=64, depth=2, context=64, batch_size=16)
 
-#: Attacks run at 20% attackers, and those also run at 40%.
-AT_20 = (
-    "sign_flip",
-    "scale100",
-    "scale1000",
-    "noise",
-    "alie",
-    "ipm0.1",
-    "ipm100",
-    "poison",
-    "free_rider",
-    "copycat",
-    "stale",
-    "nan",
-    "inflate",
-)
+#: Attacks run at 20% attackers (all of them), and those also run at 40%.
+AT_20 = ATTACKS
 AT_40 = ("alie", "ipm0.1", "ipm100")
 
 
