@@ -228,6 +228,8 @@ def test_overlapped_steps_are_declared(tiny_run: Run, tmp_path: Path) -> None:
     first, second = (u[1] for u in fake.uploads)
     assert first["overlap_steps"] == 0
     assert 1 <= second["overlap_steps"] <= STEPS == second["steps"]  # at least one step ran
+    assert (first["overlap_round"], second["overlap_round"]) == (-1, 0)
+    assert second["overlap_first_batch"] == STEPS  # round 0 trained batches 0..STEPS-1 itself
 
 
 BANNED = {"error": "banned", "detail": "this peer is banned: its updates were 1000x the median"}

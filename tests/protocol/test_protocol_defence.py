@@ -684,7 +684,7 @@ def test_coordinator_mode_emits_verify_orders_at_close_and_takes_its_own_replays
     ]
 
 
-def test_contributions_trained_with_overlap_are_never_checked() -> None:
+def test_overlapped_contributions_without_a_prior_round_are_never_checked() -> None:
     p, _ = coordinator()
     join(p, "a", "b")
     order(p, "a", "b")

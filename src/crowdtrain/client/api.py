@@ -94,11 +94,32 @@ class WorkOrderMsg(_Msg):
     _clamp_deadline = field_validator("deadline_in")(_not_negative)
 
 
+class PriorMsg(_Msg):
+    """The `prior` of a verify message: the checked contribution was overlapped.
+
+    Its first `steps` steps continued the target's order of round `round` while θ_base was on
+    its way: from θ_s = weights `weights` − decode(payload blob `payload`), on that order's
+    batches from batch `first_batch` (step offset `step_offset + first_batch`).
+    """
+
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    weights: SHA256
+    payload: SHA256
+    shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
+    seed: int = Field(ge=0)
+    step_offset: int = Field(ge=0)
+    first_batch: int = Field(ge=0, le=1_000_000_000)
+    steps: int = Field(ge=1, le=1_000_000_000)
+
+
 class VerifyOrderMsg(_Msg):
     """`POST /v1/work`: replay peer `target`'s work order exactly and upload Δ' (a spot-check).
 
     Train exactly `steps` steps from weights `weights` on the batches that `target` was given
     (the sampler is keyed by the target's peer id), then `PUT /v1/verifications/{check_id}`.
+    With `prior`, the first `prior.steps` of them are the previous round's overlapped work,
+    rebased onto `weights` (see PriorMsg and `Volunteer.replay`).
     """
 
     kind: Literal["verify"]
@@ -112,6 +133,7 @@ class VerifyOrderMsg(_Msg):
     step_offset: int = Field(ge=0)
     steps: int = Field(ge=1, le=1_000_000_000)
     max_payload_bytes: int = Field(ge=1, le=1 << 40)
+    prior: PriorMsg | None = None
 
 
 class WaitMsg(_Msg):
@@ -168,8 +190,10 @@ class ContributionMeta(BaseModel):
     """The `X-Crowdtrain-Meta` header of an upload.
 
     `overlap_steps` counts the round's steps trained speculatively before θ_base arrived (on
-    the previous order's batches, then rebased); the coordinator does not spot-check such a
-    contribution, since it cannot be replayed from θ_base alone.
+    the previous order's batches, then rebased); they continued the order of round
+    `overlap_round` (-1 when there are none) from its batch `overlap_first_batch`, starting
+    from that round's base minus the Δ this volunteer uploaded for it. With those, a verifier
+    can replay the contribution from public data (see `VerifyOrderMsg.prior`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -180,6 +204,8 @@ class ContributionMeta(BaseModel):
     steps: int = Field(ge=0)
     train_loss: float = Field(allow_inf_nan=False)
     overlap_steps: int = Field(0, ge=0)
+    overlap_round: int = Field(-1, ge=-1)
+    overlap_first_batch: int = Field(0, ge=0)
 
 
 _WORK_REPLY: TypeAdapter[WorkReply] = TypeAdapter(Annotated[WorkReply, Field(discriminator="kind")])

@@ -9,15 +9,18 @@ upload travels and the round closes: it keeps training on the same work order's 
 and when θ_{r+1} arrives it rebases that extra progress onto θ_{r+1} and counts it towards round
 r+1 — the one-step-delayed outer update of Streaming DiLoCo (Douillard et al. 2025,
 arXiv:2501.18512) and of DeMo's delayed application (Peng et al. 2024, arXiv:2411.19870).
-Such a contribution carries `overlap_steps` in its metadata: it cannot be replayed from θ_base
-alone, so the coordinator does not spot-check it.
+The speculative steps start from θ_r − decode(payload_r), the Δ exactly as uploaded, not from
+the private fp32 end point, so they depend only on public data. Such a contribution declares
+`overlap_steps` (k), `overlap_round` (r) and `overlap_first_batch` in its metadata, and a
+verifier can replay it (`replay_work`).
 
 A trusted volunteer may instead be asked to verify another peer's contribution: replay that
 peer's work order exactly (same θ_base, shards, seed, step offset and step count, batches keyed
-by the target peer) and upload Δ' for the coordinator to compare — the recomputation spot-check
-of BOINC-style adaptive replication (Anderson, "BOINC: A Platform for Volunteer Computing",
-J. Grid Computing 2020). With AdamW fresh every round the replay is bit-exact on the same
-hardware and thread count.
+by the target peer; first the previous round's overlapped steps when there were any) and upload
+Δ' for the coordinator to compare — the recomputation spot-check of BOINC-style adaptive
+replication (Anderson, "BOINC: A Platform for Volunteer Computing", J. Grid Computing 2020).
+With AdamW fresh for every training call the replay is bit-exact on the same hardware and
+thread count.
 
 For testing defences, `JoinOptions.attack` makes the volunteer behave as an attack of
 `crowdtrain.adversary`. A networked attacker is not omniscient: it sees only its own honest Δ,
@@ -46,6 +49,7 @@ from crowdtrain.client.api import (
     CoordinatorApi,
     FinishedMsg,
     PeerBanned,
+    PriorMsg,
     VerifyOrderMsg,
     WaitMsg,
     WorkOrderMsg,
@@ -61,6 +65,48 @@ log = logging.getLogger(__name__)
 
 Order = WorkOrderMsg | VerifyOrderMsg
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: `LocalTrainer.train` or a wrapper of it: (base, batches, *, step_offset, max_steps, start=).
+TrainFn = Callable[..., Contribution]
+
+
+@dataclass(frozen=True)
+class CarriedWork:
+    """The overlapped start of a contribution, as a replay needs it: `steps` steps from
+    `start` (θ_prior − decode(payload_prior)) on `batches`, the first at `step_offset`."""
+
+    start: Mapping[str, torch.Tensor]
+    batches: Iterator[Batch]
+    step_offset: int
+    steps: int
+
+
+def replay_work(
+    train: TrainFn,
+    base: Mapping[str, torch.Tensor],
+    batches: Iterator[Batch],
+    *,
+    step_offset: int,
+    steps: int,
+    carried: CarriedWork | None = None,
+) -> Contribution:
+    """Recompute a contribution of `steps` steps from `base`, the way its volunteer made it.
+
+    Without `carried`: `steps` steps on `batches` from `base`. With it, first the overlapped
+    part, Δ_c = θ_s − θ_end after `carried.steps` steps from θ_s = `carried.start`; if that is
+    the whole budget, Δ_c is the contribution, else training goes on from θ_base − Δ_c for the
+    remaining steps on `batches` from their start, and Δ is measured from θ_base. Every `train`
+    call has a fresh optimizer, as in `Volunteer._round`.
+    """
+    if carried is None:
+        return train(base, batches, step_offset=step_offset, max_steps=steps)
+    done = train(
+        carried.start, carried.batches, step_offset=carried.step_offset, max_steps=carried.steps
+    )
+    if done.steps >= steps:
+        return done
+    start = {k: base[k] - done.delta[k] for k in base}
+    rest = train(base, batches, step_offset=step_offset, max_steps=steps - done.steps, start=start)
+    return _merge(done, rest)
 
 
 @dataclass
@@ -134,6 +180,16 @@ class JoinOptions:
             raise ClientError(
                 f"unknown attack {self.attack!r}; the attacks are {', '.join(ATTACKS)}"
             )
+
+
+@dataclass(frozen=True)
+class _Overlap:
+    """What a contribution declares about its overlapped start: `steps` steps that continued
+    the order of round `round` from its batch `first_batch`."""
+
+    steps: int
+    round: int
+    first_batch: int
 
 
 class _Speculation:
@@ -315,7 +371,9 @@ class Volunteer:
 
     def replay(self, order: VerifyOrderMsg, base: Mapping[str, torch.Tensor]) -> Contribution:
         """Train exactly the spot-checked work order: `order.steps` steps on the target's
-        batches from `base`, with a fresh optimizer, no overlap and no attack."""
+        batches from `base`, with a fresh optimizer and no attack; with `order.prior`, the
+        first of them are the target's overlapped steps of the previous round (`replay_work`),
+        whose start θ_prior − decode(payload) is downloaded and verified here."""
         if self.config.inner.keep_optimizer_state:  # the replay must not touch our own moments
             if self._replayer is None:
                 self._replayer = LocalTrainer(
@@ -324,12 +382,43 @@ class Volunteer:
             trainer = self._replayer
         else:
             trainer = self.trainer
-        return self._timed(
-            trainer,
+        carried = None if order.prior is None else self._carried(order, order.prior)
+        return replay_work(
+            functools.partial(self._timed, trainer),
             base,
             iter(self._sampler(order)),
             step_offset=order.step_offset,
-            max_steps=order.steps,
+            steps=order.steps,
+            carried=carried,
+        )
+
+    def _carried(self, order: VerifyOrderMsg, prior: PriorMsg) -> CarriedWork:
+        """The overlapped start of the contribution `order` checks: θ_prior − decode(payload)
+        and the target's batches of the prior round from `prior.first_batch`."""
+        theta = self._weights(prior.weights)
+        try:
+            sent = codec.decode(
+                self._fetch(prior.payload, order.max_payload_bytes),
+                self.shapes,
+                max_bytes=order.max_payload_bytes,
+            )
+        except codec.PayloadError as exc:
+            raise ClientError(f"the prior payload {prior.payload[:12]} is bad: {exc}") from None
+        sampler = BatchSampler(
+            self._shards(prior.shard_ids),
+            prior.shard_ids,
+            seed=prior.seed,
+            round=prior.round,
+            peer=order.target,
+            batch_size=self.config.data.batch_size,
+            context=self.config.model.context,
+        )
+        first = prior.first_batch
+        return CarriedWork(
+            start={k: theta[k] - sent[k] for k in theta},
+            batches=(sampler.batch(i) for i in range(first, 1 << 62)),
+            step_offset=prior.step_offset + first,
+            steps=prior.steps,
         )
 
     def _verify(self, order: VerifyOrderMsg) -> None:
@@ -387,27 +476,29 @@ class Volunteer:
         forgery = self.attacker.forge(honest, claim, view)
         return encode_forgery(forgery, self.config.codec, self.residual), forgery.claim
 
-    def _upload(
-        self,
-        order: WorkOrderMsg,
-        result: Contribution | None,
-        base: Mapping[str, torch.Tensor],
-        overlap_steps: int = 0,
-    ) -> None:
-        """Encode (or forge) and upload one round's contribution; a refusal is not fatal."""
+    def _encode(
+        self, order: WorkOrderMsg, result: Contribution | None, base: Mapping[str, torch.Tensor]
+    ) -> tuple[bytes, Claim]:
+        """One round's payload (or forgery) and what it claims."""
         if self.attacker is not None:
-            payload, claim = self._forge(order, result, base)
-        else:
-            assert result is not None
-            payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
-            claim = Claim(result.samples, result.tokens, result.steps, result.loss_mean)
+            return self._forge(order, result, base)
+        assert result is not None
+        payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
+        return payload, Claim(result.samples, result.tokens, result.steps, result.loss_mean)
+
+    def _upload(
+        self, order: WorkOrderMsg, payload: bytes, claim: Claim, overlap: _Overlap | None
+    ) -> None:
+        """Upload one round's payload with its claim; a refusal is not fatal."""
         meta = {
             "base_version": order.base_version,
             "samples": claim.samples,
             "tokens": claim.tokens,
             "steps": claim.steps,
             "train_loss": claim.train_loss,
-            "overlap_steps": overlap_steps,
+            "overlap_steps": 0 if overlap is None else overlap.steps,
+            "overlap_round": -1 if overlap is None else overlap.round,
+            "overlap_first_batch": 0 if overlap is None else overlap.first_batch,
         }
         self.stats.status = f"uploading round {order.round}"
         self.on_update(self.stats)
@@ -486,6 +577,7 @@ class Volunteer:
         order = self._next_order(stop)
         base = None if order is None else self._prefetch(order)
         carried: Contribution | None = None
+        spec_from: tuple[int, int] = (-1, 0)  # (round, first batch) the speculation continued
         overlap = self.config.inner.overlap and self.attacker is None
         while order is not None and base is not None and not stop.is_set():
             if self.stats.first_train is None:
@@ -493,13 +585,16 @@ class Volunteer:
             self.stats.round, self.stats.status = order.round, f"training round {order.round}"
             trains = self.attacker is None or self.attacker.trains
             result = self._round(order, base, carried) if trains else None
+            payload, claim = self._encode(order, result, base)
+            done = None if carried is None else _Overlap(carried.steps, *spec_from)
             spec = _Speculation()
             if overlap and result is not None:
-                local_end = {k: base[k] - result.delta[k] for k in base}
                 fresh = result.steps - (carried.steps if carried is not None else 0)
+                spec_from = (order.round, fresh)
+                local_end = self._speculation_start(base, result, payload)
                 spec.start(functools.partial(self._speculate, order, local_end, fresh))
             try:
-                self._upload(order, result, base, carried.steps if carried is not None else 0)
+                self._upload(order, payload, claim, done)
                 if max_rounds is not None and self.stats.rounds >= max_rounds:
                     break
                 # While these transfers run, the overlapped training goes on.
@@ -507,6 +602,17 @@ class Volunteer:
                 base = None if order is None else self._prefetch(order)
             finally:
                 carried = spec.finish() if overlap else None
+
+    def _speculation_start(
+        self, base: Mapping[str, torch.Tensor], result: Contribution, payload: bytes
+    ) -> dict[str, torch.Tensor]:
+        """Where overlapped training starts: θ_base − decode(payload), the end point anyone
+        can compute from public data, so that a verifier can replay it. With an error-feedback
+        residual (never spot-checked) the payload is not Δ, so it is the local end point."""
+        if self.residual is not None:
+            return {k: base[k] - result.delta[k] for k in base}
+        sent = codec.decode(payload, self.shapes)
+        return {k: base[k] - sent[k] for k in base}
 
     def _heartbeats(self, stop: threading.Event) -> None:
         """Tell the coordinator we are alive while a long round trains (see peer_timeout_s)."""

@@ -38,6 +38,7 @@ from crowdtrain.protocol.events import (
     PeerLeft,
     PeerRecord,
     PeerSeen,
+    PriorWork,
     Rejected,
     RoundClosed,
     RunFinished,
@@ -83,6 +84,8 @@ class _Submission:
     steps: int = 0
     overlap_steps: int = 0
     round: int = -1  # the round the work was ordered for (a late one belongs to the last)
+    overlap_round: int = -1  # the round whose order the overlapped steps continued
+    overlap_first_batch: int = 0  # ... from this batch of that order's stream
 
     @property
     def key(self) -> str:
@@ -100,6 +103,8 @@ class _Submission:
             "ref": self.ref,
             "steps": self.steps,
             "overlap_steps": self.overlap_steps,
+            "overlap_round": self.overlap_round,
+            "overlap_first_batch": self.overlap_first_batch,
         }
 
     @classmethod
@@ -156,8 +161,11 @@ class _Check:
     assigned_at: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
+        order = asdict(self.order)
+        if order["prior"] is not None:
+            order["prior"]["shard_ids"] = list(order["prior"]["shard_ids"])
         return {
-            "order": {**asdict(self.order), "shard_ids": list(self.order.shard_ids)},
+            "order": {**order, "shard_ids": list(self.order.shard_ids)},
             "ref": self.ref,
             "opened_round": self.opened_round,
             "samples": self.samples,
@@ -168,7 +176,9 @@ class _Check:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any], source: Callable[[str], DeltaSource]) -> _Check:
         o = doc["order"]
-        order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"])})
+        p = o.get("prior")
+        prior = None if p is None else PriorWork(**{**p, "shard_ids": tuple(p["shard_ids"])})
+        order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"]), "prior": prior})
         return cls(
             order,
             source(doc["ref"]),
@@ -517,6 +527,8 @@ class RoundProtocol:
             steps=event.steps,
             overlap_steps=event.overlap_steps,
             round=event.round,
+            overlap_round=event.overlap_round,
+            overlap_first_batch=event.overlap_first_batch,
         )
         if rnd is self._round:
             rnd.submissions[event.peer_id] = sub
@@ -662,7 +674,7 @@ class RoundProtocol:
                 s.delta,
                 self._order_of(s),
                 s.steps,
-                self.peers[s.peer_id].standing.score,
+                -1.0 if self._unreplayable(s) else self.peers[s.peer_id].standing.score,
             )
             for s in subs
         ]
@@ -703,6 +715,37 @@ class RoundProtocol:
             if rnd is not None and rnd.number == sub.round:
                 return rnd.orders.get(sub.peer_id) or self._make_order(sub.peer_id, rnd)
         raise ValueError(f"round {sub.round} is neither the open nor the last round")
+
+    def _unreplayable(self, sub: _Submission) -> bool:
+        """A contribution no spot-check can replay (overlap without a known prior round): it
+        is scored first instead, as if its peer were the least trusted."""
+        return bool(sub.overlap_steps) and self._prior_of(sub) is None
+
+    def _prior_of(self, sub: _Submission) -> PriorWork | None:
+        """What a replay of overlapped SUB must redo first: the same peer's work of the round
+        just before, trained on from the base minus the Δ it sent for that round. None (SUB
+        cannot be replayed) unless that submission is still known, i.e. in the last round.
+
+        The overlapped steps count towards SUB's steps, so a replay never runs more than those.
+        """
+        prev = self._previous
+        if prev is None or sub.overlap_round != sub.round - 1 or prev.number != sub.overlap_round:
+            return None
+        candidates = (prev.submissions.get(sub.peer_id), prev.late.get(sub.peer_id))
+        done = next((c for c in candidates if c is not None and c.round == prev.number), None)
+        if done is None or not done.ref:
+            return None
+        work = self._order_of(done)
+        return PriorWork(
+            round=work.round,
+            base_version=work.base_version,
+            shard_ids=work.shard_ids,
+            seed=work.seed,
+            step_offset=work.step_offset,
+            first_batch=sub.overlap_first_batch,
+            steps=min(sub.overlap_steps, sub.steps),
+            payload_ref=done.ref,
+        )
 
     def _aggregate_print(self) -> list[torch.Tensor]:
         """The last aggregate's fingerprint: a free-rider resubmitting the global update (which
@@ -746,8 +789,11 @@ class RoundProtocol:
         for s in subs:
             draw = float(torch.rand((), generator=rng))
             p = check_probability(self.peers[s.peer_id].standing, cfg)
-            if s.overlap_steps or draw >= p:
+            if draw >= p:
                 continue
+            prior = self._prior_of(s) if s.overlap_steps else None
+            if s.overlap_steps and prior is None:
+                continue  # its start is private to the peer: no one can replay it
             work = self._order_of(s)
             text = f"check\x00{s.peer_id}\x00{s.round}"
             check_id = hashlib.sha256(text.encode()).hexdigest()
@@ -761,6 +807,7 @@ class RoundProtocol:
                 seed=work.seed,
                 step_offset=work.step_offset,
                 steps=s.steps,
+                prior=prior,
             )
             self.checks[order.check_id] = _Check(order, s.delta, s.ref, rnd.number, s.samples)
             if cfg.spot_check == "coordinator":
@@ -817,8 +864,13 @@ class RoundProtocol:
 
 def replayable(config: RunConfig) -> bool:
     """Whether a replay can reproduce what a peer sent: not when the peer adds its own
-    error-feedback residual (top-k codec, SparseLoCo outer step), which no one else knows."""
-    return config.codec.name != "topk2bit" and config.outer.optimizer != "error_feedback"
+    error-feedback residual (top-k codec, SparseLoCo outer step) or carries AdamW moments
+    across rounds (`inner.keep_optimizer_state`), which no one else knows."""
+    return (
+        config.codec.name != "topk2bit"
+        and config.outer.optimizer != "error_feedback"
+        and not config.inner.keep_optimizer_state
+    )
 
 
 def secret_seed(purpose: str, *parts: int) -> int:

@@ -58,7 +58,12 @@ class ContributionSubmitted:
     train_loss: float
     payload_bytes: int = 0
     ref: str = ""  # the driver's durable handle of `delta` (a blob id), kept in snapshots
-    overlap_steps: int = 0  # steps trained before the base arrived (not replayable exactly)
+    # Overlap: the first `overlap_steps` steps were trained before the base arrived, continuing
+    # the work order of round `overlap_round` (-1: none) from its batch `overlap_first_batch`,
+    # starting at that round's base minus the Δ this peer sent for it (then rebased).
+    overlap_steps: int = 0
+    overlap_round: int = -1
+    overlap_first_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,34 @@ class WorkOrder:
 
 
 @dataclass(frozen=True)
+class PriorWork:
+    """The overlapped start of a spot-checked contribution: previous-round work to replay first.
+
+    The peer kept training round `round`'s work order while its upload travelled (Streaming
+    DiLoCo's overlap), from θ_s = θ_{base_version} − decode(payload `payload_ref`), i.e. from
+    what it sent for that round. A replay trains `steps` steps from θ_s on that order's batches
+    (keyed by the target) from batch `first_batch`, at step offset `step_offset + first_batch`,
+    with a fresh optimizer; that progress Δ_c is rebased onto the checked order's base.
+    """
+
+    round: int
+    base_version: int
+    shard_ids: tuple[str, ...]
+    seed: int
+    step_offset: int
+    first_batch: int
+    steps: int
+    payload_ref: str
+
+
+@dataclass(frozen=True)
 class VerifyOrder:
     """Replay another peer's work order exactly: same base, shards, seed, offset and steps.
 
     `target` is the peer whose batches to draw (the sampler is keyed by it); the verifier
     trains `steps` steps from version `base_version` and submits Δ' (recomputation spot-check).
+    With `prior` (an overlapped contribution), the first `prior.steps` of them are the
+    previous round's work (see PriorWork), rebased onto θ_base; the rest start at batch 0.
     """
 
     check_id: str
@@ -143,6 +171,7 @@ class VerifyOrder:
     seed: int
     step_offset: int
     steps: int
+    prior: PriorWork | None = None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ class MetaHeader(BaseModel):
     steps: int = Field(ge=0, le=10**9)
     train_loss: float = Field(allow_inf_nan=False)
     overlap_steps: int = Field(0, ge=0, le=10**9)
+    overlap_round: int = Field(-1, ge=-1, le=10**9)
+    overlap_first_batch: int = Field(0, ge=0, le=10**9)
 
 
 class VerifyMetaHeader(BaseModel):

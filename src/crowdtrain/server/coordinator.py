@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 
 from crowdtrain import codec
 from crowdtrain.client.signing import load_or_create_signing_key, sign_manifest
+from crowdtrain.client.volunteer import CarriedWork, replay_work
 from crowdtrain.config import ConfigError, RunConfig, config_hash
 from crowdtrain.data import BatchSampler, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
@@ -49,6 +50,7 @@ from crowdtrain.protocol import (
     WorkOrder,
     WorkRequested,
 )
+from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.server.manifest import build_manifest, weights_bytes
 from crowdtrain.store import (
@@ -84,6 +86,8 @@ class ContributionMeta:
     steps: int
     train_loss: float
     overlap_steps: int = 0
+    overlap_round: int = -1
+    overlap_first_batch: int = 0
 
 
 def token_hash(token: str) -> str:
@@ -331,6 +335,7 @@ class Coordinator:
                         "seed": d.seed,
                         "step_offset": d.step_offset,
                         "steps": d.steps,
+                        "prior": self._prior_json(d.prior),
                         "max_payload_bytes": self.max_payload_bytes,
                     }
                 if isinstance(d, Banned):
@@ -342,6 +347,24 @@ class Coordinator:
                 if isinstance(d, Unknown):
                     raise Problem(401, "unknown_peer", d.reason)
         return {"kind": "wait", "retry_after": 1.0, "reason": "no work right now"}
+
+    def _prior_json(self, prior: PriorWork | None) -> dict[str, Any] | None:
+        """The `prior` of a verify message: where an overlapped contribution's start comes from."""
+        if prior is None:
+            return None
+        version = self.store.get_version(prior.base_version)
+        assert version is not None
+        return {
+            "round": prior.round,
+            "base_version": prior.base_version,
+            "weights": version.weights_sha,
+            "payload": prior.payload_ref,
+            "shard_ids": list(prior.shard_ids),
+            "seed": prior.seed,
+            "step_offset": prior.step_offset,
+            "first_batch": prior.first_batch,
+            "steps": prior.steps,
+        }
 
     def _finished(self) -> dict[str, Any]:
         latest = self.store.latest_version()
@@ -386,6 +409,8 @@ class Coordinator:
             payload_bytes=size,
             ref=payload_sha,
             overlap_steps=meta.overlap_steps,
+            overlap_round=meta.overlap_round,
+            overlap_first_batch=meta.overlap_first_batch,
         )
         with self.lock:
             decisions = self.protocol.handle(event)
@@ -477,24 +502,49 @@ class Coordinator:
                 self._replaying = threading.Thread(target=self._replay, args=(order,), daemon=True)
                 self._replaying.start()
 
+    def _sampler(self, shard_ids: tuple[str, ...], seed: int, rnd: int, peer: str) -> BatchSampler:
+        return BatchSampler(
+            {sha: self.shard_store.load(sha) for sha in shard_ids},
+            shard_ids,
+            seed=seed,
+            round=rnd,
+            peer=peer,
+            batch_size=self.config.data.batch_size,
+            context=self.config.model.context,
+        )
+
+    def _weights_of(self, base_version: int) -> dict[str, torch.Tensor]:
+        version = self.store.get_version(base_version)
+        assert version is not None
+        return self._tensors(version.weights_sha)
+
+    def _carried(self, order: VerifyOrder, prior: PriorWork) -> CarriedWork:
+        """The overlapped start of a checked contribution: θ_prior − decode(prior payload)."""
+        theta = self._weights_of(prior.base_version)
+        payload = self.blobs.read(prior.payload_ref, max_bytes=self.max_payload_bytes)
+        sent = codec.decode(payload, self.shapes, max_bytes=self.max_payload_bytes)
+        sampler = self._sampler(prior.shard_ids, prior.seed, prior.round, order.target)
+        first = prior.first_batch
+        return CarriedWork(
+            start={k: theta[k] - sent[k] for k in theta},
+            batches=(sampler.batch(i) for i in range(first, 1 << 62)),
+            step_offset=prior.step_offset + first,
+            steps=prior.steps,
+        )
+
     def _replay(self, order: VerifyOrder) -> None:
         """Recompute a spot-checked work order here and hand the result to the protocol."""
         try:
-            version = self.store.get_version(order.base_version)
-            assert version is not None
-            base = self._tensors(version.weights_sha)
-            sampler = BatchSampler(
-                {sha: self.shard_store.load(sha) for sha in order.shard_ids},
-                order.shard_ids,
-                seed=order.seed,
-                round=order.round,
-                peer=order.target,
-                batch_size=self.config.data.batch_size,
-                context=self.config.model.context,
-            )
+            base = self._weights_of(order.base_version)
+            sampler = self._sampler(order.shard_ids, order.seed, order.round, order.target)
             trainer = LocalTrainer(self.config.model, self.config.inner)
-            result = trainer.train(
-                base, iter(sampler), step_offset=order.step_offset, max_steps=order.steps
+            result = replay_work(
+                trainer.train,
+                base,
+                iter(sampler),
+                step_offset=order.step_offset,
+                steps=order.steps,
+                carried=None if order.prior is None else self._carried(order, order.prior),
             )
             event = VerificationSubmitted(
                 order.check_id, "", DictSource(result.delta), result.steps
