@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def _relative(ratio: float) -> str:
+    """+1.2% for small differences, ×140 for blow-ups."""
+    return f"×{ratio:.3g}" if ratio >= 2 else f"{ratio - 1:+.1%}"
+
+
 def main(path: str) -> None:
     doc = json.loads(Path(path).read_text())
     clean = doc["clean_eval_loss"]
@@ -30,16 +35,17 @@ def main(path: str) -> None:
     )
     print()
     print(
-        "| attack | attackers | defended | vs clean | vs honest alone | plain mean | banned "
-        "| caught in its round | honest flagged | honest banned |"
+        "| attack | attackers | defended | vs clean | vs honest alone | plain mean "
+        "| plain vs clean plain | banned | caught in its round | honest flagged | honest banned |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in doc["attacks"].values():
         defended = row["defended_eval_loss"]
         print(
             f"| {row['attack']} | {row['fraction']:.0%} | {defended:.4f} "
             f"| {defended / clean - 1:+.1%} | {defended / row['honest_only_eval_loss'] - 1:+.1%} "
             f"| {row['undefended_eval_loss']:.4g} "
+            f"| {_relative(row['undefended_eval_loss'] / doc['clean_plain_eval_loss'])} "
             f"| {row['attackers_banned']}/{row['attackers_total']} "
             f"| {row['caught_in_round']:.0%} | {row['honest_flagged']} | {row['honest_banned']} |"
         )
