@@ -1,6 +1,6 @@
 """Print the markdown table of docs/SECURITY.md from `crowdtrain bench robustness --json` output.
 
-    python bench/robustness_table.py bench/results/robustness-quick.json
+python bench/robustness_table.py bench/results/robustness-quick.json
 """
 
 from __future__ import annotations
