@@ -79,6 +79,26 @@ class CarriedWork:
     step_offset: int
     steps: int
 
+    @classmethod
+    def after(
+        cls,
+        theta: Mapping[str, torch.Tensor],
+        sent: Mapping[str, torch.Tensor],
+        sampler: BatchSampler,
+        *,
+        first_batch: int,
+        step_offset: int,
+        steps: int,
+    ) -> CarriedWork:
+        """The steps a peer trained ahead from θ_prior − Δ_sent, from batch `first_batch` of
+        its prior work order's stream (`step_offset` is that order's)."""
+        return cls(
+            start={k: theta[k] - sent[k] for k in theta},
+            batches=(sampler.batch(i) for i in range(first_batch, 1 << 62)),
+            step_offset=step_offset + first_batch,
+            steps=steps,
+        )
+
 
 def replay_work(
     train: TrainFn,
@@ -413,11 +433,12 @@ class Volunteer:
             batch_size=self.config.data.batch_size,
             context=self.config.model.context,
         )
-        first = prior.first_batch
-        return CarriedWork(
-            start={k: theta[k] - sent[k] for k in theta},
-            batches=(sampler.batch(i) for i in range(first, 1 << 62)),
-            step_offset=prior.step_offset + first,
+        return CarriedWork.after(
+            theta,
+            sent,
+            sampler,
+            first_batch=prior.first_batch,
+            step_offset=prior.step_offset,
             steps=prior.steps,
         )
 

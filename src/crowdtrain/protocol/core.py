@@ -472,13 +472,21 @@ class RoundProtocol:
                 return replace(check.order, peer_id=peer.peer_id)
         return None
 
-    def _on_contribution(self, event: ContributionSubmitted, now: float) -> list[Decision]:
-        peer = self.peers.get(event.peer_id)
+    def _uploader(self, peer_id: str, now: float) -> PeerRecord | Decision:
+        """The peer behind an upload, seen now; or Unknown for a stranger, Banned for a
+        banned peer."""
+        peer = self.peers.get(peer_id)
         if peer is None:
-            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+            return Unknown(peer_id, "no peer with this id has joined the run")
         peer.last_seen = now
         if peer.standing.banned:
-            return [Banned(peer.peer_id, peer.standing.ban_reason)]
+            return Banned(peer.peer_id, peer.standing.ban_reason)
+        return peer
+
+    def _on_contribution(self, event: ContributionSubmitted, now: float) -> list[Decision]:
+        peer = self._uploader(event.peer_id, now)
+        if not isinstance(peer, PeerRecord):
+            return [peer]
         rnd, weight_factor_late = self._round_for(event.round)
         if rnd is None:
             return [self._reject(peer, event.round, "closed", "this round is closed")]
@@ -544,12 +552,9 @@ class RoundProtocol:
         return decisions
 
     def _on_malformed(self, event: ContributionMalformed, now: float) -> list[Decision]:
-        peer = self.peers.get(event.peer_id)
-        if peer is None:
-            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
-        peer.last_seen = now
-        if peer.standing.banned:
-            return [Banned(peer.peer_id, peer.standing.ban_reason)]
+        peer = self._uploader(event.peer_id, now)
+        if not isinstance(peer, PeerRecord):
+            return [peer]
         if not self.defended:
             return [self._reject(peer, event.round, "bad_payload", event.reason)]
         return self._fail(peer, event.round, "format", "bad_payload", event.reason, now)

@@ -524,11 +524,12 @@ class Coordinator:
         payload = self.blobs.read(prior.payload_ref, max_bytes=self.max_payload_bytes)
         sent = codec.decode(payload, self.shapes, max_bytes=self.max_payload_bytes)
         sampler = self._sampler(prior.shard_ids, prior.seed, prior.round, order.target)
-        first = prior.first_batch
-        return CarriedWork(
-            start={k: theta[k] - sent[k] for k in theta},
-            batches=(sampler.batch(i) for i in range(first, 1 << 62)),
-            step_offset=prior.step_offset + first,
+        return CarriedWork.after(
+            theta,
+            sent,
+            sampler,
+            first_batch=prior.first_batch,
+            step_offset=prior.step_offset,
             steps=prior.steps,
         )
 
