@@ -1,0 +1,531 @@
+"""Discrete-event simulation of a volunteer swarm: the real protocol and numerics, virtual time.
+
+Every volunteer is a process on an `EventLoop`. It joins, asks the `RoundProtocol` for work,
+downloads θ, computes, uploads its pseudo-gradient and asks again, exactly as the networked
+client does; the protocol core, the `LocalTrainer` numerics and the codec are the real ones
+(through `swarm.Volunteer`), and only time is simulated. This measures DiLoCo-style rounds
+(Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", 2023,
+arXiv:2311.08105) on volunteer links and machines.
+
+What is modelled:
+
+* **Real-world scaling.** The numerics run on the small proxy model of the run config, but the
+  clock charges the costs of a `Target` model: a download of ``params × bytes_per_param_down``
+  bytes, an upload of ``params × bytes_per_param_up`` bytes, and ``6 × params × tokens`` FLOPs
+  per inner step at the peer's FLOP/s × MFU. A "seconds" budget trains as many whole steps of
+  the target as fit in ``max_seconds`` on that peer (at least one).
+* **Links** (`network.Network`): latency + bytes / bandwidth per transfer, FIFO per peer link,
+  the coordinator's ingress and egress as shared capacities.
+* **Churn**: each peer is online during its intervals. Going offline drops its transfers and
+  pending work silently, as a closed laptop does: the coordinator learns of it only when
+  `rounds.peer_timeout_s` passes without a heartbeat (online peers heartbeat continuously), so
+  its order lapses at the next tick; with ``goodbye=True`` the peer says `PeerLeft` instead.
+  Coming back online, it joins again and asks for work.
+* **Deadlines**: a `Tick` at every round's deadline lets the protocol close on its quorum.
+* **Spot-checks**: a peer replays a `VerifyOrder` for the virtual time of its steps; a replay
+  the coordinator runs itself costs no virtual time.
+
+What is not modelled: overlap of communication with computation (a peer idles while its
+transfers run; Streaming DiLoCo's overlap comes later), the transfer of data shards and of a
+verifier's download and upload, the coordinator's own compute time (aggregation, evaluation),
+failures other than going offline, and the polling delay of a waiting peer (a peer told to
+wait is woken as soon as a round closes, as with a long poll).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crowdtrain import codec
+from crowdtrain.adversary import Claim
+from crowdtrain.config import CodecConfig, RunConfig
+from crowdtrain.data import ensure_packed_for
+from crowdtrain.data import eval_batches as held_out_batches
+from crowdtrain.data.probe import ShardProbe
+from crowdtrain.models import initial_state
+from crowdtrain.protocol import (
+    Banned,
+    Decision,
+    PeerJoined,
+    PeerLeft,
+    PeerSeen,
+    RoundClosed,
+    RoundProtocol,
+    RunFinished,
+    Tick,
+    Unknown,
+    VerificationSubmitted,
+    VerifyOrder,
+    Wait,
+    WorkOrder,
+    WorkRequested,
+)
+from crowdtrain.robust import DictSource
+from crowdtrain.sim.events import EventLoop, Handle
+from crowdtrain.sim.network import Link, Network
+from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
+from crowdtrain.sim.swarm import Volunteer, decode_submission, load_shards, uses_error_feedback
+from crowdtrain.train import LocalTrainer, evaluate
+
+__all__ = ["SimResult", "Target", "bytes_per_param", "fitted_steps", "simulate"]
+
+Interval = tuple[float, float]
+_BASES_KEPT = 5  # versions of θ kept for replays (spot-checks lapse after 3 rounds)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The real-world run whose costs the virtual clock charges (real-world scaling)."""
+
+    params: int  # P of the target model (e.g. 1e9)
+    tokens_per_step: int  # tokens per inner step per peer (batch × context of the target)
+    bytes_per_param_up: float  # wire bytes per parameter of an upload (int8: about 1)
+    bytes_per_param_down: float  # wire bytes per parameter of a weights download (fp32: 4)
+
+    def __post_init__(self) -> None:
+        if self.params < 1 or self.tokens_per_step < 1:
+            raise ValueError(
+                f"the target needs at least one parameter and one token per step, not "
+                f"params={self.params} and tokens_per_step={self.tokens_per_step}"
+            )
+        for name in ("bytes_per_param_up", "bytes_per_param_down"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"the target's {name} must be a positive number, not {value}")
+
+    @property
+    def upload_bytes(self) -> int:
+        """Bytes of one pseudo-gradient upload."""
+        return round(self.params * self.bytes_per_param_up)
+
+    @property
+    def download_bytes(self) -> int:
+        """Bytes of one download of the global weights."""
+        return round(self.params * self.bytes_per_param_down)
+
+    @property
+    def flops_per_step(self) -> float:
+        """Training FLOPs of one inner step of one peer."""
+        return flops_per_step(self.params, self.tokens_per_step)
+
+
+def bytes_per_param(spec: CodecConfig, numel: int = 1 << 20) -> float:
+    """Wire bytes per parameter of `spec`'s payload, measured on one tensor of `numel` values."""
+    return codec.max_payload_bytes({"x": (numel,)}, spec) / numel
+
+
+def fitted_steps(order: WorkOrder, step_s: float) -> int:
+    """Inner steps a peer taking `step_s` seconds per step trains for `order`: ``max_steps``
+    for a "steps" budget; for a "seconds" budget the whole steps that fit in ``max_seconds``
+    (at least one)."""
+    if order.budget == "steps":
+        return order.max_steps
+    if not step_s > 0:
+        return 1
+    return max(1, math.floor(order.max_seconds / step_s * (1 + 1e-9)))
+
+
+@dataclass
+class SimResult:
+    """What a simulated run produced, in virtual time."""
+
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    per_peer: dict[str, dict[str, float]] = field(default_factory=dict)
+    final_eval_loss: float = math.nan
+    initial_eval_loss: float = math.nan
+    virtual_time_s: float = 0.0
+    events: int = 0  # how many events the loop ran
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as a JSON-serialisable document."""
+        return {
+            "rounds": [dict(r) for r in self.rounds],
+            "per_peer": {k: dict(v) for k, v in self.per_peer.items()},
+            "final_eval_loss": self.final_eval_loss,
+            "initial_eval_loss": self.initial_eval_loss,
+            "virtual_time_s": self.virtual_time_s,
+            "events": self.events,
+        }
+
+
+@dataclass(eq=False)
+class _Peer:
+    """One simulated volunteer's state in the loop."""
+
+    spec: PeerSpec
+    volunteer: Volunteer
+    step_s: float
+    intervals: list[Interval]
+    online: bool = False
+    stopped: bool = False  # banned or the run finished
+    pending: list[Handle] = field(default_factory=list)  # compute end, retries
+    waiting: Handle | None = None  # the retry of a Wait
+    computing_since: float | None = None
+    compute_s: float = 0.0
+    steps: int = 0
+    contributions: int = 0
+
+    @property
+    def peer_id(self) -> str:
+        return self.spec.peer_id
+
+    def comes_back(self, now: float) -> bool:
+        """Whether an online interval starts after `now`."""
+        return any(start > now for start, _ in self.intervals)
+
+
+class _Sim:
+    """One simulated run: the loop, the network, the protocol and the peers."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        protocol: RoundProtocol,
+        loop: EventLoop,
+        network: Network,
+        peers: list[_Peer],
+        shards: dict[str, np.ndarray],
+        target: Target,
+        evaluate_now: Callable[[], float],
+        goodbye: bool,
+        on_round: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.config = config
+        self.protocol = protocol
+        self.loop = loop
+        self.network = network
+        self.peers = {p.peer_id: p for p in peers}
+        self.shards = shards
+        self.target = target
+        self.evaluate_now = evaluate_now
+        self.goodbye = goodbye
+        self.on_round = on_round
+        self.feedback = uses_error_feedback(config)
+        self.coordinator = Volunteer("", peers[0].volunteer.trainer)  # replays checks itself
+        self.bases: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.opened_at = loop.now
+        self.tick: Handle | None = None
+        self.finished = False
+        self.stalled = False
+
+    # --- the coordinator's side ----------------------------------------------------------
+
+    def base(self, version: int) -> dict[str, torch.Tensor]:
+        """θ of `version`, copied when first asked for (it must be the current version then)."""
+        if version not in self.bases:
+            if version != self.protocol.version:
+                raise RuntimeError(f"the weights of version {version} are no longer kept")
+            self.bases[version] = {k: t.clone() for k, t in self.protocol.params.items()}
+            for old in [v for v in self.bases if v <= version - _BASES_KEPT]:
+                del self.bases[old]
+        return self.bases[version]
+
+    def schedule_tick(self) -> None:
+        """A Tick at the open round's deadline, so a deadline close happens."""
+        if self.tick is not None:
+            self.loop.cancel(self.tick)
+        at = max(self.protocol.deadline, self.loop.now)
+        self.tick = self.loop.schedule(at, self.on_tick, label="tick")
+
+    def on_tick(self) -> None:
+        self.tick = None
+        for p in self.peers.values():  # online peers heartbeat; offline ones are silent
+            if p.online and not p.stopped:
+                self.protocol.handle(PeerSeen(p.peer_id))
+        self.act(self.protocol.handle(Tick()))
+
+    def act(self, decisions: list[Decision]) -> None:
+        """Follow up on decisions that concern the run rather than the asking peer."""
+        for d in decisions:
+            if isinstance(d, RoundClosed):
+                self.closed(d)
+            elif isinstance(d, RunFinished):
+                self.finished = True
+            elif isinstance(d, Banned):
+                self.stop(self.peers[d.peer_id])
+            elif isinstance(d, VerifyOrder) and not d.peer_id:
+                replay = self.coordinator.train(
+                    d, self.base(d.base_version), self.shards, self.config
+                )
+                event = VerificationSubmitted(
+                    d.check_id, "", DictSource(replay.delta), replay.steps
+                )
+                self.act(self.protocol.handle(event))
+            elif isinstance(d, Unknown):
+                raise RuntimeError(f"the protocol does not know peer {d.peer_id}: {d.reason}")
+
+    def closed(self, d: RoundClosed) -> None:
+        now = self.loop.now
+        for pid in d.contributors:
+            self.peers[pid].contributions += 1
+        row: dict[str, Any] = {
+            "round": d.round,
+            "close_time_s": now,
+            "eval_loss": self.evaluate_now(),
+            "contributions": len(d.contributors),
+            "duration_s": now - self.opened_at,
+        }
+        self.rounds.append(row)
+        self.opened_at = now
+        if self.on_round is not None:
+            self.on_round(row)
+        if self.protocol.finished:
+            return
+        self.schedule_tick()
+        for p in self.peers.values():  # a new round: wake the peers told to wait
+            if p.waiting is not None and self.cancel(p, p.waiting):
+                p.waiting = None
+                self.later(p, 0.0, self.request, "wake")
+
+    # --- a peer's process -----------------------------------------------------------------
+
+    def later(self, p: _Peer, delay: float, action: Callable[[_Peer], None], label: str) -> Handle:
+        """Run `action(p)` after `delay`; going offline cancels it."""
+        handle = self.loop.after(delay, lambda: self.run_pending(p, handle, action), label=label)
+        p.pending.append(handle)
+        return handle
+
+    def run_pending(self, p: _Peer, handle: Handle, action: Callable[[_Peer], None]) -> None:
+        p.pending.remove(handle)
+        action(p)
+
+    def cancel(self, p: _Peer, handle: Handle) -> bool:
+        if handle in p.pending:
+            p.pending.remove(handle)
+        return self.loop.cancel(handle)
+
+    def come_online(self, p: _Peer) -> None:
+        if p.online or p.stopped or self.finished:
+            return
+        p.online = True
+        self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
+        self.request(p)
+
+    def go_offline(self, p: _Peer) -> None:
+        if not p.online:
+            return
+        self.halt(p)
+        p.online = False
+        if self.goodbye and not p.stopped:
+            self.act(self.protocol.handle(PeerLeft(p.peer_id)))
+
+    def halt(self, p: _Peer) -> None:
+        """Drop the peer's transfers and pending events; count the compute it did."""
+        self.network.cancel_peer(p.peer_id)
+        for handle in list(p.pending):
+            self.cancel(p, handle)
+        p.waiting = None
+        if p.computing_since is not None:
+            p.compute_s += self.loop.now - p.computing_since
+            p.computing_since = None
+
+    def stop(self, p: _Peer) -> None:
+        """The peer stops for good (banned, or the run finished)."""
+        if not p.stopped:
+            self.halt(p)
+            p.stopped = True
+
+    def request(self, p: _Peer) -> None:
+        if p.stopped or not p.online or self.finished:
+            return
+        (d,) = self.protocol.handle(WorkRequested(p.peer_id))
+        if isinstance(d, WorkOrder):
+            base = self.base(d.base_version)
+            nbytes = self.target.download_bytes
+            self.network.download(p.peer_id, nbytes, lambda: self.compute(p, d, base))
+        elif isinstance(d, VerifyOrder):
+            self.compute(p, d, self.base(d.base_version))
+        elif isinstance(d, Wait):
+            p.waiting = self.later(p, d.retry_after, self.retry, "retry")
+            if p.peer_id in self.protocol.submitted() and self.stuck():
+                self.stalled = True
+        elif isinstance(d, Banned | RunFinished):
+            self.stop(p)
+        else:
+            self.act([d])
+
+    def retry(self, p: _Peer) -> None:
+        p.waiting = None
+        self.request(p)
+
+    def compute(
+        self, p: _Peer, order: WorkOrder | VerifyOrder, base: dict[str, torch.Tensor]
+    ) -> None:
+        steps = order.steps if isinstance(order, VerifyOrder) else fitted_steps(order, p.step_s)
+        p.computing_since = self.loop.now
+        self.later(p, steps * p.step_s, lambda q: self.computed(q, order, base, steps), "compute")
+
+    def computed(
+        self, p: _Peer, order: WorkOrder | VerifyOrder, base: dict[str, torch.Tensor], steps: int
+    ) -> None:
+        assert p.computing_since is not None
+        p.compute_s += self.loop.now - p.computing_since
+        p.computing_since = None
+        p.steps += steps
+        if isinstance(order, VerifyOrder):
+            replay = p.volunteer.train(order, base, self.shards, self.config)
+            event = VerificationSubmitted(
+                order.check_id, p.peer_id, DictSource(replay.delta), replay.steps
+            )
+            self.act(self.protocol.handle(event))
+            self.request(p)
+            return
+        work = dataclasses.replace(order, max_steps=steps)  # exactly the steps that fit
+        payload, local = p.volunteer.work(work, base, self.shards, self.config, self.feedback)
+        claim = Claim(local.samples, local.tokens, local.steps, local.loss_mean)
+        nbytes = self.target.upload_bytes
+        self.network.upload(p.peer_id, nbytes, lambda: self.arrived(p, order, payload, claim))
+
+    def arrived(self, p: _Peer, order: WorkOrder, payload: bytes, claim: Claim) -> None:
+        event = decode_submission(p.peer_id, order, payload, claim, self.protocol.shapes)
+        self.act(self.protocol.handle(event))
+        self.request(p)
+
+    def stuck(self) -> bool:
+        """Nothing can change any more: the round is past its deadline, and every peer that is
+        still in the run has contributed to it and is idle online, with no one left to come back."""
+        now = self.loop.now
+        if now < self.protocol.deadline or self.tick is not None:
+            return False
+        submitted = set(self.protocol.submitted())
+        for p in self.peers.values():
+            if p.stopped:
+                continue
+            if p.computing_since is not None or (p.online and p.peer_id not in submitted):
+                return False
+            if not p.online and p.comes_back(now):
+                return False
+        return True
+
+
+def _online_seconds(intervals: list[Interval], end: float) -> float:
+    return sum(max(0.0, min(b, end) - min(a, end)) for a, b in intervals)
+
+
+def simulate(
+    config: RunConfig,
+    population: list[PeerSpec],
+    target: Target,
+    *,
+    online: Mapping[str, list[Interval]] | None = None,
+    coordinator_in_bps: float = math.inf,
+    coordinator_out_bps: float = math.inf,
+    eval_batches: int = 8,
+    eval_batch_size: int = 16,
+    goodbye: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> SimResult:
+    """Run `config.rounds.total` rounds of the protocol with `population` in virtual time.
+
+    `online` maps a peer id to its online intervals ``[start, end)`` in time order (a peer it
+    leaves out, or every peer when it is None, is always online). `goodbye` makes a peer that
+    goes offline say so (`PeerLeft`) instead of going silent. `on_round` gets each round's row.
+    Raises RuntimeError when the run stalls before its last round.
+    """
+    ids = [p.peer_id for p in population]
+    if not ids:
+        raise ValueError("the simulation needs at least one peer")
+    if len(set(ids)) != len(ids):
+        raise ValueError("peer ids in the population must be unique")
+    schedule = dict(online or {})
+    strangers = sorted(set(schedule) - set(ids))
+    if strangers:
+        raise ValueError(f"the online schedule names peers not in the population: {strangers}")
+    for pid, intervals in schedule.items():
+        if any(not 0 <= a < b for a, b in intervals) or any(
+            b1 > a2 for (_, b1), (a2, _) in itertools.pairwise(intervals)
+        ):
+            raise ValueError(
+                f"peer {pid}'s online intervals must be non-empty, start at 0 or later, "
+                "and be in time order without overlap"
+            )
+
+    torch.set_num_threads(config.inner.threads)
+    manifest = ensure_packed_for(config.data)
+    shards = load_shards(manifest, Path(config.data.dir))
+    evals = held_out_batches(
+        shards,
+        manifest.val_ids,
+        batch_size=eval_batch_size,
+        context=config.model.context,
+        n_batches=eval_batches,
+        seed=config.data.seed,
+    )
+    probe = ShardProbe(
+        shards,
+        manifest.val_ids,
+        train_batch_size=config.data.batch_size,
+        batch_size=config.defence.score_batch_size,
+        context=config.model.context,
+        seed=config.data.seed,
+    )
+    loop = EventLoop()
+    network = Network(
+        loop, coordinator_in_bps=coordinator_in_bps, coordinator_out_bps=coordinator_out_bps
+    )
+    protocol = RoundProtocol(
+        config, initial_state(config.model), manifest.train_ids, loop.clock, probe=probe
+    )
+    shared = LocalTrainer(config.model, config.inner)
+    peers: list[_Peer] = []
+    for spec in population:
+        network.add_peer(spec.peer_id, Link(spec.up_bps, spec.down_bps, spec.rtt_s))
+        keep = config.inner.keep_optimizer_state
+        trainer = LocalTrainer(config.model, config.inner) if keep else shared
+        intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
+        step_s = step_seconds(target.flops_per_step, spec)
+        peers.append(_Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals))
+
+    def evaluate_now() -> float:
+        return evaluate(config.model, protocol.params, evals)
+
+    sim = _Sim(
+        config, protocol, loop, network, peers, shards, target, evaluate_now, goodbye, on_round
+    )
+    for p in peers:
+        for start, end in p.intervals:
+            loop.schedule(start, functools.partial(sim.come_online, p), label="online")
+            if math.isfinite(end):
+                loop.schedule(end, functools.partial(sim.go_offline, p), label="offline")
+    sim.schedule_tick()
+    result = SimResult(initial_eval_loss=evaluate_now())
+    while not (sim.finished or sim.stalled) and loop.run(max_events=1):
+        result.events += 1
+
+    end = loop.now
+    if not sim.finished:
+        r = protocol.round
+        waiting = ", ".join(sorted(protocol.assigned())) or "no peer"
+        raise RuntimeError(
+            f"the run stalled at round {r}: {len(protocol.submitted())} of the quorum of "
+            f"{config.rounds.quorum} contributed by {end:.1f} s (virtual) and nothing is left to "
+            f"happen (orders held by: {waiting}); add peers or online time, or lower the quorum"
+        )
+    for p in peers:
+        sim.stop(p)  # counts the compute of peers busy at the end
+        online_s = _online_seconds(p.intervals, end)
+        stats = network.stats(p.peer_id)
+        result.per_peer[p.peer_id] = {
+            "compute_s": p.compute_s,
+            "online_s": online_s,
+            "utilization": p.compute_s / online_s if online_s > 0 else 0.0,
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "contributions": p.contributions,
+            "steps": p.steps,
+        }
+    result.rounds = sim.rounds
+    result.final_eval_loss = sim.rounds[-1]["eval_loss"]
+    result.virtual_time_s = end
+    return result

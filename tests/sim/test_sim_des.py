@@ -1,0 +1,175 @@
+"""The discrete-event simulator: round durations in virtual time follow the cost model exactly,
+churn lapses orders, and the real numerics still train."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crowdtrain.config import CodecConfig, RunConfig
+from crowdtrain.protocol import WorkOrder
+from crowdtrain.sim.des import SimResult, Target, bytes_per_param, fitted_steps, simulate
+from crowdtrain.sim.network import LATENCY_RTTS, transfer_time
+from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
+from crowdtrain_testing import tiny_config
+
+TARGET = Target(params=1_000_000, tokens_per_step=1000, bytes_per_param_up=1.0,
+                bytes_per_param_down=4.0)  # fmt: skip
+UP, DOWN, RTT = 10e6, 100e6, 0.05
+STEPS = 8  # inner.steps of tiny_config
+
+
+def peer(i: int, flops: float = 1e12) -> PeerSpec:
+    return PeerSpec(f"peer-{i}", flops=flops, mfu=0.5, up_bps=UP, down_bps=DOWN, rtt_s=RTT)
+
+
+def compute_s(p: PeerSpec, steps: int = STEPS) -> float:
+    return steps * step_seconds(flops_per_step(TARGET.params, TARGET.tokens_per_step), p)
+
+
+DOWNLOAD = transfer_time(TARGET.download_bytes, DOWN, RTT)
+UPLOAD = transfer_time(TARGET.upload_bytes, UP, RTT)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("des") / "data"
+
+
+def config(corpus: Path, data: Path, **overrides: dict[str, object]) -> RunConfig:
+    rounds: dict[str, object] = {"total": 3, "quorum": 2, **overrides.pop("rounds", {})}
+    return tiny_config(corpus, data, rounds=rounds, defence={"enabled": False}, **overrides)
+
+
+def run(cfg: RunConfig, peers: list[PeerSpec], **kwargs: Any) -> SimResult:
+    return simulate(cfg, peers, TARGET, eval_batches=2, eval_batch_size=4, **kwargs)
+
+
+def durations(result: SimResult) -> list[float]:
+    return [r["duration_s"] for r in result.rounds]
+
+
+def test_identical_peers_rounds_last_download_compute_upload(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    peers = [peer(i) for i in range(3)]
+    rows: list[dict[str, Any]] = []
+    result = run(config(corpus_file, data_dir), peers, on_round=rows.append)
+    one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
+    assert [r["round"] for r in result.rounds] == [0, 1, 2]
+    assert rows == result.rounds
+    assert durations(result) == pytest.approx([one] * 3)
+    assert [r["close_time_s"] for r in result.rounds] == pytest.approx([one, 2 * one, 3 * one])
+    assert result.virtual_time_s == pytest.approx(3 * one)
+    assert all(r["contributions"] == 3 for r in result.rounds)
+    for stats in result.per_peer.values():
+        assert stats["compute_s"] == pytest.approx(3 * compute_s(peers[0]))
+        assert stats["online_s"] == pytest.approx(3 * one)
+        assert stats["utilization"] == pytest.approx(compute_s(peers[0]) / one)
+        assert stats["bytes_up"] == 3 * TARGET.upload_bytes
+        assert stats["bytes_down"] == 3 * TARGET.download_bytes
+        assert stats["contributions"] == 3
+    # the real numerics trained: the loss falls, and the result is JSON
+    assert result.final_eval_loss < result.initial_eval_loss
+    assert result.final_eval_loss == result.rounds[-1]["eval_loss"]
+    doc = json.loads(json.dumps(result.to_json()))
+    assert doc["rounds"] == result.rounds
+    assert set(doc["per_peer"]["peer-0"]) >= {"compute_s", "online_s", "utilization"}
+    assert doc["events"] == result.events > 0
+
+
+def test_runs_are_deterministic(corpus_file: Path, data_dir: Path) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"total": 2})
+    peers = [peer(0), peer(1, flops=0.7e12)]
+    assert run(cfg, peers).to_json() == run(cfg, peers).to_json()
+
+
+def test_a_slow_peer_sets_the_pace(corpus_file: Path, data_dir: Path) -> None:
+    fast, slow = peer(0), peer(1, flops=0.5e12)
+    result = run(config(corpus_file, data_dir), [fast, slow])
+    assert compute_s(slow) == pytest.approx(2 * compute_s(fast))
+    one = DOWNLOAD + compute_s(slow) + UPLOAD
+    assert durations(result) == pytest.approx([one] * 3)
+    total = 3 * one
+    assert result.per_peer["peer-0"]["utilization"] == pytest.approx(3 * compute_s(fast) / total)
+    assert result.per_peer["peer-1"]["utilization"] == pytest.approx(3 * compute_s(slow) / total)
+
+
+def test_a_narrow_coordinator_ingress_serialises_uploads(corpus_file: Path, data_dir: Path) -> None:
+    peers = [peer(0), peer(1)]
+    result = run(config(corpus_file, data_dir), peers, coordinator_in_bps=UP)
+    transmit = TARGET.upload_bytes * 8 / UP
+    one = DOWNLOAD + compute_s(peers[0]) + LATENCY_RTTS * RTT + 2 * transmit
+    assert durations(result) == pytest.approx([one] * 3)
+    wide = run(config(corpus_file, data_dir, rounds={"total": 1}), peers)
+    assert durations(wide)[0] == pytest.approx(one - transmit)
+
+
+def test_a_peer_that_vanishes_mid_round_lapses_at_the_deadline(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"deadline_s": 10.0, "peer_timeout_s": 1.0})
+    peers = [peer(i) for i in range(3)]
+    one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
+    result = run(cfg, peers, online={"peer-2": [(0.0, 0.5 * DOWNLOAD)]})
+    assert [r["close_time_s"] for r in result.rounds] == pytest.approx(
+        [10.0, 10 + one, 10 + 2 * one]
+    )
+    assert [r["contributions"] for r in result.rounds] == [2, 2, 2]
+    gone = result.per_peer["peer-2"]
+    assert gone["bytes_down"] == 0 and gone["contributions"] == 0 and gone["compute_s"] == 0
+    assert gone["online_s"] == pytest.approx(0.5 * DOWNLOAD)
+    # saying goodbye instead: the protocol knows at once and does not wait for the deadline
+    told = run(cfg, peers, online={"peer-2": [(0.0, 0.5 * DOWNLOAD)]}, goodbye=True)
+    assert durations(told) == pytest.approx([one] * 3)
+
+
+def test_a_peer_that_comes_back_resumes_its_order(corpus_file: Path, data_dir: Path) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"total": 1, "deadline_s": 10.0})
+    peers = [peer(i) for i in range(3)]
+    one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
+    schedule = {"peer-2": [(0.0, 0.5), (3.0, math.inf)]}
+    result = run(cfg, peers, online=schedule)
+    assert result.rounds[0]["contributions"] == 3
+    assert result.rounds[0]["close_time_s"] == pytest.approx(3.0 + one)
+    assert result.per_peer["peer-2"]["online_s"] == pytest.approx(0.5 + one)
+
+
+def test_seconds_budget_fits_steps_to_each_peer(corpus_file: Path, data_dir: Path) -> None:
+    fast, slow = peer(0), peer(1, flops=0.5e12)
+    step = compute_s(fast, steps=1)
+    budget = 8.5 * step
+    cfg = config(corpus_file, data_dir, inner={"budget": "seconds", "seconds": budget})
+    result = run(cfg, [fast, slow])
+    assert result.per_peer["peer-0"]["steps"] == 3 * 8
+    assert result.per_peer["peer-1"]["steps"] == 3 * 4
+    assert result.per_peer["peer-1"]["compute_s"] == pytest.approx(3 * compute_s(slow, steps=4))
+    order = WorkOrder("p", 0, 0, ("s",), 0, 0, "seconds", 50, 1.0, 10.0)
+    assert [fitted_steps(order, s) for s in (0.1, 0.3, 0.25, 2.0)] == [10, 3, 4, 1]
+    assert fitted_steps(dataclasses.replace(order, budget="steps"), 2.0) == 50
+
+
+def test_a_run_that_cannot_reach_its_quorum_says_so(corpus_file: Path, data_dir: Path) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"deadline_s": 5.0})
+    with pytest.raises(RuntimeError, match="stalled at round 0"):
+        run(cfg, [peer(0)])
+    with pytest.raises(RuntimeError, match="stalled at round 0"):
+        run(cfg, [peer(0), peer(1)], online={"peer-1": [(0.0, 0.1)]})
+
+
+def test_bad_inputs_are_refused(corpus_file: Path, data_dir: Path) -> None:
+    cfg = config(corpus_file, data_dir)
+    with pytest.raises(ValueError, match="not in the population"):
+        run(cfg, [peer(0), peer(1)], online={"peer-9": [(0.0, 1.0)]})
+    with pytest.raises(ValueError, match="online intervals"):
+        run(cfg, [peer(0), peer(1)], online={"peer-1": [(0.0, 2.0), (1.0, 3.0)]})
+    with pytest.raises(ValueError, match="bytes_per_param_up"):
+        Target(params=10, tokens_per_step=10, bytes_per_param_up=0.0, bytes_per_param_down=4.0)
+    assert bytes_per_param(CodecConfig(name="int8", block_size=64)) == pytest.approx(
+        1 + 4 / 64, rel=1e-3
+    )
