@@ -104,13 +104,88 @@ def _simulate(
     attack: str | None = None,
     attackers: int | None = None,
 ) -> float:
-    from crowdtrain.sim.scenario import check_attack, load_scenario
+    from crowdtrain.sim.scenario import (
+        check_attack,
+        load_scenario,
+        simulate_scenario,
+        utilization_summary,
+    )
     from crowdtrain.sim.swarm import run_swarm
 
     scenario = load_scenario(scenario_name)
     run = scenario.run
     if rounds is not None:
         run = run.model_copy(update={"rounds": run.rounds.model_copy(update={"total": rounds})})
+    if scenario.discrete_event:
+        if attack or attackers:
+            raise ConfigError(
+                f"--attack is not supported for discrete-event scenarios such as "
+                f"{scenario.name} yet; use an in-process swarm scenario such as smoke"
+            )
+        assert scenario.population is not None and scenario.target is not None
+        target = scenario.target.target(run.codec)
+        k = target.steps_per_proxy_step
+        budget = (
+            f"{run.inner.steps} proxy steps (H_target = {run.inner.steps * k:g})"
+            if run.inner.budget == "steps"
+            else f"{run.inner.seconds:g} s of compute"
+        )
+        console.print(
+            f"scenario [bold]{scenario.name}[/bold] (discrete-event): "
+            f"{scenario.population.peers} peers, {run.rounds.total} rounds of {budget}, "
+            f"target {target.params:.3g} params, {k:g} target steps per proxy step, proxy "
+            f"{run.model.arch} width {run.model.width} depth {run.model.depth}, codec "
+            f"{run.codec.name}, churn {'on' if scenario.churn.enabled else 'off'}, "
+            f"config {config_hash(run)[:12]}"
+        )
+
+        def hms(seconds: float) -> str:
+            whole = round(seconds)
+            return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+        table = Table(title="rounds (virtual time)")
+        for col in ("round", "closed at", "duration", "contributions", "eval loss"):
+            table.add_column(col, justify="right")
+        with Live(table, console=console, auto_refresh=False) as live:
+
+            def add_row(row: dict[str, Any]) -> None:
+                table.add_row(
+                    str(row["round"]),
+                    hms(row["close_time_s"]),
+                    hms(row["duration_s"]),
+                    str(row["contributions"]),
+                    f"{row['eval_loss']:.4f}",
+                )
+                live.refresh()
+
+            try:
+                sim = simulate_scenario(scenario, run, on_round=add_row)
+            except RuntimeError as exc:
+                if "stalled" not in str(exc):
+                    raise
+                raise ConfigError(str(exc)) from None
+        summary = utilization_summary(sim)
+        console.print(
+            f"utilization per peer: median {summary['utilization_median']:.3f}, "
+            f"min {summary['utilization_min']:.3f}, max {summary['utilization_max']:.3f}"
+        )
+        console.print(
+            f"bytes per peer (median): {summary['bytes_median'] / 1e9:.2f} GB "
+            f"({summary['bytes_up_median'] / 1e9:.2f} GB up, "
+            f"{summary['bytes_down_median'] / 1e9:.2f} GB down)"
+        )
+        console.print(
+            f"eval loss {sim.initial_eval_loss:.4f} -> {sim.final_eval_loss:.4f} after "
+            f"{len(sim.rounds)} rounds; virtual time to finish {hms(sim.virtual_time_s)} "
+            f"({sim.virtual_time_s:,.0f} s)"
+        )
+        doc = {
+            "scenario": scenario.name,
+            **sim.to_json(),
+            "utilization": summary["utilization_median"],
+        }
+        _write_json(json_path, doc)
+        return sim.final_eval_loss - sim.initial_eval_loss
     attack = attack or scenario.swarm.attack
     if attackers is None:
         attackers = scenario.swarm.attackers or (1 if attack else 0)
@@ -166,7 +241,12 @@ def simulate(
         int | None, typer.Option(min=1, help="How many volunteers attack (default 1).")
     ] = None,
 ) -> None:
-    """Run a swarm of in-process volunteers through the protocol core and print each round."""
+    """Run a scenario through the protocol core and print each round.
+
+    An in-process swarm scenario trains its volunteers in lockstep; a discrete-event scenario
+    (one with [population] and [target] tables) runs them on a virtual clock with the target
+    model's compute and transfer times.
+    """
     with _friendly_errors():
         _simulate(scenario, json_path, rounds, attack, attackers)
 

@@ -173,3 +173,25 @@ def test_bad_inputs_are_refused(corpus_file: Path, data_dir: Path) -> None:
     assert bytes_per_param(CodecConfig(name="int8", block_size=64)) == pytest.approx(
         1 + 4 / 64, rel=1e-3
     )
+
+
+def test_steps_per_proxy_step_scales_compute_time(corpus_file: Path, data_dir: Path) -> None:
+    k = 3.0
+    scaled = dataclasses.replace(TARGET, steps_per_proxy_step=k)
+    assert scaled.flops_per_proxy_step == pytest.approx(k * TARGET.flops_per_step)
+    peers = [peer(0), peer(1, flops=0.5e12)]
+    cfg = config(corpus_file, data_dir, rounds={"total": 2})
+    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4)
+    one = DOWNLOAD + k * compute_s(peers[1]) + UPLOAD  # the slow peer sets the pace
+    assert durations(result) == pytest.approx([one] * 2)
+    assert result.per_peer["peer-0"]["steps"] == 2 * STEPS  # proxy steps, each worth k
+    assert result.per_peer["peer-0"]["compute_s"] == pytest.approx(2 * k * compute_s(peers[0]))
+    # a seconds budget fits whole proxy steps, each costing k target steps
+    budget = 8.5 * k * compute_s(peers[0], steps=1)
+    cfg = config(corpus_file, data_dir, rounds={"total": 1}, inner={"budget": "seconds",
+                 "seconds": budget})  # fmt: skip
+    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4)
+    assert result.per_peer["peer-0"]["steps"] == 8
+    assert result.per_peer["peer-1"]["steps"] == 4
+    with pytest.raises(ValueError, match="steps_per_proxy_step"):
+        dataclasses.replace(TARGET, steps_per_proxy_step=0.0)

@@ -11,9 +11,23 @@ What is modelled:
 
 * **Real-world scaling.** The numerics run on the small proxy model of the run config, but the
   clock charges the costs of a `Target` model: a download of ``params × bytes_per_param_down``
-  bytes, an upload of ``params × bytes_per_param_up`` bytes, and ``6 × params × tokens`` FLOPs
-  per inner step at the peer's FLOP/s × MFU. A "seconds" budget trains as many whole steps of
-  the target as fit in ``max_seconds`` on that peer (at least one).
+  bytes, an upload of ``params × bytes_per_param_up`` bytes, and, for every proxy step,
+  ``steps_per_proxy_step`` (k) inner steps of ``6 × params × tokens`` FLOPs each at the peer's
+  FLOP/s × MFU. A proxy round of H_proxy inner steps thus stands for a target round of
+  H_target = k × H_proxy steps. A "seconds" budget trains as many whole proxy steps (each
+  costing k target steps) as fit in ``max_seconds`` on that peer (at least one).
+
+Why the proxy is a fair stand-in: what decides DiLoCo's efficiency on slow links is the compute
+time of a round against its communication time (the seconds a peer trains versus the seconds
+its download and upload take, and how both compare with the deadline). Those times are set here
+by the target's size, tokens, FLOP/s, MFU and bandwidth, never by the proxy, so the round
+structure is the target's: how many rounds fit in an hour, which peers make the deadline or
+lapse, how the coordinator's links queue, what each peer's utilization is. The loss curve is the
+proxy's, not the target's. The similarity fails where the target's own numerics matter: how its
+loss responds to a longer H (a larger model often tolerates more local steps than a small proxy
+with k × fewer steps), memory (whether a 1B model fits the peer's GPU at the assumed batch, and
+the optimizer state it holds between rounds), and how stragglers' stale or missing
+contributions slow a large model's convergence, which the proxy reproduces only qualitatively.
 * **Links** (`network.Network`): latency + bytes / bandwidth per transfer, FIFO per peer link,
   the coordinator's ingress and egress as shared capacities.
 * **Churn**: each peer is online during its intervals. Going offline drops its transfers and
@@ -23,7 +37,9 @@ What is modelled:
   Coming back online, it joins again and asks for work.
 * **Deadlines**: a `Tick` at every round's deadline lets the protocol close on its quorum.
 * **Spot-checks**: a peer replays a `VerifyOrder` for the virtual time of its steps; a replay
-  the coordinator runs itself costs no virtual time.
+  the coordinator runs itself costs no virtual time. A slow peer's replay of a fast peer's
+  steps can outlast the check's lapse (``rounds.deadline_s``); the coordinator then turns it
+  away, as the check went to another peer (counted in `SimResult.late_checks`).
 
 What is not modelled: overlap of communication with computation (a peer idles while its
 transfers run; Streaming DiLoCo's overlap comes later), the transfer of data shards and of a
@@ -91,6 +107,7 @@ class Target:
     tokens_per_step: int  # tokens per inner step per peer (batch × context of the target)
     bytes_per_param_up: float  # wire bytes per parameter of an upload (int8: about 1)
     bytes_per_param_down: float  # wire bytes per parameter of a weights download (fp32: 4)
+    steps_per_proxy_step: float = 1.0  # k: target inner steps one proxy step stands for
 
     def __post_init__(self) -> None:
         if self.params < 1 or self.tokens_per_step < 1:
@@ -98,7 +115,7 @@ class Target:
                 f"the target needs at least one parameter and one token per step, not "
                 f"params={self.params} and tokens_per_step={self.tokens_per_step}"
             )
-        for name in ("bytes_per_param_up", "bytes_per_param_down"):
+        for name in ("bytes_per_param_up", "bytes_per_param_down", "steps_per_proxy_step"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"the target's {name} must be a positive number, not {value}")
@@ -115,8 +132,13 @@ class Target:
 
     @property
     def flops_per_step(self) -> float:
-        """Training FLOPs of one inner step of one peer."""
+        """Training FLOPs of one inner step of the target on one peer."""
         return flops_per_step(self.params, self.tokens_per_step)
+
+    @property
+    def flops_per_proxy_step(self) -> float:
+        """FLOPs the clock charges for one proxy step: ``steps_per_proxy_step`` target steps."""
+        return self.flops_per_step * self.steps_per_proxy_step
 
 
 def bytes_per_param(spec: CodecConfig, numel: int = 1 << 20) -> float:
@@ -125,7 +147,7 @@ def bytes_per_param(spec: CodecConfig, numel: int = 1 << 20) -> float:
 
 
 def fitted_steps(order: WorkOrder, step_s: float) -> int:
-    """Inner steps a peer taking `step_s` seconds per step trains for `order`: ``max_steps``
+    """Proxy steps a peer taking `step_s` seconds per step trains for `order`: ``max_steps``
     for a "steps" budget; for a "seconds" budget the whole steps that fit in ``max_seconds``
     (at least one)."""
     if order.budget == "steps":
@@ -145,6 +167,7 @@ class SimResult:
     initial_eval_loss: float = math.nan
     virtual_time_s: float = 0.0
     events: int = 0  # how many events the loop ran
+    late_checks: int = 0  # spot-check replays turned away because their check had lapsed
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-serialisable document."""
@@ -155,6 +178,7 @@ class SimResult:
             "initial_eval_loss": self.initial_eval_loss,
             "virtual_time_s": self.virtual_time_s,
             "events": self.events,
+            "late_checks": self.late_checks,
         }
 
 
@@ -218,6 +242,7 @@ class _Sim:
         self.tick: Handle | None = None
         self.finished = False
         self.stalled = False
+        self.late_checks = 0  # spot-check replays turned away: their check lapsed meanwhile
 
     # --- the coordinator's side ----------------------------------------------------------
 
@@ -378,7 +403,12 @@ class _Sim:
             event = VerificationSubmitted(
                 order.check_id, p.peer_id, DictSource(replay.delta), replay.steps
             )
-            self.act(self.protocol.handle(event))
+            decisions = self.protocol.handle(event)
+            # A replay that took longer than the check's lapse comes back to a check that was
+            # handed to another peer or is done: the coordinator turns it away, nothing more.
+            self.act([d for d in decisions if not isinstance(d, Unknown)])
+            if any(isinstance(d, Unknown) for d in decisions):
+                self.late_checks += 1
             self.request(p)
             return
         work = dataclasses.replace(order, max_steps=steps)  # exactly the steps that fit
@@ -484,7 +514,7 @@ def simulate(
         keep = config.inner.keep_optimizer_state
         trainer = LocalTrainer(config.model, config.inner) if keep else shared
         intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
-        step_s = step_seconds(target.flops_per_step, spec)
+        step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
         peers.append(_Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals))
 
     def evaluate_now() -> float:
@@ -528,4 +558,5 @@ def simulate(
     result.rounds = sim.rounds
     result.final_eval_loss = sim.rounds[-1]["eval_loss"]
     result.virtual_time_s = end
+    result.late_checks = sim.late_checks
     return result

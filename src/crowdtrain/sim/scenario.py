@@ -1,20 +1,51 @@
-"""Swarm scenarios: a run config plus the volunteers that take part, loaded from TOML.
+"""Scenarios: a run config plus the volunteers that take part, loaded from TOML.
 
 Built-in scenarios live in `crowdtrain/scenarios/<name>.toml` inside the package; a path to a
-TOML file works too. A scenario file has a `[swarm]` table and a `[run]` table (a `RunConfig`).
+TOML file works too. A scenario file has a `[run]` table (a `RunConfig`) and a `[swarm]` table,
+and comes in one of two kinds:
+
+* an **in-process swarm** scenario (`sim.swarm`): ``[swarm]`` says how many volunteers train,
+  all in lockstep, and which of them attack;
+* a **discrete-event** scenario (`sim.des`), which has a ``[population]`` table (the volunteers'
+  speed, links and churn, drawn from distributions with the run's seed, see `sim.population`)
+  and a ``[target]`` table (the real-world model whose costs the virtual clock charges while
+  the numerics run on the run's small proxy model). Optional ``[coordinator]`` (its ingress and
+  egress in bit/s) and ``[churn]`` (whether peers come and go, until which virtual time, and
+  whether they say goodbye) tables apply to it too. Its ``[swarm]`` table only sets evaluation.
+
+The discrete-event simulator and its real-world scaling follow DiLoCo (Douillard et al. 2023,
+arXiv:2311.08105): the round structure, not the proxy's loss, is what carries over to the target.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crowdtrain.adversary import ATTACKS
-from crowdtrain.config import ConfigError, RunConfig, parse_config
+from crowdtrain.config import CodecConfig, ConfigError, RunConfig, parse_config
+from crowdtrain.sim.network import transfer_time
+from crowdtrain.sim.population import (
+    PeerSpec,
+    PopulationConfig,
+    churn_schedule,
+    draw_population,
+    parse_population,
+    step_seconds,
+)
+
+if TYPE_CHECKING:
+    from crowdtrain.sim.des import SimResult, Target
+
+Interval = tuple[float, float]
 
 
 class SwarmConfig(BaseModel):
@@ -46,14 +77,77 @@ def check_attack(attack: str | None, attackers: int, peers: int) -> None:
         raise ValueError(f"the attackers must number between 1 and {peers - 1} (peers less one)")
 
 
+class TargetConfig(BaseModel):
+    """The real-world model a discrete-event scenario stands for (see `sim.des.Target`).
+
+    ``bytes_per_param_up`` defaults to what the run's codec puts on the wire per parameter;
+    ``bytes_per_param_down`` to 4 (the weights in fp32).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    params: int = Field(ge=1, le=10**15)
+    tokens_per_step: int = Field(ge=1, le=10**12)
+    steps_per_proxy_step: float = Field(1.0, gt=0.0, le=1e9, allow_inf_nan=False)
+    bytes_per_param_up: float | None = Field(None, gt=0.0, le=1024.0, allow_inf_nan=False)
+    bytes_per_param_down: float = Field(4.0, gt=0.0, le=1024.0, allow_inf_nan=False)
+
+    def target(self, codec_spec: CodecConfig) -> Target:
+        """The simulator's `Target`, the upload size measured on `codec_spec` when not given."""
+        from crowdtrain.sim.des import Target, bytes_per_param
+
+        up = self.bytes_per_param_up
+        return Target(
+            params=self.params,
+            tokens_per_step=self.tokens_per_step,
+            bytes_per_param_up=bytes_per_param(codec_spec) if up is None else up,
+            bytes_per_param_down=self.bytes_per_param_down,
+            steps_per_proxy_step=self.steps_per_proxy_step,
+        )
+
+
+class CoordinatorConfig(BaseModel):
+    """The coordinator's own links in bit/s (``inf``: not a bottleneck)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    in_bps: float = Field(math.inf, gt=0.0)
+    out_bps: float = Field(math.inf, gt=0.0)
+
+
+class ChurnConfig(BaseModel):
+    """Whether the peers come and go (sessions and absences of `[population]`).
+
+    ``horizon_s`` is how far into virtual time churn is drawn; past it churn stops (a peer
+    online then stays online, one away stays away). Left out, it is a generous bound on the
+    run's length (`default_horizon_s`). ``goodbye`` makes a leaving peer tell the coordinator
+    instead of going silent.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    horizon_s: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    goodbye: bool = False
+
+
 class Scenario(BaseModel):
-    """A named swarm scenario."""
+    """A named scenario: in-process swarm, or discrete-event when it has population and target."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     swarm: SwarmConfig = SwarmConfig()
     run: RunConfig = RunConfig()
+    population: PopulationConfig | None = None
+    target: TargetConfig | None = None
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    churn: ChurnConfig = ChurnConfig()
+
+    @property
+    def discrete_event(self) -> bool:
+        """Whether `sim.des` runs this scenario (it has a population and a target)."""
+        return self.population is not None and self.target is not None
 
 
 def builtin_scenarios() -> list[str]:
@@ -78,20 +172,79 @@ def _read(name_or_path: str) -> tuple[str, str]:
     raise ConfigError(f"unknown scenario '{name_or_path}'; built-in scenarios are: {names}")
 
 
+_SECTIONS = ("swarm", "run", "population", "target", "coordinator", "churn")
+_DES_SWARM_KEYS = ("eval_batches", "eval_batch_size")
+
+
+def _section(section: str, model: type[BaseModel], raw: Any) -> Any:
+    """Validate one table of a scenario; raise ConfigError (one sentence) naming the bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"scenario key '{section}' must be a table, not {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join([section, *(str(p) for p in err["loc"])])
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(model.model_fields)
+            raise ConfigError(
+                f"unknown scenario key '{key}'; allowed keys here are: {allowed}"
+            ) from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"scenario key '{key}': {msg[:1].lower()}{msg[1:]}") from None
+
+
 def parse_scenario(name: str, raw: dict[str, Any]) -> Scenario:
     """Validate a scenario mapping; raise ConfigError with one sentence when it is bad."""
     raw = dict(raw)
-    run = parse_config(raw.pop("run", {}))
-    try:
-        swarm = SwarmConfig.model_validate(raw.pop("swarm", {}))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = "swarm." + ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"scenario key '{key}': {err['msg'].lower()}") from None
-    if raw:
-        unknown = ", ".join(sorted(raw))
-        raise ConfigError(f"unknown scenario key(s) {unknown}; allowed are: swarm, run")
-    return Scenario(name=name, swarm=swarm, run=run)
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown scenario key(s) {', '.join(unknown)}; allowed are: {', '.join(_SECTIONS)}"
+        )
+    run = parse_config(raw.get("run", {}))
+    swarm_raw = raw.get("swarm", {})
+    population = None
+    if "population" in raw:
+        population = parse_population(raw["population"], prefix="population")
+    target = _section("target", TargetConfig, raw["target"]) if "target" in raw else None
+    coordinator = _section("coordinator", CoordinatorConfig, raw.get("coordinator", {}))
+    churn = _section("churn", ChurnConfig, raw.get("churn", {}))
+    if (population is None) != (target is None):
+        has, lacks = ("population", "target") if target is None else ("target", "population")
+        raise ConfigError(
+            f"scenario {name} has a [{has}] table but no [{lacks}] table; a discrete-event "
+            "scenario needs both"
+        )
+    if population is None:
+        extra = [k for k in ("coordinator", "churn") if k in raw]
+        if extra:
+            raise ConfigError(
+                f"scenario key '{extra[0]}' applies only to discrete-event scenarios, which "
+                "have [population] and [target] tables"
+            )
+    else:
+        stray = sorted(set(swarm_raw) - set(_DES_SWARM_KEYS)) if isinstance(swarm_raw, dict) else []
+        if stray:
+            raise ConfigError(
+                f"scenario key 'swarm.{stray[0]}' does not apply to a discrete-event scenario "
+                "(its peers come from [population]; attacks are not supported there yet)"
+            )
+        if run.rounds.quorum > population.peers:
+            raise ConfigError(
+                f"scenario key 'run.rounds.quorum' is {run.rounds.quorum}, more than the "
+                f"{population.peers} peers of population.peers"
+            )
+    swarm = _section("swarm", SwarmConfig, swarm_raw)
+    return Scenario(
+        name=name,
+        swarm=swarm,
+        run=run,
+        population=population,
+        target=target,
+        coordinator=coordinator,
+        churn=churn,
+    )
 
 
 def load_scenario(name_or_path: str) -> Scenario:
@@ -102,3 +255,100 @@ def load_scenario(name_or_path: str) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"scenario {name_or_path} is not valid TOML: {exc}") from None
     return parse_scenario(name, raw)
+
+
+# --- discrete-event scenarios ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DesSetup:
+    """What `sim.des.simulate` needs for a discrete-event scenario, drawn with the run's seed."""
+
+    run: RunConfig
+    population: list[PeerSpec]
+    target: Target
+    online: dict[str, list[Interval]] | None  # None: no churn, every peer always online
+    horizon_s: float | None  # how far churn was drawn (None without churn)
+
+
+def _round_estimate_s(
+    run: RunConfig, peer: PeerSpec, target: Target, coordinator: CoordinatorConfig
+) -> float:
+    """Seconds one peer needs for a round alone: download, its fitted steps, upload."""
+    step_s = step_seconds(target.flops_per_proxy_step, peer)
+    if run.inner.budget == "steps":
+        steps = run.inner.steps
+    else:
+        steps = max(1, math.floor(run.inner.seconds / step_s)) if step_s > 0 else 1
+    down = transfer_time(target.download_bytes, min(peer.down_bps, coordinator.out_bps), peer.rtt_s)
+    up = transfer_time(target.upload_bytes, min(peer.up_bps, coordinator.in_bps), peer.rtt_s)
+    return down + steps * step_s + up
+
+
+def default_horizon_s(
+    run: RunConfig, peers: list[PeerSpec], target: Target, coordinator: CoordinatorConfig
+) -> float:
+    """A generous bound on a run's virtual length, how far churn is drawn by default: four
+    times ``rounds.total`` rounds that each last the deadline or the slowest peer's round
+    (download, compute, upload), whichever is longer."""
+    slowest = max(_round_estimate_s(run, p, target, coordinator) for p in peers)
+    return 4.0 * run.rounds.total * max(run.rounds.deadline_s, slowest)
+
+
+def des_setup(scenario: Scenario, run: RunConfig | None = None) -> DesSetup:
+    """Draw the population and churn of a discrete-event scenario (with `run`, when given,
+    in place of the scenario's run config, e.g. with fewer rounds)."""
+    if scenario.population is None or scenario.target is None:
+        raise ConfigError(f"scenario {scenario.name} is not a discrete-event scenario")
+    run = scenario.run if run is None else run
+    peers = draw_population(scenario.population, run.seed)
+    target = scenario.target.target(run.codec)
+    churn = scenario.churn
+    if not churn.enabled:
+        return DesSetup(run, peers, target, None, None)
+    horizon = churn.horizon_s or default_horizon_s(run, peers, target, scenario.coordinator)
+    drawn = churn_schedule(scenario.population, peers, horizon, run.seed)
+    online = {  # past the horizon, churn stops: a peer online then stays online
+        pid: [(a, math.inf if b >= horizon else b) for a, b in intervals]
+        for pid, intervals in drawn.items()
+    }
+    return DesSetup(run, peers, target, online, horizon)
+
+
+def simulate_scenario(
+    scenario: Scenario,
+    run: RunConfig | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> SimResult:
+    """Run a discrete-event scenario with `sim.des.simulate` (see `des_setup` for `run`)."""
+    from crowdtrain.sim.des import simulate
+
+    setup = des_setup(scenario, run)
+    return simulate(
+        setup.run,
+        setup.population,
+        setup.target,
+        online=setup.online,
+        coordinator_in_bps=scenario.coordinator.in_bps,
+        coordinator_out_bps=scenario.coordinator.out_bps,
+        eval_batches=scenario.swarm.eval_batches,
+        eval_batch_size=scenario.swarm.eval_batch_size,
+        goodbye=scenario.churn.goodbye,
+        on_round=on_round,
+    )
+
+
+def utilization_summary(result: SimResult) -> dict[str, float]:
+    """Median, min and max of the peers' utilization, and their median bytes up and down."""
+    peers = list(result.per_peer.values())
+    if not peers:
+        return {}
+    util = [p["utilization"] for p in peers]
+    return {
+        "utilization_median": statistics.median(util),
+        "utilization_min": min(util),
+        "utilization_max": max(util),
+        "bytes_up_median": statistics.median(p["bytes_up"] for p in peers),
+        "bytes_down_median": statistics.median(p["bytes_down"] for p in peers),
+        "bytes_median": statistics.median(p["bytes_up"] + p["bytes_down"] for p in peers),
+    }
