@@ -362,7 +362,7 @@ class RoundProtocol:
         if isinstance(event, PeerSeen):
             peer = self.peers.get(event.peer_id)
             if peer is None:
-                return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+                return [_stranger(event.peer_id)]
             peer.online, peer.last_seen = True, now
             return []
         if isinstance(event, Tick):
@@ -386,7 +386,7 @@ class RoundProtocol:
     def _on_left(self, event: PeerLeft, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
-            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+            return [_stranger(event.peer_id)]
         peer.last_seen = now
         self._gone(peer, now)
         return self._maybe_close(now)
@@ -394,7 +394,7 @@ class RoundProtocol:
     def _on_banned(self, event: PeerBanned, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
-            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+            return [_stranger(event.peer_id)]
         peer.standing.banned, peer.standing.ban_reason = True, event.reason
         self._record(now, peer.peer_id, self._round.number, "admin", "banned", event.reason)
         self._evict(peer)
@@ -427,7 +427,7 @@ class RoundProtocol:
     def _on_work(self, event: WorkRequested, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
-            return [Unknown(event.peer_id, "no peer with this id has joined the run")]
+            return [_stranger(event.peer_id)]
         peer.online, peer.last_seen = True, now
         if peer.standing.banned:
             return [Banned(peer.peer_id, peer.standing.ban_reason)]
@@ -477,7 +477,7 @@ class RoundProtocol:
         banned peer."""
         peer = self.peers.get(peer_id)
         if peer is None:
-            return Unknown(peer_id, "no peer with this id has joined the run")
+            return _stranger(peer_id)
         peer.last_seen = now
         if peer.standing.banned:
             return Banned(peer.peer_id, peer.standing.ban_reason)
@@ -865,6 +865,10 @@ class RoundProtocol:
         else:
             self._round = self._open_round(rnd.number + 1)
         return decisions
+
+
+def _stranger(peer_id: str) -> Unknown:
+    return Unknown(peer_id, "no peer with this id has joined the run")
 
 
 def replayable(config: RunConfig) -> bool:

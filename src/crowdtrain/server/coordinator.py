@@ -305,16 +305,9 @@ class Coordinator:
             now = self.clock()
             for d in decisions:
                 if isinstance(d, WorkOrder):
-                    version = self.store.get_version(d.base_version)
-                    assert version is not None
                     return {
                         "kind": "work",
-                        "round": d.round,
-                        "base_version": d.base_version,
-                        "weights": version.weights_sha,
-                        "shard_ids": list(d.shard_ids),
-                        "seed": d.seed,
-                        "step_offset": d.step_offset,
+                        **self._work_json(d),
                         "budget": d.budget,
                         "max_steps": d.max_steps,
                         "max_seconds": d.max_seconds,
@@ -322,18 +315,11 @@ class Coordinator:
                         "max_payload_bytes": self.max_payload_bytes,
                     }
                 if isinstance(d, VerifyOrder):
-                    version = self.store.get_version(d.base_version)
-                    assert version is not None
                     return {
                         "kind": "verify",
                         "check_id": d.check_id,
                         "target": d.target,
-                        "round": d.round,
-                        "base_version": d.base_version,
-                        "weights": version.weights_sha,
-                        "shard_ids": list(d.shard_ids),
-                        "seed": d.seed,
-                        "step_offset": d.step_offset,
+                        **self._work_json(d),
                         "steps": d.steps,
                         "prior": self._prior_json(d.prior),
                         "max_payload_bytes": self.max_payload_bytes,
@@ -348,20 +334,27 @@ class Coordinator:
                     raise Problem(401, "unknown_peer", d.reason)
         return {"kind": "wait", "retry_after": 1.0, "reason": "no work right now"}
 
+    def _work_json(self, work: WorkOrder | VerifyOrder | PriorWork) -> dict[str, Any]:
+        """What names a stream of training batches and its start: round, base weights (by
+        blob id), shards, seed, step offset."""
+        version = self.store.get_version(work.base_version)
+        assert version is not None
+        return {
+            "round": work.round,
+            "base_version": work.base_version,
+            "weights": version.weights_sha,
+            "shard_ids": list(work.shard_ids),
+            "seed": work.seed,
+            "step_offset": work.step_offset,
+        }
+
     def _prior_json(self, prior: PriorWork | None) -> dict[str, Any] | None:
         """The `prior` of a verify message: where an overlapped contribution's start comes from."""
         if prior is None:
             return None
-        version = self.store.get_version(prior.base_version)
-        assert version is not None
         return {
-            "round": prior.round,
-            "base_version": prior.base_version,
-            "weights": version.weights_sha,
+            **self._work_json(prior),
             "payload": prior.payload_ref,
-            "shard_ids": list(prior.shard_ids),
-            "seed": prior.seed,
-            "step_offset": prior.step_offset,
             "first_batch": prior.first_batch,
             "steps": prior.steps,
         }

@@ -56,7 +56,6 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,9 +64,6 @@ import torch
 from crowdtrain import codec
 from crowdtrain.adversary import Claim
 from crowdtrain.config import CodecConfig, RunConfig
-from crowdtrain.data import ensure_packed_for
-from crowdtrain.data import eval_batches as held_out_batches
-from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
 from crowdtrain.protocol import (
     Banned,
@@ -90,7 +86,13 @@ from crowdtrain.robust import DictSource
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
 from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
-from crowdtrain.sim.swarm import Volunteer, decode_submission, load_shards, uses_error_feedback
+from crowdtrain.sim.swarm import (
+    RunData,
+    Volunteer,
+    decode_submission,
+    trainer_for,
+    uses_error_feedback,
+)
 from crowdtrain.train import LocalTrainer, evaluate
 
 __all__ = ["SimResult", "Target", "bytes_per_param", "fitted_steps", "simulate"]
@@ -481,38 +483,20 @@ def simulate(
                 "and be in time order without overlap"
             )
 
-    torch.set_num_threads(config.inner.threads)
-    manifest = ensure_packed_for(config.data)
-    shards = load_shards(manifest, Path(config.data.dir))
-    evals = held_out_batches(
-        shards,
-        manifest.val_ids,
-        batch_size=eval_batch_size,
-        context=config.model.context,
-        n_batches=eval_batches,
-        seed=config.data.seed,
-    )
-    probe = ShardProbe(
-        shards,
-        manifest.val_ids,
-        train_batch_size=config.data.batch_size,
-        batch_size=config.defence.score_batch_size,
-        context=config.model.context,
-        seed=config.data.seed,
-    )
+    data = RunData.load(config, eval_batches, eval_batch_size)
+    manifest, shards, evals = data.manifest, data.shards, data.evals
     loop = EventLoop()
     network = Network(
         loop, coordinator_in_bps=coordinator_in_bps, coordinator_out_bps=coordinator_out_bps
     )
     protocol = RoundProtocol(
-        config, initial_state(config.model), manifest.train_ids, loop.clock, probe=probe
+        config, initial_state(config.model), manifest.train_ids, loop.clock, probe=data.probe
     )
     shared = LocalTrainer(config.model, config.inner)
     peers: list[_Peer] = []
     for spec in population:
         network.add_peer(spec.peer_id, Link(spec.up_bps, spec.down_bps, spec.rtt_s))
-        keep = config.inner.keep_optimizer_state
-        trainer = LocalTrainer(config.model, config.inner) if keep else shared
+        trainer = trainer_for(config, shared)
         intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
         step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
         peers.append(_Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals))

@@ -120,6 +120,48 @@ def load_shards(manifest: DataManifest, data_dir: Path) -> dict[str, np.ndarray]
     return {sha: store.load(sha, verify=True) for sha in ids}
 
 
+@dataclass
+class RunData:
+    """What an in-process run needs from its corpus: shards, evaluation and scoring batches."""
+
+    manifest: DataManifest
+    shards: dict[str, np.ndarray]
+    evals: list[tuple[torch.Tensor, torch.Tensor]]
+    probe: ShardProbe
+
+    @classmethod
+    def load(cls, config: RunConfig, eval_batch_count: int, eval_batch_size: int) -> RunData:
+        """Pack the corpus if needed, load it, and set torch's thread count for the run."""
+        torch.set_num_threads(config.inner.threads)
+        manifest = ensure_packed_for(config.data)
+        shards = load_shards(manifest, Path(config.data.dir))
+        evals = eval_batches(
+            shards,
+            manifest.val_ids,
+            batch_size=eval_batch_size,
+            context=config.model.context,
+            n_batches=eval_batch_count,
+            seed=config.data.seed,
+        )
+        probe = ShardProbe(
+            shards,
+            manifest.val_ids,
+            train_batch_size=config.data.batch_size,
+            batch_size=config.defence.score_batch_size,
+            context=config.model.context,
+            seed=config.data.seed,
+        )
+        return cls(manifest, shards, evals, probe)
+
+
+def trainer_for(config: RunConfig, shared: LocalTrainer) -> LocalTrainer:
+    """A volunteer's trainer: its own when AdamW state persists across rounds, else `shared`
+    (a fresh optimizer each round makes sharing one model safe and cheaper)."""
+    if config.inner.keep_optimizer_state:
+        return LocalTrainer(config.model, config.inner)
+    return shared
+
+
 class Volunteer:
     """One virtual volunteer: its trainer (or a shared one), its residual, maybe an attack."""
 
@@ -327,26 +369,8 @@ def run_swarm(
     """
     if attack is not None and not 0 < attackers < peers:
         raise ValueError(f"--attackers must be between 1 and {peers - 1} (the peers less one)")
-    torch.set_num_threads(config.inner.threads)
-    data_dir = Path(config.data.dir)
-    manifest = ensure_packed_for(config.data)
-    shards = load_shards(manifest, data_dir)
-    evals = eval_batches(
-        shards,
-        manifest.val_ids,
-        batch_size=eval_batch_size,
-        context=config.model.context,
-        n_batches=eval_batch_count,
-        seed=config.data.seed,
-    )
-    probe = ShardProbe(
-        shards,
-        manifest.val_ids,
-        train_batch_size=config.data.batch_size,
-        batch_size=config.defence.score_batch_size,
-        context=config.model.context,
-        seed=config.data.seed,
-    )
+    data = RunData.load(config, eval_batch_count, eval_batch_size)
+    manifest, shards, evals, probe = data.manifest, data.shards, data.evals, data.probe
     clock = _CounterClock()
     protocol = RoundProtocol(
         config, initial_state(config.model), manifest.train_ids, clock, probe=probe
@@ -354,11 +378,7 @@ def run_swarm(
     shared = LocalTrainer(config.model, config.inner)
     volunteers = []
     for i in range(peers):
-        trainer = (
-            LocalTrainer(config.model, config.inner)
-            if config.inner.keep_optimizer_state
-            else shared
-        )
+        trainer = trainer_for(config, shared)
         bad = attack is not None and i >= peers - attackers
         attacker = Attacker(attack, f"peer-{i}", config.seed) if bad and attack else None
         volunteers.append(Volunteer(f"peer-{i}", trainer, attacker))
