@@ -42,8 +42,12 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(corpus: Path, data: Path, **overrides: dict[str, object]) -> RunConfig:
+    """The tiny run, without overlap unless `inner` turns it on (the cost model in its plainest
+    form: download, compute, upload)."""
     rounds: dict[str, object] = {"total": 3, "quorum": 2, **overrides.pop("rounds", {})}
-    return tiny_config(corpus, data, rounds=rounds, defence={"enabled": False}, **overrides)
+    inner: dict[str, object] = {"overlap": False, **overrides.pop("inner", {})}
+    defence = {"enabled": False, **overrides.pop("defence", {})}
+    return tiny_config(corpus, data, rounds=rounds, inner=inner, defence=defence, **overrides)
 
 
 def run(cfg: RunConfig, peers: list[PeerSpec], **kwargs: Any) -> SimResult:
@@ -110,16 +114,19 @@ def test_a_narrow_coordinator_ingress_serialises_uploads(corpus_file: Path, data
     assert durations(wide)[0] == pytest.approx(one - transmit)
 
 
-def test_a_peer_that_vanishes_mid_round_lapses_at_the_deadline(
+def test_a_peer_that_vanishes_mid_round_lapses_after_the_heartbeat_timeout(
     corpus_file: Path, data_dir: Path
 ) -> None:
     cfg = config(corpus_file, data_dir, rounds={"deadline_s": 10.0, "peer_timeout_s": 1.0})
     peers = [peer(i) for i in range(3)]
     one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
     result = run(cfg, peers, online={"peer-2": [(0.0, 0.5 * DOWNLOAD)]})
-    assert [r["close_time_s"] for r in result.rounds] == pytest.approx(
-        [10.0, 10 + one, 10 + 2 * one]
-    )
+    # Ticks (and heartbeats) every second: peer-2, last heard at 0, is gone at the tick at 2 s,
+    # when more than peer_timeout_s has passed; the round closes then, not at its deadline.
+    assert [r["close_time_s"] for r in result.rounds] == pytest.approx([2.0, 2 + one, 2 + 2 * one])
+    # With rare ticks the deadline comes first.
+    rare = run(cfg, peers, online={"peer-2": [(0.0, 0.5 * DOWNLOAD)]}, tick_s=60.0)
+    assert [r["close_time_s"] for r in rare.rounds] == pytest.approx([10.0, 10 + one, 10 + 2 * one])
     assert [r["contributions"] for r in result.rounds] == [2, 2, 2]
     gone = result.per_peer["peer-2"]
     assert gone["bytes_down"] == 0 and gone["contributions"] == 0 and gone["compute_s"] == 0
@@ -195,3 +202,79 @@ def test_steps_per_proxy_step_scales_compute_time(corpus_file: Path, data_dir: P
     assert result.per_peer["peer-1"]["steps"] == 4
     with pytest.raises(ValueError, match="steps_per_proxy_step"):
         dataclasses.replace(TARGET, steps_per_proxy_step=0.0)
+
+
+def test_overlap_hides_communication_behind_the_next_rounds_compute(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    slow = [peer(i, flops=1e10) for i in range(3)]  # 1.2 s a step: compute outlasts transfers
+    step, c = compute_s(slow[0], steps=1), compute_s(slow[0])
+    assert c > DOWNLOAD + UPLOAD
+    cfg = config(corpus_file, data_dir, inner={"overlap": True})
+    result = run(cfg, slow)
+    # Round 0 downloads, computes and uploads; from then on a peer keeps training round r's
+    # order while its Δ travels and θ_{r+1} arrives, so a round lasts exactly its compute.
+    assert durations(result) == pytest.approx([DOWNLOAD + c + UPLOAD, c, c])
+    ahead = math.ceil((UPLOAD + DOWNLOAD) / step)  # steps trained ahead, a step under way ends
+    assert 0 < ahead < STEPS
+    for stats in result.per_peer.values():
+        assert stats["steps"] == 3 * STEPS  # speculation after the last round is not counted
+        assert stats["first_compute_s"] == pytest.approx(DOWNLOAD)
+    assert result.final_eval_loss < result.initial_eval_loss
+    plain = run(config(corpus_file, data_dir), slow)
+    assert min(p["utilization"] for p in result.per_peer.values()) > max(
+        p["utilization"] for p in plain.per_peer.values()
+    )
+
+
+def test_overlap_is_capped_at_one_rounds_budget(corpus_file: Path, data_dir: Path) -> None:
+    fast = [peer(i) for i in range(3)]  # 0.012 s a step: transfers outlast a round's compute
+    cfg = config(corpus_file, data_dir, inner={"overlap": True})
+    result = run(cfg, fast)
+    # Round 0 as without overlap; then the whole budget is trained ahead, so a round is the
+    # upload and the download only.
+    one = DOWNLOAD + compute_s(fast[0]) + UPLOAD
+    assert durations(result) == pytest.approx([one, DOWNLOAD + UPLOAD, DOWNLOAD + UPLOAD])
+    for stats in result.per_peer.values():
+        assert stats["steps"] == 3 * STEPS
+        assert stats["utilization"] > compute_s(fast[0]) / one
+
+
+def test_overlapped_contributions_pass_exact_spot_checks(corpus_file: Path, data_dir: Path) -> None:
+    slow = [peer(i, flops=1e10) for i in range(3)]
+    defence = {"enabled": True, "spot_check": "peer", "check_p_new": 1.0, "check_p_min": 1.0}
+    cfg = config(corpus_file, data_dir, inner={"overlap": True}, defence=defence,
+                 rounds={"total": 4})  # fmt: skip
+    result = run(cfg, slow)
+    passed = result.verdicts.get("spot_check:check_passed", 0)
+    assert passed >= 3, result.verdicts
+    assert set(result.verdicts) == {"spot_check:check_passed"}
+
+
+def test_the_coordinators_close_time_delays_the_next_base(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    peers = [peer(i) for i in range(3)]
+    close = 0.25
+    result = run(config(corpus_file, data_dir), peers, coordinator_close_s=close)
+    one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
+    assert durations(result) == pytest.approx([one + close] * 3)
+    assert result.virtual_time_s == pytest.approx(3 * (one + close))
+
+
+def test_crashes_mid_round_lose_work_and_the_volunteer_comes_back(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"total": 4, "deadline_s": 30.0,
+                 "peer_timeout_s": 4.0})  # fmt: skip
+    peers = [peer(i) for i in range(3)]
+    result = run(cfg, peers, fail_mid_round=0.3, restart_s=1.0)
+    failures = sum(p["failures"] for p in result.per_peer.values())
+    assert failures > 0
+    assert len(result.rounds) == 4
+    done = sum(p["contributions"] for p in result.per_peer.values())
+    assert done == sum(r["contributions"] for r in result.rounds) < 4 * 3 + failures
+    with pytest.raises(ValueError, match="fail_mid_round"):
+        run(cfg, peers, fail_mid_round=1.5)
+    with pytest.raises(ValueError, match="coordinator_close_s"):
+        run(cfg, peers, coordinator_close_s=-1.0)

@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,10 +64,12 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain.adversary import Claim
+from crowdtrain.client.volunteer import CarriedWork
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
 from crowdtrain.protocol import (
     Banned,
+    ContributionSubmitted,
     Decision,
     PeerJoined,
     PeerLeft,
@@ -89,6 +92,7 @@ from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
 from crowdtrain.sim.swarm import (
     RunData,
     Volunteer,
+    batch_sampler,
     decode_submission,
     trainer_for,
     uses_error_feedback,
@@ -170,6 +174,7 @@ class SimResult:
     virtual_time_s: float = 0.0
     events: int = 0  # how many events the loop ran
     late_checks: int = 0  # spot-check replays turned away because their check had lapsed
+    verdicts: dict[str, int] = field(default_factory=dict)  # "stage:outcome" → how many
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-serialisable document."""
@@ -181,7 +186,48 @@ class SimResult:
             "virtual_time_s": self.virtual_time_s,
             "events": self.events,
             "late_checks": self.late_checks,
+            "verdicts": dict(self.verdicts),
         }
+
+
+@dataclass(eq=False)
+class _Speculation:
+    """Overlapped training: after uploading round r's Δ, a peer goes on training round r's
+    work order from θ_r − Δ_sent (Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512)
+    until its next base arrives, for at most one round's budget (`cap` steps)."""
+
+    order: WorkOrder
+    base: dict[str, torch.Tensor]  # θ_r
+    sent: dict[str, torch.Tensor]  # decode(payload_r), what the coordinator has
+    first_batch: int  # the steps round r's order already trained
+    started: float
+    cap: int
+    paused_s: float = 0.0  # time spent on spot-check replays meanwhile
+
+    def steps_by(self, now: float, step_s: float) -> int:
+        """Steps trained by `now`; a step under way is finished first (as `stop` does)."""
+        if step_s <= 0:
+            return self.cap
+        elapsed = max(0.0, now - self.started - self.paused_s)
+        return min(self.cap, math.ceil(elapsed / step_s - 1e-9))
+
+    def ends(self, steps: int, step_s: float) -> float:
+        """When `steps` speculative steps are done."""
+        return self.started + self.paused_s + steps * step_s
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Overlapped steps a work order starts with: round `round`'s order from `first_batch`."""
+
+    work: CarriedWork
+    round: int
+    first_batch: int
+
+
+def carried_steps(carried: _Carried | None) -> int:
+    """How many of a round's steps were trained ahead (0 without overlap)."""
+    return 0 if carried is None else carried.work.steps
 
 
 @dataclass(eq=False)
@@ -198,8 +244,11 @@ class _Peer:
     waiting: Handle | None = None  # the retry of a Wait
     computing_since: float | None = None
     compute_s: float = 0.0
+    first_compute_s: float | None = None
     steps: int = 0
     contributions: int = 0
+    failures: int = 0  # work orders lost to a crash mid-round
+    speculation: _Speculation | None = None  # overlapped training while transfers run
 
     @property
     def peer_id(self) -> str:
@@ -208,6 +257,18 @@ class _Peer:
     def comes_back(self, now: float) -> bool:
         """Whether an online interval starts after `now`."""
         return any(start > now for start, _ in self.intervals)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How the simulated coordinator and volunteers behave beyond the run config."""
+
+    goodbye: bool = False  # a leaving peer says PeerLeft instead of going silent
+    close_s: float = 0.0  # the coordinator's compute per close: no new base before it is done
+    tick_s: float = 15.0  # how often the coordinator ticks and online peers heartbeat
+    fail_mid_round: float = 0.0  # chance that a work order's training crashes part-way
+    restart_s: float = 60.0  # how long a crashed volunteer takes to come back
+    seed: int = 0
 
 
 class _Sim:
@@ -223,7 +284,7 @@ class _Sim:
         shards: dict[str, np.ndarray],
         target: Target,
         evaluate_now: Callable[[], float],
-        goodbye: bool,
+        options: _Options,
         on_round: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         self.config = config
@@ -234,13 +295,17 @@ class _Sim:
         self.shards = shards
         self.target = target
         self.evaluate_now = evaluate_now
-        self.goodbye = goodbye
+        self.options = options
         self.on_round = on_round
         self.feedback = uses_error_feedback(config)
+        self.overlap = config.inner.overlap
+        self.rng = np.random.default_rng(options.seed)
         self.coordinator = Volunteer("", peers[0].volunteer.trainer)  # replays checks itself
         self.bases: dict[int, dict[str, torch.Tensor]] = {}
+        self.sent: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # ref → (round, Δ_sent)
         self.rounds: list[dict[str, Any]] = []
         self.opened_at = loop.now
+        self.ready_at = loop.now  # when the open round's base is published (after a close)
         self.tick: Handle | None = None
         self.finished = False
         self.stalled = False
@@ -259,10 +324,16 @@ class _Sim:
         return self.bases[version]
 
     def schedule_tick(self) -> None:
-        """A Tick at the open round's deadline, so a deadline close happens."""
+        """The next tick: `tick_s` from now, or the open round's deadline if that is sooner."""
         if self.tick is not None:
             self.loop.cancel(self.tick)
-        at = max(self.protocol.deadline, self.loop.now)
+        now = self.loop.now
+        deadline = self.protocol.deadline
+        at = (
+            min(deadline, now + self.options.tick_s)
+            if deadline > now
+            else now + self.options.tick_s
+        )
         self.tick = self.loop.schedule(at, self.on_tick, label="tick")
 
     def on_tick(self) -> None:
@@ -271,6 +342,12 @@ class _Sim:
             if p.online and not p.stopped:
                 self.protocol.handle(PeerSeen(p.peer_id))
         self.act(self.protocol.handle(Tick()))
+        if self.finished:
+            return
+        if self.stuck():
+            self.stalled = True
+            return
+        self.schedule_tick()
 
     def act(self, decisions: list[Decision]) -> None:
         """Follow up on decisions that concern the run rather than the asking peer."""
@@ -283,7 +360,7 @@ class _Sim:
                 self.stop(self.peers[d.peer_id])
             elif isinstance(d, VerifyOrder) and not d.peer_id:
                 replay = self.coordinator.train(
-                    d, self.base(d.base_version), self.shards, self.config
+                    d, self.base(d.base_version), self.shards, self.config, self.carried_of(d)
                 )
                 event = VerificationSubmitted(
                     d.check_id, "", DictSource(replay.delta), replay.steps
@@ -292,8 +369,25 @@ class _Sim:
             elif isinstance(d, Unknown):
                 raise RuntimeError(f"the protocol does not know peer {d.peer_id}: {d.reason}")
 
+    def carried_of(self, order: VerifyOrder) -> CarriedWork | None:
+        """The overlapped start a replay of `order` must redo first (None: there is none)."""
+        prior = order.prior
+        if prior is None:
+            return None
+        _, sent = self.sent[prior.payload_ref]
+        return CarriedWork.after(
+            self.bases[prior.base_version],
+            sent,
+            batch_sampler(prior, order.target, self.shards, self.config),
+            first_batch=prior.first_batch,
+            step_offset=prior.step_offset,
+            steps=prior.steps,
+        )
+
     def closed(self, d: RoundClosed) -> None:
-        now = self.loop.now
+        # The coordinator aggregates and evaluates for `close_s`; the new base is out after it.
+        now = self.loop.now + self.options.close_s
+        self.ready_at = now
         for pid in d.contributors:
             self.peers[pid].contributions += 1
         row: dict[str, Any] = {
@@ -305,6 +399,8 @@ class _Sim:
         }
         self.rounds.append(row)
         self.opened_at = now
+        for ref in [r for r, (rnd, _) in self.sent.items() if rnd <= d.round - _BASES_KEPT]:
+            del self.sent[ref]
         if self.on_round is not None:
             self.on_round(row)
         if self.protocol.finished:
@@ -313,7 +409,7 @@ class _Sim:
         for p in self.peers.values():  # a new round: wake the peers told to wait
             if p.waiting is not None and self.cancel(p, p.waiting):
                 p.waiting = None
-                self.later(p, 0.0, self.request, "wake")
+                self.later(p, now - self.loop.now, self.request, "wake")
 
     # --- a peer's process -----------------------------------------------------------------
 
@@ -344,18 +440,22 @@ class _Sim:
             return
         self.halt(p)
         p.online = False
-        if self.goodbye and not p.stopped:
+        if self.options.goodbye and not p.stopped:
             self.act(self.protocol.handle(PeerLeft(p.peer_id)))
 
     def halt(self, p: _Peer) -> None:
-        """Drop the peer's transfers and pending events; count the compute it did."""
+        """Drop the peer's transfers, pending events and overlapped work; count its compute."""
         self.network.cancel_peer(p.peer_id)
         for handle in list(p.pending):
             self.cancel(p, handle)
         p.waiting = None
-        if p.computing_since is not None:
-            p.compute_s += self.loop.now - p.computing_since
+        now = self.loop.now
+        if p.computing_since is not None:  # (it may start later: a step under way first)
+            p.compute_s += max(0.0, now - p.computing_since)
             p.computing_since = None
+        spec, p.speculation = p.speculation, None
+        if spec is not None:
+            p.compute_s += min(now, spec.ends(spec.cap, p.step_s)) - spec.started - spec.paused_s
 
     def stop(self, p: _Peer) -> None:
         """The peer stops for good (banned, or the run finished)."""
@@ -363,8 +463,22 @@ class _Sim:
             self.halt(p)
             p.stopped = True
 
+    def crash(self, p: _Peer) -> None:
+        """The volunteer's process dies mid-round: its work is lost, it is silent until it
+        restarts `restart_s` later and asks for work again (its order may have lapsed)."""
+        p.failures += 1
+        self.halt(p)
+        self.later(p, self.options.restart_s, self.restart, "restart")
+
+    def restart(self, p: _Peer) -> None:
+        self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
+        self.request(p)
+
     def request(self, p: _Peer) -> None:
         if p.stopped or not p.online or self.finished:
+            return
+        if self.loop.now < self.ready_at:  # the coordinator is still closing the round
+            p.waiting = self.later(p, self.ready_at - self.loop.now, self.retry, "closing")
             return
         (d,) = self.protocol.handle(WorkRequested(p.peer_id))
         if isinstance(d, WorkOrder):
@@ -389,19 +503,72 @@ class _Sim:
     def compute(
         self, p: _Peer, order: WorkOrder | VerifyOrder, base: dict[str, torch.Tensor]
     ) -> None:
-        steps = order.steps if isinstance(order, VerifyOrder) else fitted_steps(order, p.step_s)
-        p.computing_since = self.loop.now
-        self.later(p, steps * p.step_s, lambda q: self.computed(q, order, base, steps), "compute")
+        now = self.loop.now
+        if p.first_compute_s is None:
+            p.first_compute_s = now
+        if isinstance(order, VerifyOrder):
+            steps, start = order.steps, now
+            carried: _Carried | None = None
+            if p.speculation is not None:  # the replay pauses the overlapped training
+                p.speculation.paused_s += steps * p.step_s
+        else:
+            steps = fitted_steps(order, p.step_s)
+            carried, start = self.take_speculation(p, order, now, steps)
+        p.computing_since = start
+        if (
+            isinstance(order, WorkOrder)
+            and self.options.fail_mid_round > 0
+            and self.rng.random() < self.options.fail_mid_round
+        ):
+            rest = (steps - carried_steps(carried)) * p.step_s
+            self.later(p, start - now + self.rng.random() * rest, self.crash, "crash")
+            return
+        done = start + (steps - carried_steps(carried)) * p.step_s
+        self.later(
+            p, done - now, lambda q: self.computed(q, order, base, steps, carried), "compute"
+        )
+
+    def take_speculation(
+        self, p: _Peer, order: WorkOrder, now: float, steps: int
+    ) -> tuple[_Carried | None, float]:
+        """End the peer's overlapped training as `order`'s base arrives: the steps done by
+        then (a step under way is finished first), and when the rest of the round can start."""
+        spec, p.speculation = p.speculation, None
+        if spec is None:
+            return None, now
+        done = spec.steps_by(now, p.step_s)
+        if done < 1:
+            return None, now
+        end = spec.ends(done, p.step_s)
+        p.compute_s += done * p.step_s
+        carried = CarriedWork.after(
+            spec.base,
+            spec.sent,
+            batch_sampler(spec.order, p.peer_id, self.shards, self.config),
+            first_batch=spec.first_batch,
+            step_offset=spec.order.step_offset,
+            steps=min(done, steps),
+        )
+        p.steps += done
+        return _Carried(carried, spec.order.round, spec.first_batch), max(now, end)
 
     def computed(
-        self, p: _Peer, order: WorkOrder | VerifyOrder, base: dict[str, torch.Tensor], steps: int
+        self,
+        p: _Peer,
+        order: WorkOrder | VerifyOrder,
+        base: dict[str, torch.Tensor],
+        steps: int,
+        carried: _Carried | None,
     ) -> None:
         assert p.computing_since is not None
-        p.compute_s += self.loop.now - p.computing_since
+        now = self.loop.now
+        p.compute_s += now - p.computing_since
         p.computing_since = None
-        p.steps += steps
+        p.steps += steps - carried_steps(carried)
         if isinstance(order, VerifyOrder):
-            replay = p.volunteer.train(order, base, self.shards, self.config)
+            replay = p.volunteer.train(
+                order, base, self.shards, self.config, self.carried_of(order)
+            )
             event = VerificationSubmitted(
                 order.check_id, p.peer_id, DictSource(replay.delta), replay.steps
             )
@@ -414,13 +581,44 @@ class _Sim:
             self.request(p)
             return
         work = dataclasses.replace(order, max_steps=steps)  # exactly the steps that fit
-        payload, local = p.volunteer.work(work, base, self.shards, self.config, self.feedback)
+        prior = None if carried is None else carried.work
+        payload, local = p.volunteer.work(
+            work, base, self.shards, self.config, self.feedback, prior
+        )
         claim = Claim(local.samples, local.tokens, local.steps, local.loss_mean)
+        sent: dict[str, torch.Tensor] | None = None
+        if self.overlap:  # from θ_r − Δ_sent, which a verifier can recompute (the client's way)
+            sent = local.delta if self.feedback else codec.decode(payload, self.protocol.shapes)
+            fresh = steps - carried_steps(carried)
+            p.speculation = _Speculation(
+                order, base, sent, fresh, now, fitted_steps(order, p.step_s)
+            )
         nbytes = self.target.upload_bytes
-        self.network.upload(p.peer_id, nbytes, lambda: self.arrived(p, order, payload, claim))
+        self.network.upload(
+            p.peer_id, nbytes, lambda: self.arrived(p, order, payload, claim, carried, sent)
+        )
 
-    def arrived(self, p: _Peer, order: WorkOrder, payload: bytes, claim: Claim) -> None:
+    def arrived(
+        self,
+        p: _Peer,
+        order: WorkOrder,
+        payload: bytes,
+        claim: Claim,
+        carried: _Carried | None,
+        sent: dict[str, torch.Tensor] | None,
+    ) -> None:
         event = decode_submission(p.peer_id, order, payload, claim, self.protocol.shapes)
+        if isinstance(event, ContributionSubmitted):
+            ref = f"{p.peer_id}/{order.round}"
+            if sent is not None:  # a later replay of overlapped work starts from θ_r − sent
+                self.sent[ref] = (order.round, sent)
+            event = dataclasses.replace(
+                event,
+                ref=ref,
+                overlap_steps=carried_steps(carried),
+                overlap_round=-1 if carried is None else carried.round,
+                overlap_first_batch=0 if carried is None else carried.first_batch,
+            )
         self.act(self.protocol.handle(event))
         self.request(p)
 
@@ -428,13 +626,15 @@ class _Sim:
         """Nothing can change any more: the round is past its deadline, and every peer that is
         still in the run has contributed to it and is idle online, with no one left to come back."""
         now = self.loop.now
-        if now < self.protocol.deadline or self.tick is not None:
+        if now < self.protocol.deadline:
             return False
         submitted = set(self.protocol.submitted())
         for p in self.peers.values():
             if p.stopped:
                 continue
             if p.computing_since is not None or (p.online and p.peer_id not in submitted):
+                return False
+            if p.pending and not p.online:  # a crashed volunteer restarting
                 return False
             if not p.online and p.comes_back(now):
                 return False
@@ -453,23 +653,45 @@ def simulate(
     online: Mapping[str, list[Interval]] | None = None,
     coordinator_in_bps: float = math.inf,
     coordinator_out_bps: float = math.inf,
+    coordinator_close_s: float = 0.0,
     eval_batches: int = 8,
     eval_batch_size: int = 16,
     goodbye: bool = False,
+    tick_s: float | None = None,
+    fail_mid_round: float = 0.0,
+    restart_s: float = 60.0,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> SimResult:
     """Run `config.rounds.total` rounds of the protocol with `population` in virtual time.
 
     `online` maps a peer id to its online intervals ``[start, end)`` in time order (a peer it
     leaves out, or every peer when it is None, is always online). `goodbye` makes a peer that
-    goes offline say so (`PeerLeft`) instead of going silent. `on_round` gets each round's row.
-    Raises RuntimeError when the run stalls before its last round.
+    goes offline say so (`PeerLeft`) instead of going silent. `coordinator_close_s` is the
+    coordinator's own time to close a round (aggregate, evaluate, persist): the next base goes
+    out that long after the last awaited upload. The coordinator ticks, and online peers send
+    heartbeats, every `tick_s` (default: the networked client's heartbeat interval,
+    ``peer_timeout_s / 4`` within 1–15 s). A work order's training crashes part-way with
+    probability `fail_mid_round` (its work is lost; the volunteer is back after `restart_s`).
+    `on_round` gets each round's row. Raises RuntimeError when the run stalls before its last
+    round.
     """
     ids = [p.peer_id for p in population]
     if not ids:
         raise ValueError("the simulation needs at least one peer")
     if len(set(ids)) != len(ids):
         raise ValueError("peer ids in the population must be unique")
+    timeout = config.rounds.peer_timeout_s
+    tick = max(1.0, min(15.0, timeout / 4)) if tick_s is None else tick_s
+    for name, value in (
+        ("coordinator_close_s", coordinator_close_s),
+        ("restart_s", restart_s),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
+    if not (math.isfinite(tick) and tick > 0):
+        raise ValueError(f"tick_s must be a positive number of seconds, not {tick}")
+    if not 0.0 <= fail_mid_round <= 1.0:
+        raise ValueError(f"fail_mid_round must be a probability in [0, 1], not {fail_mid_round}")
     schedule = dict(online or {})
     strangers = sorted(set(schedule) - set(ids))
     if strangers:
@@ -504,8 +726,16 @@ def simulate(
     def evaluate_now() -> float:
         return evaluate(config.model, protocol.params, evals)
 
+    options = _Options(
+        goodbye=goodbye,
+        close_s=coordinator_close_s,
+        tick_s=tick,
+        fail_mid_round=fail_mid_round,
+        restart_s=restart_s,
+        seed=config.seed,
+    )
     sim = _Sim(
-        config, protocol, loop, network, peers, shards, target, evaluate_now, goodbye, on_round
+        config, protocol, loop, network, peers, shards, target, evaluate_now, options, on_round
     )
     for p in peers:
         for start, end in p.intervals:
@@ -526,6 +756,7 @@ def simulate(
             f"{config.rounds.quorum} contributed by {end:.1f} s (virtual) and nothing is left to "
             f"happen (orders held by: {waiting}); add peers or online time, or lower the quorum"
         )
+    end = max(end, sim.ready_at)  # the last close's aggregation and evaluation
     for p in peers:
         sim.stop(p)  # counts the compute of peers busy at the end
         online_s = _online_seconds(p.intervals, end)
@@ -534,13 +765,16 @@ def simulate(
             "compute_s": p.compute_s,
             "online_s": online_s,
             "utilization": p.compute_s / online_s if online_s > 0 else 0.0,
+            "first_compute_s": math.nan if p.first_compute_s is None else p.first_compute_s,
             "bytes_up": stats.bytes_up,
             "bytes_down": stats.bytes_down,
             "contributions": p.contributions,
             "steps": p.steps,
+            "failures": p.failures,
         }
     result.rounds = sim.rounds
     result.final_eval_loss = sim.rounds[-1]["eval_loss"]
     result.virtual_time_s = end
     result.late_checks = sim.late_checks
+    result.verdicts = dict(Counter(f"{v.stage}:{v.outcome}" for v in protocol.verdicts))
     return result

@@ -22,6 +22,7 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
+from crowdtrain.client.volunteer import CarriedWork, replay_work
 from crowdtrain.config import RunConfig
 from crowdtrain.data import (
     BatchSampler,
@@ -39,6 +40,7 @@ from crowdtrain.protocol import (
     Decision,
     Flagged,
     PeerJoined,
+    PriorWork,
     Rejected,
     RoundClosed,
     RoundProtocol,
@@ -162,6 +164,24 @@ def trainer_for(config: RunConfig, shared: LocalTrainer) -> LocalTrainer:
     return shared
 
 
+def batch_sampler(
+    order: WorkOrder | VerifyOrder | PriorWork,
+    peer: str,
+    shards: Mapping[str, np.ndarray],
+    config: RunConfig,
+) -> BatchSampler:
+    """The batch stream a work order (a replayed one, or a replay's prior work) names for `peer`."""
+    return BatchSampler(
+        shards,
+        order.shard_ids,
+        seed=order.seed,
+        round=order.round,
+        peer=peer,
+        batch_size=config.data.batch_size,
+        context=config.model.context,
+    )
+
+
 class Volunteer:
     """One virtual volunteer: its trainer (or a shared one), its residual, maybe an attack."""
 
@@ -179,23 +199,28 @@ class Volunteer:
         base: Mapping[str, torch.Tensor],
         shards: Mapping[str, np.ndarray],
         config: RunConfig,
+        carried: CarriedWork | None = None,
     ) -> Contribution:
-        """Train on the batches a work order (or the replayed order of a spot-check) names."""
+        """Train on the batches a work order (or the replayed order of a spot-check) names.
+
+        With `carried`, the first steps are overlapped work of the previous round, rebased onto
+        `base` exactly as the networked volunteer does it (`client.volunteer.replay_work`).
+        """
         peer = order.target if isinstance(order, VerifyOrder) else self.peer_id
         steps = order.steps if isinstance(order, VerifyOrder) else order.max_steps
-        sampler = BatchSampler(
-            shards,
-            order.shard_ids,
-            seed=order.seed,
-            round=order.round,
-            peer=peer,
-            batch_size=config.data.batch_size,
-            context=config.model.context,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
+            batch_sampler(order, peer, shards, config)
         )
-        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(sampler)
         if self.attacker is not None and isinstance(order, WorkOrder):
             batches = self.attacker.poison(batches, config.model.vocab_size)
-        return self.trainer.train(base, batches, step_offset=order.step_offset, max_steps=steps)
+        return replay_work(
+            self.trainer.train,
+            base,
+            batches,
+            step_offset=order.step_offset,
+            steps=steps,
+            carried=carried,
+        )
 
     def work(
         self,
@@ -204,9 +229,11 @@ class Volunteer:
         shards: Mapping[str, np.ndarray],
         config: RunConfig,
         feedback: bool,
+        carried: CarriedWork | None = None,
     ) -> tuple[bytes, Contribution]:
-        """Train on the work order; return the wire payload and the local result."""
-        result = self.train(order, base, shards, config)
+        """Train on the work order (after `carried` overlapped steps, see `train`); return the
+        wire payload and the local result."""
+        result = self.train(order, base, shards, config, carried)
         if feedback and self.residual is None:
             self.residual = {}
         return codec.encode(result.delta, config.codec, residual=self.residual), result
