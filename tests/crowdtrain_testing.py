@@ -26,3 +26,50 @@ def tiny_config(corpus: Path, data_dir: Path, **overrides: dict[str, object]) ->
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value}
     return parse_config(raw)
+
+
+def tiny_des_toml(corpus: Path, data: Path, extra: str = "") -> str:
+    """A discrete-event scenario small enough for a unit test: 2 peers, a 1-layer GPT."""
+    return f"""
+[swarm]
+eval_batches = 2
+eval_batch_size = 4
+
+[target]
+params = 1_000_000
+tokens_per_step = 1000
+steps_per_proxy_step = 2.0
+
+[population]
+peers = 2
+flops = 1e12
+up_bps = 10e6
+down_bps = 100e6
+rtt_s = 0.05
+
+[churn]
+enabled = false
+
+[run.model]
+width = 32
+depth = 1
+heads = 2
+context = 32
+
+[run.data]
+source = "{corpus}"
+dir = "{data}"
+shard_bytes = 8192
+val_fraction = 0.1
+batch_size = 4
+
+[run.inner]
+steps = 4
+
+[run.rounds]
+total = 3
+quorum = 2
+
+[run.defence]
+enabled = false
+{extra}"""

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from crowdtrain.config import ConfigError, config_hash, load_config
+from crowdtrain.config import ConfigError, RunConfig, config_hash, load_config
+
+if TYPE_CHECKING:
+    from crowdtrain.sim.scenario import Scenario
 
 app = typer.Typer(
     help="Train one neural network with compute donated by many volunteers.",
@@ -97,19 +101,95 @@ def _round_table() -> tuple[Table, Callable[[Any], None]]:
     return table, on_round
 
 
+def _hms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "never"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def _simulate_des(
+    scenario: Scenario, run: RunConfig, json_path: Path | None, plot_dir: Path | None
+) -> float:
+    """A discrete-event scenario and its references (`sim.study`): rounds, then the report."""
+    from crowdtrain.sim.report import PlotUnavailable, plot_report, render_table
+    from crowdtrain.sim.study import run_study
+
+    table = Table(title="rounds (virtual time)")
+    for col in ("round", "closed at", "duration", "contributions", "eval loss"):
+        table.add_column(col, justify="right")
+    with Live(table, console=console, auto_refresh=False) as live:
+
+        def add_row(row: dict[str, Any]) -> None:
+            table.add_row(
+                str(row["round"]),
+                _hms(row["close_time_s"]),
+                _hms(row["duration_s"]),
+                str(row["contributions"]),
+                f"{row['eval_loss']:.4f}",
+            )
+            live.refresh()
+
+        try:
+            study = run_study(scenario, run, on_round=add_row)
+        except RuntimeError as exc:
+            if "stalled" not in str(exc):
+                raise
+            raise ConfigError(str(exc)) from None
+    report = study.report
+    if study.sim is not None:
+        sim = study.sim
+        console.print(
+            f"eval loss {sim.initial_eval_loss:.4f} -> {sim.final_eval_loss:.4f} after "
+            f"{len(sim.rounds)} rounds; virtual time to finish {_hms(sim.virtual_time_s)} "
+            f"({sim.virtual_time_s:,.0f} s)"
+        )
+    ddp = study.ddp
+    console.print(
+        f"data-parallel reference: global batch {ddp.global_batch} sequences, lr {ddp.lr:g}, "
+        f"{ddp.steps[-1]} proxy steps, eval loss {ddp.eval_loss[0]:.4f} -> {ddp.eval_loss[-1]:.4f}"
+    )
+    rows = render_table(report)
+    summary = Table(title=f"time to eval loss {report['target_loss']:.4f} (virtual)")
+    for col in rows[0]:
+        summary.add_column(col, justify="right")
+    for row in rows[1:]:
+        summary.add_row(*row)
+    console.print(summary)
+    util = report["utilization"]
+    sent = report["bytes_per_peer"]
+    console.print(
+        f"[bold]efficiency vs the datacenter ideal: {_fraction(report['efficiency_vs_datacenter'])}"
+        f"[/bold] (ddp-wan: {_fraction(report['ddp_wan_efficiency'])}); utilization per peer: "
+        f"median {util['median']:.3f}, min {util['min']:.3f}, max {util['max']:.3f}; bytes per "
+        f"peer (median) {(sent['median'] or 0) / 1e9:.2f} GB"
+    )
+    for note in report.get("notes", []):
+        console.print(f"note: {note}")
+    if plot_dir is not None:
+        try:
+            for path in plot_report(report, plot_dir):
+                console.print(f"wrote {path}")
+        except PlotUnavailable as exc:
+            console.print(f"[yellow]{exc}[/yellow]")
+    _write_json(json_path, study.to_json())
+    eff = report["efficiency_vs_datacenter"]
+    return math.nan if eff is None else float(eff)
+
+
+def _fraction(x: float | None) -> str:
+    return "n/a (the target was not reached)" if x is None else f"{x:.3f}"
+
+
 def _simulate(
     scenario_name: str,
     json_path: Path | None,
     rounds: int | None,
     attack: str | None = None,
     attackers: int | None = None,
+    plot_dir: Path | None = None,
 ) -> float:
-    from crowdtrain.sim.scenario import (
-        check_attack,
-        load_scenario,
-        simulate_scenario,
-        utilization_summary,
-    )
+    from crowdtrain.sim.scenario import check_attack, load_scenario
     from crowdtrain.sim.swarm import run_swarm
 
     scenario = load_scenario(scenario_name)
@@ -139,53 +219,11 @@ def _simulate(
             f"config {config_hash(run)[:12]}"
         )
 
-        def hms(seconds: float) -> str:
-            whole = round(seconds)
-            return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-        table = Table(title="rounds (virtual time)")
-        for col in ("round", "closed at", "duration", "contributions", "eval loss"):
-            table.add_column(col, justify="right")
-        with Live(table, console=console, auto_refresh=False) as live:
-
-            def add_row(row: dict[str, Any]) -> None:
-                table.add_row(
-                    str(row["round"]),
-                    hms(row["close_time_s"]),
-                    hms(row["duration_s"]),
-                    str(row["contributions"]),
-                    f"{row['eval_loss']:.4f}",
-                )
-                live.refresh()
-
-            try:
-                sim = simulate_scenario(scenario, run, on_round=add_row)
-            except RuntimeError as exc:
-                if "stalled" not in str(exc):
-                    raise
-                raise ConfigError(str(exc)) from None
-        summary = utilization_summary(sim)
-        console.print(
-            f"utilization per peer: median {summary['utilization_median']:.3f}, "
-            f"min {summary['utilization_min']:.3f}, max {summary['utilization_max']:.3f}"
+        return _simulate_des(scenario, run, json_path, plot_dir)
+    if plot_dir is not None:
+        raise ConfigError(
+            f"--plot applies to discrete-event scenarios; {scenario.name} is an in-process swarm"
         )
-        console.print(
-            f"bytes per peer (median): {summary['bytes_median'] / 1e9:.2f} GB "
-            f"({summary['bytes_up_median'] / 1e9:.2f} GB up, "
-            f"{summary['bytes_down_median'] / 1e9:.2f} GB down)"
-        )
-        console.print(
-            f"eval loss {sim.initial_eval_loss:.4f} -> {sim.final_eval_loss:.4f} after "
-            f"{len(sim.rounds)} rounds; virtual time to finish {hms(sim.virtual_time_s)} "
-            f"({sim.virtual_time_s:,.0f} s)"
-        )
-        doc = {
-            "scenario": scenario.name,
-            **sim.to_json(),
-            "utilization": summary["utilization_median"],
-        }
-        _write_json(json_path, doc)
-        return sim.final_eval_loss - sim.initial_eval_loss
     attack = attack or scenario.swarm.attack
     if attackers is None:
         attackers = scenario.swarm.attackers or (1 if attack else 0)
@@ -240,15 +278,20 @@ def simulate(
     attackers: Annotated[
         int | None, typer.Option(min=1, help="How many volunteers attack (default 1).")
     ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write PNG plots here (discrete-event scenarios; needs [plot] extra)."),
+    ] = None,
 ) -> None:
     """Run a scenario through the protocol core and print each round.
 
     An in-process swarm scenario trains its volunteers in lockstep; a discrete-event scenario
     (one with [population] and [target] tables) runs them on a virtual clock with the target
-    model's compute and transfer times.
+    model's compute and transfer times, then measures it against the data-parallel datacenter
+    ideal and DDP over the volunteers' links (docs/SIMULATIONS.md).
     """
     with _friendly_errors():
-        _simulate(scenario, json_path, rounds, attack, attackers)
+        _simulate(scenario, json_path, rounds, attack, attackers, plot)
 
 
 @app.command()

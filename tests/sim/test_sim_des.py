@@ -51,6 +51,9 @@ def config(corpus: Path, data: Path, **overrides: dict[str, object]) -> RunConfi
 
 
 def run(cfg: RunConfig, peers: list[PeerSpec], **kwargs: Any) -> SimResult:
+    """The simulation with the corpus in every peer's cache (unless the test says otherwise),
+    so that a round's transfers are θ down and Δ up only."""
+    kwargs.setdefault("shards_cached", True)
     return simulate(cfg, peers, TARGET, eval_batches=2, eval_batch_size=4, **kwargs)
 
 
@@ -143,8 +146,10 @@ def test_a_peer_that_comes_back_resumes_its_order(corpus_file: Path, data_dir: P
     schedule = {"peer-2": [(0.0, 0.5), (3.0, math.inf)]}
     result = run(cfg, peers, online=schedule)
     assert result.rounds[0]["contributions"] == 3
-    assert result.rounds[0]["close_time_s"] == pytest.approx(3.0 + one)
-    assert result.per_peer["peer-2"]["online_s"] == pytest.approx(0.5 + one)
+    # θ had arrived before it left (at 0.5 s > DOWNLOAD), so it trains from its cache
+    assert DOWNLOAD < 0.5
+    assert result.rounds[0]["close_time_s"] == pytest.approx(3.0 + one - DOWNLOAD)
+    assert result.per_peer["peer-2"]["online_s"] == pytest.approx(0.5 + one - DOWNLOAD)
 
 
 def test_seconds_budget_fits_steps_to_each_peer(corpus_file: Path, data_dir: Path) -> None:
@@ -153,11 +158,12 @@ def test_seconds_budget_fits_steps_to_each_peer(corpus_file: Path, data_dir: Pat
     budget = 8.5 * step
     cfg = config(corpus_file, data_dir, inner={"budget": "seconds", "seconds": budget})
     result = run(cfg, [fast, slow])
-    assert result.per_peer["peer-0"]["steps"] == 3 * 8
-    assert result.per_peer["peer-1"]["steps"] == 3 * 4
-    assert result.per_peer["peer-1"]["compute_s"] == pytest.approx(3 * compute_s(slow, steps=4))
+    # the step that crosses the budget is trained too, as LocalTrainer checks after each step
+    assert result.per_peer["peer-0"]["steps"] == 3 * 9
+    assert result.per_peer["peer-1"]["steps"] == 3 * 5
+    assert result.per_peer["peer-1"]["compute_s"] == pytest.approx(3 * compute_s(slow, steps=5))
     order = WorkOrder("p", 0, 0, ("s",), 0, 0, "seconds", 50, 1.0, 10.0)
-    assert [fitted_steps(order, s) for s in (0.1, 0.3, 0.25, 2.0)] == [10, 3, 4, 1]
+    assert [fitted_steps(order, s) for s in (0.1, 0.3, 0.25, 2.0)] == [10, 4, 4, 1]
     assert fitted_steps(dataclasses.replace(order, budget="steps"), 2.0) == 50
 
 
@@ -188,18 +194,18 @@ def test_steps_per_proxy_step_scales_compute_time(corpus_file: Path, data_dir: P
     assert scaled.flops_per_proxy_step == pytest.approx(k * TARGET.flops_per_step)
     peers = [peer(0), peer(1, flops=0.5e12)]
     cfg = config(corpus_file, data_dir, rounds={"total": 2})
-    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4)
+    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4, shards_cached=True)
     one = DOWNLOAD + k * compute_s(peers[1]) + UPLOAD  # the slow peer sets the pace
     assert durations(result) == pytest.approx([one] * 2)
     assert result.per_peer["peer-0"]["steps"] == 2 * STEPS  # proxy steps, each worth k
     assert result.per_peer["peer-0"]["compute_s"] == pytest.approx(2 * k * compute_s(peers[0]))
-    # a seconds budget fits whole proxy steps, each costing k target steps
+    # a seconds budget trains whole proxy steps, each costing k target steps
     budget = 8.5 * k * compute_s(peers[0], steps=1)
     cfg = config(corpus_file, data_dir, rounds={"total": 1}, inner={"budget": "seconds",
                  "seconds": budget})  # fmt: skip
-    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4)
-    assert result.per_peer["peer-0"]["steps"] == 8
-    assert result.per_peer["peer-1"]["steps"] == 4
+    result = simulate(cfg, peers, scaled, eval_batches=2, eval_batch_size=4, shards_cached=True)
+    assert result.per_peer["peer-0"]["steps"] == 9
+    assert result.per_peer["peer-1"]["steps"] == 5
     with pytest.raises(ValueError, match="steps_per_proxy_step"):
         dataclasses.replace(TARGET, steps_per_proxy_step=0.0)
 
@@ -278,3 +284,15 @@ def test_crashes_mid_round_lose_work_and_the_volunteer_comes_back(
         run(cfg, peers, fail_mid_round=1.5)
     with pytest.raises(ValueError, match="coordinator_close_s"):
         run(cfg, peers, coordinator_close_s=-1.0)
+
+
+def test_peers_fetch_the_shards_they_lack_once(corpus_file: Path, data_dir: Path) -> None:
+    cfg = config(corpus_file, data_dir, rounds={"total": 2})
+    peers = [peer(i) for i in range(2)]
+    cold = run(cfg, peers, shards_cached=False)
+    warm = run(cfg, peers)
+    for pid, stats in cold.per_peer.items():
+        extra = stats["bytes_down"] - warm.per_peer[pid]["bytes_down"]
+        assert extra > 0 and extra % 8192 == 0  # whole shards of the tiny corpus
+    # the first round waits for the shards: one more request each, one after the other
+    assert durations(cold)[0] > durations(warm)[0] + RTT

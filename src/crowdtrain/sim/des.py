@@ -14,8 +14,9 @@ What is modelled:
   bytes, an upload of ``params × bytes_per_param_up`` bytes, and, for every proxy step,
   ``steps_per_proxy_step`` (k) inner steps of ``6 × params × tokens`` FLOPs each at the peer's
   FLOP/s × MFU. A proxy round of H_proxy inner steps thus stands for a target round of
-  H_target = k × H_proxy steps. A "seconds" budget trains as many whole proxy steps (each
-  costing k target steps) as fit in ``max_seconds`` on that peer (at least one).
+  H_target = k × H_proxy steps. A "seconds" budget trains proxy steps (each costing k target
+  steps) until ``max_seconds`` is reached, the step that crosses it included, as
+  `LocalTrainer` does.
 
 Why the proxy is a fair stand-in: what decides DiLoCo's efficiency on slow links is the compute
 time of a round against its communication time (the seconds a peer trains versus the seconds
@@ -32,20 +33,28 @@ contributions slow a large model's convergence, which the proxy reproduces only 
   the coordinator's ingress and egress as shared capacities.
 * **Churn**: each peer is online during its intervals. Going offline drops its transfers and
   pending work silently, as a closed laptop does: the coordinator learns of it only when
-  `rounds.peer_timeout_s` passes without a heartbeat (online peers heartbeat continuously), so
-  its order lapses at the next tick; with ``goodbye=True`` the peer says `PeerLeft` instead.
-  Coming back online, it joins again and asks for work.
+  `rounds.peer_timeout_s` passes without a heartbeat (the coordinator ticks and online peers
+  heartbeat every ``tick_s``), so its order lapses at the next tick; with ``goodbye=True`` the
+  peer says `PeerLeft` instead. Coming back online, it joins again and asks for work.
 * **Deadlines**: a `Tick` at every round's deadline lets the protocol close on its quorum.
 * **Spot-checks**: a peer replays a `VerifyOrder` for the virtual time of its steps; a replay
   the coordinator runs itself costs no virtual time. A slow peer's replay of a fast peer's
   steps can outlast the check's lapse (``rounds.deadline_s``); the coordinator then turns it
   away, as the check went to another peer (counted in `SimResult.late_checks`).
+* **Overlap** (Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512), when the run's
+  ``inner.overlap`` is on, as the volunteer client does it: after uploading round r's Δ a peer
+  goes on training round r's order from θ_r − Δ_sent until its next base arrives (a step under
+  way is finished first), at most one round's budget, and rebases that progress onto the new
+  base (`client.volunteer.replay_work`, so spot-checks replay it exactly).
+* **Downloads**: a peer fetches the data shards of an order and θ of its base version unless
+  it has them cached (it keeps the last few versions), one request each; a replay of overlapped
+  work also fetches the prior θ and payload.
+* **The coordinator's close** takes ``coordinator_close_s``; no new base goes out before it.
+* **Crashes**: a work order's training fails part-way with probability ``fail_mid_round``.
 
-What is not modelled: overlap of communication with computation (a peer idles while its
-transfers run; Streaming DiLoCo's overlap comes later), the transfer of data shards and of a
-verifier's download and upload, the coordinator's own compute time (aggregation, evaluation),
-failures other than going offline, and the polling delay of a waiting peer (a peer told to
-wait is woken as soon as a round closes, as with a long poll).
+What is not modelled: the coordinator's verification of uploads delaying other requests, GPU
+memory, and the polling delay of a waiting peer (a peer told to wait is woken as soon as a
+round closes, as with a long poll; the networked client polls every 0.25 s).
 """
 
 from __future__ import annotations
@@ -154,13 +163,13 @@ def bytes_per_param(spec: CodecConfig, numel: int = 1 << 20) -> float:
 
 def fitted_steps(order: WorkOrder, step_s: float) -> int:
     """Proxy steps a peer taking `step_s` seconds per step trains for `order`: ``max_steps``
-    for a "steps" budget; for a "seconds" budget the whole steps that fit in ``max_seconds``
-    (at least one)."""
+    for a "steps" budget; for a "seconds" budget, as `LocalTrainer` checks the clock after
+    each step, the steps until ``max_seconds`` is reached (the step that crosses it included)."""
     if order.budget == "steps":
         return order.max_steps
     if not step_s > 0:
         return 1
-    return max(1, math.floor(order.max_seconds / step_s * (1 + 1e-9)))
+    return max(1, math.ceil(order.max_seconds / step_s * (1 - 1e-9)))
 
 
 @dataclass
@@ -248,11 +257,19 @@ class _Peer:
     steps: int = 0
     contributions: int = 0
     failures: int = 0  # work orders lost to a crash mid-round
+    shards: set[str] = field(default_factory=set)  # data shards in its cache
+    versions: set[int] = field(default_factory=set)  # versions of θ in its cache
     speculation: _Speculation | None = None  # overlapped training while transfers run
 
     @property
     def peer_id(self) -> str:
         return self.spec.peer_id
+
+    def keep(self, version: int) -> None:
+        """θ of `version` is downloaded; the cache keeps the last few versions."""
+        self.versions.add(version)
+        for old in [v for v in self.versions if v <= version - _BASES_KEPT]:
+            self.versions.discard(old)
 
     def comes_back(self, now: float) -> bool:
         """Whether an online interval starts after `now`."""
@@ -481,12 +498,9 @@ class _Sim:
             p.waiting = self.later(p, self.ready_at - self.loop.now, self.retry, "closing")
             return
         (d,) = self.protocol.handle(WorkRequested(p.peer_id))
-        if isinstance(d, WorkOrder):
+        if isinstance(d, WorkOrder | VerifyOrder):
             base = self.base(d.base_version)
-            nbytes = self.target.download_bytes
-            self.network.download(p.peer_id, nbytes, lambda: self.compute(p, d, base))
-        elif isinstance(d, VerifyOrder):
-            self.compute(p, d, self.base(d.base_version))
+            self.fetch(p, d, lambda: self.compute(p, d, base))
         elif isinstance(d, Wait):
             p.waiting = self.later(p, d.retry_after, self.retry, "retry")
             if p.peer_id in self.protocol.submitted() and self.stuck():
@@ -495,6 +509,37 @@ class _Sim:
             self.stop(p)
         else:
             self.act([d])
+
+    def fetch(self, p: _Peer, order: WorkOrder | VerifyOrder, then: Callable[[], None]) -> None:
+        """Download what `order` needs and the peer has not cached, one request after the
+        other as the client makes them, then run `then`: the order's data shards, θ of its base
+        version and, for a replay of overlapped work, θ of the prior version and the payload."""
+        wanted: list[tuple[int, Callable[[], None]]] = []
+        prior = order.prior if isinstance(order, VerifyOrder) else None
+        shard_ids = [*order.shard_ids, *(() if prior is None else prior.shard_ids)]
+        for sid in dict.fromkeys(shard_ids):
+            if sid not in p.shards:
+                wanted.append((self.shards[sid].nbytes, functools.partial(p.shards.add, sid)))
+        versions = [order.base_version, *(() if prior is None else (prior.base_version,))]
+        for version in dict.fromkeys(versions):
+            if version not in p.versions:
+                wanted.append((self.target.download_bytes, functools.partial(p.keep, version)))
+        if prior is not None:
+            wanted.append((self.target.upload_bytes, lambda: None))  # the prior payload
+
+        def next_request() -> None:
+            if not wanted:
+                then()
+                return
+            nbytes, done = wanted.pop(0)
+
+            def arrived() -> None:
+                done()
+                next_request()
+
+            self.network.download(p.peer_id, nbytes, arrived)
+
+        next_request()
 
     def retry(self, p: _Peer) -> None:
         p.waiting = None
@@ -660,6 +705,7 @@ def simulate(
     tick_s: float | None = None,
     fail_mid_round: float = 0.0,
     restart_s: float = 60.0,
+    shards_cached: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> SimResult:
     """Run `config.rounds.total` rounds of the protocol with `population` in virtual time.
@@ -672,6 +718,8 @@ def simulate(
     heartbeats, every `tick_s` (default: the networked client's heartbeat interval,
     ``peer_timeout_s / 4`` within 1–15 s). A work order's training crashes part-way with
     probability `fail_mid_round` (its work is lost; the volunteer is back after `restart_s`).
+    A volunteer downloads the data shards of its orders that it has not cached, unless
+    `shards_cached` (the whole corpus is in every volunteer's cache from the start).
     `on_round` gets each round's row. Raises RuntimeError when the run stalls before its last
     round.
     """
@@ -721,7 +769,10 @@ def simulate(
         trainer = trainer_for(config, shared)
         intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
         step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
-        peers.append(_Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals))
+        peer = _Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals)
+        if shards_cached:
+            peer.shards.update(shards)
+        peers.append(peer)
 
     def evaluate_now() -> float:
         return evaluate(config.model, protocol.params, evals)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -107,12 +107,14 @@ class TargetConfig(BaseModel):
 
 
 class CoordinatorConfig(BaseModel):
-    """The coordinator's own links in bit/s (``inf``: not a bottleneck)."""
+    """The coordinator's own links in bit/s (``inf``: not a bottleneck), and the seconds it
+    takes to close a round (aggregate, evaluate, persist) before the next base goes out."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     in_bps: float = Field(math.inf, gt=0.0)
     out_bps: float = Field(math.inf, gt=0.0)
+    close_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 class ChurnConfig(BaseModel):
@@ -131,6 +133,29 @@ class ChurnConfig(BaseModel):
     goodbye: bool = False
 
 
+class ReportConfig(BaseModel):
+    """How `crowdtrain simulate` measures a discrete-event scenario (`sim.study`).
+
+    ``method`` is what the scenario's volunteers run: ``diloco`` (the protocol's rounds, in
+    `sim.des`) or ``ddp`` (synchronous data-parallel training over the population's links, the
+    `datacenter` and `ddp-wan` presets). The data-parallel references train the proxy with a
+    global batch of every peer's batch at the peak learning rate ``ddp_lr`` (default the run's
+    ``inner.lr``), evaluating every ``ddp_eval_every`` steps, for at most ``ddp_max_steps``
+    (default twice ``rounds.total × inner.steps``), or until ``target_loss`` (default: the loss
+    the swarm ends at) is reached. ``allreduce_bytes_per_param`` is the wire size of a gradient
+    in the ring all-reduce (2: bf16).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["diloco", "ddp"] = "diloco"
+    target_loss: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    ddp_lr: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
+    ddp_eval_every: int = Field(10, ge=1, le=1_000_000)
+    ddp_max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    allreduce_bytes_per_param: float = Field(2.0, gt=0.0, le=64.0, allow_inf_nan=False)
+
+
 class Scenario(BaseModel):
     """A named scenario: in-process swarm, or discrete-event when it has population and target."""
 
@@ -143,6 +168,7 @@ class Scenario(BaseModel):
     target: TargetConfig | None = None
     coordinator: CoordinatorConfig = CoordinatorConfig()
     churn: ChurnConfig = ChurnConfig()
+    report: ReportConfig = ReportConfig()
 
     @property
     def discrete_event(self) -> bool:
@@ -172,7 +198,7 @@ def _read(name_or_path: str) -> tuple[str, str]:
     raise ConfigError(f"unknown scenario '{name_or_path}'; built-in scenarios are: {names}")
 
 
-_SECTIONS = ("swarm", "run", "population", "target", "coordinator", "churn")
+_SECTIONS = ("swarm", "run", "population", "target", "coordinator", "churn", "report")
 _DES_SWARM_KEYS = ("eval_batches", "eval_batch_size")
 
 
@@ -210,6 +236,7 @@ def parse_scenario(name: str, raw: dict[str, Any]) -> Scenario:
     target = _section("target", TargetConfig, raw["target"]) if "target" in raw else None
     coordinator = _section("coordinator", CoordinatorConfig, raw.get("coordinator", {}))
     churn = _section("churn", ChurnConfig, raw.get("churn", {}))
+    report = _section("report", ReportConfig, raw.get("report", {}))
     if (population is None) != (target is None):
         has, lacks = ("population", "target") if target is None else ("target", "population")
         raise ConfigError(
@@ -217,7 +244,7 @@ def parse_scenario(name: str, raw: dict[str, Any]) -> Scenario:
             "scenario needs both"
         )
     if population is None:
-        extra = [k for k in ("coordinator", "churn") if k in raw]
+        extra = [k for k in ("coordinator", "churn", "report") if k in raw]
         if extra:
             raise ConfigError(
                 f"scenario key '{extra[0]}' applies only to discrete-event scenarios, which "
@@ -244,6 +271,7 @@ def parse_scenario(name: str, raw: dict[str, Any]) -> Scenario:
         target=target,
         coordinator=coordinator,
         churn=churn,
+        report=report,
     )
 
 
@@ -269,6 +297,7 @@ class DesSetup:
     target: Target
     online: dict[str, list[Interval]] | None  # None: no churn, every peer always online
     horizon_s: float | None  # how far churn was drawn (None without churn)
+    fail_mid_round: float = 0.0  # chance that a work order crashes part-way (with churn on)
 
 
 def _round_estimate_s(
@@ -307,23 +336,33 @@ def des_setup(scenario: Scenario, run: RunConfig | None = None) -> DesSetup:
     if not churn.enabled:
         return DesSetup(run, peers, target, None, None)
     horizon = churn.horizon_s or default_horizon_s(run, peers, target, scenario.coordinator)
-    drawn = churn_schedule(scenario.population, peers, horizon, run.seed)
-    online = {  # past the horizon, churn stops: a peer online then stays online
-        pid: [(a, math.inf if b >= horizon else b) for a, b in intervals]
+    online = online_schedule(scenario.population, peers, horizon, run.seed)
+    return DesSetup(run, peers, target, online, horizon, scenario.population.fail_mid_round)
+
+
+def online_schedule(
+    population: PopulationConfig, peers: list[PeerSpec], horizon_s: float, seed: int
+) -> dict[str, list[Interval]]:
+    """The peers' online intervals drawn up to `horizon_s`; past it churn stops (a peer online
+    then stays online). A longer horizon extends a shorter one (`churn_schedule`)."""
+    drawn = churn_schedule(population, peers, horizon_s, seed)
+    return {
+        pid: [(a, math.inf if b >= horizon_s else b) for a, b in intervals]
         for pid, intervals in drawn.items()
     }
-    return DesSetup(run, peers, target, online, horizon)
 
 
 def simulate_scenario(
     scenario: Scenario,
     run: RunConfig | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    setup: DesSetup | None = None,
 ) -> SimResult:
-    """Run a discrete-event scenario with `sim.des.simulate` (see `des_setup` for `run`)."""
+    """Run a discrete-event scenario with `sim.des.simulate` (see `des_setup` for `run`; a
+    `setup` already drawn is used as it is)."""
     from crowdtrain.sim.des import simulate
 
-    setup = des_setup(scenario, run)
+    setup = des_setup(scenario, run) if setup is None else setup
     return simulate(
         setup.run,
         setup.population,
@@ -331,9 +370,11 @@ def simulate_scenario(
         online=setup.online,
         coordinator_in_bps=scenario.coordinator.in_bps,
         coordinator_out_bps=scenario.coordinator.out_bps,
+        coordinator_close_s=scenario.coordinator.close_s,
         eval_batches=scenario.swarm.eval_batches,
         eval_batch_size=scenario.swarm.eval_batch_size,
         goodbye=scenario.churn.goodbye,
+        fail_mid_round=setup.fail_mid_round,
         on_round=on_round,
     )
 
