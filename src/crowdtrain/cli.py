@@ -118,7 +118,8 @@ def _simulate_des(
     table = Table(title="rounds (virtual time)")
     for col in ("round", "closed at", "duration", "contributions", "eval loss"):
         table.add_column(col, justify="right")
-    with Live(table, console=console, auto_refresh=False) as live:
+    rounds = scenario.report.method == "diloco"  # the other methods have no rounds
+    with Live(table if rounds else "", console=console, auto_refresh=False) as live:
 
         def add_row(row: dict[str, Any]) -> None:
             table.add_row(
@@ -145,6 +146,10 @@ def _simulate_des(
             f"({sim.virtual_time_s:,.0f} s)"
         )
     ddp = study.ddp
+    if ddp is None:  # the analytic method: throughput, no loss curve
+        _print_throughput(report)
+        _write_json(json_path, study.to_json())
+        return float(report["efficiency_vs_datacenter"])
     console.print(
         f"data-parallel reference: global batch {ddp.global_batch} sequences, lr {ddp.lr:g}, "
         f"{ddp.steps[-1]} proxy steps, eval loss {ddp.eval_loss[0]:.4f} -> {ddp.eval_loss[-1]:.4f}"
@@ -175,6 +180,27 @@ def _simulate_des(
     _write_json(json_path, study.to_json())
     eff = report["efficiency_vs_datacenter"]
     return math.nan if eff is None else float(eff)
+
+
+def _print_throughput(report: dict[str, Any]) -> None:
+    """The analytic method's steady state (`sim.analytic`), labelled as extrapolated."""
+    t = report["throughput"]
+    console.print(
+        f"[bold]extrapolated analytically[/bold] (not simulated peer by peer): about "
+        f"{t['online_peers']:,.0f} peers online, rounds of {_hms(t['round_s'])} with "
+        f"{t['contributors_per_round']:,.0f} contributions, {t['tokens_per_s']:.3g} target "
+        f"tokens/s, coordinator-bound: {'yes' if t['coordinator_bound'] else 'no'}"
+    )
+    util = report["utilization"]
+    console.print(
+        f"[bold]efficiency vs the datacenter ideal (systems part only): "
+        f"{_fraction(report['efficiency_vs_datacenter'])}[/bold] (ddp-wan: "
+        f"{report['ddp_wan_efficiency']:.2g}); utilization per online peer: median "
+        f"{util['median']:.3f}, mean {util['mean']:.3f}; bytes per peer and round "
+        f"{t['bytes_per_peer_per_round'] / 1e9:.2f} GB"
+    )
+    for note in report["notes"]:
+        console.print(f"note: {note}")
 
 
 def _fraction(x: float | None) -> str:
@@ -211,7 +237,7 @@ def _simulate(
             else f"{run.inner.seconds:g} s of compute"
         )
         console.print(
-            f"scenario [bold]{scenario.name}[/bold] (discrete-event): "
+            f"scenario [bold]{scenario.name}[/bold] (discrete-event, {scenario.report.method}): "
             f"{scenario.population.peers} peers, {run.rounds.total} rounds of {budget}, "
             f"target {target.params:.3g} params, {k:g} target steps per proxy step, proxy "
             f"{run.model.arch} width {run.model.width} depth {run.model.depth}, codec "

@@ -996,3 +996,21 @@ def test_contributions_of_later_rounds_are_scored_on_their_own_work_order() -> N
         assert probe.calls
         for peer, r, ids in probe.calls:
             assert (r, ids) == (orders[peer].round, orders[peer].shard_ids)
+
+
+def test_overlapped_steps_are_not_scored_on_the_new_orders_data() -> None:
+    """With overlap, a contribution's first steps continued the previous round's order; only
+    the steps after them trained on this order's batches. A contribution that is all overlap
+    (a slow link) has no steps on its own data to score, so it is not scored at all: scoring it
+    on batches it never saw would flag an honest peer (a ban after three rounds)."""
+    p, probe, shards = scored_protocol()
+    peers = ["a", "b", "c", "d"]
+    join(p, *peers)
+    orders = order(p, *peers)
+    deltas = {x: trained(p, orders[x], shards, lr=0.5) for x in peers}
+    deltas["d"] = scaled(deltas["d"], -1.0)  # useless on this order's data
+    decisions: list[Decision] = []
+    for x in peers:
+        decisions.extend(submit(p, x, deltas[x], overlap_steps=STEPS if x == "d" else 0))
+    assert not only(decisions, Flagged)
+    assert p.scored == 3 and {peer for peer, _, _ in probe.calls} == {"a", "b", "c"}

@@ -105,7 +105,14 @@ def test_des_tables_are_refused_in_a_swarm_scenario(table: str) -> None:
 
 
 def test_presets_load_and_validate() -> None:
-    assert {"smoke", "consumer-1b", "datacenter"} <= set(builtin_scenarios())
+    presets = {"consumer-1b", "datacenter", "datacenter-diloco", "ddp-wan", "laptops"}
+    assert {"smoke", "folding-at-home"} | presets <= set(builtin_scenarios())
+    for name in presets:  # the discrete-event presets all run and are measured
+        s = load_scenario(name)
+        assert s.discrete_event and s.run.name == name
+    assert load_scenario("datacenter").report.method == "ddp"
+    assert load_scenario("ddp-wan").report.method == "ddp"
+    assert load_scenario("ddp-wan").population == load_scenario("consumer-1b").population
     assert not load_scenario("smoke").discrete_event  # smoke stays an in-process swarm
     consumer, datacenter = load_scenario("consumer-1b"), load_scenario("datacenter")
     for s in (consumer, datacenter):

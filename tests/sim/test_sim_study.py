@@ -84,3 +84,18 @@ def test_ddp_per_peer_counts_compute_and_ring_bytes() -> None:
     assert rows["p0"]["bytes_up"] == rows["p0"]["bytes_down"] == pytest.approx(10 * 100 * 2)
     assert rows["p0"]["utilization"] == pytest.approx(flop / 0.5e12 / 100)
     assert math.isfinite(rows["p1"]["utilization"])
+
+
+def test_a_swarm_too_large_to_simulate_is_extrapolated_and_says_so() -> None:
+    scenario = load_scenario("folding-at-home")
+    assert scenario.report.method == "analytic"
+    assert scenario.population is not None and scenario.population.peers == 10_000
+    study = run_study(scenario)
+    report = study.to_json()
+    assert study.sim is None and study.ddp is None and report["extrapolated"] is True
+    assert report["time_to_target_s"] is None  # no numerics, no loss curve
+    assert 0 < report["efficiency_vs_datacenter"] < 1
+    assert report["efficiency_vs_datacenter"] == report["throughput"]["useful_flop_fraction"]
+    assert 0 < report["ddp_wan_efficiency"] < 0.01  # synchronous steps over home uplinks
+    assert any("extrapolated" in note for note in report["notes"])
+    json.dumps(report, allow_nan=False)

@@ -680,6 +680,7 @@ class RoundProtocol:
                 self._order_of(s),
                 s.steps,
                 -1.0 if self._unreplayable(s) else self.peers[s.peer_id].standing.score,
+                fresh_steps=s.steps - min(s.overlap_steps, s.steps),
             )
             for s in subs
         ]

@@ -36,6 +36,14 @@ class Candidate:
     order: WorkOrder
     steps: int
     trust: float  # the peer's reputation score: the least trusted are scored first
+    # Steps trained on this order's own batches (its first ones): with overlap, the others
+    # continued the previous round's order, so they are not the data to score on.
+    fresh_steps: int | None = None
+
+    @property
+    def own_steps(self) -> int:
+        """Steps trained on this order's batches, from its first batch on."""
+        return self.steps if self.fresh_steps is None else self.fresh_steps
 
 
 @dataclass
@@ -88,14 +96,16 @@ def screen(
         rng = torch.Generator().manual_seed(seed)
         # A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
         # noise; such contributions weigh little (their samples) and are not scored.
-        survivors = [c for c in candidates if c.key not in flags and c.steps >= cfg.score_min_steps]
+        survivors = [
+            c for c in candidates if c.key not in flags and c.own_steps >= cfg.score_min_steps
+        ]
         ties = torch.rand(len(survivors), generator=rng).tolist()
         ranked = sorted(
             zip(survivors, ties, strict=True), key=lambda pair: (pair[0].trust, pair[1])
         )
         gains: dict[str, tuple[float, float, int]] = {}
         for c, _ in ranked[: cfg.score_per_round]:
-            last = max(1, c.steps - probe.batches_needed() + 1)
+            last = max(1, c.own_steps - probe.batches_needed() + 1)
             index = int(torch.randint(last, (1,), generator=rng))
             held = int(torch.randint(1 << 30, (1,), generator=rng))
             assigned = probe.assigned(
@@ -116,7 +126,7 @@ def screen(
             if reason is not None:
                 flags[c.key] = ("usefulness", reason)
             else:
-                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.steps)
+                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.own_steps)
         flags.update(_weak_gains(gains, cfg.score_rel_gain))
     fingerprints = {
         c.key: fp for c, fp in zip(candidates, prints, strict=True) if c.key not in flags

@@ -218,8 +218,8 @@ def _inputs(
     inner = run.inner
     if inner.budget == "steps":
         steps = np.full(len(population), float(inner.steps))
-    else:  # whole steps that fit, at least one (des.fitted_steps)
-        steps = np.maximum(1.0, np.floor(inner.seconds / step_s * (1 + 1e-9)))
+    else:  # until the budget is reached, the crossing step included (des.fitted_steps)
+        steps = np.maximum(1.0, np.ceil(inner.seconds / step_s * (1 - 1e-9)))
     return _Inputs(
         run=run,
         ids=tuple(p.peer_id for p in population),

@@ -137,8 +137,10 @@ class ReportConfig(BaseModel):
     """How `crowdtrain simulate` measures a discrete-event scenario (`sim.study`).
 
     ``method`` is what the scenario's volunteers run: ``diloco`` (the protocol's rounds, in
-    `sim.des`) or ``ddp`` (synchronous data-parallel training over the population's links, the
-    `datacenter` and `ddp-wan` presets). The data-parallel references train the proxy with a
+    `sim.des`), ``ddp`` (synchronous data-parallel training over the population's links, the
+    `datacenter` and `ddp-wan` presets), or ``analytic`` (DiLoCo rounds whose throughput is
+    extrapolated by `sim.analytic` for swarms too large to simulate peer by peer, without
+    numerics, so without a loss curve). The data-parallel references train the proxy with a
     global batch of every peer's batch at the peak learning rate ``ddp_lr`` (default the run's
     ``inner.lr``), evaluating every ``ddp_eval_every`` steps, for at most ``ddp_max_steps``
     (default twice ``rounds.total × inner.steps``), or until ``target_loss`` (default: the loss
@@ -148,7 +150,7 @@ class ReportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["diloco", "ddp"] = "diloco"
+    method: Literal["diloco", "ddp", "analytic"] = "diloco"
     target_loss: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     ddp_lr: float | None = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
     ddp_eval_every: int = Field(10, ge=1, le=1_000_000)

@@ -12,6 +12,7 @@ far the swarm got.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from crowdtrain.config import RunConfig
 from crowdtrain.sim.ddp import DdpCurve, datacenter_step_s, ddp_wan_times, train_ddp
 from crowdtrain.sim.des import SimResult, Target
-from crowdtrain.sim.population import PeerSpec
+from crowdtrain.sim.population import PeerSpec, online_fraction
 from crowdtrain.sim.report import Curve, build_report, curve_from_rounds, default_target
 from crowdtrain.sim.scenario import (
     DesSetup,
@@ -39,16 +40,79 @@ class Study:
     """What `run_study` measured: the report, and the runs behind it."""
 
     report: dict[str, Any]
-    sim: SimResult | None  # the DiLoCo swarm (None for the ddp method)
-    ddp: DdpCurve  # the data-parallel numerics all references share
+    sim: SimResult | None  # the DiLoCo swarm (None for the ddp and analytic methods)
+    ddp: DdpCurve | None  # the data-parallel numerics all references share (None: analytic)
 
     def to_json(self) -> dict[str, Any]:
         """The report, with the swarm's rounds and per-peer figures and the DDP curve."""
         return {
             **self.report,
             "simulation": None if self.sim is None else self.sim.to_json(),
-            "ddp_reference": self.ddp.to_json(),
+            "ddp_reference": None if self.ddp is None else self.ddp.to_json(),
         }
+
+
+def analytic_study(scenario: Scenario, setup: DesSetup) -> Study:
+    """The `analytic` method: DiLoCo's steady-state throughput for a swarm too large to
+    simulate peer by peer (`sim.analytic`), and DDP over the same links from its step time.
+
+    There are no numerics, so no loss curve and no time to a target loss. The efficiency is the
+    fraction of the online compute that lands in accepted contributions (the systems part of
+    the efficiency of the other methods); DiLoCo's algorithmic cost per token is not in it.
+    ddp-wan's efficiency is the datacenter's step time over its step time, with every peer
+    online (their numerics are the same, so this is exact under the step-time model).
+    """
+    from crowdtrain.sim.analytic import extrapolate_peers
+
+    population, target, cfg = setup.population, setup.target, scenario.report
+    pop = scenario.population
+    assert pop is not None
+    churn = setup.online is not None
+    throughput, rounds = extrapolate_peers(
+        setup.run,
+        population,
+        target,
+        online_fraction=online_fraction(pop) if churn else 1.0,
+        mean_session_s=pop.session_s.mean() if churn else math.inf,
+        coordinator_in_bps=scenario.coordinator.in_bps,
+        coordinator_out_bps=scenario.coordinator.out_bps,
+        close_s=scenario.coordinator.close_s,
+        fail_mid_round=setup.fail_mid_round,
+    )
+    dc_step = datacenter_step_s(population, target)
+    wan_step = ddp_wan_times(
+        population, target, [0, 1], allreduce_bytes_per_param=cfg.allreduce_bytes_per_param
+    )[-1]
+    util = [float(u) for u in rounds.utilization]
+    report: dict[str, Any] = {
+        "scenario": scenario.name,
+        "efficiency_vs_datacenter": throughput.useful_flop_fraction,
+        "ddp_wan_efficiency": dc_step / wan_step,
+        "utilization": {
+            "median": statistics.median(util),
+            "mean": throughput.utilization,
+            "min": min(util),
+            "max": max(util),
+        },
+        "time_to_target_s": None,
+        "bytes_per_peer": {"per_round": throughput.bytes_per_peer_per_round},
+        "extrapolated": True,
+        "throughput": throughput.to_json(),
+        "setup": {
+            "peers": len(population),
+            "target_params": target.params,
+            "datacenter_proxy_step_s": dc_step,
+            "ddp_wan_proxy_step_s": wan_step,
+            "churn": churn,
+        },
+        "notes": [
+            "extrapolated analytically (sim.analytic), not simulated peer by peer",
+            "efficiency_vs_datacenter is the fraction of the online compute that lands in "
+            "accepted contributions; DiLoCo's algorithmic cost per token is not in it",
+            "ddp_wan_efficiency assumes every peer online",
+        ],
+    }
+    return Study(report, None, None)
 
 
 def _online_s(intervals: Sequence[Interval] | None, end: float) -> float:
@@ -125,6 +189,8 @@ def run_study(
     setup = des_setup(scenario, run) if setup is None else setup
     run = setup.run
     cfg = scenario.report
+    if cfg.method == "analytic":
+        return analytic_study(scenario, setup)
     population, target, online = setup.population, setup.target, setup.online
     peers = len(population)
     eff = {p.peer_id: p.flops * p.mfu for p in population}
