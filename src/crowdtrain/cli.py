@@ -577,6 +577,19 @@ def bench_overlap(
         _write_json(json_path, doc)
 
 
+@bench_app.command("sim-validation")
+def bench_sim_validation(
+    quick: Annotated[bool, typer.Option(help="Two volunteers, fewer rounds.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """The networked system against the simulator with matching parameters (docs/SIMULATIONS.md)."""
+    from crowdtrain.benchmarks.sim_validation import run_validation
+
+    with _friendly_errors():
+        doc = run_validation(quick=quick, console=console)
+        _write_json(json_path, doc)
+
+
 @bench_app.command("coordinator")
 def bench_coordinator(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,

@@ -29,8 +29,10 @@ persisted and evaluated; round r's duration is the time between the rows of roun
 
 Each setting runs twice: as `run_network` runs it, where a volunteer downloads the data shards
 its work orders name when it first needs them (1 MiB each, 4 per order, drawn anew each round),
-and with every training shard put in the volunteers' caches beforehand. The simulator charges
-no shard transfers, so the second run is the control that takes exactly that cost out. Without
+and with every training shard put in the volunteers' caches beforehand; the simulator is run
+the same way (it charges a volunteer the shards it has not cached, one request each, or none
+with ``shards_cached``). The simulated volunteers' ids differ from the real ones, so their
+shards are drawn differently, but as many per order. Without
 overlap a round is download, compute and upload in turn, so the document also sets each
 volunteer's measured time from a close to its next upload against what the simulator charges
 for those three (`round_paths`), next to the shard bytes it fetched in each round (`new_shards`).
@@ -504,7 +506,7 @@ def _one_setting(
     population = build_population(volunteers, target)
     console.print(f"[bold]{label}[/bold]: the simulation…")
     close_s = float(real["median_close_s"])
-    result = simulate(config, population, target, coordinator_close_s=close_s)
+    result = simulate(config, population, target, coordinator_close_s=close_s, shards_cached=warm)
     sim = sim_side(result, population)
     train = ensure_packed_for(config.data).train
     cached = {ref.sha256 for ref in train} if warm else set()
@@ -560,7 +562,7 @@ def run_validation(
 ) -> dict[str, Any]:
     """Run the real system and the simulator with overlap off and on, each as `run_network`
     runs it (volunteers download their data shards as their work orders name them) and with
-    the shards cached beforehand (a cost the simulator does not model, taken out); compare;
+    the shards cached beforehand (the simulator likewise); compare;
     save the JSON document to bench/results/sim-validation[-quick].json and return it."""
     console = console or Console()
     links = QUICK_LINKS if quick else FULL_LINKS
