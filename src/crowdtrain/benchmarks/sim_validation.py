@@ -56,7 +56,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from crowdtrain.config import RunConfig, parse_config
+from crowdtrain.benchmarks.overlap import overlap_config
+from crowdtrain.config import RunConfig
 from crowdtrain.data import ShardRef, ShardStore, assign_shards, ensure_packed_for
 from crowdtrain.demo import Link, VolunteerSpec, run_network
 from crowdtrain.models import count_params
@@ -108,26 +109,15 @@ QUICK_LINKS = (
 
 
 def validation_config(overlap: bool, rounds: int, round_seconds: float) -> RunConfig:
-    """The run both sides train: a ~0.87M-parameter GPT, time-budgeted rounds, int8 uploads,
-    no verification pipeline (format checks only)."""
-    return parse_config(
-        {
+    """The run both sides train: the overlap benchmark's ~0.87M-parameter GPT with time-budgeted
+    rounds and int8 uploads, without the verification pipeline (format checks only): spot-checks
+    are drawn with the coordinator's random secret, so real and simulated runs would replay
+    different contributions, and a ban ends a short run."""
+    config = overlap_config(overlap, rounds, round_seconds)
+    return config.model_copy(
+        update={
             "name": f"bench-sim-validation-overlap-{'on' if overlap else 'off'}",
-            "model": {"arch": "gpt", "width": 128, "depth": 4, "heads": 4, "context": 64},
-            "data": {"batch_size": 16},
-            "inner": {
-                "budget": "seconds",
-                "seconds": round_seconds,
-                "total_steps": 4000,
-                "threads": 1,
-                "overlap": overlap,
-            },
-            "codec": {"name": "int8"},
-            "rounds": {"total": rounds, "quorum": 2, "deadline_s": 10 * round_seconds},
-            # Without the verification pipeline: spot-checks are drawn with the coordinator's
-            # random secret, so real and simulated runs would replay different contributions,
-            # and a ban ends a short run (it happened to an honest volunteer with overlap on).
-            "defence": {"enabled": False},
+            "defence": config.defence.model_copy(update={"enabled": False}),
         }
     )
 

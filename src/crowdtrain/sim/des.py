@@ -551,8 +551,9 @@ class _Sim:
         now = self.loop.now
         if p.first_compute_s is None:
             p.first_compute_s = now
+        prior: CarriedWork | None = None  # a replay's overlapped start, while still kept
         if isinstance(order, VerifyOrder):
-            steps, start = order.steps, now
+            steps, start, prior = order.steps, now, self.carried_of(order)
             carried: _Carried | None = None
             if p.speculation is not None:  # the replay pauses the overlapped training
                 p.speculation.paused_s += steps * p.step_s
@@ -570,7 +571,10 @@ class _Sim:
             return
         done = start + (steps - carried_steps(carried)) * p.step_s
         self.later(
-            p, done - now, lambda q: self.computed(q, order, base, steps, carried), "compute"
+            p,
+            done - now,
+            lambda q: self.computed(q, order, base, steps, carried, prior),
+            "compute",
         )
 
     def take_speculation(
@@ -604,6 +608,7 @@ class _Sim:
         base: dict[str, torch.Tensor],
         steps: int,
         carried: _Carried | None,
+        prior: CarriedWork | None = None,
     ) -> None:
         assert p.computing_since is not None
         now = self.loop.now
@@ -611,9 +616,7 @@ class _Sim:
         p.computing_since = None
         p.steps += steps - carried_steps(carried)
         if isinstance(order, VerifyOrder):
-            replay = p.volunteer.train(
-                order, base, self.shards, self.config, self.carried_of(order)
-            )
+            replay = p.volunteer.train(order, base, self.shards, self.config, prior)
             event = VerificationSubmitted(
                 order.check_id, p.peer_id, DictSource(replay.delta), replay.steps
             )

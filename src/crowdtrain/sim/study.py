@@ -200,32 +200,22 @@ def run_study(
     }
     notes: list[str] = []
     sim: SimResult | None = None
+    target_loss = cfg.target_loss
     if cfg.method == "diloco":
         sim = simulate_scenario(scenario, run, on_round=on_round, setup=setup)
         swarm = curve_from_rounds(sim.rounds, sim.initial_eval_loss)
-        target_loss = cfg.target_loss or default_target(swarm)
-        ddp = train_ddp(
-            run,
-            peers,
-            max_steps=_ddp_steps(run, scenario),
-            eval_every=cfg.ddp_eval_every,
-            lr=cfg.ddp_lr,
-            stop_below=target_loss,
-            on_eval=on_eval,
-            **eval_kw,
-        )
-    else:
-        ddp = train_ddp(
-            run,
-            peers,
-            max_steps=_ddp_steps(run, scenario),
-            eval_every=cfg.ddp_eval_every,
-            lr=cfg.ddp_lr,
-            stop_below=cfg.target_loss,
-            on_eval=on_eval,
-            **eval_kw,
-        )
-        target_loss = cfg.target_loss or ddp.eval_loss[-1]
+        target_loss = target_loss or default_target(swarm)
+    ddp = train_ddp(
+        run,
+        peers,
+        max_steps=_ddp_steps(run, scenario),
+        eval_every=cfg.ddp_eval_every,
+        lr=cfg.ddp_lr,
+        stop_below=target_loss,  # the ddp method trains to its step limit unless given one
+        on_eval=on_eval,
+        **eval_kw,
+    )
+    target_loss = target_loss or ddp.eval_loss[-1]
     dc_step = datacenter_step_s(population, target)
     datacenter = Curve(
         "datacenter",

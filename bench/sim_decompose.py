@@ -1,0 +1,61 @@
+"""Split a swarm's efficiency into what DiLoCo costs and what the volunteers' world costs.
+
+    .venv/bin/python bench/sim_decompose.py bench/results/sim-consumer-1b.json \\
+        bench/results/sim-datacenter-diloco.json
+
+The first document is a volunteer scenario, the second the same DiLoCo rounds on the
+datacenter's hardware (identical machines of the volunteers' mean speed, so the same total
+compute; unlimited links; no churn). At the volunteer scenario's target loss:
+
+* algorithmic efficiency = datacenter DDP against datacenter DiLoCo (DiLoCo's cost per token,
+  with no slow link, straggler or churn);
+* systems efficiency = datacenter DiLoCo against the volunteer swarm, per FLOP online (what the
+  links, the spread in speed, churn and crashes cost DiLoCo);
+
+and their product is the headline efficiency against the datacenter ideal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from crowdtrain.sim.report import Curve, efficiency
+from crowdtrain.sim.scenario import des_setup, load_scenario
+
+
+def curve(doc: dict[str, Any], method: str) -> Curve:
+    """One method's curve from a `crowdtrain simulate --json` document."""
+    c = doc["curves"][method]
+    return Curve(method, c["times_s"], c["eval_loss"])
+
+
+def main(swarm_path: str, ideal_path: str) -> None:
+    swarm_doc = json.loads(Path(swarm_path).read_text())
+    ideal_doc = json.loads(Path(ideal_path).read_text())
+    setup = des_setup(load_scenario(swarm_doc["scenario"]))
+    eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
+    target = swarm_doc["target_loss"]
+    swarm, ddp = curve(swarm_doc, "swarm"), curve(swarm_doc, "datacenter")
+    diloco = Curve(
+        "datacenter-diloco", *(ideal_doc["curves"]["swarm"][k] for k in ("times_s", "eval_loss"))
+    )
+    algorithmic = efficiency(diloco, ddp, target, eff=eff, online=None)
+    systems = efficiency(swarm, diloco, target, eff=eff, online=setup.online)
+    total = efficiency(swarm, ddp, target, eff=eff, online=setup.online)
+    print(f"target loss {target:.4f} ({swarm_doc['scenario']}'s final eval loss)")
+    for name, e in (
+        ("algorithmic (datacenter DDP vs datacenter DiLoCo)", algorithmic),
+        ("systems (datacenter DiLoCo vs the volunteer swarm)", systems),
+        ("headline (datacenter DDP vs the volunteer swarm)", total),
+    ):
+        value = "not reached" if e.efficiency is None else f"{e.efficiency:.3f}"
+        print(f"{name}: {value}")
+    if algorithmic.efficiency is not None and systems.efficiency is not None:
+        print(f"product of the two: {algorithmic.efficiency * systems.efficiency:.3f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
