@@ -191,7 +191,7 @@ def run_study(
     cfg = scenario.report
     if cfg.method == "analytic":
         return analytic_study(scenario, setup)
-    population, target, online = setup.population, setup.target, setup.online
+    population, target = setup.population, setup.target
     peers = len(population)
     eff = {p.peer_id: p.flops * p.mfu for p in population}
     eval_kw = {
