@@ -1,7 +1,7 @@
 """Split a swarm's efficiency into what DiLoCo costs and what the volunteers' world costs.
 
     .venv/bin/python bench/sim_decompose.py bench/results/sim-consumer-1b.json \\
-        bench/results/sim-datacenter-diloco.json
+        bench/results/sim-datacenter-diloco.json [SCENARIO.toml]
 
 The first document is a volunteer scenario, the second the same DiLoCo rounds on the
 datacenter's hardware (identical machines of the volunteers' mean speed, so the same total
@@ -32,10 +32,11 @@ def curve(doc: dict[str, Any], method: str) -> Curve:
     return Curve(method, c["times_s"], c["eval_loss"])
 
 
-def main(swarm_path: str, ideal_path: str) -> None:
+def main(swarm_path: str, ideal_path: str, scenario: str | None = None) -> None:
+    """`scenario` (a name or TOML path) defaults to the swarm document's scenario name."""
     swarm_doc = json.loads(Path(swarm_path).read_text())
     ideal_doc = json.loads(Path(ideal_path).read_text())
-    setup = des_setup(load_scenario(swarm_doc["scenario"]))
+    setup = des_setup(load_scenario(scenario or swarm_doc["scenario"]))
     eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
     target = swarm_doc["target_loss"]
     swarm, ddp = curve(swarm_doc, "swarm"), curve(swarm_doc, "datacenter")
@@ -58,4 +59,4 @@ def main(swarm_path: str, ideal_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
