@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crowdtrain.sim.report import hms
 
-def _hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+def _time(seconds: float | None) -> str:
+    return "—" if seconds is None else hms(seconds)
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -40,9 +39,9 @@ def row(doc: dict[str, Any]) -> list[str]:
     return [
         doc["scenario"],
         target,
-        _hms(times.get("swarm")),
-        _hms(times.get("datacenter")),
-        _hms(times.get("ddp-wan")),
+        _time(times.get("swarm")),
+        _time(times.get("datacenter")),
+        _time(times.get("ddp-wan")),
         _pct(doc["efficiency_vs_datacenter"]),
         _pct(doc["ddp_wan_efficiency"], 2),
         f"{util['median']:.3f}",

@@ -101,18 +101,11 @@ def _round_table() -> tuple[Table, Callable[[Any], None]]:
     return table, on_round
 
 
-def _hms(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "never"
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-
 def _simulate_des(
     scenario: Scenario, run: RunConfig, json_path: Path | None, plot_dir: Path | None
 ) -> float:
     """A discrete-event scenario and its references (`sim.study`): rounds, then the report."""
-    from crowdtrain.sim.report import PlotUnavailable, plot_report, render_table
+    from crowdtrain.sim.report import PlotUnavailable, hms, plot_report, render_table
     from crowdtrain.sim.study import run_study
 
     table = Table(title="rounds (virtual time)")
@@ -124,8 +117,8 @@ def _simulate_des(
         def add_row(row: dict[str, Any]) -> None:
             table.add_row(
                 str(row["round"]),
-                _hms(row["close_time_s"]),
-                _hms(row["duration_s"]),
+                hms(row["close_time_s"]),
+                hms(row["duration_s"]),
                 str(row["contributions"]),
                 f"{row['eval_loss']:.4f}",
             )
@@ -142,7 +135,7 @@ def _simulate_des(
         sim = study.sim
         console.print(
             f"eval loss {sim.initial_eval_loss:.4f} -> {sim.final_eval_loss:.4f} after "
-            f"{len(sim.rounds)} rounds; virtual time to finish {_hms(sim.virtual_time_s)} "
+            f"{len(sim.rounds)} rounds; virtual time to finish {hms(sim.virtual_time_s)} "
             f"({sim.virtual_time_s:,.0f} s)"
         )
     ddp = study.ddp
@@ -184,10 +177,12 @@ def _simulate_des(
 
 def _print_throughput(report: dict[str, Any]) -> None:
     """The analytic method's steady state (`sim.analytic`), labelled as extrapolated."""
+    from crowdtrain.sim.report import hms
+
     t = report["throughput"]
     console.print(
         f"[bold]extrapolated analytically[/bold] (not simulated peer by peer): about "
-        f"{t['online_peers']:,.0f} peers online, rounds of {_hms(t['round_s'])} with "
+        f"{t['online_peers']:,.0f} peers online, rounds of {hms(t['round_s'])} with "
         f"{t['contributors_per_round']:,.0f} contributions, {t['tokens_per_s']:.3g} target "
         f"tokens/s, coordinator-bound: {'yes' if t['coordinator_bound'] else 'no'}"
     )

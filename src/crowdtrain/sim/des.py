@@ -64,7 +64,7 @@ import functools
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +108,15 @@ from crowdtrain.sim.swarm import (
 )
 from crowdtrain.train import LocalTrainer, evaluate
 
-__all__ = ["SimResult", "Target", "bytes_per_param", "fitted_steps", "simulate"]
+__all__ = [
+    "SimResult",
+    "Target",
+    "budget_steps",
+    "bytes_per_param",
+    "fitted_steps",
+    "online_seconds",
+    "simulate",
+]
 
 Interval = tuple[float, float]
 _BASES_KEPT = 5  # versions of θ kept for replays (spot-checks lapse after 3 rounds)
@@ -161,15 +169,20 @@ def bytes_per_param(spec: CodecConfig, numel: int = 1 << 20) -> float:
     return codec.max_payload_bytes({"x": (numel,)}, spec) / numel
 
 
-def fitted_steps(order: WorkOrder, step_s: float) -> int:
-    """Proxy steps a peer taking `step_s` seconds per step trains for `order`: ``max_steps``
-    for a "steps" budget; for a "seconds" budget, as `LocalTrainer` checks the clock after
-    each step, the steps until ``max_seconds`` is reached (the step that crosses it included)."""
-    if order.budget == "steps":
-        return order.max_steps
+def budget_steps(budget: str, max_steps: int, max_seconds: float, step_s: float) -> int:
+    """Proxy steps a peer taking `step_s` seconds per step trains on a budget: `max_steps` for
+    a "steps" budget; for a "seconds" budget, as `LocalTrainer` checks the clock after each
+    step, the steps until `max_seconds` is reached (the step that crosses it included)."""
+    if budget == "steps":
+        return max_steps
     if not step_s > 0:
         return 1
-    return max(1, math.ceil(order.max_seconds / step_s * (1 - 1e-9)))
+    return max(1, math.ceil(max_seconds / step_s * (1 - 1e-9)))
+
+
+def fitted_steps(order: WorkOrder, step_s: float) -> int:
+    """The proxy steps a peer taking `step_s` seconds per step trains for `order`."""
+    return budget_steps(order.budget, order.max_steps, order.max_seconds, step_s)
 
 
 @dataclass
@@ -689,7 +702,10 @@ class _Sim:
         return True
 
 
-def _online_seconds(intervals: list[Interval], end: float) -> float:
+def online_seconds(intervals: Sequence[Interval] | None, end: float) -> float:
+    """Seconds of ``[0, end)`` inside the online `intervals` (None: online throughout)."""
+    if intervals is None:
+        return end
     return sum(max(0.0, min(b, end) - min(a, end)) for a, b in intervals)
 
 
@@ -813,7 +829,7 @@ def simulate(
     end = max(end, sim.ready_at)  # the last close's aggregation and evaluation
     for p in peers:
         sim.stop(p)  # counts the compute of peers busy at the end
-        online_s = _online_seconds(p.intervals, end)
+        online_s = online_seconds(p.intervals, end)
         stats = network.stats(p.peer_id)
         result.per_peer[p.peer_id] = {
             "compute_s": p.compute_s,

@@ -371,8 +371,9 @@ def build_report(
     return report
 
 
-def _hms(seconds: float | None) -> str:
-    if seconds is None:
+def hms(seconds: float | None) -> str:
+    """Seconds as h:mm:ss; "never" for None or a time that is not finite."""
+    if seconds is None or not math.isfinite(seconds):
         return "never"
     total = round(seconds)
     hours, rest = divmod(total, 3600)
@@ -397,7 +398,7 @@ def render_table(report: Mapping[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 name,
-                _hms(report["time_to_target_s"][method]),
+                hms(report["time_to_target_s"][method]),
                 _percent(report["efficiency"][method]),
                 _times(report["wall_clock_ratio"][method]),
             ]

@@ -306,11 +306,10 @@ def _round_estimate_s(
     run: RunConfig, peer: PeerSpec, target: Target, coordinator: CoordinatorConfig
 ) -> float:
     """Seconds one peer needs for a round alone: download, its fitted steps, upload."""
+    from crowdtrain.sim.des import budget_steps
+
     step_s = step_seconds(target.flops_per_proxy_step, peer)
-    if run.inner.budget == "steps":
-        steps = run.inner.steps
-    else:
-        steps = max(1, math.floor(run.inner.seconds / step_s)) if step_s > 0 else 1
+    steps = budget_steps(run.inner.budget, run.inner.steps, run.inner.seconds, step_s)
     down = transfer_time(target.download_bytes, min(peer.down_bps, coordinator.out_bps), peer.rtt_s)
     up = transfer_time(target.upload_bytes, min(peer.up_bps, coordinator.in_bps), peer.rtt_s)
     return down + steps * step_s + up

@@ -19,7 +19,7 @@ from typing import Any
 
 from crowdtrain.config import RunConfig
 from crowdtrain.sim.ddp import DdpCurve, datacenter_step_s, ddp_wan_times, train_ddp
-from crowdtrain.sim.des import SimResult, Target
+from crowdtrain.sim.des import SimResult, Target, online_seconds
 from crowdtrain.sim.population import PeerSpec, online_fraction
 from crowdtrain.sim.report import Curve, build_report, curve_from_rounds, default_target
 from crowdtrain.sim.scenario import (
@@ -115,12 +115,6 @@ def analytic_study(scenario: Scenario, setup: DesSetup) -> Study:
     return Study(report, None, None)
 
 
-def _online_s(intervals: Sequence[Interval] | None, end: float) -> float:
-    if intervals is None:
-        return end
-    return sum(max(0.0, min(b, end) - min(a, end)) for a, b in intervals)
-
-
 def ddp_per_peer(
     population: Sequence[PeerSpec],
     target: Target,
@@ -138,7 +132,7 @@ def ddp_per_peer(
     rows: dict[str, dict[str, float]] = {}
     for p in population:
         compute = target_steps * target.flops_per_step / (p.flops * p.mfu)
-        online_s = _online_s(None if online is None else online.get(p.peer_id), end_s)
+        online_s = online_seconds(None if online is None else online.get(p.peer_id), end_s)
         rows[p.peer_id] = {
             "compute_s": compute,
             "online_s": online_s,
