@@ -30,6 +30,7 @@ from crowdtrain.protocol.events import (
     CheckDone,
     ContributionMalformed,
     ContributionSubmitted,
+    DeadlineChanged,
     Decision,
     Event,
     Flagged,
@@ -38,10 +39,13 @@ from crowdtrain.protocol.events import (
     PeerLeft,
     PeerRecord,
     PeerSeen,
+    PeerUnbanned,
     PriorWork,
     Rejected,
     RoundClosed,
     RunFinished,
+    RunPaused,
+    RunResumed,
     Tick,
     Unknown,
     Verdict,
@@ -242,6 +246,8 @@ class RoundProtocol:
         self.checks: dict[str, _Check] = {}
         self.fingerprints: dict[str, torch.Tensor] = {}  # "round/peer" -> fingerprint
         self.scored = 0  # usefulness evaluations so far
+        self.paused_at: float | None = None  # when an administrator paused the run
+        self.round_seconds = config.rounds.deadline_s  # an administrator may change it
         self._scorer: Scorer | None = None
         self._round = self._open_round(0)
         self._previous: _Round | None = None
@@ -257,6 +263,16 @@ class RoundProtocol:
     def deadline(self) -> float:
         """When the open round may close (once the quorum is met)."""
         return self._round.deadline
+
+    @property
+    def opened_at(self) -> float:
+        """When the open round opened (moved on by the length of a pause)."""
+        return self._round.opened_at
+
+    @property
+    def paused(self) -> bool:
+        """Whether an administrator has paused the run."""
+        return self.paused_at is not None
 
     @property
     def defended(self) -> bool:
@@ -287,6 +303,8 @@ class RoundProtocol:
             "checks": [c.to_json() for c in self.checks.values()],
             "verdicts": [asdict(v) for v in self.verdicts[-VERDICTS_KEPT:]],
             "scored": self.scored,
+            "paused_at": self.paused_at,
+            "round_seconds": self.round_seconds,
         }
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -340,6 +358,8 @@ class RoundProtocol:
             proto.checks[check.order.check_id] = check
         proto.verdicts = [Verdict(**v) for v in snapshot.get("verdicts", [])]
         proto.scored = int(snapshot.get("scored", 0))
+        proto.paused_at = snapshot.get("paused_at")
+        proto.round_seconds = float(snapshot.get("round_seconds", proto.round_seconds))
         return proto
 
     def handle(self, event: Event) -> list[Decision]:
@@ -359,6 +379,10 @@ class RoundProtocol:
             return self._on_verification(event, now)
         if isinstance(event, PeerBanned):
             return self._on_banned(event, now)
+        if isinstance(event, PeerUnbanned):
+            return self._on_unbanned(event, now)
+        if isinstance(event, RunPaused | RunResumed | DeadlineChanged):
+            return self._on_admin(event, now)
         if isinstance(event, PeerSeen):
             peer = self.peers.get(event.peer_id)
             if peer is None:
@@ -400,6 +424,43 @@ class RoundProtocol:
         self._evict(peer)
         return [Banned(peer.peer_id, event.reason), *self._maybe_close(now)]
 
+    def _on_unbanned(self, event: PeerUnbanned, now: float) -> list[Decision]:
+        peer = self.peers.get(event.peer_id)
+        if peer is None:
+            return [_stranger(event.peer_id)]
+        if peer.standing.banned:
+            peer.standing.banned, peer.standing.ban_reason = False, ""
+            peer.standing.strikes = 0.0
+            reason = "ban lifted by an administrator"
+            self._record(now, peer.peer_id, self._round.number, "admin", "unbanned", reason)
+        return []
+
+    def _on_admin(
+        self, event: RunPaused | RunResumed | DeadlineChanged, now: float
+    ) -> list[Decision]:
+        """Pause, resume, or move the deadline. A pause stops the clock of the open round:
+        resuming moves its opening and deadline on by the pause, so no peer loses time to it."""
+        rnd = self._round
+        if isinstance(event, RunPaused):
+            if self.paused_at is None:
+                self.paused_at = now
+            return []
+        if isinstance(event, RunResumed):
+            if self.paused_at is not None:
+                shift = max(0.0, now - self.paused_at)
+                rnd.opened_at += shift
+                rnd.deadline += shift
+                self.paused_at = None
+            return self._maybe_close(now)
+        if not event.deadline_in > 0 or (
+            event.round_seconds is not None and not event.round_seconds > 0
+        ):
+            raise ValueError("a deadline must be a positive number of seconds")
+        rnd.deadline = now + event.deadline_in
+        if event.round_seconds is not None:
+            self.round_seconds = float(event.round_seconds)
+        return self._maybe_close(now)
+
     def _evict(self, peer: PeerRecord) -> None:
         """A banned peer's open order, unaggregated contribution and pending checks of its own
         work are dropped; checks it was to replay go back to the pool."""
@@ -433,6 +494,8 @@ class RoundProtocol:
             return [Banned(peer.peer_id, peer.standing.ban_reason)]
         if self.finished:
             return [RunFinished(self.version)]
+        if self.paused:
+            return [Wait(event.peer_id, 2.0, "the run is paused by its organizer")]
         check = self._check_for(peer, now)
         if check is not None:
             return [check]
@@ -444,7 +507,7 @@ class RoundProtocol:
             return [order]
         if len(rnd.orders) >= self.config.rounds.max_peers_per_round:
             return [Wait(event.peer_id, 1.0, "this round has all the peers it can take")]
-        window_end = rnd.opened_at + self.config.rounds.join_window * self.config.rounds.deadline_s
+        window_end = rnd.opened_at + self.config.rounds.join_window * self.round_seconds
         if window_end < now < rnd.deadline and len(rnd.orders) >= self.config.rounds.quorum:
             # An open round past its deadline still lacks its quorum, so it takes anyone.
             retry = max(0.5, min(5.0, rnd.deadline - now))
@@ -633,7 +696,7 @@ class RoundProtocol:
 
     def _open_round(self, number: int) -> _Round:
         now = self.clock()
-        return _Round(number, self.version, now, now + self.config.rounds.deadline_s)
+        return _Round(number, self.version, now, now + self.round_seconds)
 
     def _make_order(self, peer_id: str, rnd: _Round) -> WorkOrder:
         cfg = self.config
@@ -659,7 +722,7 @@ class RoundProtocol:
 
     def _maybe_close(self, now: float) -> list[Decision]:
         rnd = self._round
-        if self.finished:
+        if self.finished or self.paused:
             return []
         count = len(rnd.submissions) + len(rnd.late)
         if count < self.config.rounds.quorum:

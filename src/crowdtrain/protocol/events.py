@@ -95,6 +95,32 @@ class PeerBanned:
 
 
 @dataclass(frozen=True)
+class PeerUnbanned:
+    """An administrator lifts a peer's ban: its strikes are cleared and it may work again."""
+
+    peer_id: str
+
+
+@dataclass(frozen=True)
+class RunPaused:
+    """An administrator pauses the run: no new work is handed out and no round closes."""
+
+
+@dataclass(frozen=True)
+class RunResumed:
+    """An administrator resumes a paused run; the open round's deadline moves by the pause."""
+
+
+@dataclass(frozen=True)
+class DeadlineChanged:
+    """An administrator moves the open round's deadline to `deadline_in` seconds from now and,
+    with `round_seconds`, sets the deadline length of the rounds that follow."""
+
+    deadline_in: float
+    round_seconds: float | None = None
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed; the protocol reads the current time from its injected clock."""
 
@@ -108,6 +134,10 @@ Event = (
     | ContributionMalformed
     | VerificationSubmitted
     | PeerBanned
+    | PeerUnbanned
+    | RunPaused
+    | RunResumed
+    | DeadlineChanged
     | Tick
 )
 
