@@ -315,6 +315,38 @@ def simulate(
         _simulate(scenario, json_path, rounds, attack, attackers, plot)
 
 
+def _print_demo(doc: dict[str, Any], attack: str | None) -> None:
+    """The demo's closing summary: a volunteers table and the loss it reached."""
+    console.print()
+    table = Table(title="volunteers")
+    cols = ("volunteer", "samples", "bytes up", "bytes down", "utilization", "spot-checks")
+    for col in cols + (("banned",) if attack else ()):
+        table.add_column(col, justify="right")
+    for v in doc["volunteers"]:
+        table.add_row(
+            v["name"],
+            f"{v['samples']:,}",
+            f"{v['bytes_up']:,}",
+            f"{v['bytes_down']:,}",
+            f"{v['utilization']:.1%}",
+            str(v["verified"]),
+            *(("yes" if v["banned"] else "",) if attack else ()),
+        )
+    console.print(table)
+    console.print(
+        f"eval loss {doc['eval_loss_start']:.4f} -> {doc['eval_loss_end']:.4f} over "
+        f"{doc['rounds_completed']} rounds in {doc['wall_s']:.0f} s; "
+        f"state and model in {doc['state_dir']}"
+    )
+    if attack is not None:
+        banned = doc["banned"]
+        console.print(
+            "banned: "
+            + (", ".join(f"{n} ({why})" for n, why in banned.items()) if banned else "none")
+        )
+    console.print(f"take the model home: crowdtrain export --state {doc['state_dir']} --out model/")
+
+
 @app.command()
 def demo(
     volunteers: Annotated[int, typer.Option(min=1, max=32, help="Volunteer processes.")] = 4,
@@ -328,9 +360,17 @@ def demo(
     attackers: Annotated[
         int | None, typer.Option(min=1, help="How many volunteers attack (default 1).")
     ] = None,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Keep the coordinator and dashboard up after the run (Ctrl-C).")
+    ] = False,
 ) -> None:
-    """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN."""
+    """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN,
+    with the dashboard at the URL it prints."""
     from crowdtrain.demo import run_demo
+
+    def report(doc: dict[str, Any]) -> None:
+        _print_demo(doc, attack)
+        _write_json(json_path, doc)
 
     with _friendly_errors():
         doc = run_demo(
@@ -340,35 +380,10 @@ def demo(
             attack=attack,
             attackers=attackers,
             console=console,
+            keep_serving=report if keep_serving else None,
         )
-        console.print()
-        table = Table(title="volunteers")
-        cols = ("volunteer", "samples", "bytes up", "bytes down", "utilization", "spot-checks")
-        for col in cols + (("banned",) if attack else ()):
-            table.add_column(col, justify="right")
-        for v in doc["volunteers"]:
-            table.add_row(
-                v["name"],
-                f"{v['samples']:,}",
-                f"{v['bytes_up']:,}",
-                f"{v['bytes_down']:,}",
-                f"{v['utilization']:.1%}",
-                str(v["verified"]),
-                *(("yes" if v["banned"] else "",) if attack else ()),
-            )
-        console.print(table)
-        console.print(
-            f"eval loss {doc['eval_loss_start']:.4f} -> {doc['eval_loss_end']:.4f} over "
-            f"{doc['rounds_completed']} rounds in {doc['wall_s']:.0f} s; "
-            f"state and model in {doc['state_dir']}"
-        )
-        if attack is not None:
-            banned = doc["banned"]
-            console.print(
-                "banned: "
-                + (", ".join(f"{n} ({why})" for n, why in banned.items()) if banned else "none")
-            )
-        _write_json(json_path, doc)
+        if not keep_serving:
+            report(doc)
     # Outside _friendly_errors, which would take typer.Exit (an Exception) for a bug.
     if not doc["finished"]:
         errors.print("[red]the run did not finish[/red]")
@@ -392,14 +407,48 @@ def serve(
         str | None,
         typer.Option(help="Require this invite key to register.", envvar="CROWDTRAIN_INVITE"),
     ] = None,
+    admin_token: Annotated[
+        str | None,
+        typer.Option(
+            help="The dashboard's admin token (default: generated into <state>/admin.token).",
+            envvar="CROWDTRAIN_ADMIN_TOKEN",
+        ),
+    ] = None,
+    wandb: Annotated[
+        bool, typer.Option(help="Log each round to Weights & Biases (the wandb extra).")
+    ] = False,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(help="Log each round to TensorBoard in this folder (the tensorboard extra)."),
+    ] = None,
 ) -> None:
-    """Run the coordinator: the HTTP API over the round protocol, with state under --state."""
+    """Run the coordinator: the HTTP API over the round protocol, the dashboard at / and
+    Prometheus metrics at /metrics, with state under --state."""
     from crowdtrain.server.serve import serve as run_server
+    from crowdtrain.server.tracking import TrackerUnavailable, open_trackers
 
     with _friendly_errors():
         cfg = load_config(config)
         try:
-            run_server(cfg, state, host=host, port=port, invite=invite, announce=console.print)
+            trackers = open_trackers(
+                wandb=wandb,
+                tensorboard=tensorboard,
+                run_name=cfg.name,
+                config=cfg.model_dump(mode="json"),
+            )
+        except TrackerUnavailable as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            run_server(
+                cfg,
+                state,
+                host=host,
+                port=port,
+                invite=invite,
+                admin=admin_token,
+                trackers=trackers,
+                announce=console.print,
+            )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
@@ -619,6 +668,61 @@ def config_show(
     with _friendly_errors():
         cfg = load_config(path)
         console.print_json(json.dumps(cfg.model_dump(mode="json")))
+
+
+@app.command()
+def export(
+    state: Annotated[Path, typer.Option(help="The coordinator's state directory.")],
+    out: Annotated[
+        Path, typer.Option(help="Folder to write the model into (new or a previous export).")
+    ],
+    version: Annotated[
+        int | None, typer.Option(min=0, help="Model version to export (default: the latest).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="The packed data folder, if the run's own is not where it says."),
+    ] = None,
+) -> None:
+    """Write the run's model as safetensors + config.json with a model card (contributors by
+    verified samples, manifest hash, data manifest)."""
+    from crowdtrain.export import ExportError, export_model
+
+    with _friendly_errors():
+        try:
+            done = export_model(state, out, version=version, data_dir=data)
+        except ExportError as exc:
+            raise ConfigError(str(exc)) from None
+        loss = "n/a" if done.eval_loss is None else f"{done.eval_loss:.4f}"
+        console.print(
+            f"exported version {done.version} (round {done.round}, eval loss {loss}) to "
+            f"{done.out}: {', '.join(done.files)}; {done.contributors} contributors; "
+            f"manifest {done.manifest_hash[:16]}"
+        )
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option(help="A folder written by `crowdtrain export`.")],
+    prompt: Annotated[str, typer.Option(help="Text for the model to continue.")] = "def ",
+    tokens: Annotated[int, typer.Option(min=1, max=100_000, help="Bytes to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Sample among the k likeliest.")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed (the same seed, the same text).")] = 0,
+) -> None:
+    """Generate text from an exported model: the prompt, then its continuation."""
+    from crowdtrain.export import ExportError, load_exported
+    from crowdtrain.models.generate import generate, printable
+
+    with _friendly_errors():
+        try:
+            cfg, params = load_exported(model)
+            text = generate(
+                cfg, params, prompt, tokens, temperature=temperature, top_k=top_k, seed=seed
+            )
+        except (ExportError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        console.print(printable(prompt + text), markup=False, highlight=False)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,8 +168,12 @@ def run_demo(
     attack: str | None = None,
     attackers: int | None = None,
     console: Console,
+    keep_serving: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo (one volunteer of several is 3× slower); return its summary document.
+
+    With `keep_serving`, it is called with the summary once the run is over, and the
+    coordinator and its dashboard then stay up until Ctrl-C.
 
     With ATTACK, the last ATTACKERS volunteers (default 1) behave as that attack; the slow one
     is then the last honest volunteer, and the quorum never exceeds the honest volunteers.
@@ -186,7 +190,7 @@ def run_demo(
         specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0, evil))
     state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     config = demo_config(rounds, round_seconds, quorum=min(2, honest))
-    return run_network(config, specs, state, console=console)
+    return run_network(config, specs, state, console=console, keep_serving=keep_serving)
 
 
 def run_network(
@@ -196,10 +200,12 @@ def run_network(
     *,
     console: Console,
     live: bool = True,
+    keep_serving: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """A coordinator process and one process per volunteer behind its own WAN proxy.
 
-    Runs until the coordinator reports the run finished; returns the summary document.
+    Runs until the coordinator reports the run finished; returns the summary document. With
+    `keep_serving`, hands it the summary and keeps the coordinator up until Ctrl-C.
     """
     state.mkdir(parents=True, exist_ok=True)
     config_path = state / "run.toml"
@@ -221,6 +227,8 @@ def run_network(
         url = _wait_for(state / "server.json", server, timeout=120)["url"]
         port = int(url.rsplit(":", 1)[1])
         console.print(f"coordinator at {url} (state in {state})")
+        token = (state / "admin.token").read_text().strip()
+        console.print(f"dashboard: [bold]{url}/[/bold]  (admin view: {url}/#admin={token})")
         proxies = []
         for spec in volunteers:
             link = spec.link
@@ -293,7 +301,13 @@ def run_network(
                 f"[red]the run stalled:[/red] only {running} volunteer(s) still run, fewer "
                 f"than the quorum of {config.rounds.quorum}; see the volunteers' logs"
             )
-    return _summary(state, final, volunteers, proxies, time.monotonic() - started)
+        summary = _summary(state, final, volunteers, proxies, time.monotonic() - started)
+        if keep_serving is not None:
+            keep_serving(summary)
+            console.print(f"the dashboard stays up at {url}/ until Ctrl-C")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
+    return summary
 
 
 def _summary(

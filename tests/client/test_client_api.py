@@ -213,7 +213,8 @@ def test_upload_sends_payload_and_meta_and_returns_the_receipt(fake: Fake) -> No
     assert req.headers["content-type"] == "application/octet-stream"
     assert req.headers["content-length"] == "8"
     overlap = {"overlap_steps": 0, "overlap_round": -1, "overlap_first_batch": 0}
-    assert json.loads(req.headers[META_HEADER]) == {**META, **overlap}
+    timing = {"compute_s": 0.0, "wall_s": 0.0}
+    assert json.loads(req.headers[META_HEADER]) == {**META, **overlap, **timing}
     assert req.headers["authorization"] == "Bearer t"
 
 

@@ -12,7 +12,7 @@ from crowdtrain.server.coordinator import Coordinator
 
 def test_framework_errors_are_json(client: TestClient) -> None:
     assert assert_error(client.get("/v1/nope"), 404)["error"] == "not_found"
-    assert assert_error(client.get("/"), 404)["error"] == "not_found"
+    assert assert_error(client.get("/nothing-here"), 404)["error"] == "not_found"
     assert assert_error(client.delete("/v1/status"), 405)["error"] == "method_not_allowed"
     assert assert_error(client.get("/v1/work"), 405)["error"] == "method_not_allowed"
 

@@ -206,6 +206,8 @@ class ContributionMeta(BaseModel):
     overlap_steps: int = Field(0, ge=0)
     overlap_round: int = Field(-1, ge=-1)
     overlap_first_batch: int = Field(0, ge=0)
+    compute_s: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
+    wall_s: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
 
 
 _WORK_REPLY: TypeAdapter[WorkReply] = TypeAdapter(Annotated[WorkReply, Field(discriminator="kind")])

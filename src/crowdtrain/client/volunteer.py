@@ -262,6 +262,9 @@ class Volunteer:
         self.attacker: Attacker | None = None
         self._replayer: LocalTrainer | None = None
         self._halt = threading.Event()
+        # (wall clock, compute seconds) at the last upload: each upload reports the compute
+        # and wall seconds since, for the coordinator's utilization view.
+        self._mark = (time.monotonic(), 0.0)
 
     # --- set-up --------------------------------------------------------------------------
 
@@ -520,6 +523,7 @@ class Volunteer:
             "overlap_steps": 0 if overlap is None else overlap.steps,
             "overlap_round": -1 if overlap is None else overlap.round,
             "overlap_first_batch": 0 if overlap is None else overlap.first_batch,
+            **self._utilization_since_last_upload(),
         }
         self.stats.status = f"uploading round {order.round}"
         self.on_update(self.stats)
@@ -547,6 +551,14 @@ class Volunteer:
         self.stats.samples += claim.samples
         self.stats.rounds += 1
         self.stats.receipts.append({"round": order.round, "receipt": receipt.receipt})
+
+    def _utilization_since_last_upload(self) -> dict[str, float]:
+        """The compute and wall seconds since the previous upload (informational only)."""
+        now, compute = time.monotonic(), self.stats.compute_s
+        wall_s = round(min(1e7, max(0.0, now - self._mark[0])), 3)
+        compute_s = round(min(wall_s, max(0.0, compute - self._mark[1])), 3)
+        self._mark = (now, compute)
+        return {"compute_s": compute_s, "wall_s": wall_s}
 
     def _next_order(
         self, stop: threading.Event, spec: _Speculation | None = None

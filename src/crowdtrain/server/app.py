@@ -12,17 +12,28 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path as FilePath
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from crowdtrain.protocol import (
+    DeadlineChanged,
+    PeerBanned,
+    PeerUnbanned,
+    RunPaused,
+    RunResumed,
+)
 from crowdtrain.server.coordinator import ContributionMeta, Coordinator, Problem
+from crowdtrain.server.metrics import ByteCounter
 from crowdtrain.store import BlobNotFound, BlobTooLarge
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,7 @@ log = logging.getLogger(__name__)
 # Round numbers are stored as SQLite INTEGERs (64-bit signed); larger ones are malformed.
 MAX_ROUND = 2**63 - 1
 M = TypeVar("M", bound=BaseModel)
+STATIC = FilePath(__file__).parent / "static"
 
 
 class DeviceInfo(BaseModel):
@@ -65,6 +77,8 @@ class MetaHeader(BaseModel):
     overlap_steps: int = Field(0, ge=0, le=10**9)
     overlap_round: int = Field(-1, ge=-1, le=10**9)
     overlap_first_batch: int = Field(0, ge=0, le=10**9)
+    compute_s: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
+    wall_s: float = Field(0.0, ge=0, le=1e7, allow_inf_nan=False)
 
 
 class VerifyMetaHeader(BaseModel):
@@ -73,6 +87,23 @@ class VerifyMetaHeader(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(ge=0, le=10**9)
+
+
+class BanBody(BaseModel):
+    """Body of POST /v1/admin/peers/{peer_id}/ban."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("banned by the organizer", min_length=1, max_length=500)
+
+
+class DeadlineBody(BaseModel):
+    """Body of POST /v1/admin/deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    deadline_in: float = Field(gt=0, le=7 * 86400, allow_inf_nan=False)
+    round_seconds: float | None = Field(None, gt=0, le=7 * 86400, allow_inf_nan=False)
 
 
 def _problem(status: int, code: str, detail: str) -> JSONResponse:
@@ -119,6 +150,21 @@ def _peer(request: Request, authorization: Annotated[str | None, Header()] = Non
 Peer = Annotated[str, Depends(_peer)]
 
 
+def _admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """FastAPI dependency: the request carries the coordinator's admin token (else 401/403)."""
+    coordinator: Coordinator = request.app.state.coordinator
+    if coordinator.admin_token is None:
+        raise Problem(403, "no_admin", "this coordinator was started without an admin token")
+    token = ""
+    if authorization and authorization.lower().startswith("bearer "):
+        token = authorization[7:].strip()
+    if not secrets.compare_digest(token.encode(), coordinator.admin_token.encode()):
+        raise Problem(401, "bad_admin_token", "this call needs the run's admin token")
+
+
+Admin = Depends(_admin)
+
+
 def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastAPI:
     """The FastAPI application serving one coordinator."""
 
@@ -147,6 +193,8 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
         lifespan=lifespan,
     )
     app.state.coordinator = coordinator
+    app.add_middleware(ByteCounter, metrics=coordinator.metrics)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(Problem)
     async def on_problem(request: Request, exc: Problem) -> JSONResponse:
@@ -196,6 +244,50 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
     @app.get("/v1/status")
     def status() -> dict[str, Any]:
         return coordinator.status()
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/dashboard")
+    def dashboard() -> dict[str, Any]:
+        return coordinator.dashboard()
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        body, content_type = coordinator.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/admin/check", dependencies=[Admin])
+    def admin_check() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.post("/v1/admin/pause", dependencies=[Admin])
+    def admin_pause() -> dict[str, bool]:
+        coordinator.admin(RunPaused())
+        return {"paused": True}
+
+    @app.post("/v1/admin/resume", dependencies=[Admin])
+    def admin_resume() -> dict[str, bool]:
+        coordinator.admin(RunResumed())
+        return {"paused": False}
+
+    @app.post("/v1/admin/peers/{peer_id}/ban", dependencies=[Admin])
+    def admin_ban(
+        peer_id: Annotated[str, Path(max_length=64)], body: BanBody | None = None
+    ) -> dict[str, Any]:
+        coordinator.admin(PeerBanned(peer_id, (body or BanBody()).reason))
+        return {"peer_id": peer_id, "banned": True}
+
+    @app.post("/v1/admin/peers/{peer_id}/unban", dependencies=[Admin])
+    def admin_unban(peer_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+        coordinator.admin(PeerUnbanned(peer_id))
+        return {"peer_id": peer_id, "banned": False}
+
+    @app.post("/v1/admin/deadline", dependencies=[Admin])
+    def admin_deadline(body: DeadlineBody) -> dict[str, float]:
+        coordinator.admin(DeadlineChanged(body.deadline_in, body.round_seconds))
+        return {"deadline": coordinator.protocol.deadline}
 
     @app.get("/v1/blobs/{sha}", response_model=None)
     def blob(sha: str, range: Annotated[str | None, Header()] = None) -> Response:

@@ -35,13 +35,20 @@ from crowdtrain.protocol import (
     Banned,
     ContributionMalformed,
     ContributionSubmitted,
+    DeadlineChanged,
     Decision,
+    Event,
+    Flagged,
+    PeerBanned,
     PeerJoined,
     PeerSeen,
+    PeerUnbanned,
     Rejected,
     RoundClosed,
     RoundProtocol,
     RunFinished,
+    RunPaused,
+    RunResumed,
     Tick,
     Unknown,
     VerificationSubmitted,
@@ -52,7 +59,16 @@ from crowdtrain.protocol import (
 )
 from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
+from crowdtrain.server.dashboard import (
+    SampleCache,
+    Timeline,
+    rejection_rows,
+    round_rows,
+    volunteer_rows,
+)
 from crowdtrain.server.manifest import build_manifest, weights_bytes
+from crowdtrain.server.metrics import RunMetrics
+from crowdtrain.server.tracking import MultiTracker, Tracker
 from crowdtrain.store import (
     BlobTooLarge,
     ContributionRow,
@@ -66,6 +82,7 @@ from crowdtrain.train import LocalTrainer, evaluate
 log = logging.getLogger(__name__)
 
 MAX_META_BYTES = 4096
+AdminEvent = PeerBanned | PeerUnbanned | RunPaused | RunResumed | DeadlineChanged
 
 
 class Problem(Exception):
@@ -88,6 +105,8 @@ class ContributionMeta:
     overlap_steps: int = 0
     overlap_round: int = -1
     overlap_first_batch: int = 0
+    compute_s: float = 0.0  # compute and wall seconds since the volunteer's previous upload
+    wall_s: float = 0.0  # (what it says: shown on the dashboard, never used for decisions)
 
 
 def token_hash(token: str) -> str:
@@ -128,16 +147,24 @@ class Coordinator:
         state_dir: Path,
         *,
         invite: str | None = None,
+        admin_token: str | None = None,
         clock: Callable[[], float] = time.time,
         eval_batch_count: int = 4,
+        trackers: list[Tracker] | None = None,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
         self.invite = invite
+        self.admin_token = admin_token
         self.clock = clock
         self.lock = threading.RLock()
-        self.paused = False
         self.last_close_timing: dict[str, float] = {}
+        self.metrics = RunMetrics()
+        self.timeline = Timeline()
+        self.samples = SampleCache(config.model)
+        self.trackers = MultiTracker(trackers or [])
+        self._closing: dict[str, float] = {}  # timings of the close in progress
+        self._compute: dict[tuple[str, int], tuple[float, float]] = {}  # (peer, round) -> s
         self._sources: list[_LazyPayload] = []
         self._replays: list[VerifyOrder] = []  # spot-checks the coordinator runs itself
         self._replaying: threading.Thread | None = None
@@ -178,6 +205,9 @@ class Coordinator:
         assert initial is not None
         manifest = build_manifest(config, self.data, initial.weights_sha, self.shapes)
         self.manifest = sign_manifest(manifest, key)
+        if self.store.get_json("manifest") != self.manifest:
+            with self.store.transaction():  # for `crowdtrain export`, which has no corpus
+                self.store.put_json("manifest", self.manifest)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -264,6 +294,15 @@ class Coordinator:
 
     # --- requests ------------------------------------------------------------------------
 
+    def _handle(self, event: Event) -> list[Decision]:
+        """Hand `event` to the protocol (the caller holds the lock), timing a round's close."""
+        opened_at = self.protocol.opened_at
+        t0 = time.perf_counter()
+        decisions = self.protocol.handle(event)
+        if any(isinstance(d, RoundClosed) for d in decisions):
+            self._closing = {"aggregation_s": time.perf_counter() - t0, "opened_at": opened_at}
+        return decisions
+
     def register(self, name: str, invite: str | None, device: Mapping[str, Any]) -> dict[str, str]:
         """Admit a volunteer; return its id and bearer token (stored hashed)."""
         if self.invite is not None and not (
@@ -277,7 +316,7 @@ class Coordinator:
         with self.lock:
             with self.store.transaction():
                 self.store.add_peer(row)
-            self.protocol.handle(PeerJoined(peer_id, name))
+            self._handle(PeerJoined(peer_id, name))
             self._persist_snapshot()
         return {"peer_id": peer_id, "token": token}
 
@@ -292,15 +331,13 @@ class Coordinator:
             raise Problem(403, "banned", f"this peer is banned: {row.ban_reason or 'no reason'}")
         with self.lock:
             if row.peer_id not in self.protocol.peers:
-                self.protocol.handle(PeerJoined(row.peer_id, row.name))
+                self._handle(PeerJoined(row.peer_id, row.name))
         return row.peer_id
 
     def work(self, peer_id: str) -> dict[str, Any]:
         """The next thing for a volunteer to do, as the JSON of docs/API.md."""
-        if self.paused:
-            return {"kind": "wait", "retry_after": 2.0, "reason": "the run is paused"}
         with self.lock:
-            decisions = self.protocol.handle(WorkRequested(peer_id))
+            decisions = self._handle(WorkRequested(peer_id))
             self._persist(decisions)
             now = self.clock()
             for d in decisions:
@@ -384,9 +421,7 @@ class Coordinator:
             codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
         except (codec.PayloadError, BlobTooLarge) as exc:
             with self.lock:
-                self._persist(
-                    self.protocol.handle(ContributionMalformed(peer_id, round_number, str(exc)))
-                )
+                self._persist(self._handle(ContributionMalformed(peer_id, round_number, str(exc))))
             self._record_rejection(peer_id, round_number, meta, payload_sha, size, str(exc))
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
@@ -406,7 +441,7 @@ class Coordinator:
             overlap_first_batch=meta.overlap_first_batch,
         )
         with self.lock:
-            decisions = self.protocol.handle(event)
+            decisions = self._handle(event)
             row = None
             for d in decisions:
                 if isinstance(d, Accepted):
@@ -425,6 +460,8 @@ class Coordinator:
                         "accepted",
                         None,
                     )
+            if row is not None:
+                self._compute[(peer_id, round_number)] = (meta.compute_s, meta.wall_s)
             # The contribution row, a round it closed and the snapshot commit together.
             self._persist(decisions, row)
             current, finished = self.protocol.round, self.protocol.finished
@@ -456,7 +493,7 @@ class Coordinator:
         del payload
         event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha), steps)
         with self.lock:
-            decisions = self.protocol.handle(event)
+            decisions = self._handle(event)
             self._persist(decisions)
         for d in decisions:
             if isinstance(d, Unknown):
@@ -488,7 +525,15 @@ class Coordinator:
         """Let time pass: close a round whose deadline came with its quorum met; start the
         next spot-check replay the coordinator runs itself (`defence.spot_check = coordinator`)."""
         with self.lock:
-            self._persist(self.protocol.handle(Tick()))
+            self._persist(self._handle(Tick()))
+            online = sum(p.online for p in self.protocol.peers.values())
+            banned = sum(p.standing.banned for p in self.protocol.peers.values())
+            self.metrics.peers(online=online, registered=len(self.protocol.peers), banned=banned)
+            self.metrics.state(self.protocol.round, self.protocol.paused, self.protocol.finished)
+            totals = self.metrics.snapshot()
+            self.timeline.sample(
+                self.clock(), online, totals["bytes_received_total"], totals["bytes_sent_total"]
+            )
             idle = self._replaying is None or not self._replaying.is_alive()
             if self._replays and idle:
                 order = self._replays.pop(0)
@@ -544,16 +589,36 @@ class Coordinator:
                 order.check_id, "", DictSource(result.delta), result.steps
             )
             with self.lock:
-                self._persist(self.protocol.handle(event))
+                self._persist(self._handle(event))
         except Exception:  # a failed replay must not take the coordinator down
             log.exception("the spot-check replay %s failed", order.check_id)
+
+    def admin(self, event: AdminEvent) -> None:
+        """An administrator's action (pause, resume, ban, unban, deadline), made durable."""
+        with self.lock:
+            try:
+                decisions = self._handle(event)
+            except ValueError as exc:
+                raise Problem(400, "bad_request", str(exc)) from None
+            for d in decisions:
+                if isinstance(d, Unknown):
+                    raise Problem(404, "unknown_peer", "there is no peer with this id in the run")
+            if isinstance(event, PeerUnbanned):
+                with self.store.transaction():
+                    self.store.set_banned(event.peer_id, False, None)
+            if decisions:
+                self._persist(decisions)
+            else:
+                with self.store.transaction():
+                    self._persist_snapshot()
+        log.warning("administrator: %s", event)
 
     def heartbeat(self, peer_id: str) -> dict[str, Any]:
         """Liveness: the volunteer is here; tell it where the run is."""
         now = self.clock()
         self.store.touch_peer(peer_id, now)
         with self.lock:
-            self.protocol.handle(PeerSeen(peer_id))
+            self._handle(PeerSeen(peer_id))
             return {
                 "round": self.protocol.round,
                 "version": self.protocol.version,
@@ -576,10 +641,11 @@ class Coordinator:
             return
         try:
             versions = [self._close_version(d) for d in decisions if isinstance(d, RoundClosed)]
+            new = accepted is not None and (
+                self.existing_receipt(accepted.peer_id, accepted.round) is None
+            )
             with self.store.transaction():
-                if accepted is not None and (
-                    self.existing_receipt(accepted.peer_id, accepted.round) is None
-                ):
+                if new and accepted is not None:
                     self.store.record_contribution(accepted)
                 for version in versions:
                     self.store.add_version(version)
@@ -594,13 +660,46 @@ class Coordinator:
             raise
         for version in versions:
             log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
+            self._report_close(version)
         for d in decisions:
+            if isinstance(d, Accepted) and new and accepted is not None:
+                self.metrics.contribution(True, samples=accepted.samples)
+            elif isinstance(d, Rejected):
+                self.metrics.contribution(False, reason=d.code)
+            elif isinstance(d, Flagged):
+                self.metrics.contribution(False, reason=d.stage)
             if isinstance(d, Banned):
                 log.warning("peer %s banned: %s", d.peer_id, d.reason)
             elif isinstance(d, VerifyOrder) and not d.peer_id:
                 self._replays.append(d)
         if versions:
             self._release_sources()
+
+    def _report_close(self, version: VersionRow) -> None:
+        """A closed round's numbers to Prometheus and the experiment trackers."""
+        m = version.metrics
+        self.metrics.round_closed(
+            round=version.round,
+            version=version.version,
+            eval_loss=m["eval_loss"],
+            train_loss=m["train_loss"],
+            aggregation_s=m["aggregation_s"] or 0.0,
+            duration_s=m["round_s"],
+        )
+        if self.trackers.trackers:
+            numbers = {
+                "eval_loss": m["eval_loss"],
+                "train_loss": m["train_loss"],
+                "samples": m["samples"],
+                "bytes_up": m["bytes_up"],
+                "contributors": len(m["contributors"]),
+                "aggregation_s": m["aggregation_s"] or 0.0,
+                "round_s": m["round_s"],
+                "peers_online": sum(p.online for p in self.protocol.peers.values()),
+            }
+            if m["compute_utilization"] is not None:
+                numbers["compute_utilization"] = m["compute_utilization"]
+            self.trackers.log(numbers, version.round)
 
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
@@ -613,6 +712,9 @@ class Coordinator:
         t1 = time.perf_counter()
         eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
         self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+        compute = [self._compute.pop((p, closed.round), (0.0, 0.0)) for p in closed.contributors]
+        wall = sum(w for _, w in compute)
+        self._compute = {k: v for k, v in self._compute.items() if k[1] > closed.round}
         metrics = {
             "train_loss": closed.train_loss,
             "eval_loss": eval_loss,
@@ -622,12 +724,83 @@ class Coordinator:
             "weights": list(closed.weights),
             "tau": closed.tau,
             "fingerprints_sha": prints,
+            "aggregation_s": self._closing.get("aggregation_s"),
+            "round_s": self.clock() - self._closing.get("opened_at", self.clock()),
+            "compute_utilization": min(1.0, sum(c for c, _ in compute) / wall) if wall else None,
         }
         return VersionRow(
             closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
         )
 
     # --- views ---------------------------------------------------------------------------
+
+    def dashboard(self) -> dict[str, Any]:
+        """The document the dashboard polls (docs/API.md, "Dashboard")."""
+        with self.lock:
+            proto = self.protocol
+            names = {p.peer_id: p.name for p in proto.peers.values()}
+            peers = [
+                {
+                    "peer_id": p.peer_id,
+                    "name": p.name,
+                    "online": p.online,
+                    "samples": p.samples,
+                    "accepted": p.accepted,
+                    "rejected": p.rejected,
+                    "reputation": round(p.standing.score, 4),
+                    "strikes": round(p.standing.strikes, 3),
+                    "banned": p.standing.banned,
+                    "ban_reason": p.standing.ban_reason,
+                    "last_seen": p.last_seen,
+                }
+                for p in proto.peers.values()
+            ]
+            rnd = {
+                "number": proto.round,
+                "total": self.config.rounds.total,
+                "opened_at": proto.opened_at,
+                "deadline": proto.deadline,
+                "quorum": self.config.rounds.quorum,
+                "round_seconds": proto.round_seconds,
+                "assigned": sorted(names.get(p, p) for p in proto.assigned()),
+                "submitted": sorted(names.get(p, p) for p in proto.submitted()),
+            }
+            rejections = rejection_rows(proto.verdicts, names)
+            head = {
+                "finished": proto.finished,
+                "paused": proto.paused,
+                "version": proto.version,
+            }
+            version = proto.version
+
+            def params() -> dict[str, torch.Tensor]:
+                with self.lock:
+                    return {k: v.clone() for k, v in self.protocol.params.items()}
+
+        versions = self.store.list_versions()
+        started = versions[0].created_at if versions else self.clock()
+        totals = self.metrics.snapshot()
+        sample = self.samples.get(version, params)
+        return {
+            "run": self.config.name,
+            "now": self.clock(),
+            "started_at": started,
+            **head,
+            "round": rnd,
+            "initial_eval_loss": versions[0].metrics.get("eval_loss") if versions else None,
+            "rounds": round_rows(versions, started),
+            **self.timeline.to_json(),
+            "totals": {
+                "bytes_in": totals["bytes_received_total"],
+                "bytes_out": totals["bytes_sent_total"],
+                "samples": sum(p["samples"] for p in peers),
+                "contributions_accepted": sum(p["accepted"] for p in peers),
+                "contributions_rejected": sum(p["rejected"] for p in peers),
+            },
+            "volunteers": volunteer_rows(peers, {r.peer_id: r for r in self.store.list_peers()}),
+            "rejections": rejections,
+            "sample": None if sample is None else asdict(sample),
+        }
 
     def status(self) -> dict[str, Any]:
         """The public status document."""
