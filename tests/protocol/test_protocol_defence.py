@@ -283,6 +283,7 @@ def test_a_contribution_scaled_1000x_is_flagged_and_left_out_of_the_aggregate() 
     e = p.peers["e"]
     assert (e.standing.strikes, e.standing.failures, e.standing.rounds_ok) == (1.0, 1, 0)
     assert e.samples == 0  # the flagged contribution earns no credit
+    assert (e.accepted, e.rejected, e.flagged) == (1, 0, 1)
     for peer in peers[:4]:
         st = p.peers[peer].standing
         assert st.rounds_ok == 1 and st.strikes == 0.0
@@ -575,6 +576,7 @@ def test_a_mismatching_replay_fails_voids_the_credit_and_can_ban(
     assert isinstance(flag, Flagged)
     assert (flag.peer_id, flag.round, flag.stage) == (target, 0, "spot_check")
     assert p.peers[target].samples == 0  # the contribution's credit is void
+    assert p.peers[target].flagged == 1
     st = p.peers[target].standing
     assert (st.failed_checks, st.passed_checks, st.strikes) == (1, 0, check_strikes)
     expected = [(target, 0, "spot_check", "check_failed")]

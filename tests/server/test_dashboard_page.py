@@ -60,6 +60,7 @@ class FakeBackend:
             "samples": samples,
             "accepted": samples // 1000,
             "rejected": 0,
+            "flagged": 1,
             "reputation": 0.9,
             "strikes": 0,
             "banned": peer_id in self.banned,
@@ -105,6 +106,7 @@ class FakeBackend:
                 "samples": 20_800,
                 "contributions_accepted": 6,
                 "contributions_rejected": 2,
+                "contributions_flagged": 3,
             },
             "volunteers": [
                 self.volunteer("p-aaaa0001", "volunteer-0", 5000),
@@ -304,6 +306,7 @@ def test_page_loads_and_polls_without_console_errors(
     expect(page.locator("#total-samples")).to_have_text("20,800")
     expect(page.locator("#total-bytes-in")).to_have_text("12.3 MB")
     expect(page.locator("#total-accepted")).to_have_text("6")
+    expect(page.locator("#total-rejected")).to_have_text("2 / 3")
     expect(page.locator("#sample-caption")).to_have_text("model v2 says:")
     expect(page.locator("#sample .prompt")).to_have_text("def ")
     expect(page.locator("#sample")).to_have_text("def fib(n):\n    return n")
@@ -352,6 +355,7 @@ def test_volunteers_table_and_leaderboard(
     first = page.locator('#volunteers tr[data-peer="p-bbbb0002"]')
     expect(first.locator("td.name")).to_have_text("volunteer-1")
     expect(first.locator("td.samples")).to_have_text("12,000")
+    expect(first.locator("td.flagged")).to_have_text("1")
     expect(first.locator("td.reputation")).to_have_text("0.90")
     expect(first.locator("td.online")).to_have_text("online")
     expect(first.locator("td.last-seen")).to_have_text(re.compile(r"^1\d s ago$"))

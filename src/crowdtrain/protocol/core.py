@@ -648,6 +648,7 @@ class RoundProtocol:
         ]
         if not passed:
             target.samples -= check.samples  # the contribution is void: no credit for it
+            target.flagged += 1
             decisions.append(Flagged(order.target, order.round, "spot_check", reason))
             if record_check(target.standing, self.config.defence, False, reason):
                 decisions.extend(self._ban(target, order.round, now))
@@ -764,6 +765,7 @@ class RoundProtocol:
             stage, reason = outcome.flags[sub.key]
             peer = self.peers[sub.peer_id]
             peer.samples -= sub.samples
+            peer.flagged += 1
             self._record(now, sub.peer_id, sub.round, stage, "flagged", reason)
             decisions.append(Flagged(sub.peer_id, sub.round, stage, reason))
             if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):

@@ -332,7 +332,8 @@ class PeerRecord:
     online: bool = True
     samples: int = 0
     accepted: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused at upload
+    flagged: int = 0  # accepted, then excluded at the close or voided by a failed spot-check
     rounds: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # steps of recent accepted rounds
     standing: Standing = field(default_factory=lambda: Standing(score=0.0))

@@ -213,14 +213,17 @@
   function renderTotals(t) {
     setText("total-samples", fmtInt(t.samples));
     setText("total-accepted", fmtInt(t.contributions_accepted));
-    setText("total-rejected", fmtInt(t.contributions_rejected));
+    setText("total-rejected",
+      `${fmtInt(t.contributions_rejected)} / ${fmtInt(t.contributions_flagged || 0)}`);
     setText("total-bytes-in", fmtBytes(t.bytes_in));
     setText("total-bytes-out", fmtBytes(t.bytes_out));
   }
 
   // Volunteer rows are kept (keyed by peer id) so a ban reason being typed survives a poll.
-  const COLUMNS = ["name", "device", "samples", "accepted", "rejected", "reputation", "strikes",
+  const COLUMNS = ["name", "device", "samples", "accepted", "rejected", "flagged", "reputation",
+    "strikes",
     "online", "last-seen", "banned", "actions"];
+  const NUMERIC = ["samples", "accepted", "rejected", "flagged", "reputation", "strikes"];
   const rows = new Map();
 
   function renderVolunteers(d) {
@@ -235,7 +238,7 @@
         row = el("tr");
         row.dataset.peer = id;
         for (const c of COLUMNS) {
-          const num = ["samples", "accepted", "rejected", "reputation", "strikes"].includes(c);
+          const num = NUMERIC.includes(c);
           const cls = c === "actions" ? "actions admin-only" : c;
           row.appendChild(el("td", num ? `${cls} num` : cls));
         }
@@ -264,6 +267,7 @@
     put("samples", fmtInt(v.samples));
     put("accepted", fmtInt(v.accepted));
     put("rejected", fmtInt(v.rejected));
+    put("flagged", fmtInt(v.flagged ?? 0));
     put("reputation", fmtNum(v.reputation, 2));
     put("strikes", Number.isInteger(v.strikes) ? fmtInt(v.strikes) : fmtNum(v.strikes, 1));
     const online = cell("online");
