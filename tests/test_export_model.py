@@ -124,7 +124,7 @@ def test_export_writes_a_self_contained_model(run: Run, tmp_path: Path) -> None:
     assert (doc["version"], doc["round"], doc["run"]) == (2, 1, run.config.name)
     assert doc["manifest_hash"] == summary.manifest_hash == run.manifest["hash"]
 
-    # Ed25519 is deterministic: the rebuilt, re-signed manifest is the one the coordinator served.
+    # The manifest is the signed one the coordinator serves.
     signed = json.loads((out / "manifest.json").read_text())
     assert signed == run.manifest
     assert manifest_hash(signed["manifest"]) == signed["hash"]
@@ -196,7 +196,7 @@ def test_the_output_directory_is_new_empty_or_a_previous_export(run: Run, tmp_pa
 
 
 def test_the_stored_signed_manifest_needs_no_corpus(run: Run, tmp_path: Path) -> None:
-    summary = export_model(run.state, tmp_path / "a", data_dir=tmp_path / "nowhere")
+    summary = export_model(run.state, tmp_path / "a")
     assert summary.signed and summary.manifest_hash == run.manifest["hash"]
     state = tmp_path / "state"
     shutil.copytree(run.state, state)
@@ -206,21 +206,13 @@ def test_the_stored_signed_manifest_needs_no_corpus(run: Run, tmp_path: Path) ->
         export_model(state, tmp_path / "b")
 
 
-def test_without_a_stored_manifest_it_is_rebuilt_from_the_packed_data(
-    run: Run, tmp_path: Path
-) -> None:
+def test_without_a_stored_manifest_export_says_what_to_do(run: Run, tmp_path: Path) -> None:
     state = tmp_path / "state"
     shutil.copytree(run.state, state)
     with contextlib.closing(sqlite3.connect(state / "state.sqlite")) as db, db:
         db.execute("DELETE FROM documents WHERE key = 'manifest'")
-    with pytest.raises(ExportError, match="no data manifest"):
-        export_model(state, tmp_path / "a", data_dir=tmp_path / "nowhere")
-    summary = export_model(state, tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text()) == run.manifest
-    assert summary.signed and summary.manifest_hash == run.manifest["hash"]
-    (state / "coordinator.key").unlink()
-    summary = export_model(state, tmp_path / "c")
-    assert not summary.signed and summary.manifest_hash == run.manifest["hash"]
+    with pytest.raises(ExportError, match="holds no run manifest; start its coordinator once"):
+        export_model(state, tmp_path / "a")
 
 
 def test_state_directory_problems_are_one_sentence(run: Run, tmp_path: Path) -> None:

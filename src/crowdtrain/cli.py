@@ -679,10 +679,6 @@ def export(
     version: Annotated[
         int | None, typer.Option(min=0, help="Model version to export (default: the latest).")
     ] = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="The packed data folder, if the run's own is not where it says."),
-    ] = None,
 ) -> None:
     """Write the run's model as safetensors + config.json with a model card (contributors by
     verified samples, manifest hash, data manifest)."""
@@ -690,7 +686,7 @@ def export(
 
     with _friendly_errors():
         try:
-            done = export_model(state, out, version=version, data_dir=data)
+            done = export_model(state, out, version=version)
         except ExportError as exc:
             raise ConfigError(str(exc)) from None
         loss = "n/a" if done.eval_loss is None else f"{done.eval_loss:.4f}"

@@ -9,11 +9,8 @@ step of Douillard et al. 2023 (arXiv:2311.08105).
 
 Exporting only reads the run. The SQLite state store is checked read-only before it is opened,
 so a missing, foreign or differently versioned file is refused rather than created or migrated;
-no data is re-packed and no corpus is needed. The run manifest is the one the coordinator stored
-under the document key "manifest" when there is one; otherwise it is rebuilt from the stored
-config, version 0's weights and the packed data manifest in the config's data directory (signed
-again with the coordinator's key when `coordinator.key` is present: Ed25519 signatures are
-deterministic, so the document equals the one the coordinator serves).
+no data is re-packed and no corpus is needed. The run manifest is the signed one the
+coordinator stores (document key "manifest") every time it starts.
 
 Loading an export never unpickles anything: JSON and safetensors only, checked against the
 architecture's parameter shapes.
@@ -23,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import shlex
 import sqlite3
@@ -40,18 +36,14 @@ from safetensors.torch import load_file, save
 
 from crowdtrain import strictjson
 from crowdtrain.client.signing import (
-    SigningKeyError,
-    load_or_create_signing_key,
     manifest_hash,
-    sign_manifest,
     signature_is_valid,
 )
 from crowdtrain.config import ModelConfig, RunConfig, config_hash
-from crowdtrain.data import DataError, DataManifest, load_manifest
+from crowdtrain.data import DataError, DataManifest
 from crowdtrain.data.atomic import atomic_write_bytes
 from crowdtrain.models import count_params, param_shapes
 from crowdtrain.models.generate import printable
-from crowdtrain.server.manifest import build_manifest
 from crowdtrain.store import (
     ContributionRow,
     DirBlobStore,
@@ -60,8 +52,6 @@ from crowdtrain.store import (
     VersionRow,
 )
 from crowdtrain.store.schema import SCHEMA_VERSION
-
-log = logging.getLogger(__name__)
 
 FORMAT = "crowdtrain-model"
 FORMAT_VERSION = 1
@@ -74,7 +64,6 @@ CARD = "README.md"
 FILES = (WEIGHTS, DATA_MANIFEST, RUN_MANIFEST, CARD, CONFIG)
 STATE_FILE = "state.sqlite"
 BLOBS_DIR = "blobs"
-KEY_FILE = "coordinator.key"
 MANIFEST_DOC = "manifest"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_NAME_CHARS = 64
@@ -174,41 +163,6 @@ def _stored_manifest(
     except DataError as exc:
         raise ExportError(f"the data manifest inside the run manifest is invalid: {exc}") from None
     return dict(doc), data
-
-
-def _packed_data(config: RunConfig, data_dir: Path, blobs: DirBlobStore) -> DataManifest:
-    """The data manifest the coordinator packed, read (never re-packed) and checked."""
-    try:
-        data = load_manifest(data_dir)
-    except DataError as exc:
-        raise ExportError(
-            f"cannot rebuild the run manifest: {exc} (pass the run's data directory)"
-        ) from None
-    cfg = config.data
-    if (data.source, data.include, data.shard_bytes, data.val_fraction) != (
-        cfg.source,
-        tuple(cfg.include),
-        cfg.shard_bytes,
-        float(cfg.val_fraction),
-    ):
-        raise ExportError(f"the data in {data_dir} was packed with other settings than this run's")
-    # The coordinator copies every shard of its corpus into the blob store at start-up.
-    if not all(blobs.has(sha) for sha in data.train_ids + data.val_ids):
-        raise ExportError(f"the data in {data_dir} is not the corpus this run was trained on")
-    return data
-
-
-def _rebuilt_manifest(
-    state: Path, config: RunConfig, initial: VersionRow, data: DataManifest
-) -> dict[str, Any]:
-    manifest = build_manifest(config, data, initial.weights_sha, param_shapes(config.model))
-    key = state / KEY_FILE
-    if key.is_file():
-        try:
-            return sign_manifest(manifest, load_or_create_signing_key(key))
-        except SigningKeyError as exc:
-            log.warning("exporting an unsigned manifest: %s", exc)
-    return {"manifest": manifest, "hash": manifest_hash(manifest)}
 
 
 def _weights(blobs: DirBlobStore, row: VersionRow, config: RunConfig) -> dict[str, torch.Tensor]:
@@ -418,15 +372,12 @@ def _json_bytes(doc: Any) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def export_model(
-    state: Path, out: Path, *, version: int | None = None, data_dir: Path | None = None
-) -> ExportSummary:
+def export_model(state: Path, out: Path, *, version: int | None = None) -> ExportSummary:
     """Write version `version` (default: the latest) of the run in `state` to the directory
     `out`: weights, config, data and run manifests, and a model card.
 
     `out` is created if needed; an existing `out` must be empty or a previous export, whose five
-    files are then replaced (nothing else is ever overwritten). `data_dir` is where the run's
-    packed corpus lives when the manifest must be rebuilt (default: the config's `data.dir`).
+    files are then replaced (nothing else is ever overwritten).
     """
     state, out = Path(state), Path(out)
     _check_state(state)
@@ -452,12 +403,12 @@ def export_model(
             row = found[0]
         initial = versions[0]
         stored = store.get_json(MANIFEST_DOC)
-        if stored is not None:
-            signed_doc, data = _stored_manifest(stored, config, initial)
-        else:
-            where = Path(config.data.dir) if data_dir is None else Path(data_dir)
-            data = _packed_data(config, where, blobs)
-            signed_doc = _rebuilt_manifest(state, config, initial, data)
+        if stored is None:
+            raise ExportError(
+                f"the state in {state} holds no run manifest; start its coordinator once with "
+                "this version of crowdtrain (crowdtrain serve --state …), then export again"
+            )
+        signed_doc, data = _stored_manifest(stored, config, initial)
         tensors = _weights(blobs, row, config)
         built = [v for v in versions if 0 < v.version <= row.version]
         people = _contributors(store, built)
