@@ -100,3 +100,33 @@ def test_data_pack_file_and_missing_source(corpus_file: Path, tmp_path: Path) ->
     result = runner.invoke(app, ["data", "pack", str(tmp_path / "missing"), "--out", str(out)])
     assert result.exit_code == 2
     one_line_error(result.output)
+
+
+def test_export_and_sample_errors_are_one_sentence(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["export", "--state", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 2
+    assert "nothing" in one_line_error(result.output)
+    assert not (tmp_path / "m").exists()
+    result = runner.invoke(app, ["sample", "--model", str(tmp_path / "nothing")])
+    assert result.exit_code == 2
+    assert "nothing" in one_line_error(result.output)
+
+
+def test_serve_without_a_tracker_package_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a),
+    )
+    for flag in (["--wandb"], ["--tensorboard", str(tmp_path / "tb")]):
+        result = runner.invoke(app, ["serve", "--state", str(tmp_path / "s"), *flag])
+        assert result.exit_code == 2
+        line = one_line_error(result.output)
+        assert "pip install 'crowdtrain[" in line

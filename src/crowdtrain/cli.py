@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from crowdtrain.config import ConfigError, RunConfig, config_hash, load_config
@@ -52,20 +53,22 @@ def _friendly_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, PayloadError, ClientError) as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False)
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         errors.print("interrupted")
         raise typer.Exit(130) from None
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        errors.print(f"[red]error:[/red] {exc.strerror or exc}{where}", highlight=False)
+        errors.print(
+            f"[red]error:[/red] {escape(f'{exc.strerror or exc}{where}')}", highlight=False
+        )
         raise typer.Exit(1) from None
     except Exception as exc:
         if os.environ.get("CROWDTRAIN_DEBUG"):
             raise
         errors.print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {exc} "
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} "
             "(set CROWDTRAIN_DEBUG=1 to see where; please report it)",
             highlight=False,
         )
