@@ -119,14 +119,17 @@ def test_serve_without_a_tracker_package_says_how_to_install(
 ) -> None:
     import importlib.util
 
+    monkeypatch.chdir(tmp_path)
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util,
         "find_spec",
         lambda name, *a: None if name in ("wandb", "tensorboard") else real(name, *a),
     )
-    for flag in (["--wandb"], ["--tensorboard", str(tmp_path / "tb")]):
-        result = runner.invoke(app, ["serve", "--state", str(tmp_path / "s"), *flag])
-        assert result.exit_code == 2
-        line = one_line_error(result.output)
-        assert "pip install 'crowdtrain[" in line
+    for command in (["serve", "--state", str(tmp_path / "s")], ["demo"]):
+        for flag in (["--wandb"], ["--tensorboard", str(tmp_path / "tb")]):
+            result = runner.invoke(app, [*command, *flag])
+            assert result.exit_code == 2
+            line = one_line_error(result.output)
+            assert "pip install 'crowdtrain[" in line
+    assert not (tmp_path / "runs").exists()  # the demo stopped before it started anything

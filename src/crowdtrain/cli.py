@@ -366,6 +366,13 @@ def demo(
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the coordinator and dashboard up after the run (Ctrl-C).")
     ] = False,
+    wandb: Annotated[
+        bool, typer.Option(help="Log each round to Weights & Biases (the wandb extra).")
+    ] = False,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(help="Log each round to TensorBoard in this folder (the tensorboard extra)."),
+    ] = None,
 ) -> None:
     """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN,
     with the dashboard at the URL it prints."""
@@ -375,7 +382,16 @@ def demo(
         _print_demo(doc, attack)
         _write_json(json_path, doc)
 
+    from crowdtrain.server.tracking import TrackerUnavailable, check_installed
+
     with _friendly_errors():
+        try:
+            check_installed(wandb=wandb, tensorboard=tensorboard is not None)
+        except TrackerUnavailable as exc:
+            raise ConfigError(str(exc)) from None
+        serve_args = (("--wandb",) if wandb else ()) + (
+            ("--tensorboard", str(tensorboard.resolve())) if tensorboard else ()
+        )
         doc = run_demo(
             volunteers=volunteers,
             rounds=rounds,
@@ -384,6 +400,7 @@ def demo(
             attackers=attackers,
             console=console,
             keep_serving=report if keep_serving else None,
+            serve_args=serve_args,
         )
         if not keep_serving:
             report(doc)

@@ -169,11 +169,13 @@ def run_demo(
     attackers: int | None = None,
     console: Console,
     keep_serving: Callable[[dict[str, Any]], None] | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the demo (one volunteer of several is 3× slower); return its summary document.
 
     With `keep_serving`, it is called with the summary once the run is over, and the
-    coordinator and its dashboard then stay up until Ctrl-C.
+    coordinator and its dashboard then stay up until Ctrl-C. `serve_args` go to `crowdtrain
+    serve` (e.g. `--wandb`, `--tensorboard DIR`).
 
     With ATTACK, the last ATTACKERS volunteers (default 1) behave as that attack; the slow one
     is then the last honest volunteer, and the quorum never exceeds the honest volunteers.
@@ -190,7 +192,9 @@ def run_demo(
         specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0, evil))
     state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     config = demo_config(rounds, round_seconds, quorum=min(2, honest))
-    return run_network(config, specs, state, console=console, keep_serving=keep_serving)
+    return run_network(
+        config, specs, state, console=console, keep_serving=keep_serving, serve_args=serve_args
+    )
 
 
 def run_network(
@@ -201,6 +205,7 @@ def run_network(
     console: Console,
     live: bool = True,
     keep_serving: Callable[[dict[str, Any]], None] | None = None,
+    serve_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """A coordinator process and one process per volunteer behind its own WAN proxy.
 
@@ -218,7 +223,17 @@ def run_network(
         server_log = (state / "coordinator.log").open("wb")
         stack.callback(server_log.close)
         server = subprocess.Popen(
-            [*cli, "serve", "--config", str(config_path), "--state", str(state), "--port", "0"],
+            [
+                *cli,
+                "serve",
+                "--config",
+                str(config_path),
+                "--state",
+                str(state),
+                "--port",
+                "0",
+                *serve_args,
+            ],
             stdout=server_log,
             stderr=subprocess.STDOUT,
             env=env,

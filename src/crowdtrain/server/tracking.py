@@ -96,6 +96,16 @@ class TensorBoardTracker:
         self._writer.close()
 
 
+def check_installed(*, wandb: bool, tensorboard: bool) -> None:
+    """Raise `TrackerUnavailable` (a one-line install hint) when a requested package is missing."""
+    if wandb and not _installed("wandb"):
+        raise TrackerUnavailable("--wandb needs the wandb package: pip install 'crowdtrain[wandb]'")
+    if tensorboard and not _installed("tensorboard"):
+        raise TrackerUnavailable(
+            "--tensorboard needs the tensorboard package: pip install 'crowdtrain[tensorboard]'"
+        )
+
+
 def open_trackers(
     *, wandb: bool, tensorboard: Path | None, run_name: str, config: Mapping[str, Any]
 ) -> list[Tracker]:
@@ -104,12 +114,7 @@ def open_trackers(
     Raises `TrackerUnavailable`, with a one-line install hint, when a requested package is
     missing; nothing is opened in that case.
     """
-    if wandb and not _installed("wandb"):
-        raise TrackerUnavailable("--wandb needs the wandb package: pip install 'crowdtrain[wandb]'")
-    if tensorboard is not None and not _installed("tensorboard"):
-        raise TrackerUnavailable(
-            "--tensorboard needs the tensorboard package: pip install 'crowdtrain[tensorboard]'"
-        )
+    check_installed(wandb=wandb, tensorboard=tensorboard is not None)
     trackers: list[Tracker] = []
     try:
         if tensorboard is not None:
