@@ -40,6 +40,13 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(config_app, name="config")
 
 console = Console()
+WandbFlag = Annotated[
+    bool, typer.Option(help="Log each round to Weights & Biases (the wandb extra).")
+]
+TensorboardDir = Annotated[
+    Path | None,
+    typer.Option(help="Log each round to TensorBoard in this folder (the tensorboard extra)."),
+]
 errors = Console(stderr=True, soft_wrap=True)
 
 
@@ -49,10 +56,11 @@ def _friendly_errors() -> Iterator[None]:
     from crowdtrain.client.transfer import ClientError
     from crowdtrain.codec import PayloadError
     from crowdtrain.data import DataError
+    from crowdtrain.server.tracking import TrackerUnavailable
 
     try:
         yield
-    except (ConfigError, DataError, PayloadError, ClientError) as exc:
+    except (ConfigError, DataError, PayloadError, ClientError, TrackerUnavailable) as exc:
         errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -366,13 +374,8 @@ def demo(
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the coordinator and dashboard up after the run (Ctrl-C).")
     ] = False,
-    wandb: Annotated[
-        bool, typer.Option(help="Log each round to Weights & Biases (the wandb extra).")
-    ] = False,
-    tensorboard: Annotated[
-        Path | None,
-        typer.Option(help="Log each round to TensorBoard in this folder (the tensorboard extra)."),
-    ] = None,
+    wandb: WandbFlag = False,
+    tensorboard: TensorboardDir = None,
 ) -> None:
     """The main demo: a coordinator and volunteer processes on loopback behind emulated WAN,
     with the dashboard at the URL it prints."""
@@ -382,13 +385,10 @@ def demo(
         _print_demo(doc, attack)
         _write_json(json_path, doc)
 
-    from crowdtrain.server.tracking import TrackerUnavailable, check_installed
+    from crowdtrain.server.tracking import check_installed
 
     with _friendly_errors():
-        try:
-            check_installed(wandb=wandb, tensorboard=tensorboard is not None)
-        except TrackerUnavailable as exc:
-            raise ConfigError(str(exc)) from None
+        check_installed(wandb=wandb, tensorboard=tensorboard is not None)
         serve_args = (("--wandb",) if wandb else ()) + (
             ("--tensorboard", str(tensorboard.resolve())) if tensorboard else ()
         )
@@ -434,30 +434,22 @@ def serve(
             envvar="CROWDTRAIN_ADMIN_TOKEN",
         ),
     ] = None,
-    wandb: Annotated[
-        bool, typer.Option(help="Log each round to Weights & Biases (the wandb extra).")
-    ] = False,
-    tensorboard: Annotated[
-        Path | None,
-        typer.Option(help="Log each round to TensorBoard in this folder (the tensorboard extra)."),
-    ] = None,
+    wandb: WandbFlag = False,
+    tensorboard: TensorboardDir = None,
 ) -> None:
     """Run the coordinator: the HTTP API over the round protocol, the dashboard at / and
     Prometheus metrics at /metrics, with state under --state."""
     from crowdtrain.server.serve import serve as run_server
-    from crowdtrain.server.tracking import TrackerUnavailable, open_trackers
+    from crowdtrain.server.tracking import open_trackers
 
     with _friendly_errors():
         cfg = load_config(config)
-        try:
-            trackers = open_trackers(
-                wandb=wandb,
-                tensorboard=tensorboard,
-                run_name=cfg.name,
-                config=cfg.model_dump(mode="json"),
-            )
-        except TrackerUnavailable as exc:
-            raise ConfigError(str(exc)) from None
+        trackers = open_trackers(
+            wandb=wandb,
+            tensorboard=tensorboard,
+            run_name=cfg.name,
+            config=cfg.model_dump(mode="json"),
+        )
         try:
             run_server(
                 cfg,

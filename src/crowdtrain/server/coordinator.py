@@ -41,6 +41,7 @@ from crowdtrain.protocol import (
     Flagged,
     PeerBanned,
     PeerJoined,
+    PeerRecord,
     PeerSeen,
     PeerUnbanned,
     Rejected,
@@ -112,6 +113,22 @@ class ContributionMeta:
 def token_hash(token: str) -> str:
     """Tokens are stored as their sha256 only."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _peer_json(p: PeerRecord) -> dict[str, Any]:
+    """What the status document and the dashboard both show of a peer."""
+    return {
+        "name": p.name,
+        "online": p.online,
+        "samples": p.samples,
+        "accepted": p.accepted,
+        "rejected": p.rejected,
+        "flagged": p.flagged,
+        "reputation": round(p.standing.score, 4),
+        "strikes": round(p.standing.strikes, 3),
+        "banned": p.standing.banned,
+        "ban_reason": p.standing.ban_reason,
+    }
 
 
 class _LazyPayload:
@@ -740,20 +757,7 @@ class Coordinator:
             proto = self.protocol
             names = {p.peer_id: p.name for p in proto.peers.values()}
             peers = [
-                {
-                    "peer_id": p.peer_id,
-                    "name": p.name,
-                    "online": p.online,
-                    "samples": p.samples,
-                    "accepted": p.accepted,
-                    "rejected": p.rejected,
-                    "flagged": p.flagged,
-                    "reputation": round(p.standing.score, 4),
-                    "strikes": round(p.standing.strikes, 3),
-                    "banned": p.standing.banned,
-                    "ban_reason": p.standing.ban_reason,
-                    "last_seen": p.last_seen,
-                }
+                {"peer_id": p.peer_id, **_peer_json(p), "last_seen": p.last_seen}
                 for p in proto.peers.values()
             ]
             rnd = {
@@ -809,18 +813,9 @@ class Coordinator:
         with self.lock:
             peers = [
                 {
-                    "name": p.name,
-                    "online": p.online,
-                    "samples": p.samples,
-                    "accepted": p.accepted,
-                    "rejected": p.rejected,
-                    "flagged": p.flagged,
+                    **_peer_json(p),
                     "failures": p.standing.failures,
-                    "reputation": round(p.standing.score, 4),
-                    "strikes": p.standing.strikes,
                     "verified": p.standing.verified,
-                    "banned": p.standing.banned,
-                    "ban_reason": p.standing.ban_reason,
                 }
                 for p in self.protocol.peers.values()
             ]
