@@ -620,13 +620,12 @@ class Coordinator:
             for d in decisions:
                 if isinstance(d, Unknown):
                     raise Problem(404, "unknown_peer", "there is no peer with this id in the run")
-            if isinstance(event, PeerUnbanned):
-                with self.store.transaction():
-                    self.store.set_banned(event.peer_id, False, None)
             if decisions:
                 self._persist(decisions)
             else:
-                with self.store.transaction():
+                with self.store.transaction():  # the peer row and the snapshot together
+                    if isinstance(event, PeerUnbanned):
+                        self.store.set_banned(event.peer_id, False, None)
                     self._persist_snapshot()
         log.warning("administrator: %s", event)
 
