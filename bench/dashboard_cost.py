@@ -4,7 +4,8 @@ Builds a coordinator for the demo's model (GPT width 96, depth 3, context 64) in
 state directory, registers PEERS volunteers, and closes ROUNDS rounds through the HTTP API
 (in-process, fastapi.testclient) with synthetic int8 contributions. Then it times, on one
 thread, the median of N calls to GET /v1/dashboard (sample cached), GET /metrics, and the
-generation of a new sample (160 bytes after "def "), and prints the dashboard document's size.
+generation of a new sample (160 bytes after "def "), and prints the dashboard document's size,
+both in full (a page's first poll) and with `?since=` the latest version (every later poll).
 
     .venv/bin/python bench/dashboard_cost.py [--peers 8] [--rounds 20] [--calls 50]
 """
@@ -83,6 +84,9 @@ def main() -> None:
                 coordinator.timeline.sample(time.time() + 5 * _, args.peers, 1e6 * _, 2e6 * _)
             body = client.get("/v1/dashboard").content
             poll = median_ms(args.calls, lambda: client.get("/v1/dashboard"))
+            latest = f"/v1/dashboard?since={args.rounds}"  # what the page asks after its first poll
+            small = client.get(latest).content
+            poll_since = median_ms(args.calls, lambda: client.get(latest))
             metrics = median_ms(args.calls, lambda: client.get("/metrics"))
 
             def fresh_sample() -> None:
@@ -92,11 +96,12 @@ def main() -> None:
             sample = median_ms(max(5, args.calls // 10), fresh_sample)
     print(f"setup: {args.peers} peers, {args.rounds} rounds closed in {build_s:.1f} s")
     print(f"GET /v1/dashboard (sample cached): median {poll:.2f} ms, {len(body):,} bytes")
+    print(f"GET /v1/dashboard?since=latest: median {poll_since:.2f} ms, {len(small):,} bytes")
     print(f"GET /metrics: median {metrics:.2f} ms")
     print(f"new sample (160 bytes, once per version): median {sample:.1f} ms")
-    per_core = 1000.0 / poll
+    per_core = 1000.0 / poll_since
     print(
-        f"one core answers {per_core:.0f} dashboard polls/s: "
+        f"one core answers {per_core:.0f} later polls/s: "
         f"{per_core * 2:.0f} viewers polling every 2 s"
     )
 

@@ -49,6 +49,8 @@ class FakeBackend:
         self.peer_samples = 0  # when > 0, a long peers-online series of this many points
         self.banned: dict[str, str] = {"p-dddd0004": "norm screening: three strikes"}
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
+        self.sinces: list[int | None] = []  # the `since` of every dashboard poll
+        self.third_round = False
         self.token = TOKEN
 
     def volunteer(self, peer_id: str, name: str, samples: int, **extra: Any) -> dict[str, Any]:
@@ -177,10 +179,17 @@ def fake_app(fake: FakeBackend) -> FastAPI:
         return FileResponse(STATIC / "index.html")
 
     @app.get("/v1/dashboard")
-    async def dashboard() -> JSONResponse:
+    async def dashboard(since: int | None = None) -> JSONResponse:
         if fake.down:
             return JSONResponse({"error": "down", "detail": "Down."}, status_code=503)
+        fake.sinces.append(since)
         doc = fake.dashboard()
+        if fake.third_round:
+            start = doc["started_at"]
+            doc["rounds"].append(round_row(2, start + 580.0, train=3.6, eval_=3.5, utilization=0.9))
+        if since is not None:  # as the coordinator does: only the rounds after `since`
+            doc["since"] = since
+            doc["rounds"] = [r for r in doc["rounds"] if r["version"] > since]
         if fake.early:
             empty: dict[str, Any] = {"rounds": [], "volunteers": [], "rejections": []}
             doc.update(empty, peers_online=[], bandwidth=[], sample=None, version=0)
@@ -598,3 +607,28 @@ def test_long_series_draw_a_bounded_number_of_markers(
     path = page.locator("#peers-chart path.line").get_attribute("d") or ""
     assert path.count("V") == 4999  # the line itself keeps every step
     assert errors == []
+
+
+def test_later_polls_fetch_only_new_rounds(
+    backend: tuple[FakeBackend, str], page_errors: tuple[Page, list[str]]
+) -> None:
+    fake, url = backend
+    page, errors = page_errors
+    open_dashboard(page, url)
+    wait_polls(page, 2)
+    points = page.locator("#loss-chart g.series.eval circle.point")
+    expect(points).to_have_count(3)  # the initial loss and two rounds, none twice
+    assert fake.sinces[0] is None and fake.sinces[-1] == 2
+    fake.third_round = True
+    expect(points).to_have_count(4)
+    wait_polls(page, 2)
+    assert fake.sinces[-1] == 3
+    expect(points).to_have_count(4)
+    # Another run behind the same address: the page starts over with a full poll.
+    fake.third_round = False
+    fake.t0 -= 1000.0
+    calls = len(fake.sinces)
+    wait_polls(page, 2)
+    assert None in fake.sinces[calls:]
+    expect(points).to_have_count(3)
+    assert errors == [], errors

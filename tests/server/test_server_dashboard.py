@@ -23,6 +23,7 @@ from server_helpers import (
 from crowdtrain.config import RunConfig
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.server.dashboard import Timeline
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -244,3 +245,36 @@ def test_admin_state_survives_a_restart(
     assert again.protocol.paused
     assert not again.protocol.peers[peer.peer_id].standing.banned
     assert again.authenticate(peer.token) == peer.peer_id
+
+
+def test_since_returns_only_the_newer_rounds(
+    admin_client: TestClient, admin_coordinator: Coordinator, config: RunConfig
+) -> None:
+    peers = [register(admin_client, "a"), register(admin_client, "b")]
+    close_round(admin_client, config, peers, 0)
+    close_round(admin_client, config, peers, 1)
+    full = admin_client.get("/v1/dashboard").json()
+    assert full["since"] is None and [r["version"] for r in full["rounds"]] == [1, 2]
+    newer = admin_client.get("/v1/dashboard?since=1").json()
+    assert newer["since"] == 1 and [r["version"] for r in newer["rounds"]] == [2]
+    assert newer["started_at"] == full["started_at"]
+    assert newer["initial_eval_loss"] == full["initial_eval_loss"]
+    assert admin_client.get("/v1/dashboard?since=2").json()["rounds"] == []
+    assert_error(admin_client.get("/v1/dashboard?since=-1"), 400)
+    assert_error(admin_client.get("/v1/dashboard?since=x"), 400)
+
+
+def test_timeline_keeps_changes_and_thins_itself_in_bounded_memory() -> None:
+    line = Timeline(every_s=5.0, max_points=8)
+    line.sample(0.0, 0, 0.0, 0.0)
+    line.sample(1.0, 2, 1000.0, 500.0)  # a change is kept at once
+    line.sample(2.0, 2, 2000.0, 1000.0)  # no change, too soon
+    assert line.peers == [(0.0, 0), (1.0, 2)]
+    line.sample(5.0, 2, 5000.0, 2500.0)
+    assert line.bandwidth == [(5.0, 1000.0, 500.0)]  # rates over the 5 s since the start
+    for i in range(2, 200):
+        line.sample(5.0 * i, 2, 5000.0 * i, 2500.0 * i)
+    assert len(line.peers) < 8 and len(line.bandwidth) < 8
+    assert line.peers[0] == (0.0, 0) and line.peers[-1][0] > 900  # still the whole run
+    assert all(b[1] == 1000.0 and b[2] == 500.0 for b in line.bandwidth)
+    assert line.peers_every > 5.0 and line.bandwidth_every > 5.0

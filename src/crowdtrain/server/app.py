@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -250,8 +250,8 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/dashboard")
-    def dashboard() -> dict[str, Any]:
-        return coordinator.dashboard()
+    def dashboard(since: Annotated[int | None, Query(ge=0, le=MAX_ROUND)] = None) -> dict[str, Any]:
+        return coordinator.dashboard(since)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

@@ -750,8 +750,9 @@ class Coordinator:
 
     # --- views ---------------------------------------------------------------------------
 
-    def dashboard(self) -> dict[str, Any]:
-        """The document the dashboard polls (docs/API.md, "Dashboard")."""
+    def dashboard(self, since: int | None = None) -> dict[str, Any]:
+        """The document the dashboard polls (docs/API.md, "Dashboard"); with `since`, its
+        `rounds` hold only the rounds that made versions after that one."""
         with self.lock:
             proto = self.protocol
             names = {p.peer_id: p.name for p in proto.peers.values()}
@@ -781,18 +782,20 @@ class Coordinator:
                 with self.lock:
                     return {k: v.clone() for k, v in self.protocol.params.items()}
 
-        versions = self.store.list_versions()
-        started = versions[0].created_at if versions else self.clock()
+        initial = self.store.get_version(0)
+        assert initial is not None
+        versions = self.store.list_versions(after=-1 if since is None else since)
         totals = self.metrics.snapshot()
         sample = self.samples.get(version, params)
         return {
             "run": self.config.name,
             "now": self.clock(),
-            "started_at": started,
+            "started_at": initial.created_at,
             **head,
             "round": rnd,
-            "initial_eval_loss": versions[0].metrics.get("eval_loss") if versions else None,
-            "rounds": round_rows(versions, started),
+            "initial_eval_loss": initial.metrics.get("eval_loss"),
+            "since": since,
+            "rounds": round_rows(versions, initial.created_at),
             **self.timeline.to_json(),
             "totals": {
                 "bytes_in": totals["bytes_received_total"],

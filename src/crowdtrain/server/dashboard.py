@@ -3,16 +3,15 @@
 The page (server/static/) polls `GET /v1/dashboard`; this module turns the coordinator's state
 into that one JSON document (docs/API.md, "Dashboard"). Loss per round comes from the stored
 versions, so it survives a restart; the peers-online and bandwidth series are sampled at the
-coordinator's ticks and kept in memory (bounded), so they start afresh after a restart. The
-generated text is the current model continuing a fixed prompt: people watch the model learn.
-No paper is implemented here.
+coordinator's ticks and kept in memory (bounded, thinned as the run goes on), so they start
+afresh after a restart. The generated text is the current model continuing a fixed prompt:
+people watch the model learn. No paper is implemented here.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,16 +29,19 @@ SHOWN_OUTCOMES = ("rejected", "flagged", "banned", "check_failed", "check_expire
 
 
 class Timeline:
-    """Bounded time series sampled at the coordinator's ticks: peers online, HTTP traffic.
+    """Time series sampled at the coordinator's ticks: peers online and HTTP traffic.
 
     A peers point is kept when the count changes (and at least every `every_s`, so the line
     reaches the present); a bandwidth point every `every_s`, as the byte rates since the last.
+    A series that reaches `max_points` is halved (every other peers point; bandwidth points
+    merged in pairs) and its spacing doubled, so it covers the whole run in bounded memory.
     """
 
-    def __init__(self, *, every_s: float = 5.0, max_points: int = 2000) -> None:
-        self.every_s = every_s
-        self.peers: deque[tuple[float, int]] = deque(maxlen=max_points)
-        self.bandwidth: deque[tuple[float, float, float]] = deque(maxlen=max_points)
+    def __init__(self, *, every_s: float = 5.0, max_points: int = 500) -> None:
+        self.peers_every = self.bandwidth_every = every_s
+        self.max_points = max_points
+        self.peers: list[tuple[float, int]] = []
+        self.bandwidth: list[tuple[float, float, float]] = []
         self._last_bytes: tuple[float, float, float] | None = None  # (time, in, out)
         self._lock = threading.Lock()
 
@@ -47,16 +49,27 @@ class Timeline:
         """Record the state at `now` (called from every tick)."""
         with self._lock:
             last = self.peers[-1] if self.peers else None
-            if last is None or last[1] != online or now - last[0] >= self.every_s:
+            if last is None or last[1] != online or now - last[0] >= self.peers_every:
                 self.peers.append((now, online))
+                if len(self.peers) >= self.max_points:
+                    self.peers = self.peers[::2] + (
+                        [self.peers[-1]] if len(self.peers) % 2 == 0 else []
+                    )
+                    self.peers_every *= 2
             if self._last_bytes is None:
                 self._last_bytes = (now, bytes_in, bytes_out)
                 return
             t0, in0, out0 = self._last_bytes
-            if now - t0 >= self.every_s:
+            if now - t0 >= self.bandwidth_every:
                 dt = now - t0
                 self.bandwidth.append((now, (bytes_in - in0) / dt, (bytes_out - out0) / dt))
                 self._last_bytes = (now, bytes_in, bytes_out)
+                if len(self.bandwidth) >= self.max_points:
+                    pairs = zip(self.bandwidth[::2], self.bandwidth[1::2], strict=False)
+                    self.bandwidth = [
+                        (b[0], (a[1] + b[1]) / 2, (a[2] + b[2]) / 2) for a, b in pairs
+                    ]
+                    self.bandwidth_every *= 2
 
     def to_json(self) -> dict[str, list[list[float]]]:
         with self._lock:

@@ -357,8 +357,10 @@ class SqliteStateStore:
         rows = self._read(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version = ?", (version,))
         return _version(rows[0]) if rows else None
 
-    def list_versions(self) -> list[VersionRow]:
-        rows = self._read(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version")
+    def list_versions(self, after: int = -1) -> list[VersionRow]:
+        rows = self._read(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE version > ? ORDER BY version", (after,)
+        )
         return [_version(row) for row in rows]
 
     # --- small JSON documents ------------------------------------------------------------------

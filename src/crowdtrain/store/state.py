@@ -161,8 +161,8 @@ class StateStore(Protocol):
         """The version with this number, or None."""
         ...
 
-    def list_versions(self) -> list[VersionRow]:
-        """All versions in increasing order."""
+    def list_versions(self, after: int = -1) -> list[VersionRow]:
+        """The versions numbered above `after` (default: all) in increasing order."""
         ...
 
     # --- small JSON documents ------------------------------------------------------------------

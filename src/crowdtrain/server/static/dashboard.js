@@ -112,9 +112,22 @@
     const abort = new AbortController();
     const timeout = setTimeout(() => abort.abort(), FETCH_TIMEOUT_MS);
     try {
-      const resp = await fetch("/v1/dashboard", { cache: "no-store", signal: abort.signal });
+      const known = state.data ? state.data.rounds : [];
+      const since = known.length ? known[known.length - 1].version : null;
+      const url = since === null ? "/v1/dashboard" : `/v1/dashboard?since=${since}`;
+      const resp = await fetch(url, { cache: "no-store", signal: abort.signal });
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
       const data = await resp.json();
+      // After the first poll only new rounds come; a different run behind the same address
+      // (another start time) makes the page start over with a full poll.
+      if (typeof data.since === "number") {
+        if (state.data.started_at !== data.started_at) {
+          state.data = null;
+          state.again = true;
+          return;
+        }
+        data.rounds = known.concat(data.rounds || []);
+      }
       state.data = data;
       state.receivedAt = performance.now();
       $("offline").hidden = true;
