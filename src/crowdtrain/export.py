@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shlex
 import sqlite3
 from collections.abc import Mapping
@@ -256,12 +255,6 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, int | float) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _card(
     *,
     out: Path,
@@ -290,7 +283,7 @@ def _card(
         f"| Architecture | `{m.arch}`: {shape} |",
         f"| Parameters | {count_params(m):,} |",
         f"| Version | {row.version} ({row.version} rounds trained) |",
-        f"| Eval loss | {_loss(_finite(row.metrics.get('eval_loss')))} "
+        f"| Eval loss | {_loss(strictjson.finite_or_none(row.metrics.get('eval_loss')))} "
         f"(initial {_loss(initial_loss)}) |",
         f"| Verified samples | {samples:,} ({tokens:,} tokens) |",
         f"| Run manifest hash | `{mhash}`{'' if signed else ' (unsigned)'} |",
@@ -417,8 +410,8 @@ def export_model(state: Path, out: Path, *, version: int | None = None) -> Expor
 
     mhash = str(signed_doc["hash"])
     signed = "signature" in signed_doc
-    eval_loss = _finite(row.metrics.get("eval_loss"))
-    initial_loss = _finite(initial.metrics.get("eval_loss"))
+    eval_loss = strictjson.finite_or_none(row.metrics.get("eval_loss"))
+    initial_loss = strictjson.finite_or_none(initial.metrics.get("eval_loss"))
     weights = save(
         {k: v.contiguous() for k, v in tensors.items()},
         metadata={

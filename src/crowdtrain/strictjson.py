@@ -8,6 +8,7 @@ every manifest and header that crowdtrain reads from another party goes through 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,3 +43,10 @@ def loads(text: str | bytes, *, parse_int: Callable[[str], Any] | None = None) -
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise StrictJsonError(f"not valid JSON ({exc})") from None
+
+
+def finite_or_none(value: Any) -> float | None:
+    """`value` as a float when it is a finite number, else None (JSON has no NaN)."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None

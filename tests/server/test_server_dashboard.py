@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from server_helpers import (
     upload,
     work,
 )
+from test_server_tracking import Recorder
 
 from crowdtrain.config import RunConfig
 from crowdtrain.server.app import create_app
@@ -28,26 +29,14 @@ from crowdtrain.server.dashboard import Timeline
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
-class RecordingTracker:
-    def __init__(self) -> None:
-        self.logged: list[tuple[dict[str, float], int]] = []
-        self.closed = False
-
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self.logged.append((dict(metrics), step))
-
-    def close(self) -> None:
-        self.closed = True
-
-
 @pytest.fixture
-def tracker() -> RecordingTracker:
-    return RecordingTracker()
+def tracker() -> Recorder:
+    return Recorder()
 
 
 @pytest.fixture
 def admin_coordinator(
-    config: RunConfig, tmp_path: Path, clock: FakeClock, tracker: RecordingTracker
+    config: RunConfig, tmp_path: Path, clock: FakeClock, tracker: Recorder
 ) -> Coordinator:
     return Coordinator(
         config,
@@ -163,7 +152,7 @@ def test_metrics_count_rounds_contributions_and_bytes(
 
 
 def test_trackers_get_each_closed_round(
-    admin_client: TestClient, config: RunConfig, tracker: RecordingTracker
+    admin_client: TestClient, config: RunConfig, tracker: Recorder
 ) -> None:
     peers = [register(admin_client, "a"), register(admin_client, "b")]
     close_round(admin_client, config, peers)

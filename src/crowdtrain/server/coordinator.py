@@ -15,7 +15,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.server.dashboard import (
     SampleCache,
     Timeline,
+    device_label,
     rejection_rows,
     round_rows,
     volunteer_rows,
@@ -182,6 +183,7 @@ class Coordinator:
         self.trackers = MultiTracker(trackers or [])
         self._closing: dict[str, float] = {}  # timings of the close in progress
         self._compute: dict[tuple[str, int], tuple[float, float]] = {}  # (peer, round) -> s
+        self._devices: dict[str, str] = {}  # peer id -> device label, for the dashboard
         self._sources: list[_LazyPayload] = []
         self._replays: list[VerifyOrder] = []  # spot-checks the coordinator runs itself
         self._replaying: threading.Thread | None = None
@@ -543,19 +545,18 @@ class Coordinator:
         next spot-check replay the coordinator runs itself (`defence.spot_check = coordinator`)."""
         with self.lock:
             self._persist(self._handle(Tick()))
-            online = sum(p.online for p in self.protocol.peers.values())
-            banned = sum(p.standing.banned for p in self.protocol.peers.values())
-            self.metrics.peers(online=online, registered=len(self.protocol.peers), banned=banned)
-            self.metrics.state(self.protocol.round, self.protocol.paused, self.protocol.finished)
-            totals = self.metrics.snapshot()
-            self.timeline.sample(
-                self.clock(), online, totals["bytes_received_total"], totals["bytes_sent_total"]
-            )
+            peers = list(self.protocol.peers.values())
+            online = sum(p.online for p in peers)
+            banned = sum(p.standing.banned for p in peers)
+            state = (self.protocol.round, self.protocol.paused, self.protocol.finished)
             idle = self._replaying is None or not self._replaying.is_alive()
             if self._replays and idle:
                 order = self._replays.pop(0)
                 self._replaying = threading.Thread(target=self._replay, args=(order,), daemon=True)
                 self._replaying.start()
+        self.metrics.peers(online=online, registered=len(peers), banned=banned)
+        self.metrics.state(*state)
+        self.timeline.sample(self.clock(), online, *self.metrics.bytes_totals())
 
     def _sampler(self, shard_ids: tuple[str, ...], seed: int, rnd: int, peer: str) -> BatchSampler:
         return BatchSampler(
@@ -785,7 +786,7 @@ class Coordinator:
         initial = self.store.get_version(0)
         assert initial is not None
         versions = self.store.list_versions(after=-1 if since is None else since)
-        totals = self.metrics.snapshot()
+        bytes_in, bytes_out = self.metrics.bytes_totals()
         sample = self.samples.get(version, params)
         return {
             "run": self.config.name,
@@ -798,17 +799,24 @@ class Coordinator:
             "rounds": round_rows(versions, initial.created_at),
             **self.timeline.to_json(),
             "totals": {
-                "bytes_in": totals["bytes_received_total"],
-                "bytes_out": totals["bytes_sent_total"],
+                "bytes_in": bytes_in,
+                "bytes_out": bytes_out,
                 "samples": sum(p["samples"] for p in peers),
                 "contributions_accepted": sum(p["accepted"] for p in peers),
                 "contributions_rejected": sum(p["rejected"] for p in peers),
                 "contributions_flagged": sum(p["flagged"] for p in peers),
             },
-            "volunteers": volunteer_rows(peers, {r.peer_id: r for r in self.store.list_peers()}),
+            "volunteers": volunteer_rows(peers, self._device_labels(names)),
             "rejections": rejections,
             "sample": None if sample is None else asdict(sample),
         }
+
+    def _device_labels(self, peer_ids: Iterable[str]) -> dict[str, str]:
+        """What each peer said about its machine, as the dashboard shows it; read from the
+        store only when a peer is new to this cache (devices do not change)."""
+        if any(p not in self._devices for p in peer_ids):
+            self._devices = {r.peer_id: device_label(r.device) for r in self.store.list_peers()}
+        return self._devices
 
     def status(self) -> dict[str, Any]:
         """The public status document."""

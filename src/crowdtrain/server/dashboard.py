@@ -10,7 +10,6 @@ people watch the model learn. No paper is implemented here.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import torch
 from crowdtrain.config import ModelConfig
 from crowdtrain.models.generate import generate, printable
 from crowdtrain.protocol import Verdict
-from crowdtrain.store import PeerRow, VersionRow
+from crowdtrain.store import VersionRow
+from crowdtrain.strictjson import finite_or_none
 
 PROMPT = "def "
 SAMPLE_TOKENS = 160
@@ -125,10 +125,6 @@ def device_label(device: Mapping[str, Any]) -> str:
     return f"{label} · {name}" if name else label
 
 
-def _finite(x: Any) -> float | None:
-    return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
-
-
 def round_rows(versions: Iterable[VersionRow], started_at: float) -> list[dict[str, Any]]:
     """One row per closed round, for the loss, bandwidth and utilization charts."""
     rows = []
@@ -144,29 +140,21 @@ def round_rows(versions: Iterable[VersionRow], started_at: float) -> list[dict[s
                 "elapsed_s": round(v.created_at - started_at, 3),
                 "contributors": len(m.get("contributors", [])),
                 "samples": m.get("samples", 0),
-                "train_loss": _finite(m.get("train_loss")),
-                "eval_loss": _finite(m.get("eval_loss")),
+                "train_loss": finite_or_none(m.get("train_loss")),
+                "eval_loss": finite_or_none(m.get("eval_loss")),
                 "bytes_up": m.get("bytes_up", 0),
-                "aggregation_s": _finite(m.get("aggregation_s")),
-                "compute_utilization": _finite(m.get("compute_utilization")),
+                "aggregation_s": finite_or_none(m.get("aggregation_s")),
+                "compute_utilization": finite_or_none(m.get("compute_utilization")),
             }
         )
     return rows
 
 
 def volunteer_rows(
-    peers: Iterable[Mapping[str, Any]], rows: Mapping[str, PeerRow]
+    peers: Iterable[Mapping[str, Any]], devices: Mapping[str, str]
 ) -> list[dict[str, Any]]:
     """The volunteers table, most samples first (the leaderboard is its head)."""
-    out = []
-    for p in peers:
-        row = rows.get(p["peer_id"])
-        out.append(
-            {
-                **p,
-                "device": device_label(row.device if row is not None else {}),
-            }
-        )
+    out = [{**p, "device": devices.get(p["peer_id"], device_label({}))} for p in peers]
     out.sort(key=lambda r: (-r["samples"], r["name"]))
     return out
 

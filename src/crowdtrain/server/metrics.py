@@ -140,6 +140,9 @@ class RunMetrics:
         self._finished = Gauge("crowdtrain_run_finished", "1 once the run is finished.", registry=r)
         self._lock = threading.Lock()
         self._reasons: set[str] = set()
+        # The byte totals again as plain numbers: the coordinator reads them at every tick,
+        # where a registry lookup would collect every metric (ByteCounter is the one writer).
+        self._in = self._out = 0
 
     # -- events ------------------------------------------------------------------------------
 
@@ -194,11 +197,17 @@ class RunMetrics:
         """Add `n` HTTP body bytes received."""
         if n > 0:
             self._bytes_received.inc(n)
+            self._in += n
 
     def bytes_sent(self, n: int) -> None:
         """Add `n` HTTP body bytes sent."""
         if n > 0:
             self._bytes_sent.inc(n)
+            self._out += n
+
+    def bytes_totals(self) -> tuple[int, int]:
+        """HTTP body bytes received and sent so far (cheap: no registry lookup)."""
+        return self._in, self._out
 
     def peers(self, online: int, registered: int, banned: int) -> None:
         """Set the peer counts."""
