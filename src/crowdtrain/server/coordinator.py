@@ -25,9 +25,9 @@ from safetensors.torch import load as load_safetensors
 
 from crowdtrain import codec
 from crowdtrain.client.signing import load_or_create_signing_key, sign_manifest
-from crowdtrain.client.volunteer import CarriedWork, replay_work
+from crowdtrain.client.work import overlap_start, replay_check
 from crowdtrain.config import ConfigError, RunConfig, config_hash
-from crowdtrain.data import BatchSampler, ShardStore, ensure_packed_for, eval_batches
+from crowdtrain.data import Shard, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state, param_shapes
 from crowdtrain.protocol import (
@@ -558,50 +558,36 @@ class Coordinator:
         self.metrics.state(*state)
         self.timeline.sample(self.clock(), online, *self.metrics.bytes_totals())
 
-    def _sampler(self, shard_ids: tuple[str, ...], seed: int, rnd: int, peer: str) -> BatchSampler:
-        return BatchSampler(
-            {sha: self.shard_store.load(sha) for sha in shard_ids},
-            shard_ids,
-            seed=seed,
-            round=rnd,
-            peer=peer,
-            batch_size=self.config.data.batch_size,
-            context=self.config.model.context,
-        )
+    def _shard_map(self, order: VerifyOrder) -> dict[str, Shard]:
+        """The shards a replay of `order` reads (its own and its prior's), from the store."""
+        prior = () if order.prior is None else order.prior.shard_ids
+        return self.shard_store.load_many([*order.shard_ids, *prior])
 
     def _weights_of(self, base_version: int) -> dict[str, torch.Tensor]:
         version = self.store.get_version(base_version)
         assert version is not None
         return self._tensors(version.weights_sha)
 
-    def _carried(self, order: VerifyOrder, prior: PriorWork) -> CarriedWork:
-        """The overlapped start of a checked contribution: θ_prior − decode(prior payload)."""
+    def _prior_start(self, prior: PriorWork) -> dict[str, torch.Tensor]:
+        """Where a checked contribution's overlapped steps began: θ_prior − decode(payload)."""
         theta = self._weights_of(prior.base_version)
         payload = self.blobs.read(prior.payload_ref, max_bytes=self.max_payload_bytes)
-        sent = codec.decode(payload, self.shapes, max_bytes=self.max_payload_bytes)
-        sampler = self._sampler(prior.shard_ids, prior.seed, prior.round, order.target)
-        return CarriedWork.after(
-            theta,
-            sent,
-            sampler,
-            first_batch=prior.first_batch,
-            step_offset=prior.step_offset,
-            steps=prior.steps,
+        return overlap_start(
+            theta, codec.decode(payload, self.shapes, max_bytes=self.max_payload_bytes)
         )
 
     def _replay(self, order: VerifyOrder) -> None:
         """Recompute a spot-checked work order here and hand the result to the protocol."""
         try:
-            base = self._weights_of(order.base_version)
-            sampler = self._sampler(order.shard_ids, order.seed, order.round, order.target)
             trainer = LocalTrainer(self.config.model, self.config.inner)
-            result = replay_work(
+            result = replay_check(
                 trainer.train,
-                base,
-                iter(sampler),
-                step_offset=order.step_offset,
-                steps=order.steps,
-                carried=None if order.prior is None else self._carried(order, order.prior),
+                order,
+                order.prior,
+                self._weights_of(order.base_version),
+                self._shard_map(order),
+                self.config,
+                None if order.prior is None else self._prior_start(order.prior),
             )
             event = VerificationSubmitted(
                 order.check_id, "", DictSource(result.delta), result.steps

@@ -72,8 +72,8 @@ import numpy as np
 import torch
 
 from crowdtrain import codec
-from crowdtrain.adversary import Claim
-from crowdtrain.client.volunteer import CarriedWork
+from crowdtrain.client import machine as vm
+from crowdtrain.client.work import Params
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
 from crowdtrain.protocol import (
@@ -83,6 +83,7 @@ from crowdtrain.protocol import (
     PeerJoined,
     PeerLeft,
     PeerSeen,
+    Rejected,
     RoundClosed,
     RoundProtocol,
     RunFinished,
@@ -98,15 +99,8 @@ from crowdtrain.robust import DictSource
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
 from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
-from crowdtrain.sim.swarm import (
-    RunData,
-    Volunteer,
-    batch_sampler,
-    decode_submission,
-    trainer_for,
-    uses_error_feedback,
-)
-from crowdtrain.train import LocalTrainer, evaluate
+from crowdtrain.sim.swarm import RunData, as_steps, decode_submission, replay, trainer_for
+from crowdtrain.train import Contribution, LocalTrainer, evaluate
 
 __all__ = [
     "SimResult",
@@ -214,17 +208,20 @@ class SimResult:
 
 @dataclass(eq=False)
 class _Speculation:
-    """Overlapped training: after uploading round r's Δ, a peer goes on training round r's
-    work order from θ_r − Δ_sent (Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512)
-    until its next base arrives, for at most one round's budget (`cap` steps)."""
+    """Overlapped training in virtual time: the machine's `Speculate` segment (round r's order
+    from θ_r − Δ_sent, Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512), started at
+    `started`, for at most its budget (`cap` steps). Its numerics run when it is stopped."""
 
-    order: WorkOrder
-    base: dict[str, torch.Tensor]  # θ_r
-    sent: dict[str, torch.Tensor]  # decode(payload_r), what the coordinator has
-    first_batch: int  # the steps round r's order already trained
+    segment: vm.Segment
+    round: int
     started: float
-    cap: int
+    paused: bool = False  # a spot-check replay runs meanwhile
     paused_s: float = 0.0  # time spent on spot-check replays meanwhile
+
+    @property
+    def cap(self) -> int:
+        assert self.segment.max_steps is not None  # simulated orders have steps budgets
+        return self.segment.max_steps
 
     def steps_by(self, now: float, step_s: float) -> int:
         """Steps trained by `now`; a step under way is finished first (as `stop` does)."""
@@ -238,26 +235,13 @@ class _Speculation:
         return self.started + self.paused_s + steps * step_s
 
 
-@dataclass(frozen=True)
-class _Carried:
-    """Overlapped steps a work order starts with: round `round`'s order from `first_batch`."""
-
-    work: CarriedWork
-    round: int
-    first_batch: int
-
-
-def carried_steps(carried: _Carried | None) -> int:
-    """How many of a round's steps were trained ahead (0 without overlap)."""
-    return 0 if carried is None else carried.work.steps
-
-
 @dataclass(eq=False)
 class _Peer:
-    """One simulated volunteer's state in the loop."""
+    """One simulated volunteer's state in the loop: its machine, and what time it takes."""
 
     spec: PeerSpec
-    volunteer: Volunteer
+    machine: vm.VolunteerMachine
+    trainer: LocalTrainer
     step_s: float
     intervals: list[Interval]
     online: bool = False
@@ -265,6 +249,8 @@ class _Peer:
     pending: list[Handle] = field(default_factory=list)  # compute end, retries
     waiting: Handle | None = None  # the retry of a Wait
     computing_since: float | None = None
+    free_at: float = 0.0  # when a step under way of stopped overlapped training ends
+    base: dict[str, torch.Tensor] | None = None  # θ of the order being fetched
     compute_s: float = 0.0
     first_compute_s: float | None = None
     steps: int = 0
@@ -327,12 +313,11 @@ class _Sim:
         self.evaluate_now = evaluate_now
         self.options = options
         self.on_round = on_round
-        self.feedback = uses_error_feedback(config)
-        self.overlap = config.inner.overlap
         self.rng = np.random.default_rng(options.seed)
-        self.coordinator = Volunteer("", peers[0].volunteer.trainer)  # replays checks itself
+        self.trainer = peers[0].trainer  # the coordinator's own spot-check replays
         self.bases: dict[int, dict[str, torch.Tensor]] = {}
-        self.sent: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # ref → (round, Δ_sent)
+        # ref → (round, θ_r − Δ_sent): where a contribution's overlapped successor began
+        self.starts: dict[str, tuple[int, Params]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.opened_at = loop.now
         self.ready_at = loop.now  # when the open round's base is published (after a close)
@@ -388,31 +373,19 @@ class _Sim:
                 self.finished = True
             elif isinstance(d, Banned):
                 self.stop(self.peers[d.peer_id])
-            elif isinstance(d, VerifyOrder) and not d.peer_id:
-                replay = self.coordinator.train(
-                    d, self.base(d.base_version), self.shards, self.config, self.carried_of(d)
-                )
+            elif isinstance(d, VerifyOrder) and not d.peer_id:  # the coordinator replays it
+                base, prior = self.base(d.base_version), self.prior_start_of(d)
+                result = replay(self.trainer, d, base, self.shards, self.config, prior)
                 event = VerificationSubmitted(
-                    d.check_id, "", DictSource(replay.delta), replay.steps
+                    d.check_id, "", DictSource(result.delta), result.steps
                 )
                 self.act(self.protocol.handle(event))
             elif isinstance(d, Unknown):
                 raise RuntimeError(f"the protocol does not know peer {d.peer_id}: {d.reason}")
 
-    def carried_of(self, order: VerifyOrder) -> CarriedWork | None:
-        """The overlapped start a replay of `order` must redo first (None: there is none)."""
-        prior = order.prior
-        if prior is None:
-            return None
-        _, sent = self.sent[prior.payload_ref]
-        return CarriedWork.after(
-            self.bases[prior.base_version],
-            sent,
-            batch_sampler(prior, order.target, self.shards, self.config),
-            first_batch=prior.first_batch,
-            step_offset=prior.step_offset,
-            steps=prior.steps,
-        )
+    def prior_start_of(self, order: VerifyOrder) -> Params | None:
+        """Where the overlapped steps a replay of `order` redoes began (None: there are none)."""
+        return None if order.prior is None else self.starts[order.prior.payload_ref][1]
 
     def closed(self, d: RoundClosed) -> None:
         # The coordinator aggregates and evaluates for `close_s`; the new base is out after it.
@@ -429,8 +402,8 @@ class _Sim:
         }
         self.rounds.append(row)
         self.opened_at = now
-        for ref in [r for r, (rnd, _) in self.sent.items() if rnd <= d.round - _BASES_KEPT]:
-            del self.sent[ref]
+        for ref in [r for r, (rnd, _) in self.starts.items() if rnd <= d.round - _BASES_KEPT]:
+            del self.starts[ref]
         if self.on_round is not None:
             self.on_round(row)
         if self.protocol.finished:
@@ -439,7 +412,7 @@ class _Sim:
         for p in self.peers.values():  # a new round: wake the peers told to wait
             if p.waiting is not None and self.cancel(p, p.waiting):
                 p.waiting = None
-                self.later(p, now - self.loop.now, self.request, "wake")
+                self.later(p, now - self.loop.now, self.retry, "wake")
 
     # --- a peer's process -----------------------------------------------------------------
 
@@ -463,7 +436,12 @@ class _Sim:
             return
         p.online = True
         self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
-        self.request(p)
+        self.start(p)
+
+    def start(self, p: _Peer) -> None:
+        """The volunteer's process starts afresh (joining, back online, or restarted)."""
+        p.machine.reset()
+        self.run(p, p.machine.handle(vm.Start()))
 
     def go_offline(self, p: _Peer) -> None:
         if not p.online:
@@ -486,6 +464,7 @@ class _Sim:
         spec, p.speculation = p.speculation, None
         if spec is not None:
             p.compute_s += min(now, spec.ends(spec.cap, p.step_s)) - spec.started - spec.paused_s
+        p.free_at = 0.0
 
     def stop(self, p: _Peer) -> None:
         """The peer stops for good (banned, or the run finished)."""
@@ -502,7 +481,65 @@ class _Sim:
 
     def restart(self, p: _Peer) -> None:
         self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
-        self.request(p)
+        self.start(p)
+
+    def retry(self, p: _Peer) -> None:
+        """Ask again: the wait the coordinator asked for is over, or the close is done."""
+        p.waiting = None
+        if p.machine.state is vm.State.WAITING:
+            self.run(p, p.machine.handle(vm.Woke()))
+        else:
+            self.request(p)
+
+    # --- carrying out the machine's decisions in virtual time ------------------------------
+
+    def run(self, p: _Peer, decisions: list[vm.Decision]) -> None:
+        """Carry out the machine's decisions in order; the last may take virtual time and
+        answer with an event later. What follows stopped overlapped training waits for the
+        step under way to end (training a segment accounts for that itself)."""
+        now = self.loop.now
+        if p.free_at > now and decisions and not isinstance(decisions[0], vm.Train):
+            self.later(p, p.free_at - now, lambda q: self.run(q, decisions), "compute")
+            return
+        for d in decisions:
+            self.carry_out(p, d)
+
+    def carry_out(self, p: _Peer, d: vm.Decision) -> None:
+        now = self.loop.now
+        spec = p.speculation
+        if isinstance(d, vm.AskForWork):
+            self.request(p)
+        elif isinstance(d, vm.Wait):
+            p.waiting = self.later(p, d.seconds, self.retry, "retry")
+        elif isinstance(d, vm.Fetch):
+            base = p.base
+            assert base is not None
+            self.fetch(p, d.order, lambda: self.inputs_ready(p, d.order, base))
+        elif isinstance(d, vm.StopSpeculation):
+            self.run(p, p.machine.handle(vm.SpeculationEnded(self.take_speculation(p))))
+        elif isinstance(d, vm.Train):
+            steps = d.segment.max_steps
+            assert steps is not None  # simulated orders have steps budgets
+            start, p.free_at = max(now, p.free_at), 0.0
+            p.computing_since = start
+            self.later(p, start - now + steps * p.step_s, lambda q: self.trained(q, d), "compute")
+        elif isinstance(d, vm.Replay):
+            steps = d.check.steps
+            if spec is not None and spec.paused:  # the replay pauses the overlapped training
+                spec.paused_s += steps * p.step_s
+            p.computing_since = now
+            self.later(p, steps * p.step_s, lambda q: self.trained(q, d), "compute")
+        elif isinstance(d, vm.Speculate):
+            p.speculation = _Speculation(d.segment, d.round, now)
+        elif isinstance(d, vm.PauseSpeculation | vm.ResumeSpeculation):
+            if spec is not None:
+                spec.paused = isinstance(d, vm.PauseSpeculation)
+        elif isinstance(d, vm.UploadReplay):
+            self.replayed(p, d)
+        elif isinstance(d, vm.Upload):
+            began = None if spec is None or spec.round != d.order.round else spec.segment.base
+            nbytes = self.target.upload_bytes
+            self.network.upload(p.peer_id, nbytes, lambda: self.arrived(p, d, began))
 
     def request(self, p: _Peer) -> None:
         if p.stopped or not p.online or self.finished:
@@ -512,10 +549,13 @@ class _Sim:
             return
         (d,) = self.protocol.handle(WorkRequested(p.peer_id))
         if isinstance(d, WorkOrder | VerifyOrder):
-            base = self.base(d.base_version)
-            self.fetch(p, d, lambda: self.compute(p, d, base))
+            p.base = self.base(d.base_version)
+            if isinstance(d, WorkOrder):  # exactly the steps that fit its budget
+                self.run(p, p.machine.handle(vm.GotWork(as_steps(d, fitted_steps(d, p.step_s)))))
+            else:
+                self.run(p, p.machine.handle(vm.GotCheck(d)))
         elif isinstance(d, Wait):
-            p.waiting = self.later(p, d.retry_after, self.retry, "retry")
+            self.run(p, p.machine.handle(vm.GotWait(d.retry_after, d.reason)))
             if p.peer_id in self.protocol.submitted() and self.stuck():
                 self.stalled = True
         elif isinstance(d, Banned | RunFinished):
@@ -523,7 +563,7 @@ class _Sim:
         else:
             self.act([d])
 
-    def fetch(self, p: _Peer, order: WorkOrder | VerifyOrder, then: Callable[[], None]) -> None:
+    def fetch(self, p: _Peer, order: vm.WorkLike | vm.Check, then: Callable[[], None]) -> None:
         """Download what `order` needs and the peer has not cached, one request after the
         other as the client makes them, then run `then`: the order's data shards, θ of its base
         version and, for a replay of overlapped work, θ of the prior version and the payload."""
@@ -554,134 +594,102 @@ class _Sim:
 
         next_request()
 
-    def retry(self, p: _Peer) -> None:
-        p.waiting = None
-        self.request(p)
-
-    def compute(
-        self, p: _Peer, order: WorkOrder | VerifyOrder, base: dict[str, torch.Tensor]
+    def inputs_ready(
+        self, p: _Peer, order: vm.WorkLike | vm.Check, base: dict[str, torch.Tensor]
     ) -> None:
+        """The order's inputs are here: a replay starts (with its overlapped start, while
+        still kept); a work order's training starts, or crashes part-way (`fail_mid_round`)."""
         now = self.loop.now
         if p.first_compute_s is None:
             p.first_compute_s = now
-        prior: CarriedWork | None = None  # a replay's overlapped start, while still kept
         if isinstance(order, VerifyOrder):
-            steps, start, prior = order.steps, now, self.carried_of(order)
-            carried: _Carried | None = None
-            if p.speculation is not None:  # the replay pauses the overlapped training
-                p.speculation.paused_s += steps * p.step_s
-        else:
-            steps = fitted_steps(order, p.step_s)
-            carried, start = self.take_speculation(p, order, now, steps)
-        p.computing_since = start
-        if (
-            isinstance(order, WorkOrder)
-            and self.options.fail_mid_round > 0
-            and self.rng.random() < self.options.fail_mid_round
-        ):
-            rest = (steps - carried_steps(carried)) * p.step_s
+            self.run(p, p.machine.handle(vm.InputsReady(base, self.prior_start_of(order))))
+            return
+        assert isinstance(order, WorkOrder)
+        if self.options.fail_mid_round > 0 and self.rng.random() < self.options.fail_mid_round:
+            done, start = self.end_speculation(p)
+            p.computing_since = start
+            rest = (order.max_steps - min(done, order.max_steps)) * p.step_s
             self.later(p, start - now + self.rng.random() * rest, self.crash, "crash")
             return
-        done = start + (steps - carried_steps(carried)) * p.step_s
-        self.later(
-            p,
-            done - now,
-            lambda q: self.computed(q, order, base, steps, carried, prior),
-            "compute",
-        )
+        self.run(p, p.machine.handle(vm.InputsReady(base)))
 
-    def take_speculation(
-        self, p: _Peer, order: WorkOrder, now: float, steps: int
-    ) -> tuple[_Carried | None, float]:
-        """End the peer's overlapped training as `order`'s base arrives: the steps done by
-        then (a step under way is finished first), and when the rest of the round can start."""
+    def end_speculation(self, p: _Peer) -> tuple[int, float]:
+        """End the peer's overlapped training as a new base arrives: the steps done by now (a
+        step under way is finished first), counted as compute, and when they end."""
+        now = self.loop.now
         spec, p.speculation = p.speculation, None
         if spec is None:
-            return None, now
+            return 0, now
         done = spec.steps_by(now, p.step_s)
         if done < 1:
-            return None, now
-        end = spec.ends(done, p.step_s)
+            return 0, now
         p.compute_s += done * p.step_s
-        carried = CarriedWork.after(
-            spec.base,
-            spec.sent,
-            batch_sampler(spec.order, p.peer_id, self.shards, self.config),
-            first_batch=spec.first_batch,
-            step_offset=spec.order.step_offset,
-            steps=min(done, steps),
-        )
         p.steps += done
-        return _Carried(carried, spec.order.round, spec.first_batch), max(now, end)
+        return done, max(now, spec.ends(done, p.step_s))
 
-    def computed(
-        self,
-        p: _Peer,
-        order: WorkOrder | VerifyOrder,
-        base: dict[str, torch.Tensor],
-        steps: int,
-        carried: _Carried | None,
-        prior: CarriedWork | None = None,
-    ) -> None:
+    def take_speculation(self, p: _Peer) -> Contribution | None:
+        """`end_speculation`, then the numerics of the steps done: the machine's segment for
+        exactly that many steps. The rest of the round starts when they end (`free_at`)."""
+        spec = p.speculation
+        done, p.free_at = self.end_speculation(p)
+        if spec is None or done < 1:
+            return None
+        segment = dataclasses.replace(spec.segment, max_steps=done)
+        return segment.run(p.trainer.train, p.machine.batches(segment, self.shards))
+
+    def trained(self, p: _Peer, d: vm.Train | vm.Replay) -> None:
+        """A `Train` or `Replay` decision's compute time is over: its numerics, then on."""
         assert p.computing_since is not None
-        now = self.loop.now
-        p.compute_s += now - p.computing_since
+        p.compute_s += self.loop.now - p.computing_since
         p.computing_since = None
-        p.steps += steps - carried_steps(carried)
-        if isinstance(order, VerifyOrder):
-            replay = p.volunteer.train(order, base, self.shards, self.config, prior)
-            event = VerificationSubmitted(
-                order.check_id, p.peer_id, DictSource(replay.delta), replay.steps
-            )
-            decisions = self.protocol.handle(event)
-            # A replay that took longer than the check's lapse comes back to a check that was
-            # handed to another peer or is done: the coordinator turns it away, nothing more.
-            self.act([d for d in decisions if not isinstance(d, Unknown)])
-            if any(isinstance(d, Unknown) for d in decisions):
-                self.late_checks += 1
-            self.request(p)
-            return
-        work = dataclasses.replace(order, max_steps=steps)  # exactly the steps that fit
-        prior = None if carried is None else carried.work
-        payload, local = p.volunteer.work(
-            work, base, self.shards, self.config, self.feedback, prior
-        )
-        claim = Claim(local.samples, local.tokens, local.steps, local.loss_mean)
-        sent: dict[str, torch.Tensor] | None = None
-        if self.overlap:  # from θ_r − Δ_sent, which a verifier can recompute (the client's way)
-            sent = local.delta if self.feedback else codec.decode(payload, self.protocol.shapes)
-            fresh = steps - carried_steps(carried)
-            p.speculation = _Speculation(
-                order, base, sent, fresh, now, fitted_steps(order, p.step_s)
-            )
-        nbytes = self.target.upload_bytes
-        self.network.upload(
-            p.peer_id, nbytes, lambda: self.arrived(p, order, payload, claim, carried, sent)
-        )
+        if isinstance(d, vm.Replay):
+            p.steps += d.check.steps
+            result = d.run(p.trainer.train, self.shards, self.config)
+        else:
+            assert d.segment.max_steps is not None
+            p.steps += d.segment.max_steps
+            result = d.segment.run(p.trainer.train, p.machine.batches(d.segment, self.shards))
+        self.run(p, p.machine.handle(vm.Trained(result)))
 
-    def arrived(
-        self,
-        p: _Peer,
-        order: WorkOrder,
-        payload: bytes,
-        claim: Claim,
-        carried: _Carried | None,
-        sent: dict[str, torch.Tensor] | None,
-    ) -> None:
-        event = decode_submission(p.peer_id, order, payload, claim, self.protocol.shapes)
+    def replayed(self, p: _Peer, d: vm.UploadReplay) -> None:
+        """A replay's Δ' reaches the protocol (its upload costs no virtual time here)."""
+        check = d.check
+        assert isinstance(check, VerifyOrder)
+        event = VerificationSubmitted(
+            check.check_id, p.peer_id, DictSource(d.result.delta), d.result.steps
+        )
+        decisions = self.protocol.handle(event)
+        # A replay that took longer than the check's lapse comes back to a check that was
+        # handed to another peer or is done: the coordinator turns it away, nothing more.
+        self.act([x for x in decisions if not isinstance(x, Unknown)])
+        late = any(isinstance(x, Unknown) for x in decisions)
+        self.late_checks += late
+        self.run(p, p.machine.handle(vm.Uploaded(not late)))
+
+    def arrived(self, p: _Peer, d: vm.Upload, start: Params | None) -> None:
+        """An upload reaches the coordinator: the format stage, then the protocol. `start` is
+        where the overlapped training that followed it began (kept for replays)."""
+        order = d.order
+        assert isinstance(order, WorkOrder)
+        event = decode_submission(p.peer_id, order, d.payload, d.claim, self.protocol.shapes)
         if isinstance(event, ContributionSubmitted):
             ref = f"{p.peer_id}/{order.round}"
-            if sent is not None:  # a later replay of overlapped work starts from θ_r − sent
-                self.sent[ref] = (order.round, sent)
+            if start is not None:  # a later replay of overlapped work starts from θ_r − sent
+                self.starts[ref] = (order.round, start)
+            overlap = d.overlap or vm.Overlap(0, -1, 0)
             event = dataclasses.replace(
                 event,
                 ref=ref,
-                overlap_steps=carried_steps(carried),
-                overlap_round=-1 if carried is None else carried.round,
-                overlap_first_batch=0 if carried is None else carried.first_batch,
+                overlap_steps=overlap.steps,
+                overlap_round=overlap.round,
+                overlap_first_batch=overlap.first_batch,
             )
-        self.act(self.protocol.handle(event))
-        self.request(p)
+        decisions = self.protocol.handle(event)
+        self.act(decisions)
+        self.run(
+            p, p.machine.handle(vm.Uploaded(not any(isinstance(x, Rejected) for x in decisions)))
+        )
 
     def stuck(self) -> bool:
         """Nothing can change any more: the round is past its deadline, and every peer that is
@@ -788,7 +796,8 @@ def simulate(
         trainer = trainer_for(config, shared)
         intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
         step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
-        peer = _Peer(spec, Volunteer(spec.peer_id, trainer), step_s, intervals)
+        machine = vm.VolunteerMachine(spec.peer_id, config, protocol.shapes)
+        peer = _Peer(spec, machine, trainer, step_s, intervals)
         if shards_cached:
             peer.shards.update(shards)
         peers.append(peer)

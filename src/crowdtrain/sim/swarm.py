@@ -10,9 +10,11 @@ discrete-event simulator with network and compute costs builds on this.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,16 +23,10 @@ import numpy as np
 import torch
 
 from crowdtrain import codec
-from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
-from crowdtrain.client.volunteer import CarriedWork, replay_work
+from crowdtrain.adversary import Attacker, Claim, RoundView
+from crowdtrain.client import machine as vm
 from crowdtrain.config import RunConfig
-from crowdtrain.data import (
-    BatchSampler,
-    DataManifest,
-    ShardStore,
-    ensure_packed_for,
-    eval_batches,
-)
+from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
 from crowdtrain.protocol import (
@@ -40,7 +36,6 @@ from crowdtrain.protocol import (
     Decision,
     Flagged,
     PeerJoined,
-    PriorWork,
     Rejected,
     RoundClosed,
     RoundProtocol,
@@ -48,6 +43,7 @@ from crowdtrain.protocol import (
     Tick,
     VerificationSubmitted,
     VerifyOrder,
+    Wait,
     WorkOrder,
     WorkRequested,
 )
@@ -110,11 +106,6 @@ class _CounterClock:
         return self.now
 
 
-def uses_error_feedback(config: RunConfig) -> bool:
-    """Whether volunteers keep a compression residual (top-k codec or SparseLoCo outer step)."""
-    return config.codec.name == "topk2bit" or config.outer.optimizer == "error_feedback"
-
-
 def load_shards(manifest: DataManifest, data_dir: Path) -> dict[str, np.ndarray]:
     """Load (and verify) every shard of a packed corpus into memory, keyed by sha256."""
     store = ShardStore(data_dir)
@@ -164,105 +155,6 @@ def trainer_for(config: RunConfig, shared: LocalTrainer) -> LocalTrainer:
     return shared
 
 
-def batch_sampler(
-    order: WorkOrder | VerifyOrder | PriorWork,
-    peer: str,
-    shards: Mapping[str, np.ndarray],
-    config: RunConfig,
-) -> BatchSampler:
-    """The batch stream a work order (a replayed one, or a replay's prior work) names for `peer`."""
-    return BatchSampler(
-        shards,
-        order.shard_ids,
-        seed=order.seed,
-        round=order.round,
-        peer=peer,
-        batch_size=config.data.batch_size,
-        context=config.model.context,
-    )
-
-
-class Volunteer:
-    """One virtual volunteer: its trainer (or a shared one), its residual, maybe an attack."""
-
-    def __init__(
-        self, peer_id: str, trainer: LocalTrainer, attacker: Attacker | None = None
-    ) -> None:
-        self.peer_id = peer_id
-        self.trainer = trainer
-        self.attacker = attacker
-        self.residual: dict[str, torch.Tensor] | None = None
-
-    def train(
-        self,
-        order: WorkOrder | VerifyOrder,
-        base: Mapping[str, torch.Tensor],
-        shards: Mapping[str, np.ndarray],
-        config: RunConfig,
-        carried: CarriedWork | None = None,
-    ) -> Contribution:
-        """Train on the batches a work order (or the replayed order of a spot-check) names.
-
-        With `carried`, the first steps are overlapped work of the previous round, rebased onto
-        `base` exactly as the networked volunteer does it (`client.volunteer.replay_work`).
-        """
-        peer = order.target if isinstance(order, VerifyOrder) else self.peer_id
-        steps = order.steps if isinstance(order, VerifyOrder) else order.max_steps
-        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(
-            batch_sampler(order, peer, shards, config)
-        )
-        if self.attacker is not None and isinstance(order, WorkOrder):
-            batches = self.attacker.poison(batches, config.model.vocab_size)
-        return replay_work(
-            self.trainer.train,
-            base,
-            batches,
-            step_offset=order.step_offset,
-            steps=steps,
-            carried=carried,
-        )
-
-    def work(
-        self,
-        order: WorkOrder,
-        base: Mapping[str, torch.Tensor],
-        shards: Mapping[str, np.ndarray],
-        config: RunConfig,
-        feedback: bool,
-        carried: CarriedWork | None = None,
-    ) -> tuple[bytes, Contribution]:
-        """Train on the work order (after `carried` overlapped steps, see `train`); return the
-        wire payload and the local result."""
-        result = self.train(order, base, shards, config, carried)
-        if feedback and self.residual is None:
-            self.residual = {}
-        return codec.encode(result.delta, config.codec, residual=self.residual), result
-
-    def attack(
-        self,
-        order: WorkOrder,
-        base: Mapping[str, torch.Tensor],
-        shards: Mapping[str, np.ndarray],
-        config: RunConfig,
-        view: RoundView,
-    ) -> tuple[bytes, Claim]:
-        """Train (unless the attack skips it), forge, and encode what the attacker sends."""
-        assert self.attacker is not None
-        if self.attacker.trains:
-            local = self.train(order, base, shards, config)
-            honest = local.delta
-            claim = Claim(local.samples, local.tokens, local.steps, local.loss_mean)
-        else:
-            honest, claim = idle_start(
-                base,
-                max_steps=order.max_steps,
-                batch_size=config.data.batch_size,
-                context=config.model.context,
-            )
-        forgery = self.attacker.forge(honest, claim, view)
-        return encode_forgery(forgery, config.codec), forgery.claim
-
-
 def decode_submission(
     peer_id: str,
     order: WorkOrder,
@@ -288,8 +180,42 @@ def decode_submission(
     )
 
 
-def _claim(result: Contribution) -> Claim:
-    return Claim(result.samples, result.tokens, result.steps, result.loss_mean)
+def as_steps(order: WorkOrder, steps: int | None = None) -> WorkOrder:
+    """`order` with a budget of `steps` steps (default its `max_steps`): a simulated volunteer
+    has no wall clock, so a seconds budget is the steps it trains in that time."""
+    return dataclasses.replace(order, budget="steps", max_steps=steps or order.max_steps)
+
+
+@dataclass(eq=False)
+class SimPeer:
+    """One simulated volunteer: its machine, its trainer, and the decisions it has yet to
+    carry out (the in-process drivers run them one by one)."""
+
+    peer_id: str
+    machine: vm.VolunteerMachine
+    trainer: LocalTrainer
+    pending: deque[vm.Decision] = field(default_factory=deque)
+
+    def feed(self, event: vm.Event) -> None:
+        """Hand the machine an event; queue the decisions it returns."""
+        self.pending.extend(self.machine.handle(event))
+
+    def train(self, d: vm.Train, shards: Mapping[str, np.ndarray]) -> Contribution:
+        """The numerics of a `Train` decision, on the shards in memory."""
+        return d.segment.run(self.trainer.train, self.machine.batches(d.segment, shards))
+
+
+def replay(
+    trainer: LocalTrainer,
+    check: VerifyOrder,
+    base: Mapping[str, torch.Tensor],
+    shards: Mapping[str, np.ndarray],
+    config: RunConfig,
+    prior: Mapping[str, torch.Tensor] | None = None,
+) -> Contribution:
+    """A spot-check replay computed in process (by a volunteer or by the coordinator); `prior`
+    is where the overlapped steps it redoes began (θ_prior − Δ_sent), if any."""
+    return vm.Replay(check, base, prior).run(trainer.train, shards, config)
 
 
 @dataclass
@@ -298,17 +224,28 @@ class _Swarm:
 
     config: RunConfig
     protocol: RoundProtocol
-    volunteers: list[Volunteer]
+    peers: list[SimPeer]
     shards: dict[str, np.ndarray]
-    feedback: bool
     bases: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     train_steps: int = 0
     verify_steps: int = 0
     flagged: set[str] = field(default_factory=set)
     banned: dict[str, str] = field(default_factory=dict)
     submissions: list[tuple[str, int]] = field(default_factory=list)
+    honest: list[Mapping[str, torch.Tensor]] = field(default_factory=list)
+    attackers: int = 0
     closed: RoundClosed | None = None
     finished: bool = False
+
+    def view(self, round: int, own: Mapping[str, torch.Tensor]) -> RoundView:
+        """What the attacker coalition sees: every honest Δ of the round so far (omniscient)."""
+        return RoundView(
+            round=round,
+            peers=len(self.peers),
+            attackers=self.attackers,
+            honest=self.honest,
+            others=self.honest,
+        )
 
     def act(self, decisions: list[Decision]) -> None:
         """Follow up on decisions: note closes and bans; replay coordinator spot-checks."""
@@ -323,60 +260,98 @@ class _Swarm:
                 self.flagged.add(d.peer_id)
             elif isinstance(d, Banned):
                 self.banned[d.peer_id] = d.reason
-            elif isinstance(d, VerifyOrder) and not d.peer_id:
-                self.verify(self.volunteers[0], d)  # the coordinator replays it itself
+            elif isinstance(d, VerifyOrder) and not d.peer_id:  # the coordinator replays it
+                result = replay(
+                    self.peers[0].trainer,
+                    d,
+                    self.bases[d.base_version],
+                    self.shards,
+                    self.config,
+                )
+                self.verified(d, result)
 
-    def verify(self, verifier: Volunteer, order: VerifyOrder) -> None:
-        """Replay a spot-checked work order and submit Δ'."""
-        replay = verifier.train(order, self.bases[order.base_version], self.shards, self.config)
-        self.verify_steps += replay.steps
+    def verified(self, check: VerifyOrder, result: Contribution) -> None:
+        """Hand a replay's Δ' to the protocol."""
+        self.verify_steps += result.steps
         event = VerificationSubmitted(
-            order.check_id, order.peer_id, DictSource(replay.delta), replay.steps
+            check.check_id, check.peer_id, DictSource(result.delta), result.steps
         )
         self.act(self.protocol.handle(event))
 
     def round(self) -> None:
-        """Every volunteer asks for work (honest ones first) and does it."""
-        protocol, config = self.protocol, self.config
-        base = {k: t.clone() for k, t in protocol.params.items()}
-        self.bases[protocol.version] = base
+        """Every volunteer asks for work (honest ones first), then each does its order."""
+        protocol = self.protocol
+        self.bases[protocol.version] = {k: t.clone() for k, t in protocol.params.items()}
         for old in [v for v in self.bases if v < protocol.version - 4]:
             del self.bases[old]
-        honest: list[dict[str, torch.Tensor]] = []
-        attackers = sum(
-            1 for v in self.volunteers if v.attacker is not None and v.peer_id not in self.banned
+        self.honest = []
+        self.attackers = sum(
+            1 for p in self.peers if p.machine.attacker is not None and p.peer_id not in self.banned
         )
         # Every volunteer asks first (as real ones do at a round's start), then all train.
-        orders = [(v, self._next_order(v)) for v in self.volunteers]
-        for v, order in orders:
-            if order is None:
-                continue
-            if v.attacker is None:
-                payload, local = v.work(order, base, self.shards, config, self.feedback)
-                self.train_steps += local.steps
-                claim = _claim(local)
-                honest.append(local.delta)  # what a copycat or colluder sees of this peer
-            else:
-                view = RoundView(
-                    round=order.round,
-                    peers=len(self.volunteers),
-                    attackers=attackers,
-                    honest=honest,
-                    others=honest,
-                )
-                payload, claim = v.attack(order, base, self.shards, config, view)
-                self.train_steps += claim.steps if v.attacker.trains else 0
-            event = decode_submission(v.peer_id, order, payload, claim, protocol.shapes)
-            self.submissions.append((v.peer_id, order.round))
-            self.act(protocol.handle(event))
+        orders = [(p, self.ask(p)) for p in self.peers]
+        for p, order in orders:
+            if order is not None:
+                p.feed(vm.GotWork(as_steps(order)))
+                self.drive(p)
 
-    def _next_order(self, v: Volunteer) -> WorkOrder | None:
-        while True:
-            (decision,) = self.protocol.handle(WorkRequested(v.peer_id))
-            if isinstance(decision, VerifyOrder):
-                self.verify(v, decision)
+    def ask(self, p: SimPeer) -> WorkOrder | None:
+        """P's answer from the protocol, replaying spot-checks on the way; None: no work."""
+        while p.pending and isinstance(p.pending[0], vm.AskForWork | vm.Wait):
+            if isinstance(p.pending.popleft(), vm.Wait):
+                p.feed(vm.Woke())  # a simulated round is the wait
                 continue
-            return decision if isinstance(decision, WorkOrder) else None
+            (d,) = self.protocol.handle(WorkRequested(p.peer_id))
+            if isinstance(d, WorkOrder):
+                return d
+            if isinstance(d, VerifyOrder):
+                p.feed(vm.GotCheck(d))
+                self.drive(p)
+            elif isinstance(d, Wait):
+                p.feed(vm.GotWait(d.retry_after, d.reason))
+                return None
+            elif isinstance(d, Banned):
+                p.feed(vm.GotBanned(d.reason))
+            elif isinstance(d, RunFinished):
+                p.feed(vm.GotFinished())
+        return None
+
+    def drive(self, p: SimPeer) -> None:
+        """Carry out P's decisions until it asks for work again (transfers are instant)."""
+        while p.pending and not isinstance(p.pending[0], vm.AskForWork | vm.Wait | vm.Stop):
+            d = p.pending.popleft()
+            if isinstance(d, vm.Fetch):
+                p.feed(vm.InputsReady(self.bases[d.order.base_version]))
+            elif isinstance(d, vm.StopSpeculation):
+                p.feed(vm.SpeculationEnded(None))  # the next base came at once: no step ahead
+            elif isinstance(d, vm.Train):
+                p.feed(vm.Trained(p.train(d, self.shards)))
+            elif isinstance(d, vm.Replay):
+                p.feed(vm.Trained(d.run(p.trainer.train, self.shards, self.config)))
+            elif isinstance(d, vm.UploadReplay):
+                assert isinstance(d.check, VerifyOrder)
+                self.verified(d.check, d.result)
+                p.feed(vm.Uploaded(True))
+            elif isinstance(d, vm.Upload):
+                p.feed(vm.Uploaded(self.submit(p, d)))
+            # Speculate, PauseSpeculation, ResumeSpeculation: nothing runs between events here
+
+    def submit(self, p: SimPeer, d: vm.Upload) -> bool:
+        """The upload arrives: decode it and hand it to the protocol."""
+        order = d.order
+        assert isinstance(order, WorkOrder)
+        attacker = p.machine.attacker
+        if attacker is None:
+            assert d.result is not None
+            self.train_steps += d.result.steps
+            self.honest.append(d.result.delta)  # what a copycat or colluder sees of this peer
+        else:
+            self.train_steps += d.claim.steps if attacker.trains else 0
+        event = decode_submission(p.peer_id, order, d.payload, d.claim, self.protocol.shapes)
+        self.submissions.append((p.peer_id, order.round))
+        decisions = self.protocol.handle(event)
+        self.act(decisions)
+        return not any(isinstance(x, Rejected) for x in decisions)
 
 
 def run_swarm(
@@ -403,15 +378,17 @@ def run_swarm(
         config, initial_state(config.model), manifest.train_ids, clock, probe=probe
     )
     shared = LocalTrainer(config.model, config.inner)
-    volunteers = []
+    swarm = _Swarm(config, protocol, [], shards)
     for i in range(peers):
-        trainer = trainer_for(config, shared)
         bad = attack is not None and i >= peers - attackers
         attacker = Attacker(attack, f"peer-{i}", config.seed) if bad and attack else None
-        volunteers.append(Volunteer(f"peer-{i}", trainer, attacker))
-    for v in volunteers:
-        protocol.handle(PeerJoined(v.peer_id, v.peer_id))
-    swarm = _Swarm(config, protocol, volunteers, shards, uses_error_feedback(config))
+        machine = vm.VolunteerMachine(
+            f"peer-{i}", config, protocol.shapes, attacker=attacker, view=swarm.view
+        )
+        peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
+        peer.feed(vm.Start())
+        swarm.peers.append(peer)
+        protocol.handle(PeerJoined(peer.peer_id, peer.peer_id))
     result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
     for step in itertools.count():
         swarm.closed = None
@@ -436,7 +413,7 @@ def run_swarm(
         if swarm.finished:
             break
     result.final_eval_loss = result.rounds[-1].eval_loss
-    result.attackers = [v.peer_id for v in volunteers if v.attacker is not None]
+    result.attackers = [p.peer_id for p in swarm.peers if p.machine.attacker is not None]
     result.flagged = sorted(swarm.flagged)
     result.banned = dict(swarm.banned)
     result.train_steps, result.verify_steps = swarm.train_steps, swarm.verify_steps

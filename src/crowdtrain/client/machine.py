@@ -1,0 +1,665 @@
+"""The volunteer as one sans-IO state machine: events in, decisions out (in the style of h11).
+
+What a volunteer does in a run — take a work order, train it, encode and upload Δ, keep
+training past the round while the upload travels (overlap), rebase that progress onto the next
+base, replay a spot-check — lives here once. `VolunteerMachine.handle(event)` returns the
+decisions the driver carries out; it never touches the network, the disk, a thread or a clock.
+The HTTP client (`client/volunteer.py`), the in-process swarm (`sim/swarm.py`) and the
+discrete-event simulator (`sim/des.py`) are thin drivers of it, so what the simulator measures
+is what the networked volunteer does.
+
+Every decision that needs an answer gets exactly one event back:
+
+    AskForWork        -> GotWork | GotCheck | GotWait | GotFinished | GotBanned
+    Wait              -> Woke
+    Fetch             -> InputsReady
+    Train, Replay     -> Trained
+    StopSpeculation   -> SpeculationEnded
+    Upload, UploadReplay -> Uploaded
+
+`Speculate`, `PauseSpeculation` and `ResumeSpeculation` need none: the driver starts, pauses or
+resumes overlapped training and goes on with the next decision. `Stop` ends the machine.
+Legal transitions are data (`TRANSITIONS`), as in h11's `_state.py`; any other event is a
+driver bug and raises `MachineError`.
+
+The algorithm is DiLoCo's round (Douillard et al. 2023, arXiv:2311.08105) with Streaming
+DiLoCo's overlap (Douillard et al. 2025, arXiv:2501.18512): after uploading round r's Δ the
+volunteer goes on training round r's order from θ_r − decode(payload_r) — the end point anyone
+can recompute from public data — for at most one round's budget, and when θ_{r+1} arrives that
+progress is rebased onto it and counts towards round r+1 (`client.work`). A spot-check
+(BOINC-style adaptive replication, Anderson 2020) pauses overlapped training, replays the
+target's order exactly and uploads Δ'. Attack behaviours for testing defences come from
+`crowdtrain.adversary`, applied here once for every driver.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from crowdtrain import codec
+from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
+from crowdtrain.client.work import (
+    Batch,
+    Budget,
+    CheckLike,
+    Params,
+    PriorLike,
+    Stream,
+    TrainFn,
+    batch_sampler,
+    batches_from,
+    fills_budget,
+    merge,
+    overlap_start,
+    rebased,
+    replay_check,
+)
+from crowdtrain.config import RunConfig
+from crowdtrain.train import Contribution
+
+
+class MachineError(RuntimeError):
+    """A driver fed the machine an event that is not legal in its state."""
+
+
+class WorkLike(Stream, Budget, Protocol):
+    """A work order, as the protocol (`WorkOrder`) or the HTTP API (`WorkOrderMsg`) gives it."""
+
+    @property
+    def base_version(self) -> int: ...
+
+
+class Check(CheckLike, Protocol):
+    """A spot-check order (`VerifyOrder`, `VerifyOrderMsg`): replay target's order."""
+
+    @property
+    def base_version(self) -> int: ...
+    @property
+    def prior(self) -> PriorLike | None: ...
+
+
+def uses_error_feedback(config: RunConfig) -> bool:
+    """Whether volunteers keep a compression residual (top-k codec or SparseLoCo outer step)."""
+    return config.codec.name == "topk2bit" or config.outer.optimizer == "error_feedback"
+
+
+# --- events (driver -> machine) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """The volunteer has joined and pinned the run's manifest."""
+
+
+@dataclass(frozen=True)
+class GotWork:
+    """The coordinator handed out a work order."""
+
+    order: WorkLike
+
+
+@dataclass(frozen=True)
+class GotCheck:
+    """The coordinator asks this (trusted) volunteer to replay another peer's work order."""
+
+    check: Check
+
+
+@dataclass(frozen=True)
+class GotWait:
+    """No work now; the coordinator says to ask again after `retry_after` seconds."""
+
+    retry_after: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class GotFinished:
+    """The run is over."""
+
+
+@dataclass(frozen=True)
+class GotBanned:
+    """The coordinator banned this volunteer (any call may say so)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Woke:
+    """The wait a `Wait` asked for is over."""
+
+
+@dataclass(frozen=True)
+class InputsReady:
+    """Everything the order needs is here: θ_base, and for a replay of overlapped work where
+    the overlapped steps began, θ_prior − decode(prior payload) (`client.work.overlap_start`).
+    The driver has the shards."""
+
+    base: Params
+    prior: Params | None = None
+
+
+@dataclass(frozen=True)
+class Trained:
+    """The last `Train` or `Replay` finished with this result."""
+
+    result: Contribution
+
+
+@dataclass(frozen=True)
+class SpeculationEnded:
+    """Overlapped training stopped; `result` is its progress (None: not one step was taken)."""
+
+    result: Contribution | None
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """The upload was acknowledged (`accepted`) or refused for this round only."""
+
+    accepted: bool
+
+
+Event = (
+    Start
+    | GotWork
+    | GotCheck
+    | GotWait
+    | GotFinished
+    | GotBanned
+    | Woke
+    | InputsReady
+    | Trained
+    | SpeculationEnded
+    | Uploaded
+)
+
+
+# --- decisions (machine -> driver) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One call of the trainer: from `start` (default `base`), Δ measured from `base`, on the
+    batches of `stream` for `peer` from batch `first_batch`, the first at `step_offset`, for
+    `max_steps` steps or `max_seconds` seconds (exactly one is set)."""
+
+    base: Params
+    start: Params | None
+    stream: Stream
+    peer: str
+    first_batch: int
+    step_offset: int
+    max_steps: int | None
+    max_seconds: float | None
+    poisoned: bool = False  # an attacker's own training: batches pass through its poison
+
+    def run(self, train: TrainFn, batches: Iterator[Batch], **extra: Any) -> Contribution:
+        """Run this segment with `train` (`LocalTrainer.train` or a wrapper of it)."""
+        return train(
+            self.base,
+            batches,
+            step_offset=self.step_offset,
+            max_steps=self.max_steps,
+            max_seconds=self.max_seconds,
+            start=self.start,
+            **extra,
+        )
+
+
+@dataclass(frozen=True)
+class AskForWork:
+    """Ask the coordinator what to do next."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Ask again after `seconds` (the coordinator said so, with `reason`)."""
+
+    seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Download (or find cached) what `order` needs: its shards and θ of its base version; for
+    a spot-check of overlapped work also θ of the prior version and the prior payload."""
+
+    order: WorkLike | Check
+
+
+@dataclass(frozen=True)
+class Train:
+    """Train `segment` of round `round`'s work order and answer `Trained`."""
+
+    round: int
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Replay `check` exactly (`client.work.replay_check`) and answer `Trained`."""
+
+    check: Check
+    base: Params
+    prior: Params | None
+
+    def run(
+        self, train: TrainFn, shards: Mapping[str, npt.NDArray[np.uint8]], config: RunConfig
+    ) -> Contribution:
+        """The replay's result, computed with `train` on `shards`."""
+        return replay_check(
+            train, self.check, self.check.prior, self.base, shards, config, self.prior
+        )
+
+
+@dataclass(frozen=True)
+class Speculate:
+    """Start overlapped training of `segment` in the background until `StopSpeculation`
+    (at most the segment's budget; a step under way is finished first)."""
+
+    round: int
+    segment: Segment
+
+
+@dataclass(frozen=True)
+class PauseSpeculation:
+    """Pause overlapped training (after the step under way) while a replay runs."""
+
+
+@dataclass(frozen=True)
+class ResumeSpeculation:
+    """Resume paused overlapped training."""
+
+
+@dataclass(frozen=True)
+class StopSpeculation:
+    """Stop overlapped training after the step under way and answer `SpeculationEnded`."""
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """What a contribution declares about its overlapped start: `steps` steps that continued
+    the order of round `round` from its batch `first_batch`."""
+
+    steps: int
+    round: int
+    first_batch: int
+
+    def meta(self) -> dict[str, int]:
+        """The upload metadata fields that declare it."""
+        return {
+            "overlap_steps": self.steps,
+            "overlap_round": self.round,
+            "overlap_first_batch": self.first_batch,
+        }
+
+
+NO_OVERLAP = {"overlap_steps": 0, "overlap_round": -1, "overlap_first_batch": 0}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """Upload `payload` for `order` with its `claim` (and `overlap` declaration); `result` is
+    the local training result behind it (None for an attacker that does not train)."""
+
+    order: WorkLike
+    payload: bytes
+    claim: Claim
+    overlap: Overlap | None
+    result: Contribution | None
+
+    def meta(self) -> dict[str, Any]:
+        """The upload's metadata (docs/API.md, X-Crowdtrain-Meta) without utilization."""
+        return {
+            "base_version": self.order.base_version,
+            "samples": self.claim.samples,
+            "tokens": self.claim.tokens,
+            "steps": self.claim.steps,
+            "train_loss": self.claim.train_loss,
+            **(NO_OVERLAP if self.overlap is None else self.overlap.meta()),
+        }
+
+
+@dataclass(frozen=True)
+class UploadReplay:
+    """Upload the replay Δ' of `check` (`result.steps` steps) as `payload`."""
+
+    check: Check
+    payload: bytes
+    result: Contribution
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The volunteer is done: the run finished, or it was banned (`banned`)."""
+
+    reason: str
+    banned: bool = False
+
+
+Decision = (
+    AskForWork
+    | Wait
+    | Fetch
+    | Train
+    | Replay
+    | Speculate
+    | PauseSpeculation
+    | ResumeSpeculation
+    | StopSpeculation
+    | Upload
+    | UploadReplay
+    | Stop
+)
+
+
+# --- states and the transition table ---------------------------------------------------------
+
+
+class State(enum.Enum):
+    """Where the volunteer is in its loop (overlapped training runs beside any of them)."""
+
+    IDLE = "idle"  # not started
+    ASKING = "asking"  # waiting for the coordinator's answer to a work request
+    WAITING = "waiting"  # told to ask again later
+    FETCHING = "fetching"  # downloading an order's inputs
+    STOPPING = "stopping"  # waiting for overlapped training to stop
+    TRAINING = "training"  # training a work order or replaying a spot-check
+    UPLOADING = "uploading"  # sending Δ or Δ'
+    DONE = "done"  # the run finished or this volunteer was banned
+
+
+#: (state, event type) -> the states the event may lead to. Anything else is a driver bug.
+TRANSITIONS: dict[tuple[State, type], frozenset[State]] = {
+    (State.IDLE, Start): frozenset({State.ASKING}),
+    (State.ASKING, GotWork): frozenset({State.FETCHING}),
+    (State.ASKING, GotCheck): frozenset({State.FETCHING}),
+    (State.ASKING, GotWait): frozenset({State.WAITING}),
+    (State.ASKING, GotFinished): frozenset({State.DONE}),
+    (State.WAITING, Woke): frozenset({State.ASKING}),
+    (State.FETCHING, InputsReady): frozenset({State.STOPPING, State.TRAINING, State.UPLOADING}),
+    (State.STOPPING, SpeculationEnded): frozenset({State.TRAINING, State.UPLOADING}),
+    (State.TRAINING, Trained): frozenset({State.UPLOADING}),
+    (State.UPLOADING, Uploaded): frozenset({State.ASKING}),
+    **{(s, GotBanned): frozenset({State.DONE}) for s in State if s is not State.DONE},
+}
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """Overlapped progress that the next work order starts with, and what it declares."""
+
+    result: Contribution
+    overlap: Overlap
+
+
+@dataclass(frozen=True)
+class _Speculation:
+    """Overlapped training under way: round `round`'s order from its batch `first_batch`."""
+
+    round: int
+    first_batch: int
+
+
+def own_view(round: int, honest: Mapping[str, torch.Tensor]) -> RoundView:
+    """What a networked attacker sees of a round: only its own honest Δ (it is not
+    omniscient), so ALIE and IPM work from that one Δ and copycat has nobody to copy."""
+    return RoundView(round=round, peers=1, attackers=1, honest=[honest], others=[])
+
+
+class VolunteerMachine:
+    """One volunteer's logic: orders, training, overlap and rebase, encoding, replays.
+
+    `shapes` are the run's parameter shapes; `attacker` (for testing defences) makes it behave
+    as that attack, seeing what `view(round, own honest Δ)` returns of the round (default
+    `own_view`). The error-feedback residual of the codec lives here across rounds.
+    """
+
+    def __init__(
+        self,
+        peer_id: str,
+        config: RunConfig,
+        shapes: Mapping[str, Sequence[int]],
+        *,
+        attacker: Attacker | None = None,
+        view: Callable[[int, Mapping[str, torch.Tensor]], RoundView] = own_view,
+    ) -> None:
+        self.peer_id = peer_id
+        self.config = config
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.attacker = attacker
+        self.view = view
+        self.residual: dict[str, torch.Tensor] | None = {} if uses_error_feedback(config) else None
+        self.overlap = config.inner.overlap and attacker is None
+        self.state = State.IDLE
+        self.order: WorkLike | None = None  # the work order in hand
+        self.check: Check | None = None  # or the spot-check
+        self.base: Params | None = None
+        self.carried: _Carried | None = None
+        self.speculation: _Speculation | None = None
+        self._handlers: dict[type, Callable[[Any], list[Decision]]] = {
+            Start: self._on_start,
+            GotWork: self._on_work,
+            GotCheck: self._on_check,
+            GotWait: self._on_wait,
+            GotFinished: self._on_finished,
+            GotBanned: self._on_banned,
+            Woke: self._on_woke,
+            InputsReady: self._on_inputs,
+            SpeculationEnded: self._on_speculation_ended,
+            Trained: self._on_trained,
+            Uploaded: self._on_uploaded,
+        }
+
+    # --- public --------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Decision]:
+        """Apply one event; return the decisions it causes (at most the last needs an answer)."""
+        legal = TRANSITIONS.get((self.state, type(event)))
+        if legal is None:
+            raise MachineError(
+                f"a volunteer in state {self.state.value} cannot take {type(event).__name__}"
+            )
+        decisions = self._handlers[type(event)](event)
+        assert self.state in legal, (self.state, type(event))
+        return decisions
+
+    def reset(self) -> None:
+        """The volunteer's process lost its work in progress (it crashed, or its machine
+        slept and the run moved on): back to IDLE, to start again with `Start`. The codec's
+        error-feedback residual is kept, as it is on the volunteer's disk."""
+        self.state = State.IDLE
+        self.order, self.check, self.base = None, None, None
+        self.carried, self.speculation = None, None
+
+    def batches(
+        self, segment: Segment, shards: Mapping[str, npt.NDArray[np.uint8]]
+    ) -> Iterator[Batch]:
+        """The batches `segment` trains on, drawn from `shards` (poisoned for an attacker)."""
+        sampler = batch_sampler(segment.stream, segment.peer, shards, self.config)
+        batches = batches_from(sampler, segment.first_batch)
+        if segment.poisoned and self.attacker is not None:
+            batches = self.attacker.poison(batches, self.config.model.vocab_size)
+        return batches
+
+    # --- handlers ------------------------------------------------------------------------
+
+    def _on_start(self, event: Start) -> list[Decision]:
+        self.state = State.ASKING
+        return [AskForWork()]
+
+    def _on_woke(self, event: Woke) -> list[Decision]:
+        self.state = State.ASKING
+        return [AskForWork()]
+
+    def _on_wait(self, event: GotWait) -> list[Decision]:
+        self.state = State.WAITING
+        return [Wait(event.retry_after, event.reason)]
+
+    def _on_finished(self, event: GotFinished) -> list[Decision]:
+        self.state = State.DONE
+        return [Stop("the run is over")]
+
+    def _on_banned(self, event: GotBanned) -> list[Decision]:
+        self.state = State.DONE
+        return [Stop(event.reason, banned=True)]
+
+    def _on_work(self, event: GotWork) -> list[Decision]:
+        self.state, self.order, self.check = State.FETCHING, event.order, None
+        return [Fetch(event.order)]
+
+    def _on_check(self, event: GotCheck) -> list[Decision]:
+        self.state, self.order, self.check = State.FETCHING, None, event.check
+        return [Fetch(event.check)]
+
+    def _on_inputs(self, event: InputsReady) -> list[Decision]:
+        if self.check is not None:
+            self.state = State.TRAINING
+            pause: list[Decision] = [PauseSpeculation()] if self.speculation else []
+            return [*pause, Replay(self.check, event.base, event.prior)]
+        self.base = event.base
+        if self.speculation is not None:  # the new base is here: end the overlapped training
+            self.state = State.STOPPING
+            return [StopSpeculation()]
+        return self._begin()
+
+    def _on_speculation_ended(self, event: SpeculationEnded) -> list[Decision]:
+        spec, self.speculation = self.speculation, None
+        assert spec is not None
+        if event.result is not None and event.result.steps > 0:
+            overlap = Overlap(event.result.steps, spec.round, spec.first_batch)
+            self.carried = _Carried(event.result, overlap)
+        return self._begin()
+
+    def _on_trained(self, event: Trained) -> list[Decision]:
+        if self.check is not None:
+            self.state = State.UPLOADING
+            payload = codec.encode(event.result.delta, self.config.codec)
+            return [UploadReplay(self.check, payload, event.result)]
+        carried = self.carried
+        result = event.result if carried is None else merge(carried.result, event.result)
+        return self._finish(result)
+
+    def _on_uploaded(self, event: Uploaded) -> list[Decision]:
+        self.state = State.ASKING
+        resume: list[Decision] = []
+        if self.check is not None and self.speculation is not None:
+            resume = [ResumeSpeculation()]
+        self.order, self.check = None, None
+        return [*resume, AskForWork()]
+
+    # --- a work order --------------------------------------------------------------------
+
+    def _work(self) -> WorkLike:
+        order = self.order
+        assert order is not None
+        return order
+
+    def _begin(self) -> list[Decision]:
+        """Train the work order, after overlapped progress if there is some (rebased)."""
+        order, base, carried = self._work(), self.base, self.carried
+        assert base is not None
+        if self.attacker is not None and not self.attacker.trains:
+            return self._finish(None)
+        if carried is None:
+            segment = self._segment(order, base, None, steps_done=0, seconds_done=0.0)
+        elif fills_budget(order, carried.result):
+            return self._finish(carried.result)  # Δ from the new θ is the rebased progress
+        else:
+            done = carried.result
+            segment = self._segment(
+                order, base, rebased(base, done), steps_done=done.steps, seconds_done=done.seconds
+            )
+        self.state = State.TRAINING
+        return [Train(order.round, segment)]
+
+    def _segment(
+        self,
+        order: WorkLike,
+        base: Params,
+        start: Params | None,
+        *,
+        steps_done: int,
+        seconds_done: float,
+        first_batch: int = 0,
+    ) -> Segment:
+        """The rest of `order`'s budget after `steps_done` steps / `seconds_done` seconds."""
+        if order.budget == "steps":
+            max_steps, max_seconds = max(1, order.max_steps - steps_done), None
+        else:
+            max_steps, max_seconds = None, max(0.001, order.max_seconds - seconds_done)
+        return Segment(
+            base=base,
+            start=start,
+            stream=order,
+            peer=self.peer_id,
+            first_batch=first_batch,
+            step_offset=order.step_offset + first_batch,
+            max_steps=max_steps,
+            max_seconds=max_seconds,
+            poisoned=self.attacker is not None,
+        )
+
+    def _finish(self, result: Contribution | None) -> list[Decision]:
+        """Encode the round's result (or forgery), start overlapped training, upload."""
+        order, base = self._work(), self.base
+        assert base is not None
+        carried, self.carried = self.carried, None
+        payload, claim = self._encode(order, result, base)
+        decisions: list[Decision] = []
+        if self.overlap and result is not None:
+            fresh = result.steps - (carried.result.steps if carried is not None else 0)
+            start = self._speculation_start(base, result, payload)
+            segment = self._segment(
+                order, start, None, steps_done=0, seconds_done=0.0, first_batch=fresh
+            )
+            self.speculation = _Speculation(order.round, fresh)
+            decisions.append(Speculate(order.round, segment))
+        overlap = None if carried is None else carried.overlap
+        self.state = State.UPLOADING
+        decisions.append(Upload(order, payload, claim, overlap, result))
+        return decisions
+
+    def _encode(
+        self, order: WorkLike, result: Contribution | None, base: Params
+    ) -> tuple[bytes, Claim]:
+        """One round's payload (or an attacker's forgery of its own result) and its claim."""
+        if self.attacker is None:
+            assert result is not None
+            payload = codec.encode(result.delta, self.config.codec, residual=self.residual)
+            return payload, _claim(result)
+        if result is not None:
+            honest: Mapping[str, torch.Tensor] = result.delta
+            claim = _claim(result)
+        else:
+            honest, claim = idle_start(
+                base,
+                max_steps=order.max_steps,
+                batch_size=self.config.data.batch_size,
+                context=self.config.model.context,
+            )
+        forgery = self.attacker.forge(honest, claim, self.view(order.round, honest))
+        return encode_forgery(forgery, self.config.codec, self.residual), forgery.claim
+
+    def _speculation_start(
+        self, base: Params, result: Contribution, payload: bytes
+    ) -> dict[str, torch.Tensor]:
+        """Where overlapped training starts: θ_base − decode(payload), the end point anyone
+        can compute from public data, so that a verifier can replay it. With an error-feedback
+        residual (never spot-checked) the payload is not Δ, so it is the local end point."""
+        if self.residual is not None:
+            return rebased(base, result)
+        return overlap_start(base, codec.decode(payload, self.shapes))
+
+
+def _claim(result: Contribution) -> Claim:
+    return Claim(result.samples, result.tokens, result.steps, result.loss_mean)

@@ -1,0 +1,286 @@
+"""The volunteer's sans-IO machine, driven event by event without a network, disk or trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from crowdtrain import codec
+from crowdtrain.adversary import Attacker
+from crowdtrain.client import machine as vm
+from crowdtrain.client.work import overlap_start
+from crowdtrain.config import RunConfig
+from crowdtrain.train import Contribution
+from crowdtrain_testing import tiny_config
+
+SHAPES = {"w": (4, 8), "b": (8,)}
+
+
+@dataclass(frozen=True)
+class Order:
+    """A work order as the protocol gives it (the fields the machine reads)."""
+
+    round: int = 0
+    base_version: int = 0
+    shard_ids: tuple[str, ...] = ("a" * 64,)
+    seed: int = 1
+    step_offset: int = 0
+    budget: str = "steps"
+    max_steps: int = 4
+    max_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Prior:
+    round: int = 0
+    base_version: int = 0
+    shard_ids: tuple[str, ...] = ("a" * 64,)
+    seed: int = 1
+    step_offset: int = 0
+    first_batch: int = 2
+    steps: int = 2
+
+
+@dataclass(frozen=True)
+class CheckOrder:
+    check_id: str = "c1"
+    target: str = "peer-b"
+    round: int = 1
+    base_version: int = 1
+    shard_ids: tuple[str, ...] = ("b" * 64,)
+    seed: int = 1
+    step_offset: int = 4
+    steps: int = 4
+    prior: Prior | None = None
+
+
+def config(codec_name: str = "int8", **inner: object) -> RunConfig:
+    return tiny_config(Path("corpus"), Path("data"), inner=dict(inner), codec={"name": codec_name})
+
+
+def params(value: float) -> dict[str, torch.Tensor]:
+    return {k: torch.full(s, value) for k, s in SHAPES.items()}
+
+
+def result(steps: int, value: float = 0.25, seconds: float = 1.0) -> Contribution:
+    return Contribution(
+        delta=params(value),
+        samples=8 * steps,
+        tokens=256 * steps,
+        steps=steps,
+        loss_first=3.0,
+        loss_last=2.0,
+        loss_mean=2.5,
+        seconds=seconds,
+    )
+
+
+def machine(cfg: RunConfig | None = None, attacker: Attacker | None = None) -> vm.VolunteerMachine:
+    m = vm.VolunteerMachine("peer-a", cfg or config(), SHAPES, attacker=attacker)
+    assert m.handle(vm.Start()) == [vm.AskForWork()]
+    return m
+
+
+def one(decisions: list[vm.Decision]) -> vm.Decision:
+    (d,) = decisions
+    return d
+
+
+def test_a_work_order_without_overlap_trains_uploads_and_asks_again() -> None:
+    m = machine(config(overlap=False))
+    order = Order()
+    assert one(m.handle(vm.GotWork(order))) == vm.Fetch(order)
+    train = one(m.handle(vm.InputsReady(params(1.0))))
+    assert isinstance(train, vm.Train) and m.state is vm.State.TRAINING
+    seg = train.segment
+    assert (seg.first_batch, seg.step_offset, seg.max_steps, seg.max_seconds) == (0, 0, 4, None)
+    assert seg.start is None and seg.peer == "peer-a" and not seg.poisoned
+    upload = one(m.handle(vm.Trained(result(4))))
+    assert isinstance(upload, vm.Upload) and upload.overlap is None
+    assert upload.meta()["overlap_round"] == -1 and upload.claim.steps == 4
+    sent = codec.decode(upload.payload, SHAPES)
+    assert all(torch.allclose(sent[k], torch.full(s, 0.25), atol=1e-2) for k, s in SHAPES.items())
+    assert m.handle(vm.Uploaded(True)) == [vm.AskForWork()]
+
+
+def test_a_seconds_budget_becomes_a_seconds_segment() -> None:
+    m = machine(config(overlap=False))
+    m.handle(vm.GotWork(Order(budget="seconds", max_seconds=7.5)))
+    train = one(m.handle(vm.InputsReady(params(1.0))))
+    assert isinstance(train, vm.Train)
+    assert (train.segment.max_steps, train.segment.max_seconds) == (None, 7.5)
+
+
+def overlapped_round(m: vm.VolunteerMachine) -> vm.Speculate:
+    """Round 0 trained 4 steps and uploaded; returns the overlapped training it started."""
+    m.handle(vm.GotWork(Order()))
+    m.handle(vm.InputsReady(params(1.0)))
+    speculate, upload = m.handle(vm.Trained(result(4)))
+    assert isinstance(speculate, vm.Speculate) and isinstance(upload, vm.Upload)
+    # it starts from θ_0 − decode(payload): what anyone can recompute, not the private end
+    expected = overlap_start(params(1.0), codec.decode(upload.payload, SHAPES))
+    seg = speculate.segment
+    assert all(torch.equal(seg.base[k], expected[k]) for k in SHAPES) and seg.start is None
+    assert (seg.first_batch, seg.step_offset, seg.max_steps) == (4, 4, 4)
+    assert m.handle(vm.Uploaded(True)) == [vm.AskForWork()]
+    return speculate
+
+
+def test_overlapped_progress_is_rebased_onto_the_next_base() -> None:
+    m = machine()
+    overlapped_round(m)
+    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    assert m.handle(vm.InputsReady(params(2.0))) == [vm.StopSpeculation()]
+    train = one(m.handle(vm.SpeculationEnded(result(3, value=0.5))))
+    assert isinstance(train, vm.Train)
+    seg = train.segment
+    assert all(torch.equal(seg.start[k], torch.full(s, 1.5)) for k, s in SHAPES.items())  # type: ignore[index]
+    assert (seg.first_batch, seg.step_offset, seg.max_steps) == (0, 4, 1)
+    speculate, upload = m.handle(vm.Trained(result(1, value=0.75)))
+    assert isinstance(speculate, vm.Speculate) and isinstance(upload, vm.Upload)
+    assert upload.overlap == vm.Overlap(3, 0, 4) and upload.claim.steps == 4
+    assert upload.claim.samples == 8 * 4
+    assert speculate.segment.first_batch == 1  # after the one fresh step of round 1
+
+
+def test_overlapped_progress_that_fills_the_budget_is_the_contribution() -> None:
+    m = machine()
+    overlapped_round(m)
+    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    m.handle(vm.InputsReady(params(2.0)))
+    speculate, upload = m.handle(vm.SpeculationEnded(result(4, value=0.5)))
+    assert isinstance(upload, vm.Upload) and isinstance(speculate, vm.Speculate)
+    assert upload.overlap == vm.Overlap(4, 0, 4) and speculate.segment.first_batch == 0
+    assert m.state is vm.State.UPLOADING
+
+
+def test_a_speculation_without_a_step_is_no_overlap() -> None:
+    m = machine()
+    overlapped_round(m)
+    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    m.handle(vm.InputsReady(params(2.0)))
+    train = one(m.handle(vm.SpeculationEnded(None)))
+    assert isinstance(train, vm.Train) and train.segment.start is None
+    _, upload = m.handle(vm.Trained(result(4)))
+    assert isinstance(upload, vm.Upload) and upload.overlap is None
+
+
+def test_a_spot_check_pauses_overlapped_training_and_resumes_it() -> None:
+    m = machine()
+    overlapped_round(m)
+    check = CheckOrder(prior=Prior())
+    assert one(m.handle(vm.GotCheck(check))) == vm.Fetch(check)
+    start = params(0.5)
+    pause, replay = m.handle(vm.InputsReady(params(2.0), start))
+    assert pause == vm.PauseSpeculation() and isinstance(replay, vm.Replay)
+    assert replay.prior is start and replay.check is check
+    upload = one(m.handle(vm.Trained(result(4))))
+    assert isinstance(upload, vm.UploadReplay) and upload.result.steps == 4
+    assert m.handle(vm.Uploaded(False)) == [vm.ResumeSpeculation(), vm.AskForWork()]
+    # the overlapped training is still the machine's: the next order stops it
+    m.handle(vm.GotWork(Order(round=1, base_version=1)))
+    assert m.handle(vm.InputsReady(params(2.0))) == [vm.StopSpeculation()]
+
+
+def test_wait_finish_and_ban() -> None:
+    m = machine()
+    assert m.handle(vm.GotWait(1.5, "later")) == [vm.Wait(1.5, "later")]
+    assert m.handle(vm.Woke()) == [vm.AskForWork()]
+    assert m.handle(vm.GotFinished()) == [vm.Stop("the run is over")]
+    with pytest.raises(vm.MachineError, match="state done cannot take GotWork"):
+        m.handle(vm.GotWork(Order()))
+    m = machine()
+    m.handle(vm.GotWork(Order()))
+    m.handle(vm.InputsReady(params(1.0)))
+    assert m.handle(vm.GotBanned("bad")) == [vm.Stop("bad", banned=True)]
+
+
+@pytest.mark.parametrize("state", list(vm.State))
+def test_only_the_events_of_the_table_are_legal(state: vm.State) -> None:
+    events: list[vm.Event] = [
+        vm.Start(),
+        vm.GotWork(Order()),
+        vm.GotCheck(CheckOrder()),
+        vm.GotWait(1.0, "x"),
+        vm.GotFinished(),
+        vm.GotBanned("x"),
+        vm.Woke(),
+        vm.InputsReady(params(1.0)),
+        vm.Trained(result(4)),
+        vm.SpeculationEnded(None),
+        vm.Uploaded(True),
+    ]
+    for event in events:
+        m = vm.VolunteerMachine("peer-a", config(), SHAPES)
+        m.state = state
+        if (state, type(event)) not in vm.TRANSITIONS:
+            with pytest.raises(vm.MachineError):
+                m.handle(event)
+
+
+def test_every_transition_of_a_run_is_in_the_table() -> None:
+    """Drive a run with overlap and a check; each step lands in a state the table allows."""
+    m = vm.VolunteerMachine("peer-a", config(), SHAPES)
+    script: list[vm.Event] = [
+        vm.Start(),
+        vm.GotWait(0.5, "wait"),
+        vm.Woke(),
+        vm.GotWork(Order()),
+        vm.InputsReady(params(1.0)),
+        vm.Trained(result(4)),
+        vm.Uploaded(True),
+        vm.GotCheck(CheckOrder()),
+        vm.InputsReady(params(1.0)),
+        vm.Trained(result(4)),
+        vm.Uploaded(True),
+        vm.GotWork(Order(round=1, base_version=1)),
+        vm.InputsReady(params(2.0)),
+        vm.SpeculationEnded(result(2)),
+        vm.Trained(result(2)),
+        vm.Uploaded(True),
+        vm.GotFinished(),
+    ]
+    seen = set()
+    for event in script:
+        before = m.state
+        m.handle(event)
+        assert m.state in vm.TRANSITIONS[(before, type(event))]
+        seen.add((before, type(event)))
+    assert m.state is vm.State.DONE
+    unseen = set(vm.TRANSITIONS) - seen - {(s, vm.GotBanned) for s in vm.State}
+    assert unseen == set()
+
+
+def test_an_attacker_that_does_not_train_uploads_at_once() -> None:
+    m = machine(attacker=Attacker("free_rider", "peer-a", seed=0))
+    m.handle(vm.GotWork(Order()))
+    upload = one(m.handle(vm.InputsReady(params(1.0))))
+    assert isinstance(upload, vm.Upload) and upload.result is None
+    assert upload.claim.steps == 4 and upload.overlap is None
+
+
+def test_an_attacker_that_trains_poisons_its_batches_and_never_overlaps() -> None:
+    m = machine(attacker=Attacker("sign_flip", "peer-a", seed=0))
+    m.handle(vm.GotWork(Order()))
+    train = one(m.handle(vm.InputsReady(params(1.0))))
+    assert isinstance(train, vm.Train) and train.segment.poisoned
+    upload = one(m.handle(vm.Trained(result(4))))  # no Speculate: attackers do not overlap
+    assert isinstance(upload, vm.Upload)
+    sent = codec.decode(upload.payload, SHAPES)
+    assert all(torch.allclose(sent[k], torch.full(s, -0.25), atol=1e-2) for k, s in SHAPES.items())
+
+
+def test_error_feedback_keeps_its_residual_across_a_reset() -> None:
+    m = machine(config("topk2bit", overlap=False))
+    assert m.residual == {}
+    m.handle(vm.GotWork(Order()))
+    m.handle(vm.InputsReady(params(1.0)))
+    m.handle(vm.Trained(result(4, value=0.3)))
+    kept = m.residual
+    assert kept
+    m.reset()
+    assert m.state is vm.State.IDLE and m.residual is kept
+    assert m.handle(vm.Start()) == [vm.AskForWork()]
