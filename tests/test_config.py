@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from crowdtrain.config import ConfigError, RunConfig, config_hash, load_config, parse_config
+from crowdtrain.config import (
+    ConfigError,
+    RunConfig,
+    allowed_values,
+    config_hash,
+    load_config,
+    parse_config,
+)
 
 
 def test_defaults_follow_design() -> None:
@@ -30,6 +37,16 @@ def test_defaults_follow_design() -> None:
         ({"model": {"width": 10, "heads": 4}}, "model.width (10) must be a multiple"),
         ({"codec": {"topk": 100, "chunk_size": 64}}, "codec.topk (100)"),
         ({"rounds": {"total": "many"}}, "config key 'rounds.total'"),
+        ({"outer": {"optimizer": "lamb"}}, "allowed values are 'nesterov', 'sgd', 'adam'"),
+        (
+            {"outer": {"optimizer": "adam", "betas": [0.9, 1.0]}},
+            "config key 'outer.betas.1' is 1.0",
+        ),
+        ({"outer": {"optimizer": "adam", "eps": 0}}, "config key 'outer.eps' is 0"),
+        (
+            {"outer": {"betas": [0.8, 0.9]}},
+            "outer.betas and outer.eps apply only to outer.optimizer 'adam', not 'nesterov'",
+        ),
     ],
 )
 def test_bad_values_give_one_sentence(raw: dict[str, object], needle: str) -> None:
@@ -58,3 +75,25 @@ def test_hash_depends_on_every_value(lr: float, steps: int) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_outer_optimizers_and_adam_settings() -> None:
+    assert set(allowed_values("outer")) == {"nesterov", "sgd", "adam", "error_feedback"}
+    averaging = parse_config({"outer": {"optimizer": "sgd", "lr": 1.0, "momentum": 0.0}}).outer
+    assert (averaging.optimizer, averaging.lr, averaging.momentum) == ("sgd", 1.0, 0.0)
+    adam = parse_config({"outer": {"optimizer": "adam", "lr": 1e-3}}).outer
+    assert (adam.betas, adam.eps) == ((0.9, 0.99), 1e-8)
+    tuned = parse_config({"outer": {"optimizer": "adam", "betas": [0.8, 0.95], "eps": 1e-6}})
+    assert (tuned.outer.betas, tuned.outer.eps) == ((0.8, 0.95), 1e-6)
+    assert config_hash(parse_config(tuned.model_dump(mode="json"))) == config_hash(tuned)
+    assert config_hash(tuned) != config_hash(parse_config({"outer": {"optimizer": "adam"}}))
+
+
+def test_adam_settings_stay_out_of_other_configs_and_their_hash() -> None:
+    # Configs written before Adam existed keep their hash: state directories and manifests
+    # pinned by it still match.
+    for raw in ({}, {"outer": {"optimizer": "error_feedback", "lr": 1.0}}):
+        dumped = parse_config(raw).model_dump(mode="json")
+        assert set(dumped["outer"]) == {"optimizer", "lr", "momentum"}
+    adam = parse_config({"outer": {"optimizer": "adam"}}).model_dump(mode="json")
+    assert set(adam["outer"]) == {"optimizer", "lr", "momentum", "betas", "eps"}

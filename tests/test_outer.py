@@ -1,4 +1,5 @@
-"""Outer optimizers: DiLoCo's Nesterov step and SparseLoCo's plain SGD step."""
+"""Outer optimizers on torch.optim: DiLoCo's Nesterov step, plain averaging, Adam and SparseLoCo's
+plain SGD step; fragment-by-fragment steps; state by parameter name through safetensors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from crowdtrain.config import OuterConfig
-from crowdtrain.outer import ErrorFeedbackOuter, NesterovOuter, OuterOptimizer, build_outer
+from crowdtrain.outer import (
+    ErrorFeedbackOuter,
+    NesterovOuter,
+    OuterOptimizer,
+    TorchOuter,
+    build_outer,
+)
 
 SHAPES = {"a.weight": (5, 7), "a.bias": (7,), "b": (3, 2, 4)}
 
@@ -105,6 +112,147 @@ def test_build_outer_from_config() -> None:
     ef = build_outer(OuterConfig(optimizer="error_feedback", lr=0.3))
     assert isinstance(ef, ErrorFeedbackOuter) and ef.lr == 0.3
     assert isinstance(ef, OuterOptimizer) and isinstance(nesterov, OuterOptimizer)
-    bad = OuterConfig.model_construct(optimizer="adam", lr=0.1, momentum=0.0)
-    with pytest.raises(ValueError, match="unknown outer optimizer 'adam'"):
+    bad = OuterConfig.model_construct(optimizer="lamb", lr=0.1, momentum=0.0)
+    with pytest.raises(ValueError, match="unknown outer optimizer 'lamb'"):
         build_outer(bad)
+
+
+CONFIGS = {
+    "nesterov": OuterConfig(),
+    "sgd": OuterConfig(optimizer="sgd", lr=0.9, momentum=0.5),
+    "averaging": OuterConfig(optimizer="sgd", lr=1.0, momentum=0.0),
+    "adam": OuterConfig(optimizer="adam", lr=0.01, betas=(0.8, 0.95), eps=1e-6),
+    "error_feedback": OuterConfig(optimizer="error_feedback", lr=1.0),
+}
+
+
+def test_build_outer_makes_sgd_and_adam() -> None:
+    sgd = build_outer(CONFIGS["sgd"])
+    assert (sgd.optimizer, sgd.lr, sgd.momentum) == ("sgd", 0.9, 0.5)
+    adam = build_outer(CONFIGS["adam"])
+    assert (adam.optimizer, adam.lr, adam.betas, adam.eps) == ("adam", 0.01, (0.8, 0.95), 1e-6)
+    assert isinstance(adam, TorchOuter) and isinstance(adam, OuterOptimizer)
+
+
+def test_plain_averaging_is_theta_minus_delta_exactly() -> None:
+    params = rand_tensors(0)
+    outer = build_outer(CONFIGS["averaging"])
+    for step in range(3):
+        delta = rand_tensors(10 + step)
+        expected = {k: params[k] - delta[k] for k in params}
+        outer.step(params, delta)
+        assert all(torch.equal(params[k], expected[k]) for k in params)
+    assert outer.state_dict() == {}
+    with pytest.raises(ValueError, match="no state, got key 'momentum::b'"):
+        outer.load_state_dict({"momentum::b": torch.zeros(3, 2, 4)})
+
+
+def test_adam_matches_torch_adam_stepped_by_hand() -> None:
+    params = rand_tensors(0)
+    ref = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    adam = torch.optim.Adam(list(ref.values()), lr=0.01, betas=(0.8, 0.95), eps=1e-6)
+    outer = build_outer(CONFIGS["adam"])
+    for step in range(5):
+        delta = rand_tensors(100 + step)
+        for k, p in ref.items():
+            p.grad = delta[k].clone()
+        adam.step()
+        outer.step(params, delta)
+        for k in params:
+            assert torch.equal(params[k], ref[k].detach()), (step, k)
+    state = outer.state_dict()
+    assert set(state) == {
+        f"{kind}::{k}" for kind in ("exp_avg", "exp_avg_sq", "step") for k in SHAPES
+    }
+    assert state["step::b"].item() == 5.0
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_two_fragments_equal_one_step_and_leave_the_rest_alone(kind: str) -> None:
+    names = list(SHAPES)
+    first, second = names[:1], names[1:]
+    whole, parts = rand_tensors(0), rand_tensors(0)
+    at_once, by_parts = build_outer(CONFIGS[kind]), build_outer(CONFIGS[kind])
+    for step in range(3):
+        delta = rand_tensors(20 + step)
+        at_once.step(whole, delta)
+        before = {k: parts[k].clone() for k in second}
+        state_before = {k: v for k, v in by_parts.state_dict().items() if k.endswith("::b")}
+        by_parts.step(parts, {k: delta[k] for k in first})
+        # Tensors not in this fragment did not move, nor did their optimizer state.
+        assert all(torch.equal(parts[k], before[k]) for k in second)
+        state_mid = {k: v for k, v in by_parts.state_dict().items() if k.endswith("::b")}
+        assert state_mid.keys() == state_before.keys()
+        assert all(torch.equal(state_mid[k], state_before[k]) for k in state_mid)
+        by_parts.step(parts, {k: delta[k] for k in second})
+        assert all(torch.equal(parts[k], whole[k]) for k in names), (step, kind)
+    a, b = at_once.state_dict(), by_parts.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_state_survives_safetensors_and_a_restore_into_new_tensors(kind: str) -> None:
+    params = rand_tensors(0)
+    outer = build_outer(CONFIGS[kind])
+    for step in range(2):
+        outer.step(params, rand_tensors(30 + step))
+    state = outer.state_dict()
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in state.values())
+    restored = build_outer(CONFIGS[kind])
+    restored.load_state_dict(st_load(st_save(state)))
+    # As after RoundProtocol.restore: a new dict of new tensor objects with the same values.
+    twin = {k: v.clone() for k, v in params.items()}
+    for step in range(2):
+        outer.step(params, rand_tensors(40 + step))
+        restored.step(twin, rand_tensors(40 + step))
+        assert all(torch.equal(params[k], twin[k]) for k in params), (step, kind)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_step_does_not_change_delta_or_leave_grads(kind: str) -> None:
+    params = rand_tensors(0)
+    delta = rand_tensors(1)
+    kept = {k: v.clone() for k, v in delta.items()}
+    outer = build_outer(CONFIGS[kind])
+    outer.step(params, delta)
+    outer.step(params, delta)
+    outer.step(params, {})
+    assert all(torch.equal(delta[k], kept[k]) for k in delta)
+    assert all(p.grad is None for p in params.values())
+
+
+def test_nesterov_state_saved_in_the_old_format_loads() -> None:
+    # The layout written before the outer step ran on torch.optim: one float32 momentum buffer
+    # per parameter under 'momentum::<name>'. The next step is m ← μ·m + Δ; θ ← θ − lr·(Δ + μ·m).
+    params = rand_tensors(0)
+    old_state = {f"momentum::{k}": v for k, v in rand_tensors(5).items()}
+    outer = NesterovOuter(lr=0.7, momentum=0.9)
+    outer.load_state_dict(st_load(st_save(old_state)))
+    delta = rand_tensors(6)
+    expected = {}
+    for k, theta in params.items():
+        buf = old_state[f"momentum::{k}"].clone().mul_(0.9).add_(delta[k])
+        expected[k] = theta.clone().add_(delta[k].add(buf, alpha=0.9), alpha=-0.7)
+    outer.step(params, delta)
+    assert all(torch.equal(params[k], expected[k]) for k in params)
+    # Momentum-0 Nesterov used to save buffers too; they have no effect and are dropped.
+    no_momentum = NesterovOuter(lr=1.0, momentum=0.0)
+    no_momentum.load_state_dict(old_state)
+    assert no_momentum.state_dict() == {}
+
+
+def test_bad_adam_state_is_a_clear_error() -> None:
+    outer = build_outer(CONFIGS["adam"])
+    with pytest.raises(ValueError, match="not of the form 'exp_avg::<parameter>', "):
+        outer.load_state_dict({"momentum::b": torch.zeros(3, 2, 4)})
+    with pytest.raises(ValueError, match="lacks 'step::b'"):
+        outer.load_state_dict({"exp_avg::b": torch.zeros(3), "exp_avg_sq::b": torch.zeros(3)})
+    outer.load_state_dict(
+        {
+            "exp_avg::b": torch.zeros(3),
+            "exp_avg_sq::b": torch.zeros(3),
+            "step::b": torch.tensor(1.0),
+        }
+    )
+    with pytest.raises(ValueError, match=r"'exp_avg::b' has shape \(3,\)"):
+        outer.step(rand_tensors(0), {"b": torch.zeros(3, 2, 4)})

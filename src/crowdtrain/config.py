@@ -13,9 +13,17 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -29,7 +37,7 @@ class _Strict(BaseModel):
 ArchName = Literal["gpt", "mlp"]
 CodecName = Literal["fp32", "fp16", "bf16", "int8", "int4", "topk2bit"]
 AggregatorName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
-OuterName = Literal["nesterov", "error_feedback"]
+OuterName = Literal["nesterov", "sgd", "adam", "error_feedback"]
 StalePolicy = Literal["reject", "accept"]
 SpotCheckMode = Literal["off", "peer", "coordinator"]
 
@@ -85,12 +93,54 @@ class InnerConfig(_Strict):
     overlap: bool = True
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+#: Adam's ``betas`` and ``eps`` when the config does not set them.
+ADAM_DEFAULTS: tuple[tuple[float, float], float] = ((0.9, 0.99), 1e-8)
+
+
 class OuterConfig(_Strict):
-    """The outer optimizer applied to the aggregate pseudo-gradient on the coordinator."""
+    """The outer optimizer applied to the aggregate pseudo-gradient on the coordinator.
+
+    A stock ``torch.optim`` optimizer fed the aggregate Δ as its gradient (``crowdtrain.outer``):
+
+    - ``"nesterov"``: SGD with Nesterov ``momentum``, DiLoCo's outer step (lr 0.7, momentum 0.9).
+    - ``"sgd"``: SGD with heavy-ball ``momentum``; lr 1 with momentum 0 is plain averaging.
+    - ``"adam"``: Adam with ``betas`` and ``eps``, no weight decay; ``momentum`` is unused. Its
+      step is about ``lr`` per weight whatever the scale of Δ, so it wants a far smaller ``lr``
+      than the SGD family's 0.7.
+    - ``"error_feedback"``: SparseLoCo's plain SGD, ``momentum`` unused; volunteers keep an
+      error-feedback residual that stands in for momentum.
+
+    ``betas`` and ``eps`` are Adam's alone: set for another optimizer, they are an error, and
+    they are left out of the config's JSON (so out of its hash) unless ``optimizer`` is
+    ``"adam"``. Their defaults are β = (0.9, 0.99), not torch's (0.9, 0.999): runs last tens to
+    hundreds of outer steps, and β₂ = 0.999 would average Δ² over about a thousand; ε = 1e-8.
+    """
 
     optimizer: OuterName = "nesterov"
     lr: float = Field(0.7, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    betas: tuple[Beta, Beta] = ADAM_DEFAULTS[0]
+    eps: float = Field(ADAM_DEFAULTS[1], gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _adam_settings_only_for_adam(self) -> OuterConfig:
+        if self.optimizer != "adam" and (self.betas, self.eps) != ADAM_DEFAULTS:
+            raise ValueError(
+                f"outer.betas and outer.eps apply only to outer.optimizer 'adam', "
+                f"not {self.optimizer!r}"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused_settings(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Leaving Adam's settings out for the other optimizers keeps the hash of every config
+        # written before they existed, so existing state directories and manifests still match.
+        data: dict[str, Any] = handler(self)
+        if self.optimizer != "adam":
+            data.pop("betas", None)
+            data.pop("eps", None)
+        return data
 
 
 class CodecConfig(_Strict):
