@@ -156,7 +156,7 @@ class JoinOptions:
             )
 
 
-class _Speculation:
+class _BackgroundTraining:
     """Overlapped training in a background thread: started, paused, resumed and stopped by the
     machine's decisions. A pause takes effect after the step under way."""
 
@@ -170,7 +170,7 @@ class _Speculation:
         self.paused_s = 0.0  # seconds spent paused, not computing
         self._paused_at: float | None = None
 
-    def start(self, target: Callable[[_Speculation], Contribution]) -> None:
+    def start(self, target: Callable[[_BackgroundTraining], Contribution]) -> None:
         def run() -> None:
             try:
                 self.result = target(self)
@@ -226,7 +226,7 @@ class Volunteer:
         self.cache.mkdir(parents=True, exist_ok=True)
         self._replayer: LocalTrainer | None = None
         self._halt = threading.Event()
-        self._spec = _Speculation()
+        self._spec = _BackgroundTraining()
         # (wall clock, compute seconds) at the last upload: each upload reports the compute
         # and wall seconds since, for the coordinator's utilization view.
         self._mark = (time.monotonic(), 0.0)
@@ -313,7 +313,7 @@ class Volunteer:
         self,
         trainer: LocalTrainer,
         run: Callable[..., Contribution],
-        spec: _Speculation | None = None,
+        spec: _BackgroundTraining | None = None,
     ) -> Contribution:
         """`run(trainer.train, on_step=...)`, counted as compute and shown step by step (a
         paused speculation's pause is not compute)."""
@@ -336,7 +336,7 @@ class Volunteer:
         return result
 
     def _segment(
-        self, trainer: LocalTrainer, segment: Segment, spec: _Speculation | None = None
+        self, trainer: LocalTrainer, segment: Segment, spec: _BackgroundTraining | None = None
     ) -> Contribution:
         batches = self.machine.batches(segment, self.shards)
         extra = {} if spec is None else {"stop": spec.stop}
@@ -431,7 +431,7 @@ class Volunteer:
             self.stats.verify_steps += result.steps
             return Trained(result)
         if isinstance(d, Speculate):
-            self._spec = _Speculation()
+            self._spec = _BackgroundTraining()
             self._spec.start(lambda spec: self._segment(self.trainer, d.segment, spec))
             return None
         if isinstance(d, PauseSpeculation):

@@ -2,10 +2,11 @@
 
 Every volunteer is a process on an `EventLoop`. It joins, asks the `RoundProtocol` for work,
 downloads θ, computes, uploads its pseudo-gradient and asks again, exactly as the networked
-client does; the protocol core, the `LocalTrainer` numerics and the codec are the real ones
-(through `swarm.Volunteer`), and only time is simulated. This measures DiLoCo-style rounds
-(Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", 2023,
-arXiv:2311.08105) on volunteer links and machines.
+client does: each is a `VolunteerMachine` (`client/machine.py`), the very state machine the
+HTTP client drives, whose decisions this driver carries out in virtual time. The protocol core,
+the `LocalTrainer` numerics and the codec are the real ones; only time is simulated. This
+measures DiLoCo-style rounds (Douillard et al., "DiLoCo: Distributed Low-Communication Training
+of Language Models", 2023, arXiv:2311.08105) on volunteer links and machines.
 
 What is modelled:
 
@@ -45,7 +46,9 @@ contributions slow a large model's convergence, which the proxy reproduces only 
   ``inner.overlap`` is on, as the volunteer client does it: after uploading round r's Δ a peer
   goes on training round r's order from θ_r − Δ_sent until its next base arrives (a step under
   way is finished first), at most one round's budget, and rebases that progress onto the new
-  base (`client.volunteer.replay_work`, so spot-checks replay it exactly).
+  base (the machine's own overlap, so spot-checks replay it exactly). A spot-check replay
+  pauses it for the replay's steps. Its steps are counted in virtual time and their numerics
+  run when it is stopped, from where the machine said it starts.
 * **Downloads**: a peer fetches the data shards of an order and θ of its base version unless
   it has them cached (it keeps the last few versions), one request each; a replay of overlapped
   work also fetches the prior θ and payload.
@@ -207,7 +210,7 @@ class SimResult:
 
 
 @dataclass(eq=False)
-class _Speculation:
+class _VirtualSpeculation:
     """Overlapped training in virtual time: the machine's `Speculate` segment (round r's order
     from θ_r − Δ_sent, Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512), started at
     `started`, for at most its budget (`cap` steps). Its numerics run when it is stopped."""
@@ -258,7 +261,7 @@ class _Peer:
     failures: int = 0  # work orders lost to a crash mid-round
     shards: set[str] = field(default_factory=set)  # data shards in its cache
     versions: set[int] = field(default_factory=set)  # versions of θ in its cache
-    speculation: _Speculation | None = None  # overlapped training while transfers run
+    speculation: _VirtualSpeculation | None = None  # overlapped training while transfers run
 
     @property
     def peer_id(self) -> str:
@@ -530,7 +533,7 @@ class _Sim:
             p.computing_since = now
             self.later(p, steps * p.step_s, lambda q: self.trained(q, d), "compute")
         elif isinstance(d, vm.Speculate):
-            p.speculation = _Speculation(d.segment, d.round, now)
+            p.speculation = _VirtualSpeculation(d.segment, d.round, now)
         elif isinstance(d, vm.PauseSpeculation | vm.ResumeSpeculation):
             if spec is not None:
                 spec.paused = isinstance(d, vm.PauseSpeculation)
