@@ -1,6 +1,11 @@
-"""The sans-IO round protocol: events in, decisions out (see core.py)."""
+"""The sans-IO round protocol: events in, decisions out.
 
-from crowdtrain.protocol.core import Clock, RoundProtocol
+`core.py` is the round machine (states and transition table, in the style of h11), `events.py`
+its vocabulary, `verification.py` the checks of contributions, `screening.py` the stages run at
+a round's close, `records.py` what the machine remembers and `snapshot.py` its JSON codec.
+"""
+
+from crowdtrain.protocol.core import Clock, RoundProtocol, RunState
 from crowdtrain.protocol.events import (
     Accepted,
     Banned,
@@ -57,6 +62,7 @@ __all__ = [
     "RunFinished",
     "RunPaused",
     "RunResumed",
+    "RunState",
     "Tick",
     "Unknown",
     "Verdict",

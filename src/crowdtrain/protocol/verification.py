@@ -1,0 +1,458 @@
+"""Verification inside the round protocol: claims, screening, spot-checks, reputation and bans.
+
+The verification pipeline of docs/SECURITY.md, as the round machine (`core.py`) calls it. A
+volunteer's claims are never trusted: whatever changes how a contribution is checked is derived
+from the work order the coordinator handed out, or checked against it.
+
+- At submission: stage (a) refusals (`malformed`) and stage (d), the claimed samples, tokens
+  and steps against the work order (`check_claims`, see `crowdtrain.robust.claims`; DiLoCo
+  weighs each pseudo-gradient by its samples, Douillard et al. 2023, arXiv:2311.08105).
+- At the close: stages (b), (c) and (f) on the round's contributions (`screen`, which runs
+  `screening.py`), then the recomputation spot-checks (g) of the survivors (`schedule`):
+  BOINC's adaptive replication (Anderson 2004, "BOINC: A System for Public-Resource Computing
+  and Storage"; Kondo, Araujo, Malecot et al. 2007, "Characterizing Result Errors in Internet
+  Desktop Grids") draws a newcomer's work often and a peer with a run of passed checks rarely;
+  a replay recomputes the sampled work exactly, as in BTARD (Gorbunov et al., ICML 2022,
+  arXiv:2106.11257).
+- When a peer asks for work: a pending check for a trusted peer that is not busy (`check_for`).
+- When a replay comes back: the comparison of Δ' with Δ and its effect on the target's
+  credit and standing (`judge`).
+- Reputation (stage h, `crowdtrain.robust.reputation`): every failure is a strike, enough
+  strikes ban; a ban drops the peer's open work (`Ledger.drop_work`) and its pending checks.
+
+Every decision is also recorded as a `Verdict` for the status API and audits. Pure computation:
+no I/O, and time only as the `now` the round machine passes in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+from crowdtrain.config import RunConfig
+from crowdtrain.data.probe import ShardProbe
+from crowdtrain.protocol.events import (
+    Banned,
+    CheckDone,
+    ContributionSubmitted,
+    Decision,
+    Flagged,
+    PeerRecord,
+    PriorWork,
+    Rejected,
+    Unknown,
+    Verdict,
+    VerificationSubmitted,
+    VerifyOrder,
+    WorkOrder,
+)
+from crowdtrain.protocol.records import Check, Round, Submission
+from crowdtrain.protocol.screening import Candidate, screen
+from crowdtrain.robust import DictSource
+from crowdtrain.robust.claims import check_claim
+from crowdtrain.robust.copies import fingerprint
+from crowdtrain.robust.reputation import (
+    check_probability,
+    is_trusted,
+    record_check,
+    record_failure,
+    record_success,
+    weight_factor,
+)
+from crowdtrain.robust.spotcheck import compare, mismatch
+from crowdtrain.robust.usefulness import Scorer
+
+#: Pending spot-checks lapse after this many rounds without a verifier.
+CHECK_LIFETIME_ROUNDS = 3
+#: How many verdicts the snapshot (and the status API) keeps.
+VERDICTS_KEPT = 1000
+
+
+def replayable(config: RunConfig) -> bool:
+    """Whether a replay can reproduce what a peer sent: not when the peer adds its own
+    error-feedback residual (top-k codec, SparseLoCo outer step) or carries AdamW moments
+    across rounds (`inner.keep_optimizer_state`), which no one else knows."""
+    return (
+        config.codec.name != "topk2bit"
+        and config.outer.optimizer != "error_feedback"
+        and not config.inner.keep_optimizer_state
+    )
+
+
+def secret_seed(purpose: str, *parts: int) -> int:
+    """A 63-bit seed from the driver's secret and public numbers: peers cannot predict which
+    contributions are scored or checked, nor where fingerprints sample (fixed for the run, so
+    fingerprints of different rounds compare)."""
+    text = "\x00".join([purpose, *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def reject(peer: PeerRecord, round_number: int, code: str, reason: str) -> Rejected:
+    """Refuse a contribution at upload, counting the refusal on its peer."""
+    peer.rejected += 1
+    return Rejected(peer.peer_id, round_number, code, reason)
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """What verification reads of the round machine, and the one thing it does to it: a ban
+    drops the banned peer's open work (`drop_work(peer_id)`: its order in the open round and
+    its contributions not yet aggregated). Built afresh for each call."""
+
+    peers: Mapping[str, PeerRecord]
+    previous: Round | None  # the round before the open one: overlapped work continued it
+    order_of: Callable[[Submission], WorkOrder]  # the order a contribution answered
+    params: Mapping[str, torch.Tensor]  # θ (before the outer step, at a close)
+    last_aggregate: Mapping[str, torch.Tensor] | None
+    drop_work: Callable[[str], None]
+
+
+class Verification:
+    """The verification pipeline's state: pending checks, recent fingerprints, verdicts.
+
+    `shapes` are the model's parameter shapes; `probe` gives the usefulness stage its batches
+    (no probe: that stage is skipped); `secret` keys fingerprints and the draws of what to
+    score and check. Whatever the round machine holds comes in as a `Ledger` with each call.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        shapes: Mapping[str, tuple[int, ...]],
+        *,
+        probe: ShardProbe | None,
+        secret: int,
+    ) -> None:
+        self.config = config
+        self.shapes = shapes
+        self.probe = probe
+        self.secret = secret
+        self.checks: dict[str, Check] = {}
+        self.fingerprints: dict[str, torch.Tensor] = {}  # "round/peer" -> fingerprint
+        self.verdicts: list[Verdict] = []
+        self.scored = 0  # usefulness evaluations so far
+        self._scorer: Scorer | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the stages beyond the format check are on."""
+        return self.config.defence.enabled
+
+    # --- at submission ---------------------------------------------------------------------
+
+    def check_claims(
+        self,
+        peer: PeerRecord,
+        event: ContributionSubmitted,
+        order: WorkOrder,
+        round_steps: list[int],
+        ledger: Ledger,
+        now: float,
+    ) -> list[Decision]:
+        """Stage (d): the refusal of a contribution whose claimed work does not fit its order
+        (`round_steps`: the steps of the round's contributions so far); [] admits it."""
+        if not self.enabled:
+            return []
+        claim = check_claim(
+            samples=event.samples,
+            tokens=event.tokens,
+            steps=event.steps,
+            batch_size=self.config.data.batch_size,
+            context=self.config.model.context,
+            budget=order.budget,
+            max_steps=order.max_steps,
+            history_steps=peer.steps,
+            round_steps=round_steps,
+            slack=self.config.defence.claims_slack,
+        )
+        if claim is None:
+            return []
+        return self._refuse(peer, event.round, "claims", "bad_claim", claim, ledger, now)
+
+    def probation_factor(self, peer: PeerRecord) -> float:
+        """The factor on an admitted contribution's sample weight (below 1 on probation)."""
+        return weight_factor(peer.standing, self.config.defence) if self.enabled else 1.0
+
+    def malformed(
+        self, peer: PeerRecord, round_number: int, reason: str, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """Stage (a) refused a payload: a strike when defended, a plain refusal otherwise."""
+        if not self.enabled:
+            return [reject(peer, round_number, "bad_payload", reason)]
+        return self._refuse(peer, round_number, "format", "bad_payload", reason, ledger, now)
+
+    def _refuse(
+        self,
+        peer: PeerRecord,
+        round_number: int,
+        stage: str,
+        code: str,
+        reason: str,
+        ledger: Ledger,
+        now: float,
+    ) -> list[Decision]:
+        """A stage refused a peer's contribution at submission: reject, strike, maybe ban."""
+        decisions: list[Decision] = [reject(peer, round_number, code, reason)]
+        self._record(now, peer.peer_id, round_number, stage, "rejected", reason)
+        if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
+            decisions.extend(self._ban(peer, round_number, ledger, now))
+        return decisions
+
+    # --- at the close ----------------------------------------------------------------------
+
+    def screen(
+        self, number: int, subs: list[Submission], ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """Stages (b), (c), (f) on round NUMBER's contributions; flagged ones leave `subs`."""
+        if self._scorer is None and self.probe is not None:
+            self._scorer = Scorer(self.config.model)
+        candidates = [
+            Candidate(
+                s.key,
+                s.peer_id,
+                s.delta,
+                ledger.order_of(s),
+                s.steps,
+                -1.0 if self._unreplayable(s, ledger) else ledger.peers[s.peer_id].standing.score,
+                fresh_steps=s.steps - min(s.overlap_steps, s.steps),
+            )
+            for s in subs
+        ]
+        outcome = screen(
+            candidates,
+            config=self.config,
+            shapes=self.shapes,
+            history=[*self.fingerprints.values(), *self._aggregate_print(ledger.last_aggregate)],
+            key=secret_seed("fingerprint", self.secret, self.config.seed),
+            params=ledger.params,
+            scorer=self._scorer,
+            probe=self.probe,
+            seed=secret_seed("scoring", self.secret, self.config.seed, number),
+        )
+        self.scored += outcome.scored
+        decisions: list[Decision] = []
+        for sub in [s for s in subs if s.key in outcome.flags]:
+            stage, reason = outcome.flags[sub.key]
+            peer = ledger.peers[sub.peer_id]
+            peer.samples -= sub.samples
+            peer.flagged += 1
+            self._record(now, sub.peer_id, sub.round, stage, "flagged", reason)
+            decisions.append(Flagged(sub.peer_id, sub.round, stage, reason))
+            if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
+                decisions.extend(self._ban(peer, number, ledger, now))
+        subs[:] = [s for s in subs if s.key not in outcome.flags]
+        self.fingerprints.update(outcome.fingerprints)
+        keep = number - self.config.defence.copy_history_rounds
+        for name in [n for n in self.fingerprints if int(n.split("/", 1)[0]) <= keep]:
+            del self.fingerprints[name]
+        for s in subs:
+            record_success(ledger.peers[s.peer_id].standing, self.config.defence)
+        return decisions
+
+    def _aggregate_print(
+        self, last_aggregate: Mapping[str, torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """The last aggregate's fingerprint: a free-rider resubmitting the global update (which
+        any peer can compute from two downloads) is then a copy of it."""
+        if last_aggregate is None:
+            return []
+        cfg = self.config.defence
+        source = DictSource(last_aggregate)
+        key = secret_seed("fingerprint", self.secret, self.config.seed)
+        return [
+            fingerprint(
+                source,
+                self.shapes,
+                key=key,
+                blocks=cfg.fingerprint_blocks,
+                block_len=cfg.fingerprint_block_len,
+            )
+        ]
+
+    def schedule(
+        self, number: int, subs: list[Submission], ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """Expire stale checks and pick round NUMBER's contributions to replay (BOINC-style
+        adaptive replication); in coordinator mode, the replays to run are the decisions."""
+        cfg = self.config.defence
+        for check_id, check in list(self.checks.items()):
+            if number - check.opened_round >= CHECK_LIFETIME_ROUNDS:
+                del self.checks[check_id]
+                o = check.order
+                self._record(
+                    now,
+                    o.target,
+                    o.round,
+                    "spot_check",
+                    "check_expired",
+                    "no verifier replayed this contribution in time",
+                )
+        decisions: list[Decision] = []
+        if cfg.spot_check == "off" or not replayable(self.config):
+            return decisions
+        rng = torch.Generator().manual_seed(
+            secret_seed("checks", self.secret, self.config.seed, number)
+        )
+        for s in subs:
+            draw = float(torch.rand((), generator=rng))
+            p = check_probability(ledger.peers[s.peer_id].standing, cfg)
+            if draw >= p:
+                continue
+            prior = self._prior_of(s, ledger) if s.overlap_steps else None
+            if s.overlap_steps and prior is None:
+                continue  # its start is private to the peer: no one can replay it
+            work = ledger.order_of(s)
+            text = f"check\x00{s.peer_id}\x00{s.round}"
+            check_id = hashlib.sha256(text.encode()).hexdigest()
+            order = VerifyOrder(
+                check_id=check_id[:24],
+                peer_id="",
+                target=s.peer_id,
+                round=work.round,
+                base_version=work.base_version,
+                shard_ids=work.shard_ids,
+                seed=work.seed,
+                step_offset=work.step_offset,
+                steps=s.steps,
+                prior=prior,
+            )
+            self.checks[order.check_id] = Check(order, s.delta, s.ref, number, s.samples)
+            if cfg.spot_check == "coordinator":
+                decisions.append(order)
+        return decisions
+
+    def _unreplayable(self, sub: Submission, ledger: Ledger) -> bool:
+        """A contribution no spot-check can replay (overlap without a known prior round): it
+        is scored first instead, as if its peer were the least trusted."""
+        return bool(sub.overlap_steps) and self._prior_of(sub, ledger) is None
+
+    def _prior_of(self, sub: Submission, ledger: Ledger) -> PriorWork | None:
+        """What a replay of overlapped SUB must redo first: the same peer's work of the round
+        just before, trained on from the base minus the Δ it sent for that round. None (SUB
+        cannot be replayed) unless that submission is still known, i.e. in the last round.
+
+        The overlapped steps count towards SUB's steps, so a replay never runs more than those.
+        """
+        prev = ledger.previous
+        if prev is None or sub.overlap_round != sub.round - 1 or prev.number != sub.overlap_round:
+            return None
+        candidates = (prev.submissions.get(sub.peer_id), prev.late.get(sub.peer_id))
+        done = next((c for c in candidates if c is not None and c.round == prev.number), None)
+        if done is None or not done.ref:
+            return None
+        work = ledger.order_of(done)
+        return PriorWork(
+            round=work.round,
+            base_version=work.base_version,
+            shard_ids=work.shard_ids,
+            seed=work.seed,
+            step_offset=work.step_offset,
+            first_batch=sub.overlap_first_batch,
+            steps=min(sub.overlap_steps, sub.steps),
+            payload_ref=done.ref,
+        )
+
+    # --- checks handed out and judged ------------------------------------------------------
+
+    def check_for(self, peer: PeerRecord, busy: bool, now: float) -> VerifyOrder | None:
+        """A pending spot-check for a trusted peer that is not `busy` with an order this round:
+        the one it holds, or a free (or lapsed) one of another peer's work."""
+        cfg = self.config.defence
+        if cfg.spot_check != "peer" or not self.enabled:
+            return None
+        if not is_trusted(peer.standing, cfg) or busy:
+            return None
+        lapse = self.config.rounds.deadline_s
+        for check in self.checks.values():
+            if check.assigned_to == peer.peer_id:
+                return replace(check.order, peer_id=peer.peer_id)
+        for check in self.checks.values():
+            free = not check.assigned_to or now - check.assigned_at > lapse
+            if free and check.order.target != peer.peer_id:
+                check.assigned_to, check.assigned_at = peer.peer_id, now
+                return replace(check.order, peer_id=peer.peer_id)
+        return None
+
+    def judge(self, event: VerificationSubmitted, ledger: Ledger, now: float) -> list[Decision]:
+        """Compare a replay with the checked contribution: a mismatch voids its credit and
+        costs its peer `check_strikes` strikes; a match counts towards trust."""
+        check = self.checks.get(event.check_id)
+        if check is None:
+            return [Unknown(event.peer_id, f"no open spot-check has id {event.check_id}")]
+        if event.peer_id and check.assigned_to != event.peer_id:
+            return [Unknown(event.peer_id, "this spot-check is assigned to another peer")]
+        del self.checks[event.check_id]
+        order = check.order
+        target = ledger.peers[order.target]
+        if event.peer_id in ledger.peers:
+            ledger.peers[event.peer_id].standing.verified += 1
+        verdict = mismatch(
+            compare(check.delta, event.delta, self.shapes, self.config.aggregation.fragment_numel),
+            tolerance=self.config.defence.check_tolerance,
+        )
+        if verdict is None and event.steps != order.steps:
+            verdict = f"the replay ran {event.steps} steps, not the {order.steps} claimed"
+        passed = verdict is None
+        reason = verdict or "the replay matched the contribution"
+        outcome = "check_passed" if passed else "check_failed"
+        self._record(now, order.target, order.round, "spot_check", outcome, reason)
+        decisions: list[Decision] = [
+            CheckDone(order.check_id, order.target, order.round, event.peer_id, passed, reason)
+        ]
+        if not passed:
+            target.samples -= check.samples  # the contribution is void: no credit for it
+            target.flagged += 1
+            decisions.append(Flagged(order.target, order.round, "spot_check", reason))
+            if record_check(target.standing, self.config.defence, False, reason):
+                decisions.extend(self._ban(target, order.round, ledger, now))
+        else:
+            record_check(target.standing, self.config.defence, True, reason)
+        return decisions
+
+    # --- bans ------------------------------------------------------------------------------
+
+    def ban(
+        self, peer: PeerRecord, round_number: int, reason: str, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """An administrator bans PEER."""
+        peer.standing.banned, peer.standing.ban_reason = True, reason
+        self._record(now, peer.peer_id, round_number, "admin", "banned", reason)
+        self._evict(peer.peer_id, ledger)
+        return [Banned(peer.peer_id, reason)]
+
+    def unban(self, peer: PeerRecord, round_number: int, now: float) -> None:
+        """An administrator lifts PEER's ban: its strikes are cleared."""
+        if peer.standing.banned:
+            peer.standing.banned, peer.standing.ban_reason = False, ""
+            peer.standing.strikes = 0.0
+            reason = "ban lifted by an administrator"
+            self._record(now, peer.peer_id, round_number, "admin", "unbanned", reason)
+
+    def _ban(
+        self, peer: PeerRecord, round_number: int, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """PEER's strikes just banned it (the reason is in its standing)."""
+        reason = peer.standing.ban_reason
+        self._record(now, peer.peer_id, round_number, "reputation", "banned", reason)
+        self._evict(peer.peer_id, ledger)
+        return [Banned(peer.peer_id, reason)]
+
+    def _evict(self, peer_id: str, ledger: Ledger) -> None:
+        """A banned peer's open order, unaggregated contribution and pending checks of its own
+        work are dropped; checks it was to replay go back to the pool."""
+        ledger.drop_work(peer_id)
+        for check_id, check in list(self.checks.items()):
+            if check.order.target == peer_id:  # no replay can change a ban
+                del self.checks[check_id]
+            elif check.assigned_to == peer_id:
+                check.assigned_to = ""
+
+    def _record(
+        self, now: float, peer_id: str, round_number: int, stage: str, outcome: str, reason: str
+    ) -> None:
+        self.verdicts.append(Verdict(now, peer_id, round_number, stage, outcome, reason))
+        if len(self.verdicts) > 2 * VERDICTS_KEPT:
+            del self.verdicts[:-VERDICTS_KEPT]
