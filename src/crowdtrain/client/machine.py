@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,12 +47,11 @@ from crowdtrain import codec
 from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
 from crowdtrain.client.work import (
     Batch,
-    Budget,
     CheckLike,
     Params,
-    PriorLike,
     Stream,
     TrainFn,
+    WorkLike,
     batch_sampler,
     batches_from,
     fills_budget,
@@ -67,22 +66,6 @@ from crowdtrain.train import Contribution
 
 class MachineError(RuntimeError):
     """A driver fed the machine an event that is not legal in its state."""
-
-
-class WorkLike(Stream, Budget, Protocol):
-    """A work order, as the protocol (`WorkOrder`) or the HTTP API (`WorkOrderMsg`) gives it."""
-
-    @property
-    def base_version(self) -> int: ...
-
-
-class Check(CheckLike, Protocol):
-    """A spot-check order (`VerifyOrder`, `VerifyOrderMsg`): replay target's order."""
-
-    @property
-    def base_version(self) -> int: ...
-    @property
-    def prior(self) -> PriorLike | None: ...
 
 
 def uses_error_feedback(config: RunConfig) -> bool:
@@ -109,7 +92,7 @@ class GotWork:
 class GotCheck:
     """The coordinator asks this (trusted) volunteer to replay another peer's work order."""
 
-    check: Check
+    check: CheckLike
 
 
 @dataclass(frozen=True)
@@ -233,7 +216,7 @@ class Fetch:
     """Download (or find cached) what `order` needs: its shards and θ of its base version; for
     a spot-check of overlapped work also θ of the prior version and the prior payload."""
 
-    order: WorkLike | Check
+    order: WorkLike | CheckLike
 
 
 @dataclass(frozen=True)
@@ -248,7 +231,7 @@ class Train:
 class Replay:
     """Replay `check` exactly (`client.work.replay_check`) and answer `Trained`."""
 
-    check: Check
+    check: CheckLike
     base: Params
     prior: Params | None
 
@@ -256,9 +239,7 @@ class Replay:
         self, train: TrainFn, shards: Mapping[str, npt.NDArray[np.uint8]], config: RunConfig
     ) -> Contribution:
         """The replay's result, computed with `train` on `shards`."""
-        return replay_check(
-            train, self.check, self.check.prior, self.base, shards, config, self.prior
-        )
+        return replay_check(train, self.check, self.base, shards, config, self.prior)
 
 
 @dataclass(frozen=True)
@@ -333,7 +314,7 @@ class Upload:
 class UploadReplay:
     """Upload the replay Δ' of `check` (`result.steps` steps) as `payload`."""
 
-    check: Check
+    check: CheckLike
     payload: bytes
     result: Contribution
 
@@ -442,7 +423,7 @@ class VolunteerMachine:
         self.overlap = config.inner.overlap and attacker is None
         self.state = State.IDLE
         self.order: WorkLike | None = None  # the work order in hand
-        self.check: Check | None = None  # or the spot-check
+        self.check: CheckLike | None = None  # or the spot-check
         self.base: Params | None = None
         self.carried: _Carried | None = None
         self.speculation: _Speculation | None = None

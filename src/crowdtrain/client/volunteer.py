@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ from crowdtrain.train import Contribution, LocalTrainer
 log = logging.getLogger(__name__)
 
 Order = WorkOrderMsg | VerifyOrderMsg
+R = TypeVar("R")
 
 
 @dataclass
@@ -464,31 +465,25 @@ class Volunteer:
         return GotWait(msg.retry_after, msg.reason)
 
     def _upload(self, d: Upload) -> bool:
-        """Upload one round's payload with its claim; a refusal (for this round only) is
-        logged, not fatal."""
+        """Upload one round's payload with its claim (False: refused for this round only)."""
         order = d.order
         assert isinstance(order, WorkOrderMsg)
         meta = {**d.meta(), **self._utilization_since_last_upload()}
         self._show(f"uploading round {order.round}")
         t0 = time.monotonic()
-        try:
-            receipt = self.api.upload(
+        receipt = self._unless_refused(
+            f"round {order.round}: the coordinator refused the contribution",
+            lambda: self.api.upload(
                 order.round,
                 d.payload,
                 meta,
                 max_payload_bytes=order.max_payload_bytes,
                 max_mbps=self.options.max_upload_mbps,
-            )
-        except ApiError as exc:
-            if exc.status in (400, 409):
-                log.warning(
-                    "round %d: the coordinator refused the contribution: %s",
-                    order.round,
-                    exc.detail,
-                )
-                self.stats.refused += 1
-                return False
-            raise
+            ),
+        )
+        if receipt is None:
+            self.stats.refused += 1
+            return False
         self.stats.bytes_up += len(d.payload)
         self.stats.up_mbps = len(d.payload) * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
         self.stats.samples += d.claim.samples
@@ -497,30 +492,37 @@ class Volunteer:
         return True
 
     def _upload_replay(self, d: UploadReplay) -> bool:
-        """Upload a spot-check's Δ'; a refusal (no longer ours, or decided) is logged."""
+        """Upload a spot-check's Δ' (False: no longer ours, or already decided)."""
         order = d.check
         assert isinstance(order, VerifyOrderMsg)
         self._show(f"uploading the replay of round {order.round} of {order.target}")
-        try:
-            self.api.upload_verification(
+        receipt = self._unless_refused(
+            f"spot-check {order.check_id}: the coordinator refused the replay",
+            lambda: self.api.upload_verification(
                 order.check_id,
                 d.payload,
                 d.result.steps,
                 max_payload_bytes=order.max_payload_bytes,
                 max_mbps=self.options.max_upload_mbps,
-            )
-        except ApiError as exc:
-            if exc.status in (400, 409):
-                log.warning(
-                    "spot-check %s: the coordinator refused the replay: %s",
-                    order.check_id,
-                    exc.detail,
-                )
-                return False
-            raise
+            ),
+        )
+        if receipt is None:
+            return False
         self.stats.bytes_up += len(d.payload)
         self.stats.verified += 1
         return True
+
+    @staticmethod
+    def _unless_refused(what: str, send: Callable[[], R]) -> R | None:
+        """`send()`, or None (logged as WHAT) when the coordinator refuses the upload for this
+        round only (400, 409): a refusal is not fatal, the next order is fresh."""
+        try:
+            return send()
+        except ApiError as exc:
+            if exc.status not in (400, 409):
+                raise
+            log.warning("%s: %s", what, exc.detail)
+            return None
 
     def _utilization_since_last_upload(self) -> dict[str, float]:
         """The compute and wall seconds since the previous upload (informational only)."""

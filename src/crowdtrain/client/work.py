@@ -51,9 +51,12 @@ class Stream(Protocol):
     def step_offset(self) -> int: ...
 
 
-class Budget(Protocol):
-    """A work order's budget: `max_steps` steps, or `max_seconds` of training."""
+class WorkLike(Stream, Protocol):
+    """A work order, as the protocol (`WorkOrder`) or the HTTP API (`WorkOrderMsg`) gives it:
+    its stream, its base version and its budget (`max_steps` or `max_seconds`)."""
 
+    @property
+    def base_version(self) -> int: ...
     @property
     def budget(self) -> str: ...
     @property
@@ -112,7 +115,7 @@ def overlap_start(theta: Params, sent: Params) -> dict[str, torch.Tensor]:
     return {k: theta[k] - sent[k] for k in theta}
 
 
-def fills_budget(order: Budget, done: Contribution) -> bool:
+def fills_budget(order: WorkLike, done: Contribution) -> bool:
     """Whether overlapped work `done` already used the whole budget of `order`."""
     if order.budget == "steps":
         return done.steps >= order.max_steps
@@ -173,17 +176,9 @@ def replay_work(
     return merge(done, rest)
 
 
-class CheckLike(Stream, Protocol):
-    """A spot-check order: replay `steps` steps of `target`'s order (see `replay_check`)."""
-
-    @property
-    def target(self) -> str: ...
-    @property
-    def steps(self) -> int: ...
-
-
 class PriorLike(Stream, Protocol):
-    """The overlapped start of a checked contribution (protocol `PriorWork`, client `PriorMsg`)."""
+    """The overlapped start of a checked contribution (protocol `PriorWork`, client `PriorMsg`):
+    `steps` steps of that order's stream from its batch `first_batch`."""
 
     @property
     def first_batch(self) -> int: ...
@@ -191,10 +186,23 @@ class PriorLike(Stream, Protocol):
     def steps(self) -> int: ...
 
 
+class CheckLike(Stream, Protocol):
+    """A spot-check (protocol `VerifyOrder`, client `VerifyOrderMsg`): replay `steps` steps of
+    `target`'s order from version `base_version`, after its overlapped `prior` if any."""
+
+    @property
+    def target(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def base_version(self) -> int: ...
+    @property
+    def prior(self) -> PriorLike | None: ...
+
+
 def replay_check(
     train: TrainFn,
     check: CheckLike,
-    prior: PriorLike | None,
     base: Params,
     shards: Mapping[str, npt.NDArray[np.uint8]],
     config: RunConfig,
@@ -202,10 +210,10 @@ def replay_check(
 ) -> Contribution:
     """Replay spot-check `check` from `base`: the target's batches, offsets and step count.
 
-    With `prior` (an overlapped contribution), the first `prior.steps` steps start from
+    With `check.prior` (an overlapped contribution), the first `prior.steps` steps start from
     `prior_start` = θ_prior − decode(prior payload) (`overlap_start`) on the target's batches
     of the prior order (`CarriedWork.after`)."""
-    carried = None
+    carried, prior = None, check.prior
     if prior is not None:
         if prior_start is None:
             raise ValueError("a replay of overlapped work needs where the overlapped steps began")

@@ -98,22 +98,26 @@ def snapshot_from_json(doc: Mapping[str, Any], source: Source) -> Snapshot:
 # --- records -----------------------------------------------------------------------------------
 
 
+#: A submission's fields in its JSON document, in order (its Δ is named by `ref`).
+SUBMISSION_FIELDS = (
+    "round",
+    "peer_id",
+    "weight",
+    "samples",
+    "train_loss",
+    "payload_bytes",
+    "receipt",
+    "ref",
+    "steps",
+    "overlap_steps",
+    "overlap_round",
+    "overlap_first_batch",
+)
+
+
 def submission_to_json(sub: Submission) -> dict[str, Any]:
     """A submission without its Δ, which `ref` names."""
-    return {
-        "round": sub.round,
-        "peer_id": sub.peer_id,
-        "weight": sub.weight,
-        "samples": sub.samples,
-        "train_loss": sub.train_loss,
-        "payload_bytes": sub.payload_bytes,
-        "receipt": sub.receipt,
-        "ref": sub.ref,
-        "steps": sub.steps,
-        "overlap_steps": sub.overlap_steps,
-        "overlap_round": sub.overlap_round,
-        "overlap_first_batch": sub.overlap_first_batch,
-    }
+    return {name: getattr(sub, name) for name in SUBMISSION_FIELDS}
 
 
 def submission_from_json(doc: Mapping[str, Any], source: Source) -> Submission:

@@ -583,7 +583,6 @@ class Coordinator:
             result = replay_check(
                 trainer.train,
                 order,
-                order.prior,
                 self._weights_of(order.base_version),
                 self._shard_map(order),
                 self.config,

@@ -76,7 +76,7 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain.client import machine as vm
-from crowdtrain.client.work import Params
+from crowdtrain.client.work import CheckLike, Params, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
 from crowdtrain.protocol import (
@@ -566,7 +566,7 @@ class _Sim:
         else:
             self.act([d])
 
-    def fetch(self, p: _Peer, order: vm.WorkLike | vm.Check, then: Callable[[], None]) -> None:
+    def fetch(self, p: _Peer, order: WorkLike | CheckLike, then: Callable[[], None]) -> None:
         """Download what `order` needs and the peer has not cached, one request after the
         other as the client makes them, then run `then`: the order's data shards, θ of its base
         version and, for a replay of overlapped work, θ of the prior version and the payload."""
@@ -598,7 +598,7 @@ class _Sim:
         next_request()
 
     def inputs_ready(
-        self, p: _Peer, order: vm.WorkLike | vm.Check, base: dict[str, torch.Tensor]
+        self, p: _Peer, order: WorkLike | CheckLike, base: dict[str, torch.Tensor]
     ) -> None:
         """The order's inputs are here: a replay starts (with its overlapped start, while
         still kept); a work order's training starts, or crashes part-way (`fail_mid_round`)."""
