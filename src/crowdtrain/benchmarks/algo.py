@@ -16,7 +16,7 @@ pseudo-gradient, as the networked system uploads it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from crowdtrain.config import RunConfig, parse_config
-from crowdtrain.data import BatchSampler, ensure_packed_for, eval_batches
+from crowdtrain.data import ensure_packed_for, eval_batches
 from crowdtrain.models import count_params, initial_state
+from crowdtrain.sim.ddp import global_batches
 from crowdtrain.sim.swarm import load_shards, run_swarm
 from crowdtrain.train import LocalTrainer, evaluate
 
@@ -104,13 +105,6 @@ def bench_config(
     )
 
 
-def _merged(samplers: Sequence[BatchSampler]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One global batch of data-parallel training: the N workers' batches side by side."""
-    for step in range(1 << 62):
-        xs, ys = zip(*(s.batch(step) for s in samplers), strict=True)
-        yield torch.cat(xs), torch.cat(ys)
-
-
 def _sequential(
     config: RunConfig,
     shards: Mapping[str, np.ndarray],
@@ -119,22 +113,10 @@ def _sequential(
     evals: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> float:
     """Train one AdamW run for total_steps on `workers` workers' batches per step; eval loss."""
-    samplers = [
-        BatchSampler(
-            shards,
-            train_ids,
-            seed=config.seed,
-            round=0,
-            peer=f"peer-{i}",
-            batch_size=config.data.batch_size,
-            context=config.model.context,
-        )
-        for i in range(workers)
-    ]
+    # One global batch of data-parallel training: the N workers' batches side by side.
+    batches = global_batches(config, workers, shards, train_ids, rank_prefix="peer-")
     trainer = LocalTrainer(config.model, config.inner)
-    trainer.train(
-        initial_state(config.model), _merged(samplers), max_steps=config.inner.total_steps
-    )
+    trainer.train(initial_state(config.model), batches, max_steps=config.inner.total_steps)
     return evaluate(config.model, trainer.current_state(), evals)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypedDict, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -65,6 +65,14 @@ def _banned_or(exc: ApiError) -> ApiError:
     if exc.status == 403 and exc.code == "banned" and not isinstance(exc, PeerBanned):
         return PeerBanned(exc.detail)
     return exc
+
+
+class _Retrying(TypedDict):
+    """Keyword arguments of the retrying transfers in `transfer.py`."""
+
+    policy: RetryPolicy
+    sleep: Sleep
+    stop: threading.Event | None
 
 
 class _Msg(BaseModel):
@@ -286,6 +294,10 @@ class CoordinatorApi:
     ) -> None:
         self.close()
 
+    def _retrying(self) -> _Retrying:
+        """The retry settings that every transfer of this client uses."""
+        return {"policy": self.policy, "sleep": self._sleep, "stop": self.stop}
+
     def _auth(self) -> dict[str, str]:
         if not self.token:
             raise ClientError("this volunteer has no token yet; register with the coordinator")
@@ -307,10 +319,8 @@ class CoordinatorApi:
                 path,
                 json=body,
                 headers=self._auth() if auth else None,
-                policy=self.policy,
-                sleep=self._sleep,
-                stop=self.stop,
                 max_bytes=max_bytes,
+                **self._retrying(),
             )
         except ApiError as exc:
             raise _banned_or(exc) from None
@@ -371,10 +381,8 @@ class CoordinatorApi:
                 dest,
                 expected_size=expected_size,
                 max_bytes=max_bytes,
-                policy=self.policy,
-                sleep=self._sleep,
-                stop=self.stop,
                 progress=progress,
+                **self._retrying(),
             )
         except ApiError as exc:
             raise _banned_or(exc) from None
@@ -468,11 +476,9 @@ class CoordinatorApi:
             path,
             payload,
             headers=headers,
-            policy=self.policy,
-            sleep=self._sleep,
-            stop=self.stop,
             max_reply_bytes=MAX_REPLY_BYTES,
             max_bytes_per_s=None if max_mbps is None else max_mbps * 1e6 / 8,
+            **self._retrying(),
         )
         if not r.is_success:
             raise _banned_or(api_error(r))

@@ -457,7 +457,8 @@ class VolunteerMachine:
     def reset(self) -> None:
         """The volunteer's process lost its work in progress (it crashed, or its machine
         slept and the run moved on): back to IDLE, to start again with `Start`. The codec's
-        error-feedback residual is kept, as it is on the volunteer's disk."""
+        error-feedback residual is kept: it holds what earlier uploads left out, not work in
+        progress."""
         self.state = State.IDLE
         self.order, self.check, self.base = None, None, None
         self.carried, self.speculation = None, None

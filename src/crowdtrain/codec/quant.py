@@ -54,19 +54,20 @@ def _as_f32(bound: torch.Tensor) -> torch.Tensor:
     return bound.to(torch.float32)
 
 
-class Fp32Codec:
-    """The identity: float32 values as they are."""
+class _CastCodec:
+    """Values cast to one floating dtype `wire` (slot "v"); decoded to new float32 tensors."""
 
-    name = "fp32"
+    name: str
+    wire: torch.dtype
 
     def params(self, spec: CodecConfig) -> dict[str, int]:
         return {}
 
     def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
-        return (Slot("v", torch.float32, numel),)
+        return (Slot("v", self.wire, numel),)
 
     def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
-        return {"v": x.clone()}
+        return {"v": x.to(self.wire, copy=True)}
 
     def check(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
@@ -76,7 +77,7 @@ class Fp32Codec:
     def decode(
         self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
     ) -> torch.Tensor:
-        return parts["v"].clone()  # never a view of the payload's bytes
+        return parts["v"].to(torch.float32, copy=True)  # never a view of the payload's bytes
 
     def decode_range(
         self,
@@ -86,45 +87,24 @@ class Fp32Codec:
         start: int,
         stop: int,
     ) -> torch.Tensor:
-        return parts["v"][start:stop].clone()
+        return parts["v"][start:stop].to(torch.float32, copy=True)
+
+
+class Fp32Codec(_CastCodec):
+    """The identity: float32 values as they are."""
+
+    name = "fp32"
+    wire = torch.float32
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         return torch.zeros_like(x)
 
 
-class Bf16Codec:
+class Bf16Codec(_CastCodec):
     """bfloat16: float32's range, 8 significant bits, round to nearest even."""
 
     name = "bf16"
-
-    def params(self, spec: CodecConfig) -> dict[str, int]:
-        return {}
-
-    def slots(self, numel: int, spec: CodecConfig) -> tuple[Slot, ...]:
-        return (Slot("v", torch.bfloat16, numel),)
-
-    def encode(self, x: torch.Tensor, spec: CodecConfig) -> dict[str, torch.Tensor]:
-        return {"v": x.to(torch.bfloat16)}
-
-    def check(
-        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig, where: str
-    ) -> None:
-        require_finite(parts["v"], f"the values of {where}")
-
-    def decode(
-        self, parts: Mapping[str, torch.Tensor], numel: int, spec: CodecConfig
-    ) -> torch.Tensor:
-        return parts["v"].to(torch.float32)
-
-    def decode_range(
-        self,
-        parts: Mapping[str, torch.Tensor],
-        numel: int,
-        spec: CodecConfig,
-        start: int,
-        stop: int,
-    ) -> torch.Tensor:
-        return parts["v"][start:stop].to(torch.float32)
+    wire = torch.bfloat16
 
     def error_bound(self, x: torch.Tensor, spec: CodecConfig) -> torch.Tensor:
         return _as_f32(x.double().abs() * (2.0**-8 * (1 + 2.0**-20)) + 2.0**-134)

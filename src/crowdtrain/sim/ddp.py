@@ -107,17 +107,23 @@ def ddp_inner(inner: InnerConfig, lr: float | None = None) -> InnerConfig:
 
 
 def global_batches(
-    config: RunConfig, peers: int, shards: Mapping[str, np.ndarray], train_ids: Sequence[str]
+    config: RunConfig,
+    peers: int,
+    shards: Mapping[str, np.ndarray],
+    train_ids: Sequence[str],
+    *,
+    rank_prefix: str = "ddp-rank-",
 ) -> Iterator[Batch]:
     """DDP's global batches: batch i of every rank's sampler over all training shards,
-    concatenated in rank order (``peers × data.batch_size`` sequences); never ends."""
+    concatenated in rank order (``peers × data.batch_size`` sequences); never ends. Rank r
+    samples as the peer named ``f"{rank_prefix}{r}"``."""
     samplers = [
         BatchSampler(
             shards,
             train_ids,
             seed=config.seed,
             round=0,
-            peer=f"ddp-rank-{r}",
+            peer=f"{rank_prefix}{r}",
             batch_size=config.data.batch_size,
             context=config.model.context,
         )

@@ -75,29 +75,11 @@ import numpy as np
 import torch
 
 from crowdtrain import codec
+from crowdtrain import protocol as pr
 from crowdtrain.client import machine as vm
 from crowdtrain.client.work import CheckLike, Params, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
-from crowdtrain.protocol import (
-    Banned,
-    ContributionSubmitted,
-    Decision,
-    PeerJoined,
-    PeerLeft,
-    PeerSeen,
-    Rejected,
-    RoundClosed,
-    RoundProtocol,
-    RunFinished,
-    Tick,
-    Unknown,
-    VerificationSubmitted,
-    VerifyOrder,
-    Wait,
-    WorkOrder,
-    WorkRequested,
-)
 from crowdtrain.robust import DictSource
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
@@ -177,7 +159,7 @@ def budget_steps(budget: str, max_steps: int, max_seconds: float, step_s: float)
     return max(1, math.ceil(max_seconds / step_s * (1 - 1e-9)))
 
 
-def fitted_steps(order: WorkOrder, step_s: float) -> int:
+def fitted_steps(order: pr.WorkOrder, step_s: float) -> int:
     """The proxy steps a peer taking `step_s` seconds per step trains for `order`."""
     return budget_steps(order.budget, order.max_steps, order.max_seconds, step_s)
 
@@ -296,7 +278,7 @@ class _Sim:
     def __init__(
         self,
         config: RunConfig,
-        protocol: RoundProtocol,
+        protocol: pr.RoundProtocol,
         loop: EventLoop,
         network: Network,
         peers: list[_Peer],
@@ -358,8 +340,8 @@ class _Sim:
         self.tick = None
         for p in self.peers.values():  # online peers heartbeat; offline ones are silent
             if p.online and not p.stopped:
-                self.protocol.handle(PeerSeen(p.peer_id))
-        self.act(self.protocol.handle(Tick()))
+                self.protocol.handle(pr.PeerSeen(p.peer_id))
+        self.act(self.protocol.handle(pr.Tick()))
         if self.finished:
             return
         if self.stuck():
@@ -367,30 +349,30 @@ class _Sim:
             return
         self.schedule_tick()
 
-    def act(self, decisions: list[Decision]) -> None:
+    def act(self, decisions: list[pr.Decision]) -> None:
         """Follow up on decisions that concern the run rather than the asking peer."""
         for d in decisions:
-            if isinstance(d, RoundClosed):
+            if isinstance(d, pr.RoundClosed):
                 self.closed(d)
-            elif isinstance(d, RunFinished):
+            elif isinstance(d, pr.RunFinished):
                 self.finished = True
-            elif isinstance(d, Banned):
+            elif isinstance(d, pr.Banned):
                 self.stop(self.peers[d.peer_id])
-            elif isinstance(d, VerifyOrder) and not d.peer_id:  # the coordinator replays it
+            elif isinstance(d, pr.VerifyOrder) and not d.peer_id:  # the coordinator replays it
                 base, prior = self.base(d.base_version), self.prior_start_of(d)
                 result = replay(self.trainer, d, base, self.shards, self.config, prior)
-                event = VerificationSubmitted(
+                event = pr.VerificationSubmitted(
                     d.check_id, "", DictSource(result.delta), result.steps
                 )
                 self.act(self.protocol.handle(event))
-            elif isinstance(d, Unknown):
+            elif isinstance(d, pr.Unknown):
                 raise RuntimeError(f"the protocol does not know peer {d.peer_id}: {d.reason}")
 
-    def prior_start_of(self, order: VerifyOrder) -> Params | None:
+    def prior_start_of(self, order: pr.VerifyOrder) -> Params | None:
         """Where the overlapped steps a replay of `order` redoes began (None: there are none)."""
         return None if order.prior is None else self.starts[order.prior.payload_ref][1]
 
-    def closed(self, d: RoundClosed) -> None:
+    def closed(self, d: pr.RoundClosed) -> None:
         # The coordinator aggregates and evaluates for `close_s`; the new base is out after it.
         now = self.loop.now + self.options.close_s
         self.ready_at = now
@@ -438,7 +420,7 @@ class _Sim:
         if p.online or p.stopped or self.finished:
             return
         p.online = True
-        self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
+        self.act(self.protocol.handle(pr.PeerJoined(p.peer_id, p.peer_id)))
         self.start(p)
 
     def start(self, p: _Peer) -> None:
@@ -452,7 +434,7 @@ class _Sim:
         self.halt(p)
         p.online = False
         if self.options.goodbye and not p.stopped:
-            self.act(self.protocol.handle(PeerLeft(p.peer_id)))
+            self.act(self.protocol.handle(pr.PeerLeft(p.peer_id)))
 
     def halt(self, p: _Peer) -> None:
         """Drop the peer's transfers, pending events and overlapped work; count its compute."""
@@ -483,7 +465,7 @@ class _Sim:
         self.later(p, self.options.restart_s, self.restart, "restart")
 
     def restart(self, p: _Peer) -> None:
-        self.act(self.protocol.handle(PeerJoined(p.peer_id, p.peer_id)))
+        self.act(self.protocol.handle(pr.PeerJoined(p.peer_id, p.peer_id)))
         self.start(p)
 
     def retry(self, p: _Peer) -> None:
@@ -550,18 +532,18 @@ class _Sim:
         if self.loop.now < self.ready_at:  # the coordinator is still closing the round
             p.waiting = self.later(p, self.ready_at - self.loop.now, self.retry, "closing")
             return
-        (d,) = self.protocol.handle(WorkRequested(p.peer_id))
-        if isinstance(d, WorkOrder | VerifyOrder):
+        (d,) = self.protocol.handle(pr.WorkRequested(p.peer_id))
+        if isinstance(d, pr.WorkOrder | pr.VerifyOrder):
             p.base = self.base(d.base_version)
-            if isinstance(d, WorkOrder):  # exactly the steps that fit its budget
+            if isinstance(d, pr.WorkOrder):  # exactly the steps that fit its budget
                 self.run(p, p.machine.handle(vm.GotWork(as_steps(d, fitted_steps(d, p.step_s)))))
             else:
                 self.run(p, p.machine.handle(vm.GotCheck(d)))
-        elif isinstance(d, Wait):
+        elif isinstance(d, pr.Wait):
             self.run(p, p.machine.handle(vm.GotWait(d.retry_after, d.reason)))
             if p.peer_id in self.protocol.submitted() and self.stuck():
                 self.stalled = True
-        elif isinstance(d, Banned | RunFinished):
+        elif isinstance(d, pr.Banned | pr.RunFinished):
             self.stop(p)
         else:
             self.act([d])
@@ -571,7 +553,7 @@ class _Sim:
         other as the client makes them, then run `then`: the order's data shards, θ of its base
         version and, for a replay of overlapped work, θ of the prior version and the payload."""
         wanted: list[tuple[int, Callable[[], None]]] = []
-        prior = order.prior if isinstance(order, VerifyOrder) else None
+        prior = order.prior if isinstance(order, pr.VerifyOrder) else None
         shard_ids = [*order.shard_ids, *(() if prior is None else prior.shard_ids)]
         for sid in dict.fromkeys(shard_ids):
             if sid not in p.shards:
@@ -605,10 +587,10 @@ class _Sim:
         now = self.loop.now
         if p.first_compute_s is None:
             p.first_compute_s = now
-        if isinstance(order, VerifyOrder):
+        if isinstance(order, pr.VerifyOrder):
             self.run(p, p.machine.handle(vm.InputsReady(base, self.prior_start_of(order))))
             return
-        assert isinstance(order, WorkOrder)
+        assert isinstance(order, pr.WorkOrder)
         if self.options.fail_mid_round > 0 and self.rng.random() < self.options.fail_mid_round:
             done, start = self.end_speculation(p)
             p.computing_since = start
@@ -658,15 +640,15 @@ class _Sim:
     def replayed(self, p: _Peer, d: vm.UploadReplay) -> None:
         """A replay's Δ' reaches the protocol (its upload costs no virtual time here)."""
         check = d.check
-        assert isinstance(check, VerifyOrder)
-        event = VerificationSubmitted(
+        assert isinstance(check, pr.VerifyOrder)
+        event = pr.VerificationSubmitted(
             check.check_id, p.peer_id, DictSource(d.result.delta), d.result.steps
         )
         decisions = self.protocol.handle(event)
         # A replay that took longer than the check's lapse comes back to a check that was
         # handed to another peer or is done: the coordinator turns it away, nothing more.
-        self.act([x for x in decisions if not isinstance(x, Unknown)])
-        late = any(isinstance(x, Unknown) for x in decisions)
+        self.act([x for x in decisions if not isinstance(x, pr.Unknown)])
+        late = any(isinstance(x, pr.Unknown) for x in decisions)
         self.late_checks += late
         self.run(p, p.machine.handle(vm.Uploaded(not late)))
 
@@ -674,9 +656,9 @@ class _Sim:
         """An upload reaches the coordinator: the format stage, then the protocol. `start` is
         where the overlapped training that followed it began (kept for replays)."""
         order = d.order
-        assert isinstance(order, WorkOrder)
+        assert isinstance(order, pr.WorkOrder)
         event = decode_submission(p.peer_id, order, d.payload, d.claim, self.protocol.shapes)
-        if isinstance(event, ContributionSubmitted):
+        if isinstance(event, pr.ContributionSubmitted):
             ref = f"{p.peer_id}/{order.round}"
             if start is not None:  # a later replay of overlapped work starts from θ_r − sent
                 self.starts[ref] = (order.round, start)
@@ -691,7 +673,7 @@ class _Sim:
         decisions = self.protocol.handle(event)
         self.act(decisions)
         self.run(
-            p, p.machine.handle(vm.Uploaded(not any(isinstance(x, Rejected) for x in decisions)))
+            p, p.machine.handle(vm.Uploaded(not any(isinstance(x, pr.Rejected) for x in decisions)))
         )
 
     def stuck(self) -> bool:
@@ -789,7 +771,7 @@ def simulate(
     network = Network(
         loop, coordinator_in_bps=coordinator_in_bps, coordinator_out_bps=coordinator_out_bps
     )
-    protocol = RoundProtocol(
+    protocol = pr.RoundProtocol(
         config, initial_state(config.model), manifest.train_ids, loop.clock, probe=data.probe
     )
     shared = LocalTrainer(config.model, config.inner)

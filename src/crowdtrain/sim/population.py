@@ -23,8 +23,10 @@ Everything here is pure and deterministic for a seed:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -36,6 +38,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -227,6 +230,18 @@ def _check_range(
     return dist
 
 
+#: The distribution keys of a population and the range each one's values must lie in.
+_RANGES: dict[str, Callable[[_Dist], _Dist]] = {
+    "flops": functools.partial(_check_range, positive=True),
+    "mfu": functools.partial(_check_range, positive=True, at_most=1.0),
+    "up_bps": functools.partial(_check_range, positive=True),
+    "down_bps": functools.partial(_check_range, positive=True),
+    "rtt_s": functools.partial(_check_range, positive=False),
+    "session_s": functools.partial(_check_range, positive=True, allow_inf=True),
+    "offline_s": functools.partial(_check_range, positive=False, allow_inf=True),
+}
+
+
 class PopulationConfig(BaseModel):
     """The volunteers of a scenario: how many, and the distributions their properties follow.
 
@@ -251,33 +266,12 @@ class PopulationConfig(BaseModel):
     offline_s: Dist = LogNormal(median=3600.0, sigma=1.0)
     fail_mid_round: float = Field(0.01, ge=0.0, le=1.0)
 
-    @field_validator("flops", "up_bps", "down_bps")
+    @field_validator(*_RANGES)
     @classmethod
-    def _positive_finite(cls, d: _Dist) -> _Dist:
-        return _check_range(d, positive=True)
-
-    @field_validator("mfu")
-    @classmethod
-    def _fraction(cls, d: _Dist) -> _Dist:
-        return _check_range(d, positive=True, at_most=1.0)
-
-    @field_validator("rtt_s")
-    @classmethod
-    def _non_negative_finite(cls, d: _Dist) -> _Dist:
-        return _check_range(d, positive=False)
-
-    @field_validator("session_s")
-    @classmethod
-    def _positive(cls, d: _Dist) -> _Dist:
-        return _check_range(d, positive=True, allow_inf=True)
-
-    @field_validator("offline_s")
-    @classmethod
-    def _non_negative(cls, d: _Dist) -> _Dist:
-        return _check_range(d, positive=False, allow_inf=True)
+    def _in_range(cls, d: _Dist, info: ValidationInfo) -> _Dist:
+        return _RANGES[str(info.field_name)](d)  # field_name is set for every field validator
 
 
-_DIST_KEYS = ("flops", "mfu", "up_bps", "down_bps", "rtt_s", "session_s", "offline_s")
 _DIST_MODELS: dict[str, type[BaseModel]] = {
     "fixed": Fixed,
     "uniform": Uniform,
@@ -291,7 +285,7 @@ def _describe(error: Any, prefix: str) -> str:
     """Turn the first pydantic error into one sentence naming the population key."""
     loc = [str(part) for part in error["loc"]]
     tag = None
-    if len(loc) > 1 and loc[0] in _DIST_KEYS and loc[1] in _DIST_MODELS:
+    if len(loc) > 1 and loc[0] in _RANGES and loc[1] in _DIST_MODELS:
         tag = loc.pop(1)  # pydantic puts the union's tag in the location; a person never wrote it
     key = ".".join([prefix, *loc]) if prefix else ".".join(loc)
     kind = error["type"]

@@ -1,11 +1,14 @@
 """In-process swarm: N virtual volunteers driven through the real protocol core, no network.
 
-Each round every volunteer asks the protocol for work, trains with `LocalTrainer` on exactly the
-batches its work order names, compresses its pseudo-gradient with the run's codec (keeping the
+Every volunteer is a `VolunteerMachine` (`client/machine.py`), the state machine the networked
+client drives; this module carries out its decisions with instant transfers. Each round every
+volunteer asks the protocol for work, trains with `LocalTrainer` on exactly the batches its
+work order names, compresses its pseudo-gradient with the run's codec (the machine keeps the
 error-feedback residual when the codec or outer optimizer uses one), and the coordinator side
 decodes the payload and hands it to the protocol. So the numerics and the wire bytes are those
-of the networked system; only time is virtual (a counter) and transfers are instant. The
-discrete-event simulator with network and compute costs builds on this.
+of the networked system; only time is virtual (a counter) and transfers are instant: overlapped
+training never gets a step in before the next base is there. The discrete-event simulator
+(`sim/des.py`), with network and compute costs, drives the same machines in virtual time.
 """
 
 from __future__ import annotations
@@ -23,30 +26,13 @@ import numpy as np
 import torch
 
 from crowdtrain import codec
+from crowdtrain import protocol as pr
 from crowdtrain.adversary import Attacker, Claim, RoundView
 from crowdtrain.client import machine as vm
 from crowdtrain.config import RunConfig
 from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
-from crowdtrain.protocol import (
-    Banned,
-    ContributionMalformed,
-    ContributionSubmitted,
-    Decision,
-    Flagged,
-    PeerJoined,
-    Rejected,
-    RoundClosed,
-    RoundProtocol,
-    RunFinished,
-    Tick,
-    VerificationSubmitted,
-    VerifyOrder,
-    Wait,
-    WorkOrder,
-    WorkRequested,
-)
 from crowdtrain.robust import DictSource
 from crowdtrain.train import Contribution, LocalTrainer, evaluate
 
@@ -157,17 +143,17 @@ def trainer_for(config: RunConfig, shared: LocalTrainer) -> LocalTrainer:
 
 def decode_submission(
     peer_id: str,
-    order: WorkOrder,
+    order: pr.WorkOrder,
     payload: bytes,
     claim: Claim,
     shapes: Mapping[str, tuple[int, ...]],
-) -> ContributionSubmitted | ContributionMalformed:
+) -> pr.ContributionSubmitted | pr.ContributionMalformed:
     """The coordinator's side of an upload: the format stage, then a submission event."""
     try:
         delta = codec.decode(payload, shapes)
     except codec.PayloadError as exc:
-        return ContributionMalformed(peer_id, order.round, str(exc))
-    return ContributionSubmitted(
+        return pr.ContributionMalformed(peer_id, order.round, str(exc))
+    return pr.ContributionSubmitted(
         peer_id=peer_id,
         round=order.round,
         base_version=order.base_version,
@@ -180,7 +166,7 @@ def decode_submission(
     )
 
 
-def as_steps(order: WorkOrder, steps: int | None = None) -> WorkOrder:
+def as_steps(order: pr.WorkOrder, steps: int | None = None) -> pr.WorkOrder:
     """`order` with a budget of `steps` steps (default its `max_steps`): a simulated volunteer
     has no wall clock, so a seconds budget is the steps it trains in that time."""
     return dataclasses.replace(order, budget="steps", max_steps=steps or order.max_steps)
@@ -207,7 +193,7 @@ class SimPeer:
 
 def replay(
     trainer: LocalTrainer,
-    check: VerifyOrder,
+    check: pr.VerifyOrder,
     base: Mapping[str, torch.Tensor],
     shards: Mapping[str, np.ndarray],
     config: RunConfig,
@@ -223,7 +209,7 @@ class _Swarm:
     """The state of one in-process run: protocol, volunteers, bases of recent versions."""
 
     config: RunConfig
-    protocol: RoundProtocol
+    protocol: pr.RoundProtocol
     peers: list[SimPeer]
     shards: dict[str, np.ndarray]
     bases: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -234,7 +220,7 @@ class _Swarm:
     submissions: list[tuple[str, int]] = field(default_factory=list)
     honest: list[Mapping[str, torch.Tensor]] = field(default_factory=list)
     attackers: int = 0
-    closed: RoundClosed | None = None
+    closed: pr.RoundClosed | None = None
     finished: bool = False
 
     def view(self, round: int, own: Mapping[str, torch.Tensor]) -> RoundView:
@@ -247,20 +233,20 @@ class _Swarm:
             others=self.honest,
         )
 
-    def act(self, decisions: list[Decision]) -> None:
+    def act(self, decisions: list[pr.Decision]) -> None:
         """Follow up on decisions: note closes and bans; replay coordinator spot-checks."""
         for d in decisions:
-            if isinstance(d, RoundClosed):
+            if isinstance(d, pr.RoundClosed):
                 self.closed = d
-            elif isinstance(d, RunFinished):
+            elif isinstance(d, pr.RunFinished):
                 self.finished = True
-            elif isinstance(d, Flagged) or (
-                isinstance(d, Rejected) and d.code in ("bad_claim", "bad_payload")
+            elif isinstance(d, pr.Flagged) or (
+                isinstance(d, pr.Rejected) and d.code in ("bad_claim", "bad_payload")
             ):
                 self.flagged.add(d.peer_id)
-            elif isinstance(d, Banned):
+            elif isinstance(d, pr.Banned):
                 self.banned[d.peer_id] = d.reason
-            elif isinstance(d, VerifyOrder) and not d.peer_id:  # the coordinator replays it
+            elif isinstance(d, pr.VerifyOrder) and not d.peer_id:  # the coordinator replays it
                 result = replay(
                     self.peers[0].trainer,
                     d,
@@ -270,10 +256,10 @@ class _Swarm:
                 )
                 self.verified(d, result)
 
-    def verified(self, check: VerifyOrder, result: Contribution) -> None:
+    def verified(self, check: pr.VerifyOrder, result: Contribution) -> None:
         """Hand a replay's Δ' to the protocol."""
         self.verify_steps += result.steps
-        event = VerificationSubmitted(
+        event = pr.VerificationSubmitted(
             check.check_id, check.peer_id, DictSource(result.delta), result.steps
         )
         self.act(self.protocol.handle(event))
@@ -295,24 +281,24 @@ class _Swarm:
                 p.feed(vm.GotWork(as_steps(order)))
                 self.drive(p)
 
-    def ask(self, p: SimPeer) -> WorkOrder | None:
+    def ask(self, p: SimPeer) -> pr.WorkOrder | None:
         """P's answer from the protocol, replaying spot-checks on the way; None: no work."""
         while p.pending and isinstance(p.pending[0], vm.AskForWork | vm.Wait):
             if isinstance(p.pending.popleft(), vm.Wait):
                 p.feed(vm.Woke())  # a simulated round is the wait
                 continue
-            (d,) = self.protocol.handle(WorkRequested(p.peer_id))
-            if isinstance(d, WorkOrder):
+            (d,) = self.protocol.handle(pr.WorkRequested(p.peer_id))
+            if isinstance(d, pr.WorkOrder):
                 return d
-            if isinstance(d, VerifyOrder):
+            if isinstance(d, pr.VerifyOrder):
                 p.feed(vm.GotCheck(d))
                 self.drive(p)
-            elif isinstance(d, Wait):
+            elif isinstance(d, pr.Wait):
                 p.feed(vm.GotWait(d.retry_after, d.reason))
                 return None
-            elif isinstance(d, Banned):
+            elif isinstance(d, pr.Banned):
                 p.feed(vm.GotBanned(d.reason))
-            elif isinstance(d, RunFinished):
+            elif isinstance(d, pr.RunFinished):
                 p.feed(vm.GotFinished())
         return None
 
@@ -329,7 +315,7 @@ class _Swarm:
             elif isinstance(d, vm.Replay):
                 p.feed(vm.Trained(d.run(p.trainer.train, self.shards, self.config)))
             elif isinstance(d, vm.UploadReplay):
-                assert isinstance(d.check, VerifyOrder)
+                assert isinstance(d.check, pr.VerifyOrder)
                 self.verified(d.check, d.result)
                 p.feed(vm.Uploaded(True))
             elif isinstance(d, vm.Upload):
@@ -339,7 +325,7 @@ class _Swarm:
     def submit(self, p: SimPeer, d: vm.Upload) -> bool:
         """The upload arrives: decode it and hand it to the protocol."""
         order = d.order
-        assert isinstance(order, WorkOrder)
+        assert isinstance(order, pr.WorkOrder)
         attacker = p.machine.attacker
         if attacker is None:
             assert d.result is not None
@@ -351,7 +337,7 @@ class _Swarm:
         self.submissions.append((p.peer_id, order.round))
         decisions = self.protocol.handle(event)
         self.act(decisions)
-        return not any(isinstance(x, Rejected) for x in decisions)
+        return not any(isinstance(x, pr.Rejected) for x in decisions)
 
 
 def run_swarm(
@@ -374,7 +360,7 @@ def run_swarm(
     data = RunData.load(config, eval_batch_count, eval_batch_size)
     manifest, shards, evals, probe = data.manifest, data.shards, data.evals, data.probe
     clock = _CounterClock()
-    protocol = RoundProtocol(
+    protocol = pr.RoundProtocol(
         config, initial_state(config.model), manifest.train_ids, clock, probe=probe
     )
     shared = LocalTrainer(config.model, config.inner)
@@ -388,7 +374,7 @@ def run_swarm(
         peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
         peer.feed(vm.Start())
         swarm.peers.append(peer)
-        protocol.handle(PeerJoined(peer.peer_id, peer.peer_id))
+        protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id))
     result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
     for step in itertools.count():
         swarm.closed = None
@@ -396,7 +382,7 @@ def run_swarm(
         clock.now = float(step + 1)
         if swarm.closed is None:  # someone was refused or banned: the deadline closes it
             clock.now = max(clock.now, protocol.deadline)
-            swarm.act(protocol.handle(Tick()))
+            swarm.act(protocol.handle(pr.Tick()))
         closed = swarm.closed
         if closed is None:
             raise RuntimeError("the round did not close after every volunteer contributed")
