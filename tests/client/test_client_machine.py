@@ -10,6 +10,7 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain.adversary import Attacker
+from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
 from crowdtrain.client.work import overlap_start
 from crowdtrain.config import RunConfig
@@ -80,11 +81,11 @@ def result(steps: int, value: float = 0.25, seconds: float = 1.0) -> Contributio
 
 def machine(cfg: RunConfig | None = None, attacker: Attacker | None = None) -> vm.VolunteerMachine:
     m = vm.VolunteerMachine("peer-a", cfg or config(), SHAPES, attacker=attacker)
-    assert m.handle(vm.Start()) == [vm.AskForWork()]
+    assert m.handle(ve.Start()) == [ve.AskForWork()]
     return m
 
 
-def one(decisions: list[vm.Decision]) -> vm.Decision:
+def one(decisions: list[ve.Decision]) -> ve.Decision:
     (d,) = decisions
     return d
 
@@ -92,56 +93,56 @@ def one(decisions: list[vm.Decision]) -> vm.Decision:
 def test_a_work_order_without_overlap_trains_uploads_and_asks_again() -> None:
     m = machine(config(overlap=False))
     order = Order()
-    assert one(m.handle(vm.GotWork(order))) == vm.Fetch(order)
-    train = one(m.handle(vm.InputsReady(params(1.0))))
-    assert isinstance(train, vm.Train) and m.state is vm.State.TRAINING
+    assert one(m.handle(ve.GotWork(order))) == ve.Fetch(order)
+    train = one(m.handle(ve.InputsReady(params(1.0))))
+    assert isinstance(train, ve.Train) and m.state is vm.State.TRAINING
     seg = train.segment
     assert (seg.first_batch, seg.step_offset, seg.max_steps, seg.max_seconds) == (0, 0, 4, None)
     assert seg.start is None and seg.peer == "peer-a" and not seg.poisoned
-    upload = one(m.handle(vm.Trained(result(4))))
-    assert isinstance(upload, vm.Upload) and upload.overlap is None
+    upload = one(m.handle(ve.Trained(result(4))))
+    assert isinstance(upload, ve.Upload) and upload.overlap is None
     assert upload.meta()["overlap_round"] == -1 and upload.claim.steps == 4
     sent = codec.decode(upload.payload, SHAPES)
     assert all(torch.allclose(sent[k], torch.full(s, 0.25), atol=1e-2) for k, s in SHAPES.items())
-    assert m.handle(vm.Uploaded(True)) == [vm.AskForWork()]
+    assert m.handle(ve.Uploaded(True)) == [ve.AskForWork()]
 
 
 def test_a_seconds_budget_becomes_a_seconds_segment() -> None:
     m = machine(config(overlap=False))
-    m.handle(vm.GotWork(Order(budget="seconds", max_seconds=7.5)))
-    train = one(m.handle(vm.InputsReady(params(1.0))))
-    assert isinstance(train, vm.Train)
+    m.handle(ve.GotWork(Order(budget="seconds", max_seconds=7.5)))
+    train = one(m.handle(ve.InputsReady(params(1.0))))
+    assert isinstance(train, ve.Train)
     assert (train.segment.max_steps, train.segment.max_seconds) == (None, 7.5)
 
 
-def overlapped_round(m: vm.VolunteerMachine) -> vm.Speculate:
+def overlapped_round(m: vm.VolunteerMachine) -> ve.Speculate:
     """Round 0 trained 4 steps and uploaded; returns the overlapped training it started."""
-    m.handle(vm.GotWork(Order()))
-    m.handle(vm.InputsReady(params(1.0)))
-    speculate, upload = m.handle(vm.Trained(result(4)))
-    assert isinstance(speculate, vm.Speculate) and isinstance(upload, vm.Upload)
+    m.handle(ve.GotWork(Order()))
+    m.handle(ve.InputsReady(params(1.0)))
+    speculate, upload = m.handle(ve.Trained(result(4)))
+    assert isinstance(speculate, ve.Speculate) and isinstance(upload, ve.Upload)
     # it starts from θ_0 − decode(payload): what anyone can recompute, not the private end
     expected = overlap_start(params(1.0), codec.decode(upload.payload, SHAPES))
     seg = speculate.segment
     assert all(torch.equal(seg.base[k], expected[k]) for k in SHAPES) and seg.start is None
     assert (seg.first_batch, seg.step_offset, seg.max_steps) == (4, 4, 4)
-    assert m.handle(vm.Uploaded(True)) == [vm.AskForWork()]
+    assert m.handle(ve.Uploaded(True)) == [ve.AskForWork()]
     return speculate
 
 
 def test_overlapped_progress_is_rebased_onto_the_next_base() -> None:
     m = machine()
     overlapped_round(m)
-    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
-    assert m.handle(vm.InputsReady(params(2.0))) == [vm.StopSpeculation()]
-    train = one(m.handle(vm.SpeculationEnded(result(3, value=0.5))))
-    assert isinstance(train, vm.Train)
+    m.handle(ve.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
+    train = one(m.handle(ve.SpeculationEnded(result(3, value=0.5))))
+    assert isinstance(train, ve.Train)
     seg = train.segment
     assert all(torch.equal(seg.start[k], torch.full(s, 1.5)) for k, s in SHAPES.items())  # type: ignore[index]
     assert (seg.first_batch, seg.step_offset, seg.max_steps) == (0, 4, 1)
-    speculate, upload = m.handle(vm.Trained(result(1, value=0.75)))
-    assert isinstance(speculate, vm.Speculate) and isinstance(upload, vm.Upload)
-    assert upload.overlap == vm.Overlap(3, 0, 4) and upload.claim.steps == 4
+    speculate, upload = m.handle(ve.Trained(result(1, value=0.75)))
+    assert isinstance(speculate, ve.Speculate) and isinstance(upload, ve.Upload)
+    assert upload.overlap == ve.Overlap(3, 0, 4) and upload.claim.steps == 4
     assert upload.claim.samples == 8 * 4
     assert speculate.segment.first_batch == 1  # after the one fresh step of round 1
 
@@ -149,69 +150,69 @@ def test_overlapped_progress_is_rebased_onto_the_next_base() -> None:
 def test_overlapped_progress_that_fills_the_budget_is_the_contribution() -> None:
     m = machine()
     overlapped_round(m)
-    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
-    m.handle(vm.InputsReady(params(2.0)))
-    speculate, upload = m.handle(vm.SpeculationEnded(result(4, value=0.5)))
-    assert isinstance(upload, vm.Upload) and isinstance(speculate, vm.Speculate)
-    assert upload.overlap == vm.Overlap(4, 0, 4) and speculate.segment.first_batch == 0
+    m.handle(ve.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    m.handle(ve.InputsReady(params(2.0)))
+    speculate, upload = m.handle(ve.SpeculationEnded(result(4, value=0.5)))
+    assert isinstance(upload, ve.Upload) and isinstance(speculate, ve.Speculate)
+    assert upload.overlap == ve.Overlap(4, 0, 4) and speculate.segment.first_batch == 0
     assert m.state is vm.State.UPLOADING
 
 
 def test_a_speculation_without_a_step_is_no_overlap() -> None:
     m = machine()
     overlapped_round(m)
-    m.handle(vm.GotWork(Order(round=1, base_version=1, step_offset=4)))
-    m.handle(vm.InputsReady(params(2.0)))
-    train = one(m.handle(vm.SpeculationEnded(None)))
-    assert isinstance(train, vm.Train) and train.segment.start is None
-    _, upload = m.handle(vm.Trained(result(4)))
-    assert isinstance(upload, vm.Upload) and upload.overlap is None
+    m.handle(ve.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    m.handle(ve.InputsReady(params(2.0)))
+    train = one(m.handle(ve.SpeculationEnded(None)))
+    assert isinstance(train, ve.Train) and train.segment.start is None
+    _, upload = m.handle(ve.Trained(result(4)))
+    assert isinstance(upload, ve.Upload) and upload.overlap is None
 
 
 def test_a_spot_check_pauses_overlapped_training_and_resumes_it() -> None:
     m = machine()
     overlapped_round(m)
     check = CheckOrder(prior=Prior())
-    assert one(m.handle(vm.GotCheck(check))) == vm.Fetch(check)
+    assert one(m.handle(ve.GotCheck(check))) == ve.Fetch(check)
     start = params(0.5)
-    pause, replay = m.handle(vm.InputsReady(params(2.0), start))
-    assert pause == vm.PauseSpeculation() and isinstance(replay, vm.Replay)
+    pause, replay = m.handle(ve.InputsReady(params(2.0), start))
+    assert pause == ve.PauseSpeculation() and isinstance(replay, ve.Replay)
     assert replay.prior is start and replay.check is check
-    upload = one(m.handle(vm.Trained(result(4))))
-    assert isinstance(upload, vm.UploadReplay) and upload.result.steps == 4
-    assert m.handle(vm.Uploaded(False)) == [vm.ResumeSpeculation(), vm.AskForWork()]
+    upload = one(m.handle(ve.Trained(result(4))))
+    assert isinstance(upload, ve.UploadReplay) and upload.result.steps == 4
+    assert m.handle(ve.Uploaded(False)) == [ve.ResumeSpeculation(), ve.AskForWork()]
     # the overlapped training is still the machine's: the next order stops it
-    m.handle(vm.GotWork(Order(round=1, base_version=1)))
-    assert m.handle(vm.InputsReady(params(2.0))) == [vm.StopSpeculation()]
+    m.handle(ve.GotWork(Order(round=1, base_version=1)))
+    assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
 
 
 def test_wait_finish_and_ban() -> None:
     m = machine()
-    assert m.handle(vm.GotWait(1.5, "later")) == [vm.Wait(1.5, "later")]
-    assert m.handle(vm.Woke()) == [vm.AskForWork()]
-    assert m.handle(vm.GotFinished()) == [vm.Stop("the run is over")]
+    assert m.handle(ve.GotWait(1.5, "later")) == [ve.Wait(1.5, "later")]
+    assert m.handle(ve.Woke()) == [ve.AskForWork()]
+    assert m.handle(ve.GotFinished()) == [ve.Stop("the run is over")]
     with pytest.raises(vm.MachineError, match="state done cannot take GotWork"):
-        m.handle(vm.GotWork(Order()))
+        m.handle(ve.GotWork(Order()))
     m = machine()
-    m.handle(vm.GotWork(Order()))
-    m.handle(vm.InputsReady(params(1.0)))
-    assert m.handle(vm.GotBanned("bad")) == [vm.Stop("bad", banned=True)]
+    m.handle(ve.GotWork(Order()))
+    m.handle(ve.InputsReady(params(1.0)))
+    assert m.handle(ve.GotBanned("bad")) == [ve.Stop("bad", banned=True)]
 
 
 @pytest.mark.parametrize("state", list(vm.State))
 def test_only_the_events_of_the_table_are_legal(state: vm.State) -> None:
-    events: list[vm.Event] = [
-        vm.Start(),
-        vm.GotWork(Order()),
-        vm.GotCheck(CheckOrder()),
-        vm.GotWait(1.0, "x"),
-        vm.GotFinished(),
-        vm.GotBanned("x"),
-        vm.Woke(),
-        vm.InputsReady(params(1.0)),
-        vm.Trained(result(4)),
-        vm.SpeculationEnded(None),
-        vm.Uploaded(True),
+    events: list[ve.Event] = [
+        ve.Start(),
+        ve.GotWork(Order()),
+        ve.GotCheck(CheckOrder()),
+        ve.GotWait(1.0, "x"),
+        ve.GotFinished(),
+        ve.GotBanned("x"),
+        ve.Woke(),
+        ve.InputsReady(params(1.0)),
+        ve.Trained(result(4)),
+        ve.SpeculationEnded(None),
+        ve.Uploaded(True),
     ]
     for event in events:
         m = vm.VolunteerMachine("peer-a", config(), SHAPES)
@@ -224,24 +225,24 @@ def test_only_the_events_of_the_table_are_legal(state: vm.State) -> None:
 def test_every_transition_of_a_run_is_in_the_table() -> None:
     """Drive a run with overlap and a check; each step lands in a state the table allows."""
     m = vm.VolunteerMachine("peer-a", config(), SHAPES)
-    script: list[vm.Event] = [
-        vm.Start(),
-        vm.GotWait(0.5, "wait"),
-        vm.Woke(),
-        vm.GotWork(Order()),
-        vm.InputsReady(params(1.0)),
-        vm.Trained(result(4)),
-        vm.Uploaded(True),
-        vm.GotCheck(CheckOrder()),
-        vm.InputsReady(params(1.0)),
-        vm.Trained(result(4)),
-        vm.Uploaded(True),
-        vm.GotWork(Order(round=1, base_version=1)),
-        vm.InputsReady(params(2.0)),
-        vm.SpeculationEnded(result(2)),
-        vm.Trained(result(2)),
-        vm.Uploaded(True),
-        vm.GotFinished(),
+    script: list[ve.Event] = [
+        ve.Start(),
+        ve.GotWait(0.5, "wait"),
+        ve.Woke(),
+        ve.GotWork(Order()),
+        ve.InputsReady(params(1.0)),
+        ve.Trained(result(4)),
+        ve.Uploaded(True),
+        ve.GotCheck(CheckOrder()),
+        ve.InputsReady(params(1.0)),
+        ve.Trained(result(4)),
+        ve.Uploaded(True),
+        ve.GotWork(Order(round=1, base_version=1)),
+        ve.InputsReady(params(2.0)),
+        ve.SpeculationEnded(result(2)),
+        ve.Trained(result(2)),
+        ve.Uploaded(True),
+        ve.GotFinished(),
     ]
     seen = set()
     for event in script:
@@ -250,25 +251,25 @@ def test_every_transition_of_a_run_is_in_the_table() -> None:
         assert m.state in vm.TRANSITIONS[(before, type(event))]
         seen.add((before, type(event)))
     assert m.state is vm.State.DONE
-    unseen = set(vm.TRANSITIONS) - seen - {(s, vm.GotBanned) for s in vm.State}
+    unseen = set(vm.TRANSITIONS) - seen - {(s, ve.GotBanned) for s in vm.State}
     assert unseen == set()
 
 
 def test_an_attacker_that_does_not_train_uploads_at_once() -> None:
     m = machine(attacker=Attacker("free_rider", "peer-a", seed=0))
-    m.handle(vm.GotWork(Order()))
-    upload = one(m.handle(vm.InputsReady(params(1.0))))
-    assert isinstance(upload, vm.Upload) and upload.result is None
+    m.handle(ve.GotWork(Order()))
+    upload = one(m.handle(ve.InputsReady(params(1.0))))
+    assert isinstance(upload, ve.Upload) and upload.result is None
     assert upload.claim.steps == 4 and upload.overlap is None
 
 
 def test_an_attacker_that_trains_poisons_its_batches_and_never_overlaps() -> None:
     m = machine(attacker=Attacker("sign_flip", "peer-a", seed=0))
-    m.handle(vm.GotWork(Order()))
-    train = one(m.handle(vm.InputsReady(params(1.0))))
-    assert isinstance(train, vm.Train) and train.segment.poisoned
-    upload = one(m.handle(vm.Trained(result(4))))  # no Speculate: attackers do not overlap
-    assert isinstance(upload, vm.Upload)
+    m.handle(ve.GotWork(Order()))
+    train = one(m.handle(ve.InputsReady(params(1.0))))
+    assert isinstance(train, ve.Train) and train.segment.poisoned
+    upload = one(m.handle(ve.Trained(result(4))))  # no Speculate: attackers do not overlap
+    assert isinstance(upload, ve.Upload)
     sent = codec.decode(upload.payload, SHAPES)
     assert all(torch.allclose(sent[k], torch.full(s, -0.25), atol=1e-2) for k, s in SHAPES.items())
 
@@ -276,11 +277,11 @@ def test_an_attacker_that_trains_poisons_its_batches_and_never_overlaps() -> Non
 def test_error_feedback_keeps_its_residual_across_a_reset() -> None:
     m = machine(config("topk2bit", overlap=False))
     assert m.residual == {}
-    m.handle(vm.GotWork(Order()))
-    m.handle(vm.InputsReady(params(1.0)))
-    m.handle(vm.Trained(result(4, value=0.3)))
+    m.handle(ve.GotWork(Order()))
+    m.handle(ve.InputsReady(params(1.0)))
+    m.handle(ve.Trained(result(4, value=0.3)))
     kept = m.residual
     assert kept
     m.reset()
     assert m.state is vm.State.IDLE and m.residual is kept
-    assert m.handle(vm.Start()) == [vm.AskForWork()]
+    assert m.handle(ve.Start()) == [ve.AskForWork()]

@@ -8,19 +8,9 @@ The HTTP client (`client/volunteer.py`), the in-process swarm (`sim/swarm.py`) a
 discrete-event simulator (`sim/des.py`) are thin drivers of it, so what the simulator measures
 is what the networked volunteer does.
 
-Every decision that needs an answer gets exactly one event back:
-
-    AskForWork        -> GotWork | GotCheck | GotWait | GotFinished | GotBanned
-    Wait              -> Woke
-    Fetch             -> InputsReady
-    Train, Replay     -> Trained
-    StopSpeculation   -> SpeculationEnded
-    Upload, UploadReplay -> Uploaded
-
-`Speculate`, `PauseSpeculation` and `ResumeSpeculation` need none: the driver starts, pauses or
-resumes overlapped training and goes on with the next decision. `Stop` ends the machine.
-Legal transitions are data (`TRANSITIONS`), as in h11's `_state.py`; any other event is a
-driver bug and raises `MachineError`.
+The events and decisions are in `client/events.py`, each decision that needs an answer with
+the one event that answers it. Legal transitions are data (`TRANSITIONS`), as in h11's
+`_state.py`; any other event is a driver bug and raises `MachineError`.
 
 The algorithm is DiLoCo's round (Douillard et al. 2023, arXiv:2311.08105) with Streaming
 DiLoCo's overlap (Douillard et al. 2025, arXiv:2501.18512): after uploading round r's Δ the
@@ -45,12 +35,39 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idle_start
+from crowdtrain.client.events import (
+    AskForWork,
+    Decision,
+    Event,
+    Fetch,
+    GotBanned,
+    GotCheck,
+    GotFinished,
+    GotWait,
+    GotWork,
+    InputsReady,
+    Overlap,
+    PauseSpeculation,
+    Replay,
+    ResumeSpeculation,
+    Segment,
+    Speculate,
+    SpeculationEnded,
+    Start,
+    Stop,
+    StopSpeculation,
+    Train,
+    Trained,
+    Upload,
+    Uploaded,
+    UploadReplay,
+    Wait,
+    Woke,
+)
 from crowdtrain.client.work import (
     Batch,
     CheckLike,
     Params,
-    Stream,
-    TrainFn,
     WorkLike,
     batch_sampler,
     batches_from,
@@ -58,7 +75,6 @@ from crowdtrain.client.work import (
     merge,
     overlap_start,
     rebased,
-    replay_check,
 )
 from crowdtrain.config import RunConfig
 from crowdtrain.train import Contribution
@@ -71,276 +87,6 @@ class MachineError(RuntimeError):
 def uses_error_feedback(config: RunConfig) -> bool:
     """Whether volunteers keep a compression residual (top-k codec or SparseLoCo outer step)."""
     return config.codec.name == "topk2bit" or config.outer.optimizer == "error_feedback"
-
-
-# --- events (driver -> machine) --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Start:
-    """The volunteer has joined and pinned the run's manifest."""
-
-
-@dataclass(frozen=True)
-class GotWork:
-    """The coordinator handed out a work order."""
-
-    order: WorkLike
-
-
-@dataclass(frozen=True)
-class GotCheck:
-    """The coordinator asks this (trusted) volunteer to replay another peer's work order."""
-
-    check: CheckLike
-
-
-@dataclass(frozen=True)
-class GotWait:
-    """No work now; the coordinator says to ask again after `retry_after` seconds."""
-
-    retry_after: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class GotFinished:
-    """The run is over."""
-
-
-@dataclass(frozen=True)
-class GotBanned:
-    """The coordinator banned this volunteer (any call may say so)."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Woke:
-    """The wait a `Wait` asked for is over."""
-
-
-@dataclass(frozen=True)
-class InputsReady:
-    """Everything the order needs is here: θ_base, and for a replay of overlapped work where
-    the overlapped steps began, θ_prior − decode(prior payload) (`client.work.overlap_start`).
-    The driver has the shards."""
-
-    base: Params
-    prior: Params | None = None
-
-
-@dataclass(frozen=True)
-class Trained:
-    """The last `Train` or `Replay` finished with this result."""
-
-    result: Contribution
-
-
-@dataclass(frozen=True)
-class SpeculationEnded:
-    """Overlapped training stopped; `result` is its progress (None: not one step was taken)."""
-
-    result: Contribution | None
-
-
-@dataclass(frozen=True)
-class Uploaded:
-    """The upload was acknowledged (`accepted`) or refused for this round only."""
-
-    accepted: bool
-
-
-Event = (
-    Start
-    | GotWork
-    | GotCheck
-    | GotWait
-    | GotFinished
-    | GotBanned
-    | Woke
-    | InputsReady
-    | Trained
-    | SpeculationEnded
-    | Uploaded
-)
-
-
-# --- decisions (machine -> driver) -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One call of the trainer: from `start` (default `base`), Δ measured from `base`, on the
-    batches of `stream` for `peer` from batch `first_batch`, the first at `step_offset`, for
-    `max_steps` steps or `max_seconds` seconds (exactly one is set)."""
-
-    base: Params
-    start: Params | None
-    stream: Stream
-    peer: str
-    first_batch: int
-    step_offset: int
-    max_steps: int | None
-    max_seconds: float | None
-    poisoned: bool = False  # an attacker's own training: batches pass through its poison
-
-    def run(self, train: TrainFn, batches: Iterator[Batch], **extra: Any) -> Contribution:
-        """Run this segment with `train` (`LocalTrainer.train` or a wrapper of it)."""
-        return train(
-            self.base,
-            batches,
-            step_offset=self.step_offset,
-            max_steps=self.max_steps,
-            max_seconds=self.max_seconds,
-            start=self.start,
-            **extra,
-        )
-
-
-@dataclass(frozen=True)
-class AskForWork:
-    """Ask the coordinator what to do next."""
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Ask again after `seconds` (the coordinator said so, with `reason`)."""
-
-    seconds: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """Download (or find cached) what `order` needs: its shards and θ of its base version; for
-    a spot-check of overlapped work also θ of the prior version and the prior payload."""
-
-    order: WorkLike | CheckLike
-
-
-@dataclass(frozen=True)
-class Train:
-    """Train `segment` of round `round`'s work order and answer `Trained`."""
-
-    round: int
-    segment: Segment
-
-
-@dataclass(frozen=True)
-class Replay:
-    """Replay `check` exactly (`client.work.replay_check`) and answer `Trained`."""
-
-    check: CheckLike
-    base: Params
-    prior: Params | None
-
-    def run(
-        self, train: TrainFn, shards: Mapping[str, npt.NDArray[np.uint8]], config: RunConfig
-    ) -> Contribution:
-        """The replay's result, computed with `train` on `shards`."""
-        return replay_check(train, self.check, self.base, shards, config, self.prior)
-
-
-@dataclass(frozen=True)
-class Speculate:
-    """Start overlapped training of `segment` in the background until `StopSpeculation`
-    (at most the segment's budget; a step under way is finished first)."""
-
-    round: int
-    segment: Segment
-
-
-@dataclass(frozen=True)
-class PauseSpeculation:
-    """Pause overlapped training (after the step under way) while a replay runs."""
-
-
-@dataclass(frozen=True)
-class ResumeSpeculation:
-    """Resume paused overlapped training."""
-
-
-@dataclass(frozen=True)
-class StopSpeculation:
-    """Stop overlapped training after the step under way and answer `SpeculationEnded`."""
-
-
-@dataclass(frozen=True)
-class Overlap:
-    """What a contribution declares about its overlapped start: `steps` steps that continued
-    the order of round `round` from its batch `first_batch`."""
-
-    steps: int
-    round: int
-    first_batch: int
-
-    def meta(self) -> dict[str, int]:
-        """The upload metadata fields that declare it."""
-        return {
-            "overlap_steps": self.steps,
-            "overlap_round": self.round,
-            "overlap_first_batch": self.first_batch,
-        }
-
-
-NO_OVERLAP = {"overlap_steps": 0, "overlap_round": -1, "overlap_first_batch": 0}
-
-
-@dataclass(frozen=True)
-class Upload:
-    """Upload `payload` for `order` with its `claim` (and `overlap` declaration); `result` is
-    the local training result behind it (None for an attacker that does not train)."""
-
-    order: WorkLike
-    payload: bytes
-    claim: Claim
-    overlap: Overlap | None
-    result: Contribution | None
-
-    def meta(self) -> dict[str, Any]:
-        """The upload's metadata (docs/API.md, X-Crowdtrain-Meta) without utilization."""
-        return {
-            "base_version": self.order.base_version,
-            "samples": self.claim.samples,
-            "tokens": self.claim.tokens,
-            "steps": self.claim.steps,
-            "train_loss": self.claim.train_loss,
-            **(NO_OVERLAP if self.overlap is None else self.overlap.meta()),
-        }
-
-
-@dataclass(frozen=True)
-class UploadReplay:
-    """Upload the replay Δ' of `check` (`result.steps` steps) as `payload`."""
-
-    check: CheckLike
-    payload: bytes
-    result: Contribution
-
-
-@dataclass(frozen=True)
-class Stop:
-    """The volunteer is done: the run finished, or it was banned (`banned`)."""
-
-    reason: str
-    banned: bool = False
-
-
-Decision = (
-    AskForWork
-    | Wait
-    | Fetch
-    | Train
-    | Replay
-    | Speculate
-    | PauseSpeculation
-    | ResumeSpeculation
-    | StopSpeculation
-    | Upload
-    | UploadReplay
-    | Stop
-)
 
 
 # --- states and the transition table ---------------------------------------------------------

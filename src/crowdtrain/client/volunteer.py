@@ -42,8 +42,7 @@ from crowdtrain.client.api import (
     WaitMsg,
     WorkOrderMsg,
 )
-from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
-from crowdtrain.client.machine import (
+from crowdtrain.client.events import (
     AskForWork,
     Decision,
     Event,
@@ -68,10 +67,11 @@ from crowdtrain.client.machine import (
     Upload,
     Uploaded,
     UploadReplay,
-    VolunteerMachine,
     Wait,
     Woke,
 )
+from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
+from crowdtrain.client.machine import VolunteerMachine
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
 from crowdtrain.client.work import overlap_start

@@ -76,6 +76,7 @@ import torch
 
 from crowdtrain import codec
 from crowdtrain import protocol as pr
+from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
 from crowdtrain.client.work import CheckLike, Params, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig
@@ -197,7 +198,7 @@ class _VirtualSpeculation:
     from θ_r − Δ_sent, Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512), started at
     `started`, for at most its budget (`cap` steps). Its numerics run when it is stopped."""
 
-    segment: vm.Segment
+    segment: ve.Segment
     round: int
     started: float
     paused: bool = False  # a spot-check replay runs meanwhile
@@ -426,7 +427,7 @@ class _Sim:
     def start(self, p: _Peer) -> None:
         """The volunteer's process starts afresh (joining, back online, or restarted)."""
         p.machine.reset()
-        self.run(p, p.machine.handle(vm.Start()))
+        self.run(p, p.machine.handle(ve.Start()))
 
     def go_offline(self, p: _Peer) -> None:
         if not p.online:
@@ -472,56 +473,56 @@ class _Sim:
         """Ask again: the wait the coordinator asked for is over, or the close is done."""
         p.waiting = None
         if p.machine.state is vm.State.WAITING:
-            self.run(p, p.machine.handle(vm.Woke()))
+            self.run(p, p.machine.handle(ve.Woke()))
         else:
             self.request(p)
 
     # --- carrying out the machine's decisions in virtual time ------------------------------
 
-    def run(self, p: _Peer, decisions: list[vm.Decision]) -> None:
+    def run(self, p: _Peer, decisions: list[ve.Decision]) -> None:
         """Carry out the machine's decisions in order; the last may take virtual time and
         answer with an event later. What follows stopped overlapped training waits for the
         step under way to end (training a segment accounts for that itself)."""
         now = self.loop.now
-        if p.free_at > now and decisions and not isinstance(decisions[0], vm.Train):
+        if p.free_at > now and decisions and not isinstance(decisions[0], ve.Train):
             self.later(p, p.free_at - now, lambda q: self.run(q, decisions), "compute")
             return
         for d in decisions:
             self.carry_out(p, d)
 
-    def carry_out(self, p: _Peer, d: vm.Decision) -> None:
+    def carry_out(self, p: _Peer, d: ve.Decision) -> None:
         now = self.loop.now
         spec = p.speculation
-        if isinstance(d, vm.AskForWork):
+        if isinstance(d, ve.AskForWork):
             self.request(p)
-        elif isinstance(d, vm.Wait):
+        elif isinstance(d, ve.Wait):
             p.waiting = self.later(p, d.seconds, self.retry, "retry")
-        elif isinstance(d, vm.Fetch):
+        elif isinstance(d, ve.Fetch):
             base = p.base
             assert base is not None
             self.fetch(p, d.order, lambda: self.inputs_ready(p, d.order, base))
-        elif isinstance(d, vm.StopSpeculation):
-            self.run(p, p.machine.handle(vm.SpeculationEnded(self.take_speculation(p))))
-        elif isinstance(d, vm.Train):
+        elif isinstance(d, ve.StopSpeculation):
+            self.run(p, p.machine.handle(ve.SpeculationEnded(self.take_speculation(p))))
+        elif isinstance(d, ve.Train):
             steps = d.segment.max_steps
             assert steps is not None  # simulated orders have steps budgets
             start, p.free_at = max(now, p.free_at), 0.0
             p.computing_since = start
             self.later(p, start - now + steps * p.step_s, lambda q: self.trained(q, d), "compute")
-        elif isinstance(d, vm.Replay):
+        elif isinstance(d, ve.Replay):
             steps = d.check.steps
             if spec is not None and spec.paused:  # the replay pauses the overlapped training
                 spec.paused_s += steps * p.step_s
             p.computing_since = now
             self.later(p, steps * p.step_s, lambda q: self.trained(q, d), "compute")
-        elif isinstance(d, vm.Speculate):
+        elif isinstance(d, ve.Speculate):
             p.speculation = _VirtualSpeculation(d.segment, d.round, now)
-        elif isinstance(d, vm.PauseSpeculation | vm.ResumeSpeculation):
+        elif isinstance(d, ve.PauseSpeculation | ve.ResumeSpeculation):
             if spec is not None:
-                spec.paused = isinstance(d, vm.PauseSpeculation)
-        elif isinstance(d, vm.UploadReplay):
+                spec.paused = isinstance(d, ve.PauseSpeculation)
+        elif isinstance(d, ve.UploadReplay):
             self.replayed(p, d)
-        elif isinstance(d, vm.Upload):
+        elif isinstance(d, ve.Upload):
             began = None if spec is None or spec.round != d.order.round else spec.segment.base
             nbytes = self.target.upload_bytes
             self.network.upload(p.peer_id, nbytes, lambda: self.arrived(p, d, began))
@@ -536,11 +537,11 @@ class _Sim:
         if isinstance(d, pr.WorkOrder | pr.VerifyOrder):
             p.base = self.base(d.base_version)
             if isinstance(d, pr.WorkOrder):  # exactly the steps that fit its budget
-                self.run(p, p.machine.handle(vm.GotWork(as_steps(d, fitted_steps(d, p.step_s)))))
+                self.run(p, p.machine.handle(ve.GotWork(as_steps(d, fitted_steps(d, p.step_s)))))
             else:
-                self.run(p, p.machine.handle(vm.GotCheck(d)))
+                self.run(p, p.machine.handle(ve.GotCheck(d)))
         elif isinstance(d, pr.Wait):
-            self.run(p, p.machine.handle(vm.GotWait(d.retry_after, d.reason)))
+            self.run(p, p.machine.handle(ve.GotWait(d.retry_after, d.reason)))
             if p.peer_id in self.protocol.submitted() and self.stuck():
                 self.stalled = True
         elif isinstance(d, pr.Banned | pr.RunFinished):
@@ -588,7 +589,7 @@ class _Sim:
         if p.first_compute_s is None:
             p.first_compute_s = now
         if isinstance(order, pr.VerifyOrder):
-            self.run(p, p.machine.handle(vm.InputsReady(base, self.prior_start_of(order))))
+            self.run(p, p.machine.handle(ve.InputsReady(base, self.prior_start_of(order))))
             return
         assert isinstance(order, pr.WorkOrder)
         if self.options.fail_mid_round > 0 and self.rng.random() < self.options.fail_mid_round:
@@ -597,7 +598,7 @@ class _Sim:
             rest = (order.max_steps - min(done, order.max_steps)) * p.step_s
             self.later(p, start - now + self.rng.random() * rest, self.crash, "crash")
             return
-        self.run(p, p.machine.handle(vm.InputsReady(base)))
+        self.run(p, p.machine.handle(ve.InputsReady(base)))
 
     def end_speculation(self, p: _Peer) -> tuple[int, float]:
         """End the peer's overlapped training as a new base arrives: the steps done by now (a
@@ -623,21 +624,21 @@ class _Sim:
         segment = dataclasses.replace(spec.segment, max_steps=done)
         return segment.run(p.trainer.train, p.machine.batches(segment, self.shards))
 
-    def trained(self, p: _Peer, d: vm.Train | vm.Replay) -> None:
+    def trained(self, p: _Peer, d: ve.Train | ve.Replay) -> None:
         """A `Train` or `Replay` decision's compute time is over: its numerics, then on."""
         assert p.computing_since is not None
         p.compute_s += self.loop.now - p.computing_since
         p.computing_since = None
-        if isinstance(d, vm.Replay):
+        if isinstance(d, ve.Replay):
             p.steps += d.check.steps
             result = d.run(p.trainer.train, self.shards, self.config)
         else:
             assert d.segment.max_steps is not None
             p.steps += d.segment.max_steps
             result = d.segment.run(p.trainer.train, p.machine.batches(d.segment, self.shards))
-        self.run(p, p.machine.handle(vm.Trained(result)))
+        self.run(p, p.machine.handle(ve.Trained(result)))
 
-    def replayed(self, p: _Peer, d: vm.UploadReplay) -> None:
+    def replayed(self, p: _Peer, d: ve.UploadReplay) -> None:
         """A replay's Δ' reaches the protocol (its upload costs no virtual time here)."""
         check = d.check
         assert isinstance(check, pr.VerifyOrder)
@@ -650,9 +651,9 @@ class _Sim:
         self.act([x for x in decisions if not isinstance(x, pr.Unknown)])
         late = any(isinstance(x, pr.Unknown) for x in decisions)
         self.late_checks += late
-        self.run(p, p.machine.handle(vm.Uploaded(not late)))
+        self.run(p, p.machine.handle(ve.Uploaded(not late)))
 
-    def arrived(self, p: _Peer, d: vm.Upload, start: Params | None) -> None:
+    def arrived(self, p: _Peer, d: ve.Upload, start: Params | None) -> None:
         """An upload reaches the coordinator: the format stage, then the protocol. `start` is
         where the overlapped training that followed it began (kept for replays)."""
         order = d.order
@@ -662,7 +663,7 @@ class _Sim:
             ref = f"{p.peer_id}/{order.round}"
             if start is not None:  # a later replay of overlapped work starts from θ_r − sent
                 self.starts[ref] = (order.round, start)
-            overlap = d.overlap or vm.Overlap(0, -1, 0)
+            overlap = d.overlap or ve.Overlap(0, -1, 0)
             event = dataclasses.replace(
                 event,
                 ref=ref,
@@ -673,7 +674,7 @@ class _Sim:
         decisions = self.protocol.handle(event)
         self.act(decisions)
         self.run(
-            p, p.machine.handle(vm.Uploaded(not any(isinstance(x, pr.Rejected) for x in decisions)))
+            p, p.machine.handle(ve.Uploaded(not any(isinstance(x, pr.Rejected) for x in decisions)))
         )
 
     def stuck(self) -> bool:

@@ -28,6 +28,7 @@ import torch
 from crowdtrain import codec
 from crowdtrain import protocol as pr
 from crowdtrain.adversary import Attacker, Claim, RoundView
+from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
 from crowdtrain.config import RunConfig
 from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
@@ -180,13 +181,13 @@ class SimPeer:
     peer_id: str
     machine: vm.VolunteerMachine
     trainer: LocalTrainer
-    pending: deque[vm.Decision] = field(default_factory=deque)
+    pending: deque[ve.Decision] = field(default_factory=deque)
 
-    def feed(self, event: vm.Event) -> None:
+    def feed(self, event: ve.Event) -> None:
         """Hand the machine an event; queue the decisions it returns."""
         self.pending.extend(self.machine.handle(event))
 
-    def train(self, d: vm.Train, shards: Mapping[str, np.ndarray]) -> Contribution:
+    def train(self, d: ve.Train, shards: Mapping[str, np.ndarray]) -> Contribution:
         """The numerics of a `Train` decision, on the shards in memory."""
         return d.segment.run(self.trainer.train, self.machine.batches(d.segment, shards))
 
@@ -201,7 +202,7 @@ def replay(
 ) -> Contribution:
     """A spot-check replay computed in process (by a volunteer or by the coordinator); `prior`
     is where the overlapped steps it redoes began (θ_prior − Δ_sent), if any."""
-    return vm.Replay(check, base, prior).run(trainer.train, shards, config)
+    return ve.Replay(check, base, prior).run(trainer.train, shards, config)
 
 
 @dataclass
@@ -278,51 +279,51 @@ class _Swarm:
         orders = [(p, self.ask(p)) for p in self.peers]
         for p, order in orders:
             if order is not None:
-                p.feed(vm.GotWork(as_steps(order)))
+                p.feed(ve.GotWork(as_steps(order)))
                 self.drive(p)
 
     def ask(self, p: SimPeer) -> pr.WorkOrder | None:
         """P's answer from the protocol, replaying spot-checks on the way; None: no work."""
-        while p.pending and isinstance(p.pending[0], vm.AskForWork | vm.Wait):
-            if isinstance(p.pending.popleft(), vm.Wait):
-                p.feed(vm.Woke())  # a simulated round is the wait
+        while p.pending and isinstance(p.pending[0], ve.AskForWork | ve.Wait):
+            if isinstance(p.pending.popleft(), ve.Wait):
+                p.feed(ve.Woke())  # a simulated round is the wait
                 continue
             (d,) = self.protocol.handle(pr.WorkRequested(p.peer_id))
             if isinstance(d, pr.WorkOrder):
                 return d
             if isinstance(d, pr.VerifyOrder):
-                p.feed(vm.GotCheck(d))
+                p.feed(ve.GotCheck(d))
                 self.drive(p)
             elif isinstance(d, pr.Wait):
-                p.feed(vm.GotWait(d.retry_after, d.reason))
+                p.feed(ve.GotWait(d.retry_after, d.reason))
                 return None
             elif isinstance(d, pr.Banned):
-                p.feed(vm.GotBanned(d.reason))
+                p.feed(ve.GotBanned(d.reason))
             elif isinstance(d, pr.RunFinished):
-                p.feed(vm.GotFinished())
+                p.feed(ve.GotFinished())
         return None
 
     def drive(self, p: SimPeer) -> None:
         """Carry out P's decisions until it asks for work again (transfers are instant)."""
-        while p.pending and not isinstance(p.pending[0], vm.AskForWork | vm.Wait | vm.Stop):
+        while p.pending and not isinstance(p.pending[0], ve.AskForWork | ve.Wait | ve.Stop):
             d = p.pending.popleft()
-            if isinstance(d, vm.Fetch):
-                p.feed(vm.InputsReady(self.bases[d.order.base_version]))
-            elif isinstance(d, vm.StopSpeculation):
-                p.feed(vm.SpeculationEnded(None))  # the next base came at once: no step ahead
-            elif isinstance(d, vm.Train):
-                p.feed(vm.Trained(p.train(d, self.shards)))
-            elif isinstance(d, vm.Replay):
-                p.feed(vm.Trained(d.run(p.trainer.train, self.shards, self.config)))
-            elif isinstance(d, vm.UploadReplay):
+            if isinstance(d, ve.Fetch):
+                p.feed(ve.InputsReady(self.bases[d.order.base_version]))
+            elif isinstance(d, ve.StopSpeculation):
+                p.feed(ve.SpeculationEnded(None))  # the next base came at once: no step ahead
+            elif isinstance(d, ve.Train):
+                p.feed(ve.Trained(p.train(d, self.shards)))
+            elif isinstance(d, ve.Replay):
+                p.feed(ve.Trained(d.run(p.trainer.train, self.shards, self.config)))
+            elif isinstance(d, ve.UploadReplay):
                 assert isinstance(d.check, pr.VerifyOrder)
                 self.verified(d.check, d.result)
-                p.feed(vm.Uploaded(True))
-            elif isinstance(d, vm.Upload):
-                p.feed(vm.Uploaded(self.submit(p, d)))
+                p.feed(ve.Uploaded(True))
+            elif isinstance(d, ve.Upload):
+                p.feed(ve.Uploaded(self.submit(p, d)))
             # Speculate, PauseSpeculation, ResumeSpeculation: nothing runs between events here
 
-    def submit(self, p: SimPeer, d: vm.Upload) -> bool:
+    def submit(self, p: SimPeer, d: ve.Upload) -> bool:
         """The upload arrives: decode it and hand it to the protocol."""
         order = d.order
         assert isinstance(order, pr.WorkOrder)
@@ -372,7 +373,7 @@ def run_swarm(
             f"peer-{i}", config, protocol.shapes, attacker=attacker, view=swarm.view
         )
         peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
-        peer.feed(vm.Start())
+        peer.feed(ve.Start())
         swarm.peers.append(peer)
         protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id))
     result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
