@@ -34,6 +34,7 @@ from safetensors.torch import load as load_safetensors
 
 from crowdtrain import codec
 from crowdtrain.adversary import ATTACKS, Attacker
+from crowdtrain.client import events as ve
 from crowdtrain.client.api import (
     CoordinatorApi,
     FinishedMsg,
@@ -41,34 +42,6 @@ from crowdtrain.client.api import (
     VerifyOrderMsg,
     WaitMsg,
     WorkOrderMsg,
-)
-from crowdtrain.client.events import (
-    AskForWork,
-    Decision,
-    Event,
-    Fetch,
-    GotBanned,
-    GotCheck,
-    GotFinished,
-    GotWait,
-    GotWork,
-    InputsReady,
-    PauseSpeculation,
-    Replay,
-    ResumeSpeculation,
-    Segment,
-    Speculate,
-    SpeculationEnded,
-    Start,
-    Stop,
-    StopSpeculation,
-    Train,
-    Trained,
-    Upload,
-    Uploaded,
-    UploadReplay,
-    Wait,
-    Woke,
 )
 from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
 from crowdtrain.client.machine import VolunteerMachine
@@ -155,57 +128,6 @@ class JoinOptions:
             raise ClientError(
                 f"unknown attack {self.attack!r}; the attacks are {', '.join(ATTACKS)}"
             )
-
-
-class _BackgroundTraining:
-    """Overlapped training in a background thread: started, paused, resumed and stopped by the
-    machine's decisions. A pause takes effect after the step under way."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.running = threading.Event()  # cleared while paused
-        self.running.set()
-        self.thread: threading.Thread | None = None
-        self.result: Contribution | None = None
-        self.error: BaseException | None = None
-        self.paused_s = 0.0  # seconds spent paused, not computing
-        self._paused_at: float | None = None
-
-    def start(self, target: Callable[[_BackgroundTraining], Contribution]) -> None:
-        def run() -> None:
-            try:
-                self.result = target(self)
-            except BaseException as exc:  # surfaced in finish()
-                self.error = exc
-
-        self.thread = threading.Thread(target=run, name="speculative-training", daemon=True)
-        self.thread.start()
-
-    def pause(self) -> None:
-        self._paused_at = time.monotonic()
-        self.running.clear()
-
-    def resume(self) -> None:
-        if self._paused_at is not None:
-            self.paused_s += time.monotonic() - self._paused_at
-            self._paused_at = None
-        self.running.set()
-
-    def gate(self) -> None:
-        """Called between steps: block while paused (a stop releases it)."""
-        while not self.running.wait(0.1):
-            if self.stop.is_set():
-                return
-
-    def finish(self) -> Contribution | None:
-        self.stop.set()
-        self.resume()
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            log.warning("overlapped training failed: %s", self.error)
-            return None
-        return self.result
 
 
 class Volunteer:
@@ -337,7 +259,7 @@ class Volunteer:
         return result
 
     def _segment(
-        self, trainer: LocalTrainer, segment: Segment, spec: _BackgroundTraining | None = None
+        self, trainer: LocalTrainer, segment: ve.Segment, spec: _BackgroundTraining | None = None
     ) -> Contribution:
         batches = self.machine.batches(segment, self.shards)
         extra = {} if spec is None else {"stop": spec.stop}
@@ -354,9 +276,9 @@ class Volunteer:
 
     def replay(self, order: VerifyOrderMsg, base: Mapping[str, torch.Tensor]) -> Contribution:
         """Replay spot-check `order` from `base` exactly, as the machine's `Replay` does."""
-        return self._replay(Replay(order, base, self._prior(order)))
+        return self._replay(ve.Replay(order, base, self._prior(order)))
 
-    def _replay(self, decision: Replay) -> Contribution:
+    def _replay(self, decision: ve.Replay) -> Contribution:
         return self._timed(
             self.replayer(),
             lambda train, **kw: decision.run(
@@ -389,82 +311,82 @@ class Volunteer:
         return self.stats
 
     def _loop(self, stop: threading.Event, max_rounds: int | None) -> None:
-        pending: deque[Decision] = deque(self.machine.handle(Start()))
+        pending: deque[ve.Decision] = deque(self.machine.handle(ve.Start()))
         while pending and not stop.is_set():
             decision = pending.popleft()
-            if isinstance(decision, Stop):
+            if isinstance(decision, ve.Stop):
                 if decision.banned:
                     raise PeerBanned(decision.reason)
                 return
             try:
                 event = self._carry_out(decision, stop)
             except PeerBanned as exc:
-                event = GotBanned(exc.detail)
+                event = ve.GotBanned(exc.detail)
             if event is not None:
                 pending.extend(self.machine.handle(event))
-            uploaded = isinstance(decision, Upload)
+            uploaded = isinstance(decision, ve.Upload)
             if uploaded and max_rounds is not None and self.stats.rounds >= max_rounds:
                 return
 
-    def _carry_out(self, d: Decision, stop: threading.Event) -> Event | None:
+    def _carry_out(self, d: ve.Decision, stop: threading.Event) -> ve.Event | None:
         """Do what decision `d` says with real I/O; return the event that answers it."""
-        if isinstance(d, AskForWork):
+        if isinstance(d, ve.AskForWork):
             return self._ask()
-        if isinstance(d, Wait):
+        if isinstance(d, ve.Wait):
             self._show(f"waiting: {d.reason}")
             stop.wait(min(d.seconds, 5.0))
-            return Woke()
-        if isinstance(d, Fetch):
+            return ve.Woke()
+        if isinstance(d, ve.Fetch):
             order = d.order
             assert isinstance(order, WorkOrderMsg | VerifyOrderMsg)
             base = self._prefetch(order)
             prior = self._prior(order) if isinstance(order, VerifyOrderMsg) else None
-            return InputsReady(base, prior)
-        if isinstance(d, Train):
+            return ve.InputsReady(base, prior)
+        if isinstance(d, ve.Train):
             if self.stats.first_train is None:
                 self.stats.first_train = time.monotonic()
             self.stats.round = d.round
             self._show(f"training round {d.round}")
-            return Trained(self._segment(self.trainer, d.segment))
-        if isinstance(d, Replay):
+            return ve.Trained(self._segment(self.trainer, d.segment))
+        if isinstance(d, ve.Replay):
             self._show(f"verifying round {d.check.round} of {d.check.target}")
             result = self._replay(d)
             self.stats.verify_steps += result.steps
-            return Trained(result)
-        if isinstance(d, Speculate):
+            return ve.Trained(result)
+        if isinstance(d, ve.Speculate):
             self._spec = _BackgroundTraining()
             self._spec.start(lambda spec: self._segment(self.trainer, d.segment, spec))
             return None
-        if isinstance(d, PauseSpeculation):
+        if isinstance(d, ve.PauseSpeculation):
             self._spec.pause()
             return None
-        if isinstance(d, ResumeSpeculation):
+        if isinstance(d, ve.ResumeSpeculation):
             self._spec.resume()
             return None
-        if isinstance(d, StopSpeculation):
-            return SpeculationEnded(self._spec.finish())
-        if isinstance(d, Upload):
-            return Uploaded(self._upload(d))
-        if isinstance(d, UploadReplay):
-            return Uploaded(self._upload_replay(d))
+        if isinstance(d, ve.StopSpeculation):
+            return ve.SpeculationEnded(self._spec.finish())
+        if isinstance(d, ve.Upload):
+            return ve.Uploaded(self._upload(d))
+        if isinstance(d, ve.UploadReplay):
+            return ve.Uploaded(self._upload_replay(d))
         raise TypeError(f"unknown decision {type(d).__name__}")
 
     def _show(self, status: str) -> None:
         self.stats.status = status
         self.on_update(self.stats)
 
-    def _ask(self) -> Event:
+    def _ask(self) -> ve.Event:
         msg = self.api.work()
         if isinstance(msg, WorkOrderMsg):
-            return GotWork(msg)
+            return ve.GotWork(msg)
         if isinstance(msg, VerifyOrderMsg):
-            return GotCheck(msg)
+            return ve.GotCheck(msg)
         if isinstance(msg, FinishedMsg):
-            return GotFinished()
+            return ve.GotFinished()
         assert isinstance(msg, WaitMsg)
-        return GotWait(msg.retry_after, msg.reason)
+        return ve.GotWait(msg.retry_after, msg.reason)
 
-    def _upload(self, d: Upload) -> bool:
+    def _upload(self, d: ve.Upload) -> bool:
         """Upload one round's payload with its claim (False: refused for this round only)."""
         order = d.order
         assert isinstance(order, WorkOrderMsg)
@@ -491,7 +413,7 @@ class Volunteer:
         self.stats.receipts.append({"round": order.round, "receipt": receipt.receipt})
         return True
 
-    def _upload_replay(self, d: UploadReplay) -> bool:
+    def _upload_replay(self, d: ve.UploadReplay) -> bool:
         """Upload a spot-check's Δ' (False: no longer ours, or already decided)."""
         order = d.check
         assert isinstance(order, VerifyOrderMsg)
@@ -542,6 +464,57 @@ class Volunteer:
                 return  # the main loop stops on its next call
             except ClientError as exc:
                 log.debug("heartbeat failed: %s", exc)
+
+
+class _BackgroundTraining:
+    """Overlapped training in a background thread: started, paused, resumed and stopped by the
+    machine's decisions. A pause takes effect after the step under way."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.running = threading.Event()  # cleared while paused
+        self.running.set()
+        self.thread: threading.Thread | None = None
+        self.result: Contribution | None = None
+        self.error: BaseException | None = None
+        self.paused_s = 0.0  # seconds spent paused, not computing
+        self._paused_at: float | None = None
+
+    def start(self, target: Callable[[_BackgroundTraining], Contribution]) -> None:
+        def run() -> None:
+            try:
+                self.result = target(self)
+            except BaseException as exc:  # surfaced in finish()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="speculative-training", daemon=True)
+        self.thread.start()
+
+    def pause(self) -> None:
+        self._paused_at = time.monotonic()
+        self.running.clear()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self.paused_s += time.monotonic() - self._paused_at
+            self._paused_at = None
+        self.running.set()
+
+    def gate(self) -> None:
+        """Called between steps: block while paused (a stop releases it)."""
+        while not self.running.wait(0.1):
+            if self.stop.is_set():
+                return
+
+    def finish(self) -> Contribution | None:
+        self.stop.set()
+        self.resume()
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            log.warning("overlapped training failed: %s", self.error)
+            return None
+        return self.result
 
 
 def write_summary(path: Path, stats: VolunteerStats) -> None:

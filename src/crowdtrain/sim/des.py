@@ -192,6 +192,155 @@ class SimResult:
         }
 
 
+def online_seconds(intervals: Sequence[Interval] | None, end: float) -> float:
+    """Seconds of ``[0, end)`` inside the online `intervals` (None: online throughout)."""
+    if intervals is None:
+        return end
+    return sum(max(0.0, min(b, end) - min(a, end)) for a, b in intervals)
+
+
+def simulate(
+    config: RunConfig,
+    population: list[PeerSpec],
+    target: Target,
+    *,
+    online: Mapping[str, list[Interval]] | None = None,
+    coordinator_in_bps: float = math.inf,
+    coordinator_out_bps: float = math.inf,
+    coordinator_close_s: float = 0.0,
+    eval_batches: int = 8,
+    eval_batch_size: int = 16,
+    goodbye: bool = False,
+    tick_s: float | None = None,
+    fail_mid_round: float = 0.0,
+    restart_s: float = 60.0,
+    shards_cached: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> SimResult:
+    """Run `config.rounds.total` rounds of the protocol with `population` in virtual time.
+
+    `online` maps a peer id to its online intervals ``[start, end)`` in time order (a peer it
+    leaves out, or every peer when it is None, is always online). `goodbye` makes a peer that
+    goes offline say so (`PeerLeft`) instead of going silent. `coordinator_close_s` is the
+    coordinator's own time to close a round (aggregate, evaluate, persist): the next base goes
+    out that long after the last awaited upload. The coordinator ticks, and online peers send
+    heartbeats, every `tick_s` (default: the networked client's heartbeat interval,
+    ``peer_timeout_s / 4`` within 1–15 s). A work order's training crashes part-way with
+    probability `fail_mid_round` (its work is lost; the volunteer is back after `restart_s`).
+    A volunteer downloads the data shards of its orders that it has not cached, unless
+    `shards_cached` (the whole corpus is in every volunteer's cache from the start).
+    `on_round` gets each round's row. Raises RuntimeError when the run stalls before its last
+    round.
+    """
+    ids = [p.peer_id for p in population]
+    if not ids:
+        raise ValueError("the simulation needs at least one peer")
+    if len(set(ids)) != len(ids):
+        raise ValueError("peer ids in the population must be unique")
+    timeout = config.rounds.peer_timeout_s
+    tick = max(1.0, min(15.0, timeout / 4)) if tick_s is None else tick_s
+    for name, value in (
+        ("coordinator_close_s", coordinator_close_s),
+        ("restart_s", restart_s),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
+    if not (math.isfinite(tick) and tick > 0):
+        raise ValueError(f"tick_s must be a positive number of seconds, not {tick}")
+    if not 0.0 <= fail_mid_round <= 1.0:
+        raise ValueError(f"fail_mid_round must be a probability in [0, 1], not {fail_mid_round}")
+    schedule = dict(online or {})
+    strangers = sorted(set(schedule) - set(ids))
+    if strangers:
+        raise ValueError(f"the online schedule names peers not in the population: {strangers}")
+    for pid, intervals in schedule.items():
+        if any(not 0 <= a < b for a, b in intervals) or any(
+            b1 > a2 for (_, b1), (a2, _) in itertools.pairwise(intervals)
+        ):
+            raise ValueError(
+                f"peer {pid}'s online intervals must be non-empty, start at 0 or later, "
+                "and be in time order without overlap"
+            )
+
+    data = RunData.load(config, eval_batches, eval_batch_size)
+    manifest, shards, evals = data.manifest, data.shards, data.evals
+    loop = EventLoop()
+    network = Network(
+        loop, coordinator_in_bps=coordinator_in_bps, coordinator_out_bps=coordinator_out_bps
+    )
+    protocol = pr.RoundProtocol(
+        config, initial_state(config.model), manifest.train_ids, loop.clock, probe=data.probe
+    )
+    shared = LocalTrainer(config.model, config.inner)
+    peers: list[_Peer] = []
+    for spec in population:
+        network.add_peer(spec.peer_id, Link(spec.up_bps, spec.down_bps, spec.rtt_s))
+        trainer = trainer_for(config, shared)
+        intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
+        step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
+        machine = vm.VolunteerMachine(spec.peer_id, config, protocol.shapes)
+        peer = _Peer(spec, machine, trainer, step_s, intervals)
+        if shards_cached:
+            peer.shards.update(shards)
+        peers.append(peer)
+
+    def evaluate_now() -> float:
+        return evaluate(config.model, protocol.params, evals)
+
+    options = _Options(
+        goodbye=goodbye,
+        close_s=coordinator_close_s,
+        tick_s=tick,
+        fail_mid_round=fail_mid_round,
+        restart_s=restart_s,
+        seed=config.seed,
+    )
+    sim = _Sim(
+        config, protocol, loop, network, peers, shards, target, evaluate_now, options, on_round
+    )
+    for p in peers:
+        for start, end in p.intervals:
+            loop.schedule(start, functools.partial(sim.come_online, p), label="online")
+            if math.isfinite(end):
+                loop.schedule(end, functools.partial(sim.go_offline, p), label="offline")
+    sim.schedule_tick()
+    result = SimResult(initial_eval_loss=evaluate_now())
+    while not (sim.finished or sim.stalled) and loop.run(max_events=1):
+        result.events += 1
+
+    end = loop.now
+    if not sim.finished:
+        r = protocol.round
+        waiting = ", ".join(sorted(protocol.assigned())) or "no peer"
+        raise RuntimeError(
+            f"the run stalled at round {r}: {len(protocol.submitted())} of the quorum of "
+            f"{config.rounds.quorum} contributed by {end:.1f} s (virtual) and nothing is left to "
+            f"happen (orders held by: {waiting}); add peers or online time, or lower the quorum"
+        )
+    end = max(end, sim.ready_at)  # the last close's aggregation and evaluation
+    for p in peers:
+        sim.stop(p)  # counts the compute of peers busy at the end
+        online_s = online_seconds(p.intervals, end)
+        stats = network.stats(p.peer_id)
+        result.per_peer[p.peer_id] = {
+            "compute_s": p.compute_s,
+            "online_s": online_s,
+            "utilization": p.compute_s / online_s if online_s > 0 else 0.0,
+            "first_compute_s": math.nan if p.first_compute_s is None else p.first_compute_s,
+            "bytes_up": stats.bytes_up,
+            "bytes_down": stats.bytes_down,
+            "contributions": p.contributions,
+            "steps": p.steps,
+            "failures": p.failures,
+        }
+    result.rounds = sim.rounds
+    result.final_eval_loss = sim.rounds[-1]["eval_loss"]
+    result.virtual_time_s = end
+    result.late_checks = sim.late_checks
+    result.verdicts = dict(Counter(f"{v.stage}:{v.outcome}" for v in protocol.verdicts))
+    return result
+
+
 @dataclass(eq=False)
 class _VirtualSpeculation:
     """Overlapped training in virtual time: the machine's `Speculate` segment (round r's order
@@ -694,152 +843,3 @@ class _Sim:
             if not p.online and p.comes_back(now):
                 return False
         return True
-
-
-def online_seconds(intervals: Sequence[Interval] | None, end: float) -> float:
-    """Seconds of ``[0, end)`` inside the online `intervals` (None: online throughout)."""
-    if intervals is None:
-        return end
-    return sum(max(0.0, min(b, end) - min(a, end)) for a, b in intervals)
-
-
-def simulate(
-    config: RunConfig,
-    population: list[PeerSpec],
-    target: Target,
-    *,
-    online: Mapping[str, list[Interval]] | None = None,
-    coordinator_in_bps: float = math.inf,
-    coordinator_out_bps: float = math.inf,
-    coordinator_close_s: float = 0.0,
-    eval_batches: int = 8,
-    eval_batch_size: int = 16,
-    goodbye: bool = False,
-    tick_s: float | None = None,
-    fail_mid_round: float = 0.0,
-    restart_s: float = 60.0,
-    shards_cached: bool = False,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-) -> SimResult:
-    """Run `config.rounds.total` rounds of the protocol with `population` in virtual time.
-
-    `online` maps a peer id to its online intervals ``[start, end)`` in time order (a peer it
-    leaves out, or every peer when it is None, is always online). `goodbye` makes a peer that
-    goes offline say so (`PeerLeft`) instead of going silent. `coordinator_close_s` is the
-    coordinator's own time to close a round (aggregate, evaluate, persist): the next base goes
-    out that long after the last awaited upload. The coordinator ticks, and online peers send
-    heartbeats, every `tick_s` (default: the networked client's heartbeat interval,
-    ``peer_timeout_s / 4`` within 1–15 s). A work order's training crashes part-way with
-    probability `fail_mid_round` (its work is lost; the volunteer is back after `restart_s`).
-    A volunteer downloads the data shards of its orders that it has not cached, unless
-    `shards_cached` (the whole corpus is in every volunteer's cache from the start).
-    `on_round` gets each round's row. Raises RuntimeError when the run stalls before its last
-    round.
-    """
-    ids = [p.peer_id for p in population]
-    if not ids:
-        raise ValueError("the simulation needs at least one peer")
-    if len(set(ids)) != len(ids):
-        raise ValueError("peer ids in the population must be unique")
-    timeout = config.rounds.peer_timeout_s
-    tick = max(1.0, min(15.0, timeout / 4)) if tick_s is None else tick_s
-    for name, value in (
-        ("coordinator_close_s", coordinator_close_s),
-        ("restart_s", restart_s),
-    ):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value}")
-    if not (math.isfinite(tick) and tick > 0):
-        raise ValueError(f"tick_s must be a positive number of seconds, not {tick}")
-    if not 0.0 <= fail_mid_round <= 1.0:
-        raise ValueError(f"fail_mid_round must be a probability in [0, 1], not {fail_mid_round}")
-    schedule = dict(online or {})
-    strangers = sorted(set(schedule) - set(ids))
-    if strangers:
-        raise ValueError(f"the online schedule names peers not in the population: {strangers}")
-    for pid, intervals in schedule.items():
-        if any(not 0 <= a < b for a, b in intervals) or any(
-            b1 > a2 for (_, b1), (a2, _) in itertools.pairwise(intervals)
-        ):
-            raise ValueError(
-                f"peer {pid}'s online intervals must be non-empty, start at 0 or later, "
-                "and be in time order without overlap"
-            )
-
-    data = RunData.load(config, eval_batches, eval_batch_size)
-    manifest, shards, evals = data.manifest, data.shards, data.evals
-    loop = EventLoop()
-    network = Network(
-        loop, coordinator_in_bps=coordinator_in_bps, coordinator_out_bps=coordinator_out_bps
-    )
-    protocol = pr.RoundProtocol(
-        config, initial_state(config.model), manifest.train_ids, loop.clock, probe=data.probe
-    )
-    shared = LocalTrainer(config.model, config.inner)
-    peers: list[_Peer] = []
-    for spec in population:
-        network.add_peer(spec.peer_id, Link(spec.up_bps, spec.down_bps, spec.rtt_s))
-        trainer = trainer_for(config, shared)
-        intervals = list(schedule.get(spec.peer_id, [(0.0, math.inf)]))
-        step_s = step_seconds(target.flops_per_proxy_step, spec)  # one proxy step
-        machine = vm.VolunteerMachine(spec.peer_id, config, protocol.shapes)
-        peer = _Peer(spec, machine, trainer, step_s, intervals)
-        if shards_cached:
-            peer.shards.update(shards)
-        peers.append(peer)
-
-    def evaluate_now() -> float:
-        return evaluate(config.model, protocol.params, evals)
-
-    options = _Options(
-        goodbye=goodbye,
-        close_s=coordinator_close_s,
-        tick_s=tick,
-        fail_mid_round=fail_mid_round,
-        restart_s=restart_s,
-        seed=config.seed,
-    )
-    sim = _Sim(
-        config, protocol, loop, network, peers, shards, target, evaluate_now, options, on_round
-    )
-    for p in peers:
-        for start, end in p.intervals:
-            loop.schedule(start, functools.partial(sim.come_online, p), label="online")
-            if math.isfinite(end):
-                loop.schedule(end, functools.partial(sim.go_offline, p), label="offline")
-    sim.schedule_tick()
-    result = SimResult(initial_eval_loss=evaluate_now())
-    while not (sim.finished or sim.stalled) and loop.run(max_events=1):
-        result.events += 1
-
-    end = loop.now
-    if not sim.finished:
-        r = protocol.round
-        waiting = ", ".join(sorted(protocol.assigned())) or "no peer"
-        raise RuntimeError(
-            f"the run stalled at round {r}: {len(protocol.submitted())} of the quorum of "
-            f"{config.rounds.quorum} contributed by {end:.1f} s (virtual) and nothing is left to "
-            f"happen (orders held by: {waiting}); add peers or online time, or lower the quorum"
-        )
-    end = max(end, sim.ready_at)  # the last close's aggregation and evaluation
-    for p in peers:
-        sim.stop(p)  # counts the compute of peers busy at the end
-        online_s = online_seconds(p.intervals, end)
-        stats = network.stats(p.peer_id)
-        result.per_peer[p.peer_id] = {
-            "compute_s": p.compute_s,
-            "online_s": online_s,
-            "utilization": p.compute_s / online_s if online_s > 0 else 0.0,
-            "first_compute_s": math.nan if p.first_compute_s is None else p.first_compute_s,
-            "bytes_up": stats.bytes_up,
-            "bytes_down": stats.bytes_down,
-            "contributions": p.contributions,
-            "steps": p.steps,
-            "failures": p.failures,
-        }
-    result.rounds = sim.rounds
-    result.final_eval_loss = sim.rounds[-1]["eval_loss"]
-    result.virtual_time_s = end
-    result.late_checks = sim.late_checks
-    result.verdicts = dict(Counter(f"{v.stage}:{v.outcome}" for v in protocol.verdicts))
-    return result
