@@ -42,7 +42,6 @@ The verification pipeline is off in both runs (see `validation_config`).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import shutil
@@ -93,8 +92,6 @@ __all__ = [
 
 TOLERANCE = 0.2
 """Largest relative error of the simulator against the measured value that counts as agreement."""
-
-RESULTS = Path("bench/results")
 
 #: The volunteers' links: the same rate both ways, one of them half as fast (heterogeneity).
 FULL_LINKS = (
@@ -552,8 +549,8 @@ def run_validation(
 ) -> dict[str, Any]:
     """Run the real system and the simulator with overlap off and on, each as `run_network`
     runs it (volunteers download their data shards as their work orders name them) and with
-    the shards cached beforehand (the simulator likewise); compare;
-    save the JSON document to bench/results/sim-validation[-quick].json and return it."""
+    the shards cached beforehand (the simulator likewise); compare; return the JSON document
+    (`crowdtrain bench sim-validation --json PATH` writes it; nothing else is written)."""
     console = console or Console()
     links = QUICK_LINKS if quick else FULL_LINKS
     rounds, seconds = (5, 4.0) if quick else (8, 5.0)
@@ -577,8 +574,4 @@ def run_validation(
         ),
     }
     console.print(_table(results))
-    path = RESULTS / f"sim-validation{'-quick' if quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    console.print(f"wrote {path}")
     return doc
