@@ -1,7 +1,7 @@
 """Sweep DiLoCo settings on the quick algorithm-benchmark setting (one line per variant).
 
 Usage: .venv/bin/python bench/diloco_sweep.py '[{"H": 50, "set": {"outer": {"lr": 1.0}}}]'
-Each variant may set H (inner steps per round), codec, outer (optimizer name), and "set":
+Each variant may set H (inner steps per round), workers, codec, outer (optimizer name), and "set":
 {section: {key: value}} overrides of the run config. Prints: variant, final eval loss, bytes
 uploaded per worker, wall seconds.
 """
@@ -20,7 +20,11 @@ from crowdtrain.sim.swarm import run_swarm
 
 def main(variants: list[dict[str, object]]) -> None:
     for v in variants:
-        s = dataclasses.replace(QUICK, inner_steps=int(v.get("H", QUICK.inner_steps)))  # type: ignore[call-overload]
+        s = dataclasses.replace(
+            QUICK,
+            inner_steps=int(v.get("H", QUICK.inner_steps)),  # type: ignore[call-overload]
+            workers=int(v.get("workers", QUICK.workers)),  # type: ignore[call-overload]
+        )
         cfg = bench_config(s, str(v.get("codec", "fp32")), str(v.get("outer", "nesterov")))
         raw = cfg.model_dump(mode="json")
         for section, update in dict(v.get("set", {})).items():  # type: ignore[call-overload]

@@ -84,6 +84,12 @@ class MachineError(RuntimeError):
     """A driver fed the machine an event that is not legal in its state."""
 
 
+def heartbeat_interval(config: RunConfig) -> float:
+    """How often a volunteer tells the coordinator it is alive while it trains: four times per
+    `rounds.peer_timeout_s`, within 1–15 s (drivers keep the clock; this is the rule)."""
+    return max(1.0, min(15.0, config.rounds.peer_timeout_s / 4))
+
+
 def uses_error_feedback(config: RunConfig) -> bool:
     """Whether volunteers keep a compression residual (top-k codec or SparseLoCo outer step)."""
     return config.codec.name == "topk2bit" or config.outer.optimizer == "error_feedback"

@@ -44,7 +44,7 @@ from crowdtrain.client.api import (
     WorkOrderMsg,
 )
 from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
-from crowdtrain.client.machine import VolunteerMachine
+from crowdtrain.client.machine import VolunteerMachine, heartbeat_interval
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
 from crowdtrain.client.work import overlap_start
@@ -456,7 +456,7 @@ class Volunteer:
 
     def _heartbeats(self, stop: threading.Event) -> None:
         """Tell the coordinator we are alive while a long round trains (see peer_timeout_s)."""
-        interval = max(1.0, min(15.0, self.config.rounds.peer_timeout_s / 4))
+        interval = heartbeat_interval(self.config)
         while not stop.wait(interval) and not self._halt.is_set():
             try:
                 self.api.heartbeat()

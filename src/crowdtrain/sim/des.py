@@ -237,8 +237,7 @@ def simulate(
         raise ValueError("the simulation needs at least one peer")
     if len(set(ids)) != len(ids):
         raise ValueError("peer ids in the population must be unique")
-    timeout = config.rounds.peer_timeout_s
-    tick = max(1.0, min(15.0, timeout / 4)) if tick_s is None else tick_s
+    tick = vm.heartbeat_interval(config) if tick_s is None else tick_s
     for name, value in (
         ("coordinator_close_s", coordinator_close_s),
         ("restart_s", restart_s),
