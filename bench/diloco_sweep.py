@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python bench/diloco_sweep.py '[{"H": 50, "set": {"outer": {"lr": 1.0}}}]'
 Each variant may set H (inner steps per round), workers, codec, outer (optimizer name), and "set":
-{section: {key: value}} overrides of the run config. Prints: variant, final eval loss, bytes
-uploaded per worker, wall seconds.
+{section: {key: value}} overrides of the run config; {"ddp": true, "workers": N} runs the
+data-parallel reference on N workers' batches instead (as `crowdtrain bench algo` does). Prints:
+variant, final eval loss, bytes uploaded per worker (0 for ddp), wall seconds.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sys
 import time
 
-from crowdtrain.benchmarks.algo import QUICK, bench_config
+from crowdtrain.benchmarks.algo import QUICK, _sequential, bench_config, bench_data
 from crowdtrain.config import parse_config
 from crowdtrain.sim.swarm import run_swarm
 
@@ -31,6 +32,11 @@ def main(variants: list[dict[str, object]]) -> None:
             raw[section].update(update)
         cfg = parse_config(raw)
         t = time.time()
+        if v.get("ddp"):
+            manifest, shards, evals = bench_data(cfg, s)
+            loss = _sequential(cfg, shards, manifest.train_ids, s.workers, evals)
+            print(json.dumps(v), round(loss, 4), 0, round(time.time() - t), flush=True)
+            continue
         res = run_swarm(cfg, s.workers, eval_batch_count=s.eval_batches, eval_batch_size=32)
         sent = sum(r.bytes_up for r in res.rounds) // s.workers
         print(

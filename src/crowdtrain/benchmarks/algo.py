@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from crowdtrain.config import RunConfig, parse_config
-from crowdtrain.data import ensure_packed_for, eval_batches
+from crowdtrain.data import DataManifest, ensure_packed_for, eval_batches
 from crowdtrain.models import count_params, initial_state
 from crowdtrain.sim.ddp import global_batches
 from crowdtrain.sim.swarm import load_shards, run_swarm
@@ -120,22 +120,30 @@ def _sequential(
     return evaluate(config.model, trainer.current_state(), evals)
 
 
-def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the five methods and return the benchmark's JSON document."""
-    s = QUICK if quick else FULL
-    base = bench_config(s)
-    torch.set_num_threads(base.inner.threads)
-    data_dir = Path(base.data.dir)
-    manifest = ensure_packed_for(base.data)
-    shards = load_shards(manifest, data_dir)
+def bench_data(
+    config: RunConfig, s: AlgoSetting
+) -> tuple[DataManifest, dict[str, np.ndarray], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The corpus (packed if needed), its shards and the evaluation batches every method of
+    setting `s` is scored on."""
+    manifest = ensure_packed_for(config.data)
+    shards = load_shards(manifest, Path(config.data.dir))
     evals = eval_batches(
         shards,
         manifest.val_ids,
         batch_size=32,
         context=s.context,
         n_batches=s.eval_batches,
-        seed=base.data.seed,
+        seed=config.data.seed,
     )
+    return manifest, shards, evals
+
+
+def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the five methods and return the benchmark's JSON document."""
+    s = QUICK if quick else FULL
+    base = bench_config(s)
+    torch.set_num_threads(base.inner.threads)
+    manifest, shards, evals = bench_data(base, s)
     params = count_params(base.model)
     ring = 2 * (s.workers - 1) / s.workers * 4 * params
     methods: dict[str, dict[str, Any]] = {}
