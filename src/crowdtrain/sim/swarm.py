@@ -83,6 +83,75 @@ class SwarmResult:
         }
 
 
+def run_swarm(
+    config: RunConfig,
+    peers: int,
+    *,
+    attack: str | None = None,
+    attackers: int = 0,
+    eval_batch_count: int = 8,
+    eval_batch_size: int = 16,
+    on_round: Callable[[RoundRow], None] | None = None,
+) -> SwarmResult:
+    """Run `peers` in-process volunteers through `config.rounds.total` rounds of the protocol.
+
+    With `attack`, the last `attackers` of them run that attack (crowdtrain.adversary); they ask
+    for work after the honest ones, so colluding attacks see the honest updates (worst case).
+    """
+    if attack is not None and not 0 < attackers < peers:
+        raise ValueError(f"--attackers must be between 1 and {peers - 1} (the peers less one)")
+    data = RunData.load(config, eval_batch_count, eval_batch_size)
+    manifest, shards, evals, probe = data.manifest, data.shards, data.evals, data.probe
+    clock = _CounterClock()
+    protocol = pr.RoundProtocol(
+        config, initial_state(config.model), manifest.train_ids, clock, probe=probe
+    )
+    shared = LocalTrainer(config.model, config.inner)
+    swarm = _Swarm(config, protocol, [], shards)
+    for i in range(peers):
+        bad = attack is not None and i >= peers - attackers
+        attacker = Attacker(attack, f"peer-{i}", config.seed) if bad and attack else None
+        machine = vm.VolunteerMachine(
+            f"peer-{i}", config, protocol.shapes, attacker=attacker, view=swarm.view
+        )
+        peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
+        peer.feed(ve.Start())
+        swarm.peers.append(peer)
+        protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id))
+    result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
+    for step in itertools.count():
+        swarm.closed = None
+        swarm.round()
+        clock.now = float(step + 1)
+        if swarm.closed is None:  # someone was refused or banned: the deadline closes it
+            clock.now = max(clock.now, protocol.deadline)
+            swarm.act(protocol.handle(pr.Tick()))
+        closed = swarm.closed
+        if closed is None:
+            raise RuntimeError("the round did not close after every volunteer contributed")
+        row = RoundRow(
+            round=closed.round,
+            train_loss=closed.train_loss,
+            eval_loss=evaluate(config.model, protocol.params, evals),
+            contributions=len(closed.contributors),
+            bytes_up=closed.payload_bytes,
+        )
+        result.rounds.append(row)
+        if on_round is not None:
+            on_round(row)
+        if swarm.finished:
+            break
+    result.final_eval_loss = result.rounds[-1].eval_loss
+    result.attackers = [p.peer_id for p in swarm.peers if p.machine.attacker is not None]
+    result.flagged = sorted(swarm.flagged)
+    result.banned = dict(swarm.banned)
+    result.train_steps, result.verify_steps = swarm.train_steps, swarm.verify_steps
+    result.scored = protocol.scored
+    result.submissions = list(swarm.submissions)
+    result.verdicts = [asdict(v) for v in protocol.verdicts]
+    return result
+
+
 class _CounterClock:
     """Virtual time: advances only when the driver says so."""
 
@@ -339,72 +408,3 @@ class _Swarm:
         decisions = self.protocol.handle(event)
         self.act(decisions)
         return not any(isinstance(x, pr.Rejected) for x in decisions)
-
-
-def run_swarm(
-    config: RunConfig,
-    peers: int,
-    *,
-    attack: str | None = None,
-    attackers: int = 0,
-    eval_batch_count: int = 8,
-    eval_batch_size: int = 16,
-    on_round: Callable[[RoundRow], None] | None = None,
-) -> SwarmResult:
-    """Run `peers` in-process volunteers through `config.rounds.total` rounds of the protocol.
-
-    With `attack`, the last `attackers` of them run that attack (crowdtrain.adversary); they ask
-    for work after the honest ones, so colluding attacks see the honest updates (worst case).
-    """
-    if attack is not None and not 0 < attackers < peers:
-        raise ValueError(f"--attackers must be between 1 and {peers - 1} (the peers less one)")
-    data = RunData.load(config, eval_batch_count, eval_batch_size)
-    manifest, shards, evals, probe = data.manifest, data.shards, data.evals, data.probe
-    clock = _CounterClock()
-    protocol = pr.RoundProtocol(
-        config, initial_state(config.model), manifest.train_ids, clock, probe=probe
-    )
-    shared = LocalTrainer(config.model, config.inner)
-    swarm = _Swarm(config, protocol, [], shards)
-    for i in range(peers):
-        bad = attack is not None and i >= peers - attackers
-        attacker = Attacker(attack, f"peer-{i}", config.seed) if bad and attack else None
-        machine = vm.VolunteerMachine(
-            f"peer-{i}", config, protocol.shapes, attacker=attacker, view=swarm.view
-        )
-        peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
-        peer.feed(ve.Start())
-        swarm.peers.append(peer)
-        protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id))
-    result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
-    for step in itertools.count():
-        swarm.closed = None
-        swarm.round()
-        clock.now = float(step + 1)
-        if swarm.closed is None:  # someone was refused or banned: the deadline closes it
-            clock.now = max(clock.now, protocol.deadline)
-            swarm.act(protocol.handle(pr.Tick()))
-        closed = swarm.closed
-        if closed is None:
-            raise RuntimeError("the round did not close after every volunteer contributed")
-        row = RoundRow(
-            round=closed.round,
-            train_loss=closed.train_loss,
-            eval_loss=evaluate(config.model, protocol.params, evals),
-            contributions=len(closed.contributors),
-            bytes_up=closed.payload_bytes,
-        )
-        result.rounds.append(row)
-        if on_round is not None:
-            on_round(row)
-        if swarm.finished:
-            break
-    result.final_eval_loss = result.rounds[-1].eval_loss
-    result.attackers = [p.peer_id for p in swarm.peers if p.machine.attacker is not None]
-    result.flagged = sorted(swarm.flagged)
-    result.banned = dict(swarm.banned)
-    result.train_steps, result.verify_steps = swarm.train_steps, swarm.verify_steps
-    result.scored = protocol.scored
-    result.submissions = list(swarm.submissions)
-    result.verdicts = [asdict(v) for v in protocol.verdicts]
-    return result
