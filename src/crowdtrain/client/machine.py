@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -127,22 +127,6 @@ TRANSITIONS: dict[tuple[State, type], frozenset[State]] = {
 }
 
 
-@dataclass(frozen=True)
-class _Carried:
-    """Overlapped progress that the next work order starts with, and what it declares."""
-
-    result: Contribution
-    overlap: Overlap
-
-
-@dataclass(frozen=True)
-class _Speculation:
-    """Overlapped training under way: round `round`'s order from its batch `first_batch`."""
-
-    round: int
-    first_batch: int
-
-
 def own_view(round: int, honest: Mapping[str, torch.Tensor]) -> RoundView:
     """What a networked attacker sees of a round: only its own honest Δ (it is not
     omniscient), so ALIE and IPM work from that one Δ and copycat has nobody to copy."""
@@ -177,8 +161,11 @@ class VolunteerMachine:
         self.order: WorkLike | None = None  # the work order in hand
         self.check: CheckLike | None = None  # or the spot-check
         self.base: Params | None = None
-        self.carried: _Carried | None = None
-        self.speculation: _Speculation | None = None
+        # Overlapped training under way: round r's order from its batch `first_batch` (its
+        # steps are known when it ends) ...
+        self.speculation: Overlap | None = None
+        # ... and, once it ended, the progress the next work order starts with.
+        self.carried: tuple[Contribution, Overlap] | None = None
         self._handlers: dict[type, Callable[[Any], list[Decision]]] = {
             Start: self._on_start,
             GotWork: self._on_work,
@@ -270,8 +257,7 @@ class VolunteerMachine:
         spec, self.speculation = self.speculation, None
         assert spec is not None
         if event.result is not None and event.result.steps > 0:
-            overlap = Overlap(event.result.steps, spec.round, spec.first_batch)
-            self.carried = _Carried(event.result, overlap)
+            self.carried = (event.result, replace(spec, steps=event.result.steps))
         return self._begin()
 
     def _on_trained(self, event: Trained) -> list[Decision]:
@@ -280,7 +266,7 @@ class VolunteerMachine:
             payload = codec.encode(event.result.delta, self.config.codec)
             return [UploadReplay(self.check, payload, event.result)]
         carried = self.carried
-        result = event.result if carried is None else merge(carried.result, event.result)
+        result = event.result if carried is None else merge(carried[0], event.result)
         return self._finish(result)
 
     def _on_uploaded(self, event: Uploaded) -> list[Decision]:
@@ -306,10 +292,10 @@ class VolunteerMachine:
             return self._finish(None)
         if carried is None:
             segment = self._segment(order, base, None, steps_done=0, seconds_done=0.0)
-        elif fills_budget(order, carried.result):
-            return self._finish(carried.result)  # Δ from the new θ is the rebased progress
+        elif fills_budget(order, carried[0]):
+            return self._finish(carried[0])  # Δ from the new θ is the rebased progress
         else:
-            done = carried.result
+            done = carried[0]
             segment = self._segment(
                 order, base, rebased(base, done), steps_done=done.steps, seconds_done=done.seconds
             )
@@ -351,14 +337,14 @@ class VolunteerMachine:
         payload, claim = self._encode(order, result, base)
         decisions: list[Decision] = []
         if self.overlap and result is not None:
-            fresh = result.steps - (carried.result.steps if carried is not None else 0)
+            fresh = result.steps - (carried[0].steps if carried is not None else 0)
             start = self._speculation_start(base, result, payload)
             segment = self._segment(
                 order, start, None, steps_done=0, seconds_done=0.0, first_batch=fresh
             )
-            self.speculation = _Speculation(order.round, fresh)
+            self.speculation = Overlap(0, order.round, fresh)
             decisions.append(Speculate(order.round, segment))
-        overlap = None if carried is None else carried.overlap
+        overlap = None if carried is None else carried[1]
         self.state = State.UPLOADING
         decisions.append(Upload(order, payload, claim, overlap, result))
         return decisions
