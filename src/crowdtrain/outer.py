@@ -33,8 +33,6 @@ import torch
 
 from crowdtrain.config import OuterConfig, OuterName
 
-MOMENTUM_PREFIX = "momentum::"
-
 #: How each entry of torch's per-parameter optimizer state is named in ``state_dict``.
 STATE_PREFIXES: dict[str, str] = {
     "momentum_buffer": "momentum",

@@ -250,7 +250,8 @@ class Overlap:
         }
 
 
-NO_OVERLAP = {"overlap_steps": 0, "overlap_round": -1, "overlap_first_batch": 0}
+#: What a contribution without overlapped steps declares.
+NO_OVERLAP = Overlap(0, -1, 0)
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ class Upload:
             "tokens": self.claim.tokens,
             "steps": self.claim.steps,
             "train_loss": self.claim.train_loss,
-            **(NO_OVERLAP if self.overlap is None else self.overlap.meta()),
+            **(self.overlap or NO_OVERLAP).meta(),
         }
 
 

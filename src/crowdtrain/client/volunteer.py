@@ -47,7 +47,7 @@ from crowdtrain.client.identity import ClientState, load_state, save_state, veri
 from crowdtrain.client.machine import VolunteerMachine, heartbeat_interval
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
-from crowdtrain.client.work import overlap_start
+from crowdtrain.client.work import TrainFn, overlap_start
 from crowdtrain.config import RunConfig
 from crowdtrain.train import Contribution, LocalTrainer
 
@@ -232,40 +232,40 @@ class Volunteer:
 
     # --- training ------------------------------------------------------------------------
 
-    def _timed(
-        self,
-        trainer: LocalTrainer,
-        run: Callable[..., Contribution],
-        spec: _BackgroundTraining | None = None,
-    ) -> Contribution:
-        """`run(trainer.train, on_step=...)`, counted as compute and shown step by step (a
-        paused speculation's pause is not compute)."""
-        t0 = time.monotonic()
-        last = [t0]
+    def _counted(self, trainer: LocalTrainer, spec: _BackgroundTraining | None = None) -> TrainFn:
+        """`trainer.train`, each call counted as compute (less the time a paused overlapped
+        training spends paused) and shown step by step."""
 
-        def on_step(step: int, loss: float) -> None:
-            now = time.monotonic()
-            self.stats.step, self.stats.loss = step, loss
-            if self.options.slowdown > 1.0:
-                time.sleep((now - last[0]) * (self.options.slowdown - 1.0))
-            self.on_update(self.stats)
-            if spec is not None:
-                spec.gate()
-            last[0] = time.monotonic()
+        def train(*args: Any, **kwargs: Any) -> Contribution:
+            t0 = time.monotonic()
+            paused0 = spec.paused_s if spec is not None else 0.0
+            last = [t0]
 
-        result = run(trainer.train, on_step=on_step)
-        paused = spec.paused_s if spec is not None else 0.0
-        self.stats.compute_s += max(0.0, time.monotonic() - t0 - paused)
-        return result
+            def on_step(step: int, loss: float) -> None:
+                now = time.monotonic()
+                self.stats.step, self.stats.loss = step, loss
+                if self.options.slowdown > 1.0:
+                    time.sleep((now - last[0]) * (self.options.slowdown - 1.0))
+                self.on_update(self.stats)
+                if spec is not None:
+                    spec.gate()
+                last[0] = time.monotonic()
+
+            result = trainer.train(*args, on_step=on_step, **kwargs)
+            paused = spec.paused_s - paused0 if spec is not None else 0.0
+            self.stats.compute_s += max(0.0, time.monotonic() - t0 - paused)
+            return result
+
+        return train
 
     def _segment(
         self, trainer: LocalTrainer, segment: ve.Segment, spec: _BackgroundTraining | None = None
     ) -> Contribution:
         batches = self.machine.batches(segment, self.shards)
-        extra = {} if spec is None else {"stop": spec.stop}
-        return self._timed(
-            trainer, lambda train, **kw: segment.run(train, batches, **kw, **extra), spec
-        )
+        train = self._counted(trainer, spec)
+        if spec is None:
+            return segment.run(train, batches)
+        return segment.run(train, batches, stop=spec.stop)
 
     def replayer(self) -> LocalTrainer:
         """The trainer of spot-check replays: its own, so that a paused overlapped training
@@ -279,12 +279,7 @@ class Volunteer:
         return self._replay(ve.Replay(order, base, self._prior(order)))
 
     def _replay(self, decision: ve.Replay) -> Contribution:
-        return self._timed(
-            self.replayer(),
-            lambda train, **kw: decision.run(
-                lambda *a, **k: train(*a, **k, **kw), self.shards, self.config
-            ),
-        )
+        return decision.run(self._counted(self.replayer()), self.shards, self.config)
 
     # --- the loop ------------------------------------------------------------------------
 

@@ -811,7 +811,7 @@ class _Sim:
             ref = f"{p.peer_id}/{order.round}"
             if start is not None:  # a later replay of overlapped work starts from θ_r − sent
                 self.starts[ref] = (order.round, start)
-            overlap = d.overlap or ve.Overlap(0, -1, 0)
+            overlap = d.overlap or ve.NO_OVERLAP
             event = dataclasses.replace(
                 event,
                 ref=ref,

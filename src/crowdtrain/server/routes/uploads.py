@@ -17,14 +17,11 @@ from fastapi import APIRouter, Header, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from crowdtrain.server.coordinator import ContributionMeta, Coordinator, Problem
+from crowdtrain.server.coordinator import MAX_META_BYTES, ContributionMeta, Coordinator, Problem
 from crowdtrain.server.routes.deps import MAX_ROUND, CoordinatorDep, Peer
 from crowdtrain.store import BlobTooLarge
 
 M = TypeVar("M", bound=BaseModel)
-
-#: The longest X-Crowdtrain-Meta header accepted, in characters.
-MAX_META_CHARS = 4096
 
 router = APIRouter()
 
@@ -74,7 +71,7 @@ def upload_headers(
         raise Problem(411, "no_length", "an upload needs a Content-Length header")
     if content_length > cap:
         raise Problem(413, "too_large", f"the payload is {content_length} bytes; the cap is {cap}")
-    if meta_header is None or len(meta_header) > MAX_META_CHARS:
+    if meta_header is None or len(meta_header) > MAX_META_BYTES:
         raise Problem(400, "bad_meta", "the X-Crowdtrain-Meta header is missing or too long")
     try:
         meta = model.model_validate(json.loads(meta_header))
