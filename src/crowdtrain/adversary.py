@@ -51,6 +51,7 @@ import torch
 from crowdtrain import codec
 from crowdtrain.codec import wire
 from crowdtrain.config import CodecConfig
+from crowdtrain.train.moments import split_base
 
 ATTACKS: tuple[str, ...] = (
     "sign_flip",
@@ -253,7 +254,7 @@ def idle_start(
     """What an attacker that does not train (`Attacker.trains` is False) forges from: a zero
     Δ shaped like the weights, and a claim of the work order's whole step budget."""
     samples = max_steps * batch_size
-    zeros = {name: torch.zeros_like(t) for name, t in base.items()}
+    zeros = {name: torch.zeros_like(t) for name, t in split_base(base)[0].items()}
     return zeros, Claim(samples, samples * context, max_steps, 2.0)
 
 

@@ -39,6 +39,7 @@ CodecName = Literal["fp32", "fp16", "bf16", "int8", "int4", "topk2bit"]
 AggregatorName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
 OuterName = Literal["nesterov", "sgd", "adam", "error_feedback"]
 StalePolicy = Literal["reject", "accept"]
+InnerState = Literal["fresh", "kept", "published"]
 SpotCheckMode = Literal["off", "peer", "coordinator"]
 
 
@@ -75,7 +76,22 @@ class DataConfig(_Strict):
 
 
 class InnerConfig(_Strict):
-    """The inner loop on each volunteer: AdamW with warmup + cosine (DiLoCo defaults)."""
+    """The inner loop on each volunteer: AdamW with warmup + cosine (DiLoCo defaults).
+
+    ``optimizer_state`` is where each round's AdamW moments start (``train/moments.py``):
+
+    - ``"published"`` (default): from the moments the coordinator publishes with θ, derived from
+      public data only (the outer update and gradients at θ on its own batches), so a round stays
+      a pure function of public inputs and any verifier can replay it.
+    - ``"fresh"``: from zeros every round (replayable; the first steps of each round are
+      sign-like).
+    - ``"kept"``: each volunteer keeps its own moments across rounds, as in the DiLoCo paper;
+      nobody else knows them, so its rounds cannot be replayed and spot-checks are off.
+
+    ``moment_batches`` is how many batches of gradients the coordinator averages for the
+    published second moments. The older ``keep_optimizer_state = true/false`` is read as
+    ``"kept"``/``"fresh"``.
+    """
 
     lr: float = Field(3e-3, gt=0.0, le=10.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -89,8 +105,29 @@ class InnerConfig(_Strict):
     steps: int = Field(50, ge=1, le=1_000_000)
     seconds: float = Field(30.0, gt=0.0, le=86_400.0)
     threads: int = Field(1, ge=1, le=1024)
-    keep_optimizer_state: bool = False
+    optimizer_state: InnerState = "published"
+    moment_batches: int = Field(4, ge=1, le=1024)
     overlap: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keep_state(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "keep_optimizer_state" in data:
+            data = dict(data)
+            keep = data.pop("keep_optimizer_state")
+            if not isinstance(keep, bool):
+                raise ValueError("inner.keep_optimizer_state must be true or false")
+            if "optimizer_state" in data:
+                raise ValueError(
+                    "set inner.optimizer_state or the older inner.keep_optimizer_state, not both"
+                )
+            data["optimizer_state"] = "kept" if keep else "fresh"
+        return data
+
+    @property
+    def keep_optimizer_state(self) -> bool:
+        """Whether each volunteer keeps its own AdamW moments across rounds."""
+        return self.optimizer_state == "kept"
 
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]

@@ -43,7 +43,7 @@ from crowdtrain.protocol import (
     WorkOrder,
     WorkRequested,
 )
-from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS
+from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS, MOMENTS_PEER
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.reputation import is_trusted
 
@@ -917,7 +917,8 @@ def corpus() -> dict[str, npt.NDArray[np.uint8]]:
 
 
 class SpyProbe(ShardProbe):
-    """A real probe that remembers which work order each scored batch came from."""
+    """A real probe that remembers which work order each scored batch came from (not the
+    batches of the published moments, drawn for the pseudo-peer MOMENTS_PEER)."""
 
     def __init__(self, shards: Mapping[str, npt.NDArray[np.uint8]], cfg: RunConfig) -> None:
         super().__init__(
@@ -933,7 +934,8 @@ class SpyProbe(ShardProbe):
     def assigned(
         self, shard_ids: Sequence[str], *, seed: int, round: int, peer: str, index: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls.append((peer, round, tuple(shard_ids)))
+        if peer != MOMENTS_PEER:
+            self.calls.append((peer, round, tuple(shard_ids)))
         return super().assigned(shard_ids, seed=seed, round=round, peer=peer, index=index)
 
 

@@ -152,7 +152,7 @@ def test_loss_falls_on_a_repetitive_batch() -> None:
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_keep_optimizer_state(keep: bool) -> None:
-    inner = INNER.model_copy(update={"keep_optimizer_state": keep})
+    inner = INNER.model_copy(update={"optimizer_state": "kept" if keep else "fresh"})
     base = initial_state(CFG)
     batches = make_batches(5)
     trainer = LocalTrainer(CFG, inner)

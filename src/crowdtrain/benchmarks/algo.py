@@ -93,7 +93,7 @@ def bench_config(
                 "steps": s.inner_steps,
                 "total_steps": s.total_steps,
                 "warmup_steps": max(1, s.total_steps // 20),
-                "keep_optimizer_state": keep_state,
+                "optimizer_state": "kept" if keep_state else "fresh",
                 "threads": 2,
             },
             "outer": {"optimizer": outer, "lr": 1.0 if sparse else 0.7},

@@ -84,12 +84,16 @@ def _not_negative(value: float) -> float:
 
 
 class WorkOrderMsg(_Msg):
-    """`POST /v1/work`: train from weights `weights` on `shard_ids` and upload by the deadline."""
+    """`POST /v1/work`: train from weights `weights` on `shard_ids` and upload by the deadline.
+
+    `moments` (when not null) names the AdamW moments published with those weights, which the
+    round's optimizer starts from (inner.optimizer_state "published")."""
 
     kind: Literal["work"]
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    moments: SHA256 | None = None
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)
     step_offset: int = Field(ge=0)
@@ -136,6 +140,7 @@ class VerifyOrderMsg(_Msg):
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    moments: SHA256 | None = None
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)
     step_offset: int = Field(ge=0)

@@ -50,6 +50,7 @@ from crowdtrain.client.transfer import ApiError, ClientError
 from crowdtrain.client.work import TrainFn, overlap_start
 from crowdtrain.config import RunConfig
 from crowdtrain.train import Contribution, LocalTrainer
+from crowdtrain.train.moments import expand
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +208,24 @@ class Volunteer:
                 self.shards[sha] = np.frombuffer(self._fetch(sha, limit), dtype=np.uint8)
         return {sha: self.shards[sha] for sha in ids}
 
+    def _moments(self, sha: str) -> dict[str, torch.Tensor]:
+        """The published AdamW moments of blob `sha`, checked against the model's shapes."""
+        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
+        tensors = load_safetensors(self._fetch(sha, limit))
+        try:
+            expand(tensors, self.shapes)
+        except ValueError as exc:
+            raise ClientError(f"the moments blob {sha[:12]} is bad: {exc}") from None
+        return dict(tensors)
+
     def _prefetch(self, order: Order) -> dict[str, torch.Tensor]:
-        """Download (or find cached) the order's shards and θ_base; return θ_base."""
+        """Download (or find cached) the order's shards, θ_base and the moments published with
+        it; return θ_base with the moments (``train.moments``)."""
         self._shards(order.shard_ids)
-        return self._weights(order.weights)
+        base = self._weights(order.weights)
+        if order.moments is not None:
+            base.update(self._moments(order.moments))
+        return base
 
     def _prior(self, order: VerifyOrderMsg) -> dict[str, torch.Tensor] | None:
         """For a replay of overlapped work: where its overlapped steps began, θ_prior −

@@ -112,7 +112,7 @@ class CarriedWork:
 def overlap_start(theta: Params, sent: Params) -> dict[str, torch.Tensor]:
     """Where overlapped training starts: θ_r − decode(payload_r), what the peer sent for round
     r subtracted from that round's base, which anyone can recompute from public data."""
-    return {k: theta[k] - sent[k] for k in theta}
+    return {k: theta[k] - d for k, d in sent.items()}
 
 
 def fills_budget(order: WorkLike, done: Contribution) -> bool:
@@ -124,7 +124,7 @@ def fills_budget(order: WorkLike, done: Contribution) -> bool:
 
 def rebased(base: Params, done: Contribution) -> dict[str, torch.Tensor]:
     """Where the rest of a round starts: θ_base − Δ_done (the progress rebased onto θ_base)."""
-    return {k: base[k] - done.delta[k] for k in base}
+    return {k: base[k] - d for k, d in done.delta.items()}
 
 
 def merge(first: Contribution, second: Contribution) -> Contribution:

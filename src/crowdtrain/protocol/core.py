@@ -76,6 +76,7 @@ from crowdtrain.protocol.verification import (
 )
 from crowdtrain.robust import DeltaSource, aggregate
 from crowdtrain.robust.reputation import new_standing
+from crowdtrain.train.moments import drift, publish
 
 __all__ = [
     "CHECK_LIFETIME_ROUNDS",
@@ -149,6 +150,10 @@ TRANSITIONS: Mapping[RunState, Mapping[type[Event], RunState]] = {
 LAST_ROUND_CLOSED: Mapping[RunState, RunState] = {RunState.COLLECTING: RunState.FINISHED}
 
 
+#: The pseudo-peer whose batches the published moments' gradients are computed on.
+MOMENTS_PEER = "~moments"
+
+
 def _receipt(peer_id: str, round_number: int, base_version: int) -> str:
     return hashlib.sha256(f"{peer_id}\x00{round_number}\x00{base_version}".encode()).hexdigest()[
         :24
@@ -193,6 +198,9 @@ class RoundProtocol:
         self.last_aggregate: dict[str, torch.Tensor] | None = None
         self.history: list[RoundClosed] = []
         self.verification = Verification(config, self.shapes, probe=probe, secret=secret)
+        self.probe = probe
+        # The AdamW moments published with θ (inner.optimizer_state "published"; needs a probe).
+        self.moments: dict[str, torch.Tensor] = {}
         self.state = RunState.COLLECTING
         self.paused_at: float | None = None  # when an administrator paused the run
         self.round_seconds = config.rounds.deadline_s  # an administrator may change it
@@ -492,11 +500,14 @@ class RoundProtocol:
         return self._close(now)
 
     def _close(self, now: float) -> list[Decision]:
-        rnd = self._round
+        rnd, cfg = self._round, self.config
         subs = [*rnd.submissions.values(), *rnd.late.values()]
         decisions: list[Decision] = []
         if self.defended:
-            decisions.extend(self.verification.screen(rnd.number, subs, self._ledger(), now))
+            common = drift(self.moments, cfg.inner, self.shapes, self._steps_of(rnd.number))
+            decisions.extend(
+                self.verification.screen(rnd.number, subs, self._ledger(), now, common)
+            )
         if subs:
             result = aggregate(
                 [s.delta for s in subs],
@@ -506,8 +517,11 @@ class RoundProtocol:
                 reference=self.last_aggregate,
                 seed=self.config.seed * 1_000_003 + rnd.number,
             )
+            before = {k: t.clone() for k, t in self.params.items()} if self._publishes() else None
             self.outer.step(self.params, result.delta)
             self.last_aggregate = result.delta
+            if before is not None:
+                self.moments = self._published_moments(rnd.number, before)
             scales, tau = tuple(result.scales), result.tau
         else:
             scales, tau = (), None  # every contribution was flagged: θ stays as it was
@@ -537,6 +551,40 @@ class RoundProtocol:
         else:
             self._round = self._open_round(rnd.number + 1)
         return decisions
+
+    def _publishes(self) -> bool:
+        return self.config.inner.optimizer_state == "published" and self.probe is not None
+
+    def _published_moments(
+        self, number: int, before: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The moments round NUMBER + 1 starts from (``train.moments.publish``): gradients on
+        batches drawn like a work order's for the pseudo-peer ``MOMENTS_PEER``, public data."""
+        assert self.probe is not None
+        cfg = self.config
+        shards = assign_shards(
+            self.train_shards,
+            seed=cfg.data.seed,
+            round=number,
+            peer=MOMENTS_PEER,
+            k=min(cfg.data.shards_per_peer, len(self.train_shards)),
+        )
+        per = self.probe.batches_needed()
+        batches = [
+            self.probe.assigned(shards, seed=cfg.seed, round=number, peer=MOMENTS_PEER, index=i)
+            for i in range(0, per * cfg.inner.moment_batches, per)
+        ]
+        return publish(
+            cfg.model, cfg.inner, before, self.params, batches, round_steps=self._steps_of(number)
+        )
+
+    def _steps_of(self, number: int) -> range:
+        """The global indices of round NUMBER's inner steps (work orders' step offsets)."""
+        return range(number * self.config.inner.steps, (number + 1) * self.config.inner.steps)
+
+    def base(self) -> dict[str, torch.Tensor]:
+        """What a round starting now trains from: copies of θ and of the published moments."""
+        return {k: t.clone() for k, t in {**self.params, **self.moments}.items()}
 
     # --- the administrator ---------------------------------------------------------------
 
@@ -633,6 +681,7 @@ class RoundProtocol:
             "outer": self.outer.state_dict(),
             "aggregate": dict(self.last_aggregate or {}),
             "fingerprints": dict(self.fingerprints),
+            "moments": self.moments,
         }
 
     @classmethod
@@ -653,6 +702,7 @@ class RoundProtocol:
         proto = cls(config, tensors["params"], train_shards, clock, probe=probe, secret=secret)
         proto.outer.load_state_dict(tensors["outer"])
         proto.last_aggregate = dict(tensors["aggregate"]) or None
+        proto.moments = dict(tensors.get("moments", {}))
         verification = proto.verification
         verification.fingerprints = dict(tensors.get("fingerprints", {}))
         saved = snapshot_from_json(snapshot, source)

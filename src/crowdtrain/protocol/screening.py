@@ -67,8 +67,15 @@ def screen(
     scorer: Scorer | None,
     probe: ShardProbe | None,
     seed: int,
+    common: DeltaSource | None = None,
 ) -> Screened:
-    """Run stages (b), (c) and (f) on a round's contributions, in submission order."""
+    """Run stages (b), (c) and (f) on a round's contributions, in submission order.
+
+    `common` is a part every honest contribution of the round shares by construction (the
+    drift of the published first moment, ``train.moments.drift``); copy detection compares
+    fingerprints within the round with it taken out, so honest peers are not copies of each
+    other through it; replays of earlier rounds are found on the whole fingerprints, as those
+    of earlier rounds are kept."""
     cfg = config.defence
     flags: dict[str, tuple[str, str]] = {}
     norms = global_norms([c.delta for c in candidates], shapes, config.aggregation.fragment_numel)
@@ -77,17 +84,25 @@ def screen(
     ):
         if reason is not None:
             flags[c.key] = ("norm", reason)
-    prints = [
-        fingerprint(
-            c.delta,
+
+    def sample(source: DeltaSource) -> torch.Tensor:
+        return fingerprint(
+            source,
             shapes,
             key=key,
             blocks=cfg.fingerprint_blocks,
             block_len=cfg.fingerprint_block_len,
         )
-        for c in candidates
-    ]
-    copies = detect_copies(prints, history, min_cos=cfg.copy_min_cos, ratio=cfg.copy_ratio)
+
+    prints = [sample(c.delta) for c in candidates]
+    low, ratio = cfg.copy_min_cos, cfg.copy_ratio
+    if common is None:
+        copies = detect_copies(prints, history, min_cos=low, ratio=ratio)
+    else:
+        shared = sample(common)
+        within = detect_copies([p - shared for p in prints], [], min_cos=low, ratio=ratio)
+        replays = detect_copies(prints, history, min_cos=low, ratio=ratio, within_round=False)
+        copies = [a or b for a, b in zip(within, replays, strict=True)]
     for c, reason in zip(candidates, copies, strict=True):
         if reason is not None and c.key not in flags:
             flags[c.key] = ("copy", reason)

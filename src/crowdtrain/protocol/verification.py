@@ -204,9 +204,15 @@ class Verification:
     # --- at the close ----------------------------------------------------------------------
 
     def screen(
-        self, number: int, subs: list[Submission], ledger: Ledger, now: float
+        self,
+        number: int,
+        subs: list[Submission],
+        ledger: Ledger,
+        now: float,
+        common: Mapping[str, torch.Tensor] | None = None,
     ) -> list[Decision]:
-        """Stages (b), (c), (f) on round NUMBER's contributions; flagged ones leave `subs`."""
+        """Stages (b), (c), (f) on round NUMBER's contributions; flagged ones leave `subs`.
+        `common` is the part of Δ every honest contribution shares (`screening.screen`)."""
         if self._scorer is None and self.probe is not None:
             self._scorer = Scorer(self.config.model)
         candidates = [
@@ -231,6 +237,7 @@ class Verification:
             scorer=self._scorer,
             probe=self.probe,
             seed=secret_seed("scoring", self.secret, self.config.seed, number),
+            common=DictSource(dict(common)) if common else None,
         )
         self.scored += outcome.scored
         decisions: list[Decision] = []

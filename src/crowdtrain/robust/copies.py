@@ -129,6 +129,7 @@ def detect_copies(
     *,
     min_cos: float,
     ratio: float,
+    within_round: bool = True,
 ) -> list[str | None]:
     """Flag contributions whose fingerprint nearly copies an earlier one.
 
@@ -140,7 +141,8 @@ def detect_copies(
     fingerprint that is zero or not finite is neither flagged nor compared here (norm screening
     flags those). The reason names the closest match; "#j" is its 0-based index in ``current``.
 
-    All cosines come from one normalised matrix product. Raises ValueError when the
+    With ``within_round=False`` only the earlier fingerprints are candidates (the threshold is
+    still this round's). All cosines come from one normalised matrix product. Raises ValueError when the
     fingerprints differ in length or are not 1-D, or when min_cos and ratio are unusable.
     """
     _check_limits(min_cos, ratio)
@@ -155,7 +157,7 @@ def detect_copies(
 
     # Only pairs (i, j < i) within the round, and every earlier fingerprint, are candidates.
     allowed = torch.ones_like(sims, dtype=torch.bool)
-    allowed[:, :count] = allowed[:, :count].tril(-1)
+    allowed[:, :count] = allowed[:, :count].tril(-1) if within_round else False
     allowed &= torch.cat([cur_ok, old_ok]).unsqueeze(0) & cur_ok.unsqueeze(1)
     best, where = torch.where(allowed, sims, -math.inf).max(dim=1)
 

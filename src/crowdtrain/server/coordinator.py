@@ -293,10 +293,12 @@ class Coordinator:
             "outer": self._tensors(latest.optimizer_sha),
             "aggregate": self._tensors(latest.aggregate_sha),
             "fingerprints": self._tensors(latest.metrics.get("fingerprints_sha")),
+            "moments": self._tensors(latest.metrics.get("moments_sha")),
         }
         if snapshot is None or snapshot.get("version") != latest.version:
             proto = self._new_protocol(tensors["params"])
             proto.outer.load_state_dict(tensors["outer"])
+            proto.moments = tensors["moments"]
             proto.version = latest.version
             return proto
         log.info("resuming at version %d, round %d", latest.version, snapshot["round"]["number"])
@@ -399,6 +401,7 @@ class Coordinator:
             "round": work.round,
             "base_version": work.base_version,
             "weights": version.weights_sha,
+            "moments": version.metrics.get("moments_sha"),
             "shard_ids": list(work.shard_ids),
             "seed": work.seed,
             "step_offset": work.step_offset,
@@ -711,6 +714,9 @@ class Coordinator:
         outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
         agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
         prints = self.blobs.put_bytes(weights_bytes(tensors["fingerprints"]))
+        moments = (
+            self.blobs.put_bytes(weights_bytes(tensors["moments"])) if tensors["moments"] else None
+        )
         t1 = time.perf_counter()
         eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
         self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
@@ -726,6 +732,7 @@ class Coordinator:
             "weights": list(closed.weights),
             "tau": closed.tau,
             "fingerprints_sha": prints,
+            "moments_sha": moments,
             "aggregation_s": self._closing.get("aggregation_s"),
             "round_s": self.clock() - self._closing.get("opened_at", self.clock()),
             "compute_utilization": min(1.0, sum(c for c, _ in compute) / wall) if wall else None,

@@ -100,7 +100,7 @@ def ddp_inner(inner: InnerConfig, lr: float | None = None) -> InnerConfig:
     and the peak learning rate `lr` in place of ``inner.lr`` when given."""
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"the learning rate must be a positive number, not {lr}")
-    update: dict[str, Any] = {"keep_optimizer_state": True}
+    update: dict[str, Any] = {"optimizer_state": "kept"}
     if lr is not None:
         update["lr"] = float(lr)
     return inner.model_copy(update=update)

@@ -467,7 +467,7 @@ class _Sim:
         if version not in self.bases:
             if version != self.protocol.version:
                 raise RuntimeError(f"the weights of version {version} are no longer kept")
-            self.bases[version] = {k: t.clone() for k, t in self.protocol.params.items()}
+            self.bases[version] = self.protocol.base()
             for old in [v for v in self.bases if v <= version - _BASES_KEPT]:
                 del self.bases[old]
         return self.bases[version]

@@ -337,7 +337,7 @@ class _Swarm:
     def round(self) -> None:
         """Every volunteer asks for work (honest ones first), then each does its order."""
         protocol = self.protocol
-        self.bases[protocol.version] = {k: t.clone() for k, t in protocol.params.items()}
+        self.bases[protocol.version] = protocol.base()
         for old in [v for v in self.bases if v < protocol.version - 4]:
             del self.bases[old]
         self.honest = []

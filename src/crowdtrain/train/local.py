@@ -33,6 +33,7 @@ from torch import nn
 
 from crowdtrain.config import InnerConfig, ModelConfig
 from crowdtrain.models import build_model, lm_loss, load_state
+from crowdtrain.train.moments import load_moments, read_moments, split_base
 from crowdtrain.train.schedule import lr_at
 
 
@@ -72,7 +73,9 @@ class LocalTrainer:
         # The initial weights are overwritten by `base` at the start of every round.
         self.model = build_model(model_cfg).to(self.device)
         self._params = list(self.model.parameters())
+        self._named = dict(self.model.named_parameters())
         self._optimizer = _adamw(self.model, inner) if inner.keep_optimizer_state else None
+        self._last_optimizer: torch.optim.Optimizer | None = None
 
     def train(
         self,
@@ -101,6 +104,11 @@ class LocalTrainer:
         global weights and starts there, while Δ is still measured from `base` (the one-step
         delayed update of Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512). `stop`
         ends the round after the current step when it is set.
+
+        `base` may carry published AdamW moments besides θ (``train/moments.py``: entries named
+        ``exp_avg::NAME`` and the like): a fresh optimizer then starts from them instead of
+        zeros, its step count at `step_offset` (bias correction as for a run that far in).
+        After the call ``end_moments()`` gives the moments the round ended with.
         """
         if max_steps is None and max_seconds is None:
             if self.inner.budget == "steps":
@@ -114,10 +122,16 @@ class LocalTrainer:
         if step_offset < 0:
             raise ValueError(f"step_offset must be >= 0, got {step_offset}")
 
-        load_state(self.model, base if start is None else start)
+        base, moments = split_base(base)
+        load_state(self.model, base if start is None else split_base(start)[0])
+        if moments and self._optimizer is not None:
+            raise ValueError("published moments make no sense when the trainer keeps its own")
         optimizer = (
             self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
         )
+        if moments:
+            load_moments(optimizer, self._named, moments, step_offset, self.device)
+        self._last_optimizer = optimizer
         self.model.train()
 
         steps = samples = tokens = 0
@@ -175,6 +189,13 @@ class LocalTrainer:
             loss_mean=loss_sum / steps,
             seconds=seconds,
         )
+
+    def end_moments(self) -> dict[str, torch.Tensor]:
+        """AdamW's moments after the last ``train`` call (``exp_avg::NAME``, ``exp_avg_sq::NAME``;
+        float32 CPU copies); empty before the first call."""
+        if self._last_optimizer is None:
+            return {}
+        return read_moments(self._last_optimizer, self._named)
 
     def current_state(self) -> dict[str, torch.Tensor]:
         """θ_local after the last ``train`` call, as float32 CPU copies."""

@@ -1,0 +1,130 @@
+"""Which published AdamW state keeps most of what persistent inner state buys? (a study)
+
+Usage: .venv/bin/python bench/inner_state_study.py '[{"H": 10, "state": "factored_v"}, ...]'
+
+A bare DiLoCo loop on the quick `bench algo` setting (4 workers, 400 inner steps each, fp32 Δ,
+plain mean) with `LocalTrainer`, so the inner state can be varied without the protocol:
+
+- ``fresh``: AdamW from zeros every round (replayable).
+- ``kept``: each worker keeps its own AdamW (DiLoCo's setting; not replayable from public data).
+- ``mv`` / ``v``: every worker starts round r from the element-wise mean of the workers' end
+  moments of round r−1 (first and second, or second only with zero first moments).
+- ``factored_v`` / ``factored_mv``: the same with the second moments factored into row and
+  column means (Adafactor's form, a few KB), the first moments whole or left out.
+- ``factored_v_derived_m``: factored second moments as above, and first moments derived from
+  public data: the outer update U = θ_{r−1} − θ_r as the round's mean Adam step,
+  m = U / Σ lr_t · (√v̂ + ε) (scaled by "m_scale", default 1).
+- ``probe_v_derived_m``: as ``factored_v_derived_m``, but the second moments are estimated on the
+  coordinator from "probe" (default 4) clipped gradients at the new θ on training batches of its
+  own, factored: nothing travels up from the volunteers.
+
+Each variant may also set "outer": [lr, momentum] (Nesterov; default plain averaging),
+"workers" and "seed". Prints: variant, final eval loss, wall seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from crowdtrain.benchmarks.algo import QUICK, bench_config, bench_data
+from crowdtrain.config import parse_config
+from crowdtrain.models import build_model, initial_state, lm_loss
+from crowdtrain.outer import TorchOuter
+from crowdtrain.sim.ddp import global_batches
+from crowdtrain.train import LocalTrainer, evaluate
+from crowdtrain.train.moments import expand, factor, mean_moments
+from crowdtrain.train.schedule import lr_at
+
+
+def derive_m(
+    published: dict[str, torch.Tensor],
+    before: dict[str, torch.Tensor],
+    theta: dict[str, torch.Tensor],
+    r: int,
+    s: Any,
+    cfg: Any,
+    m_scale: float,
+) -> None:
+    lrs = sum(lr_at(r * s.inner_steps + i, cfg.inner) for i in range(s.inner_steps))
+    v_hat = expand(published, {k: tuple(t.shape) for k, t in theta.items()})
+    for k in theta:
+        root = v_hat["exp_avg_sq::" + k].sqrt() + 1e-8
+        published["exp_avg::" + k] = (before[k] - theta[k]) * (m_scale / lrs) * root
+
+
+def second_moment(model_cfg: Any, inner: Any, theta: Any, batches: Any) -> dict[str, torch.Tensor]:
+    model = build_model(model_cfg, theta)
+    sq = {k: torch.zeros_like(t) for k, t in theta.items()}
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), inner.grad_clip)
+        for k, p in model.named_parameters():
+            sq[k] += p.grad.detach() ** 2 / len(batches)
+    return {"exp_avg_sq::" + k: t for k, t in sq.items()}
+
+
+def run(v: dict[str, Any]) -> float:
+    s = dataclasses.replace(QUICK, inner_steps=int(v["H"]), workers=int(v.get("workers", 4)))
+    mode = str(v["state"])
+    raw = bench_config(s, "fp32", keep_state=mode == "kept").model_dump(mode="json")
+    seed = int(v.get("seed", 0))
+    raw["data"]["seed"] = seed
+    raw["model"]["init_seed"] = seed
+    cfg = parse_config(raw)
+    torch.set_num_threads(cfg.inner.threads)
+    manifest, shards, evals = bench_data(cfg, s)
+    lr, mu = v.get("outer", [1.0, 0.0])
+    outer = TorchOuter("nesterov" if mu else "sgd", lr=lr, momentum=mu)
+    theta = {k: t.clone() for k, t in initial_state(cfg.model).items()}
+    streams = [
+        global_batches(cfg, 1, shards, manifest.train_ids, rank_prefix=f"peer-{w}-")
+        for w in range(s.workers)
+    ]
+    probe_stream = global_batches(cfg, 1, shards, manifest.train_ids, rank_prefix="probe-")
+    trainers = [LocalTrainer(cfg.model, cfg.inner) for _ in range(s.workers)]
+    published: dict[str, torch.Tensor] | None = None
+    for r in range(s.total_steps // s.inner_steps):
+        deltas, ends = [], []
+        for w in range(s.workers):
+            c = trainers[w].train(
+                theta,
+                streams[w],
+                step_offset=r * s.inner_steps,
+                max_steps=s.inner_steps,
+                moments=published if mode not in ("fresh", "kept") else None,
+            )
+            deltas.append(c.delta)
+            ends.append(trainers[w].end_moments())
+        mean = {k: torch.stack([d[k] for d in deltas]).mean(dim=0) for k in theta}
+        before = {k: t.clone() for k, t in theta.items()}
+        outer.step(theta, mean)
+        if mode in ("mv", "v"):
+            keep = (
+                ends
+                if mode == "mv"
+                else [{k: t for k, t in e.items() if k.startswith("exp_avg_sq::")} for e in ends]
+            )
+            published = mean_moments(keep)
+        elif mode == "probe_v_derived_m":
+            probe = [next(probe_stream) for _ in range(int(v.get("probe", 4)))]
+            published = factor(second_moment(cfg.model, cfg.inner, theta, probe))
+            derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
+        elif mode.startswith("factored"):
+            published = mean_moments([factor(e, first=mode == "factored_mv") for e in ends])
+            if mode == "factored_v_derived_m":
+                derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
+    return evaluate(cfg.model, theta, evals)
+
+
+if __name__ == "__main__":
+    for variant in json.loads(sys.argv[1]):
+        t = time.time()
+        loss = run(variant)
+        print(json.dumps(variant), round(loss, 4), round(time.time() - t), flush=True)

@@ -1,0 +1,210 @@
+"""AdamW moments as named tensors: read them, start an optimizer from them, and factor them.
+
+A round that starts AdamW from zero moments spends its first steps on sign-like updates
+(m̂/√v̂ = ±1 after one step) and on a second-moment estimate from a handful of gradients; a
+round that starts from the moments of the round before does not, which is what DiLoCo's
+persistent inner state buys (Douillard et al. 2023, arXiv:2311.08105). To keep a round a pure
+function of public inputs, the moments a round starts from must themselves be public: the
+coordinator publishes them with θ (``protocol``'s shared inner state), built from what the
+volunteers report at the end of their rounds.
+
+coordinator publishes them with θ, derived from public data only (``publish``):
+
+- the second moment v from `inner.moment_batches` clipped gradients at the new θ on batches
+  the coordinator draws itself, factored: the second moment of a weight matrix is close to rank
+  one, so its row and column means carry most of it (Adafactor, Shazeer & Stern 2018,
+  arXiv:1804.04235): n + m numbers for an n×m matrix, v̂ᵢⱼ = rᵢ·cⱼ / mean(r); vectors whole;
+- the first moment m from the outer update U = θ_before − θ_after read as the round's mean
+  Adam step: U ≈ Σₜ lrₜ·m/√v, so m = U / Σₜ lrₜ · (√v̂ + ε), rounded to bfloat16.
+
+A base with moments is θ's tensors plus these, under names with ``::`` that no parameter has:
+``exp_avg::P``, ``exp_avg_sq::P`` (whole), ``exp_avg_sq.row::P`` and ``exp_avg_sq.col::P``
+(factored), for parameter ``P``; ``split_base`` separates them. bench/inner_state_study.py
+measures the choices (docs/BENCHMARKS.md, "Replayable inner state").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from crowdtrain.config import InnerConfig, ModelConfig
+from crowdtrain.models import build_model, lm_loss
+from crowdtrain.train.schedule import lr_at
+
+SEPARATOR = "::"
+EXP_AVG = "exp_avg::"
+EXP_AVG_SQ = "exp_avg_sq::"
+ROW = "exp_avg_sq.row::"
+COL = "exp_avg_sq.col::"
+
+
+def read_moments(
+    optimizer: torch.optim.Optimizer, named: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The optimizer's ``exp_avg`` and ``exp_avg_sq`` of every named parameter that has them."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in named.items():
+        state = optimizer.state.get(p, {})
+        for key, prefix in (("exp_avg", EXP_AVG), ("exp_avg_sq", EXP_AVG_SQ)):
+            if key in state:
+                out[prefix + name] = state[key].detach().to("cpu", torch.float32, copy=True)
+    return out
+
+
+def load_moments(
+    optimizer: torch.optim.Optimizer,
+    named: Mapping[str, torch.Tensor],
+    moments: Mapping[str, torch.Tensor],
+    step: int,
+    device: torch.device,
+) -> None:
+    """Start `optimizer` (fresh, not yet stepped) from `moments` (whole or factored), its step
+    count at `step`; a parameter without a second moment in `moments` starts from zeros."""
+    whole = expand(moments, {name: tuple(p.shape) for name, p in named.items()})
+    for name, p in named.items():
+        v = whole.get(EXP_AVG_SQ + name)
+        if v is None:
+            continue
+        m = whole.get(EXP_AVG + name)
+        optimizer.state[p] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": (torch.zeros_like(p) if m is None else m.to(device, p.dtype)).clone(),
+            "exp_avg_sq": v.to(device, p.dtype).clone(),
+        }
+
+
+def factor(moments: Mapping[str, torch.Tensor], *, first: bool = False) -> dict[str, torch.Tensor]:
+    """The published form of `moments`: second moments of matrices as row and column means,
+    of vectors whole; first moments whole when `first`, else left out."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in moments.items():
+        if key.startswith(EXP_AVG_SQ):
+            name = key.removeprefix(EXP_AVG_SQ)
+            if t.dim() == 2:
+                out[ROW + name] = t.mean(dim=1)
+                out[COL + name] = t.mean(dim=0)
+            else:
+                out[key] = t.clone()
+        elif first and key.startswith(EXP_AVG):
+            out[key] = t.clone()
+    return out
+
+
+def expand(
+    moments: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Whole moments from a (possibly) factored form, checked against parameter `shapes`."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in moments.items():
+        prefix = next((p for p in (EXP_AVG, EXP_AVG_SQ, ROW, COL) if key.startswith(p)), None)
+        name = key.removeprefix(prefix) if prefix else key
+        if prefix is None or name not in shapes:
+            raise ValueError(f"moments name {key!r}, which is not a moment of a model parameter")
+        shape = shapes[name]
+        if prefix in (EXP_AVG, EXP_AVG_SQ):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"moment {key!r} has shape {tuple(t.shape)}, expected {shape}")
+            out[key] = t
+        elif prefix == ROW:
+            col = moments.get(COL + name)
+            if len(shape) != 2 or col is None or tuple(t.shape) != (shape[0],):
+                raise ValueError(f"factored moment {key!r} does not fit parameter shape {shape}")
+            if tuple(col.shape) != (shape[1],):
+                raise ValueError(f"factored moment {COL + name!r} does not fit shape {shape}")
+            scale = t.mean().clamp_min(torch.finfo(torch.float32).tiny)
+            out[EXP_AVG_SQ + name] = torch.outer(t, col) / scale
+        elif ROW + name not in moments:
+            raise ValueError(f"factored moment {key!r} comes without its row means")
+    for key, t in out.items():
+        if not bool(torch.isfinite(t).all()) or (key.startswith(EXP_AVG_SQ) and t.min() < 0):
+            raise ValueError(f"moment {key!r} is not finite or has a negative second moment")
+    return out
+
+
+def mean_moments(reports: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of several reports of the same form (keys every report has)."""
+    if not reports:
+        return {}
+    keys = set(reports[0]).intersection(*reports[1:])
+    return {k: torch.stack([r[k] for r in reports]).mean(dim=0) for k in sorted(keys)}
+
+
+def split_base(
+    base: Mapping[str, torch.Tensor],
+) -> tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """θ's tensors and the published moments of a base (empty when it carries none)."""
+    moments = {k: t for k, t in base.items() if SEPARATOR in k}
+    if not moments:
+        return base, {}
+    return {k: t for k, t in base.items() if SEPARATOR not in k}, moments
+
+
+def second_moment(
+    model_cfg: ModelConfig,
+    inner: InnerConfig,
+    params: Mapping[str, torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """The mean squared gradient at `params` over `batches`, each clipped as the inner loop
+    clips it (``exp_avg_sq::P``, whole)."""
+    model = build_model(model_cfg, params)
+    named = dict(model.named_parameters())
+    sq = {name: torch.zeros_like(p) for name, p in named.items()}
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, x, y).backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(list(named.values()), inner.grad_clip)
+        for name, p in named.items():
+            if p.grad is not None:
+                sq[name] += p.grad.detach() ** 2 / len(batches)
+    return {EXP_AVG_SQ + name: t for name, t in sq.items()}
+
+
+def publish(
+    model_cfg: ModelConfig,
+    inner: InnerConfig,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    round_steps: range,
+) -> dict[str, torch.Tensor]:
+    """The moments the next round starts from: v from `batches` at `after` (factored), m from
+    the outer update `before` − `after` over the inner steps `round_steps` (global indices).
+    Empty (the next round starts from zeros) when the weights or their gradients are not
+    finite: a diverged run publishes nothing it could not train from."""
+    published = factor(second_moment(model_cfg, inner, after, batches))
+    if not all(bool(torch.isfinite(t).all()) for t in published.values()):
+        return {}
+    whole = expand(published, {k: tuple(t.shape) for k, t in after.items()})
+    lr_sum = sum(lr_at(step, inner) for step in round_steps)
+    for name in after:
+        root = whole[EXP_AVG_SQ + name].sqrt() + 1e-8
+        m = (before[name] - after[name]) * root / lr_sum
+        published[EXP_AVG + name] = m.to(torch.bfloat16)
+    if not all(bool(torch.isfinite(t).all()) for t in published.values()):
+        return {}
+    return published
+
+
+def drift(
+    moments: Mapping[str, torch.Tensor],
+    inner: InnerConfig,
+    shapes: Mapping[str, tuple[int, ...]],
+    round_steps: range,
+) -> dict[str, torch.Tensor]:
+    """What the published first moment alone adds to every volunteer's Δ of a round:
+    Σₜ lrₜ·β₁ᵗ⁺¹ · m / (√v̂ + ε) over the round's steps. Every honest Δ of the round shares it,
+    so copy detection compares contributions with it taken out (``protocol.screening``).
+    Empty when `moments` has no first moment."""
+    if not moments:
+        return {}
+    whole = expand(moments, shapes)
+    scale = sum(lr_at(s, inner) * inner.beta1 ** (i + 1) for i, s in enumerate(round_steps))
+    return {
+        name: scale * whole[EXP_AVG + name].float() / (whole[EXP_AVG_SQ + name].sqrt() + 1e-8)
+        for name in shapes
+        if EXP_AVG + name in whole and EXP_AVG_SQ + name in whole
+    }
