@@ -73,9 +73,9 @@ def screen(
 
     `common` is a part every honest contribution of the round shares by construction (the
     drift of the published first moment, ``train.moments.drift``); copy detection compares
-    fingerprints within the round with it taken out, so honest peers are not copies of each
-    other through it; replays of earlier rounds are found on the whole fingerprints, as those
-    of earlier rounds are kept."""
+    fingerprints within the round with its direction projected out, so honest peers are not
+    copies of each other through it; replays of earlier rounds are found on the whole
+    fingerprints, as those of earlier rounds are kept."""
     cfg = config.defence
     flags: dict[str, tuple[str, str]] = {}
     norms = global_norms([c.delta for c in candidates], shapes, config.aggregation.fragment_numel)
@@ -99,8 +99,11 @@ def screen(
     if common is None:
         copies = detect_copies(prints, history, min_cos=low, ratio=ratio)
     else:
-        shared = sample(common)
-        within = detect_copies([p - shared for p in prints], [], min_cos=low, ratio=ratio)
+        # The shared direction is projected out (not subtracted), so rescaled copies stay copies.
+        shared = sample(common).double()
+        unit = shared / shared.norm().clamp_min(1e-30)
+        apart = [p.double() - (p.double() @ unit) * unit for p in prints]
+        within = detect_copies(apart, [], min_cos=low, ratio=ratio)
         replays = detect_copies(prints, history, min_cos=low, ratio=ratio, within_round=False)
         copies = [a or b for a, b in zip(within, replays, strict=True)]
     for c, reason in zip(candidates, copies, strict=True):

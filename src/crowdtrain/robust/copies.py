@@ -142,8 +142,8 @@ def detect_copies(
     flags those). The reason names the closest match; "#j" is its 0-based index in ``current``.
 
     With ``within_round=False`` only the earlier fingerprints are candidates (the threshold is
-    still this round's). All cosines come from one normalised matrix product. Raises ValueError when the
-    fingerprints differ in length or are not 1-D, or when min_cos and ratio are unusable.
+    still this round's). All cosines come from one normalised matrix product. Raises ValueError
+    when the fingerprints differ in length or are not 1-D, or when min_cos and ratio are unusable.
     """
     _check_limits(min_cos, ratio)
     if not current:
