@@ -21,7 +21,14 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from crowdtrain.config import ConfigError, RunConfig, config_hash, load_config
+from crowdtrain.config import (
+    ConfigError,
+    RunConfig,
+    config_hash,
+    derived_settings,
+    load_config,
+    load_raw,
+)
 
 if TYPE_CHECKING:
     from crowdtrain.sim.scenario import Scenario
@@ -676,10 +683,13 @@ def config_check(path: Annotated[Path, typer.Argument(help="A run config TOML fi
 def config_show(
     path: Annotated[Path | None, typer.Argument(help="A run config TOML file.")] = None,
 ) -> None:
-    """Print the resolved config (defaults filled in) as JSON."""
+    """Print the resolved config (defaults filled in) as JSON, and which settings were derived
+    from the run rather than written in the file, and why."""
     with _friendly_errors():
         cfg = load_config(path)
         console.print_json(json.dumps(cfg.model_dump(mode="json")))
+        for line in derived_settings(load_raw(path)):
+            console.print(line, highlight=False, markup=False)
 
 
 @app.command()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -264,7 +266,11 @@ class DefenceConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    """A whole run: everything a coordinator needs to start, and what the manifest pins."""
+    """A whole run: everything a coordinator needs to start, and what the manifest pins.
+
+    ``outer.lr`` and ``outer.momentum``, when the config leaves them out, are derived from the
+    run by ``derive_outer`` (Nesterov and SGD only); the resolved config holds the values.
+    """
 
     name: str = Field("crowdtrain", min_length=1, max_length=128)
     seed: int = Field(0, ge=0)
@@ -276,6 +282,77 @@ class RunConfig(_Strict):
     aggregation: AggregationConfig = AggregationConfig()
     rounds: RoundsConfig = RoundsConfig()
     defence: DefenceConfig = DefenceConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_outer(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        outer = data.get("outer", {})
+        if not isinstance(outer, dict) or outer.get("optimizer", "nesterov") not in DERIVED_FOR:
+            return data
+        if "lr" in outer and "momentum" in outer:
+            return data
+        rule = derive_outer(data)
+        filled = {"lr": rule.lr, "momentum": rule.momentum, **outer}
+        return {**data, "outer": filled}
+
+
+@dataclass(frozen=True)
+class OuterRule:
+    """Outer settings derived for a run, and why (``config show`` prints the reason)."""
+
+    lr: float
+    momentum: float
+    reason: str
+
+
+#: The outer optimizers whose lr and momentum are derived when the config leaves them out.
+DERIVED_FOR = ("nesterov", "sgd")
+
+
+def derive_outer(raw: Mapping[str, Any]) -> OuterRule:
+    """The outer lr and momentum for a run, from its raw config (defaults where unset).
+
+    Fitted to the sweeps of docs/BENCHMARKS.md ("Outer-step settings: the rule"). The outer
+    step amplifies the mean pseudo-gradient by up to lr/(1 − μ); the DiLoCo paper's 0.7 / 0.9
+    (7×) is for hundreds of outer steps and loses in every run of 8–40 rounds measured here.
+    """
+    inner = raw.get("inner", {}) if isinstance(raw.get("inner", {}), dict) else {}
+    rounds = raw.get("rounds", {}) if isinstance(raw.get("rounds", {}), dict) else {}
+    state = inner.get("optimizer_state")
+    if state is None and "keep_optimizer_state" in inner:
+        state = "kept" if inner["keep_optimizer_state"] else "fresh"
+    state = state or InnerConfig.model_fields["optimizer_state"].default
+    total = rounds.get("total", RoundsConfig.model_fields["total"].default)
+    return outer_rule(str(state), int(total) if isinstance(total, int) else 0)
+
+
+#: The longest run (in rounds) the sweeps behind ``outer_rule`` measured.
+MEASURED_ROUNDS = 40
+
+
+def outer_rule(state: str, rounds: int) -> OuterRule:
+    """The outer lr and momentum for AdamW state `state` and a run of `rounds` rounds."""
+    beyond = (
+        f"; this run's {rounds} rounds are beyond the {MEASURED_ROUNDS} the sweeps measured, "
+        "so the value is extrapolated"
+        if rounds > MEASURED_ROUNDS
+        else ""
+    )
+    if state == "fresh":
+        return OuterRule(
+            1.0,
+            0.5,
+            "with AdamW fresh every round, lr 1.0 and momentum 0.5 won or tied every 4-worker row "
+            "of the sweep (H 10-50, 8-40 rounds)" + beyond,
+        )
+    return OuterRule(
+        1.0,
+        0.0,
+        f"with AdamW moments carried into each round ({state}), the momentum is already in the "
+        "inner state and plain averaging (lr 1, momentum 0) won every row of the sweep" + beyond,
+    )
 
 
 def _key(loc: tuple[int | str, ...]) -> str:
@@ -320,18 +397,38 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
 
 def load_config(path: str | Path | None) -> RunConfig:
     """Load a run config from a TOML file; `None` gives the built-in defaults."""
+    return parse_config(load_raw(path))
+
+
+def derived_settings(raw: Mapping[str, Any]) -> list[str]:
+    """One sentence per setting of `raw` (a config file's mapping) that the run derives rather
+    than reads, with its value and why."""
+    outer = raw.get("outer", {})
+    outer = outer if isinstance(outer, dict) else {}
+    if outer.get("optimizer", "nesterov") not in DERIVED_FOR:
+        return []
+    rule = derive_outer(raw)
+    return [
+        f"outer.{key} = {getattr(rule, key)} (derived: {rule.reason}; set it in [outer] to "
+        "override)"
+        for key in ("lr", "momentum")
+        if key not in outer
+    ]
+
+
+def load_raw(path: str | Path | None) -> dict[str, Any]:
+    """A config file's TOML as a mapping, not yet validated; `None` gives an empty one."""
     if path is None:
-        return RunConfig()
+        return {}
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-    return parse_config(raw)
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -60,7 +60,9 @@ def test_chunks_between_evaluations_are_one_continuous_run(cfg: RunConfig) -> No
     ids = data.manifest.train_ids
 
     def run(keep: bool, chunks: list[int]) -> dict[str, torch.Tensor]:
-        inner = ddp_inner(cfg.inner).model_copy(update={"optimizer_state": "kept" if keep else "fresh"})
+        inner = ddp_inner(cfg.inner).model_copy(
+            update={"optimizer_state": "kept" if keep else "fresh"}
+        )
         trainer = LocalTrainer(cfg.model, inner)
         batches = global_batches(cfg, PEERS, data.shards, ids)
         state, done = initial_state(cfg.model), 0
