@@ -29,6 +29,8 @@ def main(variants: list[dict[str, object]]) -> None:
         cfg = bench_config(s, str(v.get("codec", "fp32")), str(v.get("outer", "nesterov")))
         raw = cfg.model_dump(mode="json")
         for section, update in dict(v.get("set", {})).items():  # type: ignore[call-overload]
+            if "keep_optimizer_state" in update:  # the older name of inner.optimizer_state
+                raw[section].pop("optimizer_state", None)
             raw[section].update(update)
         cfg = parse_config(raw)
         t = time.time()

@@ -73,7 +73,9 @@ def second_moment(model_cfg: Any, inner: Any, theta: Any, batches: Any) -> dict[
 def run(v: dict[str, Any]) -> float:
     s = dataclasses.replace(QUICK, inner_steps=int(v["H"]), workers=int(v.get("workers", 4)))
     mode = str(v["state"])
-    raw = bench_config(s, "fp32", keep_state=mode == "kept").model_dump(mode="json")
+    raw = bench_config(s, "fp32", state="kept" if mode == "kept" else "fresh").model_dump(
+        mode="json"
+    )
     seed = int(v.get("seed", 0))
     raw["data"]["seed"] = seed
     raw["model"]["init_seed"] = seed

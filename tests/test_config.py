@@ -13,6 +13,7 @@ from crowdtrain.config import (
     RunConfig,
     allowed_values,
     config_hash,
+    derived_settings,
     load_config,
     parse_config,
 )
@@ -21,7 +22,9 @@ from crowdtrain.config import (
 def test_defaults_follow_design() -> None:
     cfg = RunConfig()
     assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.95, 0.1)
-    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 0.7, 0.9)
+    # Outer lr and momentum are derived (plain averaging with published inner moments).
+    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 1.0, 0.0)
+    assert cfg.inner.optimizer_state == "published"
     assert cfg.codec.name == "int8"
     assert cfg.aggregation.method == "centered_clip" and cfg.aggregation.bucket_size > 1
 
@@ -97,3 +100,29 @@ def test_adam_settings_stay_out_of_other_configs_and_their_hash() -> None:
         assert set(dumped["outer"]) == {"optimizer", "lr", "momentum"}
     adam = parse_config({"outer": {"optimizer": "adam"}}).model_dump(mode="json")
     assert set(adam["outer"]) == {"optimizer", "lr", "momentum", "betas", "eps"}
+
+
+def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
+    fresh = parse_config({"inner": {"optimizer_state": "fresh"}})
+    assert (fresh.outer.lr, fresh.outer.momentum) == (1.0, 0.5)
+    assert parse_config({"inner": {"keep_optimizer_state": True}}).outer.momentum == 0.0
+    one = parse_config({"outer": {"lr": 0.7}})  # an explicit value wins; the other is derived
+    assert (one.outer.lr, one.outer.momentum) == (0.7, 0.0)
+    both = {"outer": {"lr": 0.7, "momentum": 0.9}}
+    assert derived_settings(both) == [] and parse_config(both).outer.momentum == 0.9
+    lines = derived_settings({"outer": {"lr": 0.7}})
+    assert len(lines) == 1 and lines[0].startswith("outer.momentum = 0.0 (derived: ")
+    assert "beyond the" in derived_settings({"rounds": {"total": 500}})[0]
+    adam = parse_config({"outer": {"optimizer": "adam"}})  # only Nesterov and SGD derive
+    assert derived_settings({"outer": {"optimizer": "adam"}}) == [] and adam.outer.lr == 0.7
+    # The resolved config holds the values, so it round-trips to the same hash.
+    assert config_hash(parse_config(fresh.model_dump(mode="json"))) == config_hash(fresh)
+
+
+def test_optimizer_state_and_its_older_name() -> None:
+    assert parse_config({"inner": {"keep_optimizer_state": False}}).inner.optimizer_state == "fresh"
+    assert parse_config({"inner": {"optimizer_state": "kept"}}).inner.keep_optimizer_state
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config({"inner": {"keep_optimizer_state": True, "optimizer_state": "kept"}})
+    with pytest.raises(ConfigError, match="true or false"):
+        parse_config({"inner": {"keep_optimizer_state": "yes"}})

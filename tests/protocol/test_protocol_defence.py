@@ -46,6 +46,7 @@ from crowdtrain.protocol import (
 from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS, MOMENTS_PEER
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.reputation import is_trusted
+from crowdtrain.train.moments import expand, split_base
 
 SHARDS = [f"{i:064x}" for i in range(10)]
 BATCH, CONTEXT, STEPS = 2, 8, 5
@@ -1018,3 +1019,38 @@ def test_overlapped_steps_are_not_scored_on_the_new_orders_data() -> None:
         decisions.extend(submit(p, x, deltas[x], overlap_steps=STEPS if x == "d" else 0))
     assert not only(decisions, Flagged)
     assert p.scored == 3 and {peer for peer, _, _ in probe.calls} == {"a", "b", "c"}
+
+
+def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> None:
+    p, _, shards = scored_protocol()
+    assert p.config.inner.optimizer_state == "published" and p.moments == {}
+    assert set(p.base()) == set(p.params)  # round 0 starts from zeros
+    peers = ["a", "b", "c"]
+    join(p, *peers)
+    orders = order(p, *peers)
+    for x in peers:
+        submit(p, x, trained(p, orders[x], shards, lr=0.05))
+    assert p.round == 1 and p.moments
+    base = p.base()
+    params, moments = split_base(base)
+    assert set(params) == set(p.params) and set(moments) == set(p.moments)
+    expand(moments, p.shapes)  # they fit the model and are finite
+    tensors = {k: dict(v) for k, v in p.tensors().items()}
+    q = RoundProtocol.restore(
+        p.config, p.snapshot(), tensors, SHARDS, FakeClock(), lambda ref: None, probe=p.probe
+    )  # type: ignore[arg-type,return-value]
+    assert all(torch.equal(q.moments[k], t) for k, t in p.moments.items())
+    fresh = RoundProtocol(
+        p.config.model_copy(
+            update={"inner": p.config.inner.model_copy(update={"optimizer_state": "fresh"})}
+        ),
+        initial_state(p.config.model),
+        SHARDS,
+        FakeClock(),
+        probe=p.probe,
+    )
+    join(fresh, *peers)
+    fresh_orders = order(fresh, *peers)
+    for x in peers:
+        submit(fresh, x, trained(fresh, fresh_orders[x], shards, lr=0.05))
+    assert fresh.round == 1 and fresh.moments == {}

@@ -69,13 +69,14 @@ FULL = AlgoSetting(
 
 
 def bench_config(
-    s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov", keep_state: bool = True
+    s: AlgoSetting, codec: str = "fp32", outer: str = "nesterov", state: str = "published"
 ) -> RunConfig:
     """The run config of one DiLoCo method at setting `s` (plain mean: no attackers here).
 
-    DiLoCo's own setting keeps each worker's AdamW state across rounds (`keep_state`); the
-    top-k codec is paired with SparseLoCo's outer step (plain SGD, lr 1, error feedback with
-    decay 0.95 on the workers), as in that paper.
+    `state` is ``inner.optimizer_state``: crowdtrain's default ``"published"`` (replayable),
+    DiLoCo's own ``"kept"``, or ``"fresh"``. The outer lr and momentum are the ones the run
+    derives (``config.outer_rule``); the top-k codec is paired with SparseLoCo's outer step
+    (plain SGD, lr 1, error feedback with decay 0.95 on the workers), as in that paper.
     """
     sparse = outer == "error_feedback"
     return parse_config(
@@ -93,10 +94,10 @@ def bench_config(
                 "steps": s.inner_steps,
                 "total_steps": s.total_steps,
                 "warmup_steps": max(1, s.total_steps // 20),
-                "optimizer_state": "kept" if keep_state else "fresh",
+                "optimizer_state": state,
                 "threads": 2,
             },
-            "outer": {"optimizer": outer, "lr": 1.0 if sparse else 0.7},
+            "outer": {"optimizer": outer, **({"lr": 1.0} if sparse else {})},
             "codec": {"name": codec, "ef_decay": 0.95 if sparse else 1.0},
             "aggregation": {"method": "mean", "bucket_size": 1},
             "rounds": {"total": s.total_steps // s.inner_steps, "quorum": s.workers},
@@ -162,14 +163,15 @@ def run_algo_bench(quick: bool = False, log: Callable[[str], None] = print) -> d
     t0 = time.monotonic()
     loss = _sequential(base, shards, manifest.train_ids, s.workers, evals)
     record("ddp", loss, ring * s.total_steps, t0)
-    for name, codec, outer, keep in (
-        ("diloco", "fp32", "nesterov", True),
-        ("diloco_int8", "int8", "nesterov", True),
-        ("diloco_topk", "topk2bit", "error_feedback", True),
-        ("diloco_int8_fresh_state", "int8", "nesterov", False),
+    for name, codec, outer, state in (
+        ("diloco", "fp32", "nesterov", "published"),
+        ("diloco_int8", "int8", "nesterov", "published"),
+        ("diloco_topk", "topk2bit", "error_feedback", "published"),
+        ("diloco_int8_kept_state", "int8", "nesterov", "kept"),
+        ("diloco_int8_fresh_state", "int8", "nesterov", "fresh"),
     ):
         t0 = time.monotonic()
-        cfg = bench_config(s, codec, outer, keep)
+        cfg = bench_config(s, codec, outer, state)
         res = run_swarm(cfg, s.workers, eval_batch_count=s.eval_batches, eval_batch_size=32)
         sent = sum(r.bytes_up for r in res.rounds) / s.workers
         record(name, res.final_eval_loss, sent, t0)

@@ -411,8 +411,10 @@ class Coordinator:
         """The `prior` of a verify message: where an overlapped contribution's start comes from."""
         if prior is None:
             return None
+        work = self._work_json(prior)
+        del work["moments"]  # overlapped steps start from zero moments
         return {
-            **self._work_json(prior),
+            **work,
             "payload": prior.payload_ref,
             "first_batch": prior.first_batch,
             "steps": prior.steps,
