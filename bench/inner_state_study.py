@@ -34,11 +34,11 @@ import torch
 
 from crowdtrain.benchmarks.algo import QUICK, bench_config, bench_data
 from crowdtrain.config import parse_config
-from crowdtrain.models import build_model, initial_state, lm_loss
+from crowdtrain.models import initial_state
 from crowdtrain.outer import TorchOuter
 from crowdtrain.sim.ddp import global_batches
 from crowdtrain.train import LocalTrainer, evaluate
-from crowdtrain.train.moments import expand, factor, mean_moments
+from crowdtrain.train.moments import expand, factor, mean_moments, second_moment
 from crowdtrain.train.schedule import lr_at
 
 
@@ -56,18 +56,6 @@ def derive_m(
     for k in theta:
         root = v_hat["exp_avg_sq::" + k].sqrt() + 1e-8
         published["exp_avg::" + k] = (before[k] - theta[k]) * (m_scale / lrs) * root
-
-
-def second_moment(model_cfg: Any, inner: Any, theta: Any, batches: Any) -> dict[str, torch.Tensor]:
-    model = build_model(model_cfg, theta)
-    sq = {k: torch.zeros_like(t) for k, t in theta.items()}
-    for x, y in batches:
-        model.zero_grad(set_to_none=True)
-        lm_loss(model, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()), inner.grad_clip)
-        for k, p in model.named_parameters():
-            sq[k] += p.grad.detach() ** 2 / len(batches)
-    return {"exp_avg_sq::" + k: t for k, t in sq.items()}
 
 
 def run(v: dict[str, Any]) -> float:
