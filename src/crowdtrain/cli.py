@@ -561,18 +561,45 @@ def data_pack(
 def bench_algo(
     quick: Annotated[bool, typer.Option(help="The small setting (< 10 min on 2 cores).")] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    jobs: Annotated[int, typer.Option(min=1, max=64, help="Runs at a time.")] = 2,
+    frontier: Annotated[
+        bool, typer.Option(help="Eval loss against bytes for every H and codec instead.")
+    ] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="With --frontier: write the frontier's PNG here.")
+    ] = None,
 ) -> None:
-    """Single worker vs synchronous data-parallel vs DiLoCo (fp32, int8, top-k) on one corpus."""
-    from crowdtrain.benchmarks.algo import run_algo_bench
+    """Single worker vs synchronous data-parallel vs DiLoCo (fp32, int8, top-k) on one corpus,
+    each at its best inner learning rate, over several seeds."""
+    from crowdtrain.benchmarks import algo
+
+    def log(line: str) -> None:
+        console.print(line, highlight=False)
 
     with _friendly_errors():
-        doc = run_algo_bench(quick=quick, log=lambda line: console.print(line, highlight=False))
-        table = Table(title="algorithm benchmark")
-        for col in ("method", "eval loss", "bytes sent per worker", "steps per worker"):
+        if frontier:
+            doc = algo.run_frontier(quick=quick, jobs=jobs, log=log)
+            console.print(algo.frontier_table(doc), highlight=False, markup=False)
+            if plot is not None:
+                console.print(f"wrote {algo.plot_frontier(doc, plot)}")
+            _write_json(json_path, doc)
+            return
+        doc = algo.run_algo_bench(quick=quick, jobs=jobs, log=log)
+        table = Table(title="algorithm benchmark (each method at its best inner lr)")
+        cols = ("method", "best lr", "eval loss (mean)", "spread", "÷ DDP", "bytes per worker")
+        for col in cols:
             table.add_column(col, justify="right")
         for name, row in doc["methods"].items():
+            ratio = row["vs_ddp"]
             table.add_row(
-                name, f"{row['eval_loss']:.4f}", f"{row['bytes_per_worker']:,}", str(row["steps"])
+                name,
+                "diverged" if row["best_lr"] is None else f"{row['best_lr']:g}",
+                "—" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}",
+                "—" if row["eval_loss_spread"] is None else f"{row['eval_loss_spread']:.4f}",
+                "—"
+                if ratio is None
+                else f"{ratio['mean']:.3f} ({ratio['low']:.3f}–{ratio['high']:.3f})",
+                f"{row['bytes_per_worker']:,}",
             )
         console.print(table)
         _write_json(json_path, doc)

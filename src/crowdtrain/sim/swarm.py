@@ -91,13 +91,19 @@ def run_swarm(
     attackers: int = 0,
     eval_batch_count: int = 8,
     eval_batch_size: int = 16,
+    eval_every: int = 1,
     on_round: Callable[[RoundRow], None] | None = None,
 ) -> SwarmResult:
     """Run `peers` in-process volunteers through `config.rounds.total` rounds of the protocol.
 
+    The held-out loss is measured after every `eval_every`-th round and after the last (NaN in
+    the rows of the others): a benchmark that needs only the final loss skips the rest.
+
     With `attack`, the last `attackers` of them run that attack (crowdtrain.adversary); they ask
     for work after the honest ones, so colluding attacks see the honest updates (worst case).
     """
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be at least 1, not {eval_every}")
     if attack is not None and not 0 < attackers < peers:
         raise ValueError(f"--attackers must be between 1 and {peers - 1} (the peers less one)")
     data = RunData.load(config, eval_batch_count, eval_batch_size)
@@ -129,10 +135,11 @@ def run_swarm(
         closed = swarm.closed
         if closed is None:
             raise RuntimeError("the round did not close after every volunteer contributed")
+        measured = swarm.finished or (step + 1) % eval_every == 0
         row = RoundRow(
             round=closed.round,
             train_loss=closed.train_loss,
-            eval_loss=evaluate(config.model, protocol.params, evals),
+            eval_loss=evaluate(config.model, protocol.params, evals) if measured else math.nan,
             contributions=len(closed.contributors),
             bytes_up=closed.payload_bytes,
         )
