@@ -217,7 +217,9 @@ class RoundsConfig(_Strict):
     total: int = Field(20, ge=1, le=10_000_000)
     quorum: int = Field(1, ge=1, le=1_000_000)
     deadline_s: float = Field(120.0, gt=0.0)
-    join_window: float = Field(0.5, gt=0.0, le=1.0)
+    # The fraction of the round after which a newcomer waits for the next round (the quorum
+    # reached); None: derived per round by `RunConfig.join_window_s`.
+    join_window: float | None = Field(None, gt=0.0, le=1.0)
     peer_timeout_s: float = Field(60.0, gt=0.0)
     max_peers_per_round: int = Field(64, ge=1, le=1_000_000)
     late: StalePolicy = "reject"
@@ -296,6 +298,23 @@ class RunConfig(_Strict):
         rule = derive_outer(data)
         filled = {"lr": rule.lr, "momentum": rule.momentum, **outer}
         return {**data, "outer": filled}
+
+    def join_window_s(self, round_seconds: float, orders: int) -> float:
+        """Seconds after a round opens during which a newcomer still gets a work order, once
+        the round has `orders` orders out (and its quorum).
+
+        An explicit ``rounds.join_window`` is that fraction of the round. Otherwise the window
+        is the round's work divided among its orders: a peer joining d seconds late holds the
+        round's close about d seconds, and adds one contribution to the `orders` the round
+        already has, so it pays for itself while d < T / orders, with T the round's work time
+        (``inner.seconds`` of a seconds budget, else the round's deadline). Measured on
+        consumer-1b in docs/SIMULATIONS.md (a fixed half round held 13 of 30 rounds to the
+        deadline).
+        """
+        if self.rounds.join_window is not None:
+            return self.rounds.join_window * round_seconds
+        work = self.inner.seconds if self.inner.budget == "seconds" else round_seconds
+        return min(round_seconds, work) / max(1, orders)
 
 
 @dataclass(frozen=True)

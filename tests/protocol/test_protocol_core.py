@@ -282,8 +282,27 @@ def test_snapshot_restore_mid_round_continues_identically() -> None:
     assert all(torch.equal(straight[k], restarted[k]) for k in straight)
 
 
+def test_the_derived_join_window_is_the_rounds_work_shared_among_its_orders() -> None:
+    # A joiner d seconds late holds the close about d seconds for one more contribution: worth
+    # it while d < T / orders (T: 40 s of compute in a 60 s round).
+    cfg = parse_config({"inner": {"budget": "seconds", "seconds": 40.0}})
+    assert cfg.rounds.join_window is None
+    assert [cfg.join_window_s(60.0, n) for n in (0, 1, 4)] == [40.0, 40.0, 10.0]
+    assert parse_config({}).join_window_s(60.0, 3) == 20.0  # a steps budget: T = the deadline
+    explicit = parse_config({"rounds": {"join_window": 0.5}})
+    assert explicit.join_window_s(60.0, 8) == 30.0
+    p, clock = make(rounds={"quorum": 2, "deadline_s": 60.0})
+    join_and_order(p, "a", "b", "c")
+    clock.now += 19.0  # inside 60 s / 3 orders
+    join_and_order(p, "d")
+    clock.now += 1.0  # 20 s in: past 60 s / 4 orders = 15 s
+    p.handle(PeerJoined("e"))
+    (d,) = p.handle(WorkRequested("e"))
+    assert isinstance(d, Wait) and "next round" in d.reason
+
+
 def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:
-    p, clock = make(rounds={"quorum": 1})
+    p, clock = make(rounds={"quorum": 1, "join_window": 0.5})
     join_and_order(p, "a")
     clock.now += 31.0  # past half the 60 s deadline
     p.handle(PeerJoined("b"))

@@ -361,7 +361,7 @@ class RoundProtocol:
             return [order]
         if len(rnd.orders) >= self.config.rounds.max_peers_per_round:
             return [Wait(event.peer_id, 1.0, "this round has all the peers it can take")]
-        window_end = rnd.opened_at + self.config.rounds.join_window * self.round_seconds
+        window_end = rnd.opened_at + self.config.join_window_s(self.round_seconds, len(rnd.orders))
         if window_end < now < rnd.deadline and len(rnd.orders) >= self.config.rounds.quorum:
             # An open round past its deadline still lacks its quorum, so it takes anyone.
             retry = max(0.5, min(5.0, rnd.deadline - now))

@@ -46,7 +46,8 @@ holding an order independently with probability w = f × min(1, max_peers_per_ro
   R ≪ S that is ``(C_i/R)(1 − E_i/S)``: without overlap a departure comes with probability
   ≈ R/S per round and costs on average half a round (the loss ``(x_i − R/2)/S`` of a session
   that starts synced, plus the ``R/(2S)`` a joining peer waits on average, see next).
-* A peer that comes online during a round's join window (``join_window × deadline_s``) gets an
+* A peer that comes online during a round's join window (``RunConfig.join_window_s`` with the
+  orders out at the opening) gets an
   order at once; it contributes in that round only if ``u + q_i`` (its join time plus a round
   without overlap, ``q_i = down_i + C_i + up_i``) makes the deadline. Peers come online at the
   rate ``f N / S``, and each such joiner holds the round until its upload or the deadline.
@@ -314,7 +315,7 @@ def _state(
         inp.down_bytes * 8 / coordinator_out_bps, inp.up_bytes * 8 / coordinator_in_bps
     )
     floor = w * n * per_order_s  # the coordinator's own transfers of the round
-    join_end = run.rounds.join_window * run.rounds.deadline_s
+    join_end = run.join_window_s(run.rounds.deadline_s, max(1, round(w * n)))
     joins = order_p >= 1.0  # a round that took max_peers_per_round at its opening takes no one
     join_rate = online / S if joins and math.isfinite(S) else 0.0
     timeout = run.rounds.peer_timeout_s
