@@ -159,6 +159,24 @@ def check_attack(attack: str | None, attackers: int | None, volunteers: int) -> 
     return count
 
 
+def demo_volunteers(
+    volunteers: int, attack: str | None = None, attackers: int | None = None
+) -> tuple[list[VolunteerSpec], int]:
+    """The demo's volunteers (links from LINKS; the last honest one 3× slower; the last
+    ATTACKERS run ATTACK) and how many of them are honest."""
+    if volunteers < 1:
+        raise ConfigError("the demo needs at least one volunteer")
+    bad = check_attack(attack, attackers, volunteers)
+    honest = volunteers - bad
+    specs = []
+    for i in range(volunteers):
+        slow = volunteers > 1 and i == honest - 1
+        evil = attack if i >= honest else None
+        name = f"volunteer-{i}" + ("-slow" if slow else "") + (f"-{evil}" if evil else "")
+        specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0, evil))
+    return specs, honest
+
+
 def run_demo(
     *,
     volunteers: int = 4,
@@ -180,16 +198,7 @@ def run_demo(
     With ATTACK, the last ATTACKERS volunteers (default 1) behave as that attack; the slow one
     is then the last honest volunteer, and the quorum never exceeds the honest volunteers.
     """
-    if volunteers < 1:
-        raise ConfigError("the demo needs at least one volunteer")
-    bad = check_attack(attack, attackers, volunteers)
-    honest = volunteers - bad
-    specs = []
-    for i in range(volunteers):
-        slow = volunteers > 1 and i == honest - 1
-        evil = attack if i >= honest else None
-        name = f"volunteer-{i}" + ("-slow" if slow else "") + (f"-{evil}" if evil else "")
-        specs.append(VolunteerSpec(name, LINKS[i % len(LINKS)], 3.0 if slow else 1.0, evil))
+    specs, honest = demo_volunteers(volunteers, attack, attackers)
     state = (state_root / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     config = demo_config(rounds, round_seconds, quorum=min(2, honest))
     return run_network(
