@@ -9,10 +9,12 @@ Choices made here:
 
 * **Budget.** A round is a number of steps or a number of seconds (read from the injected
   ``clock``, so the simulator can use virtual time), whichever is hit first; at least one step.
-* **Replayability.** With ``keep_optimizer_state=False`` (the default) AdamW starts fresh every
-  round, so Δ is a pure function of (base weights, batches, config, step_offset): any verifier can
-  recompute it bit for bit on the same hardware and thread count. With ``True`` the AdamW moments
-  persist across rounds, as in the original DiLoCo.
+* **Replayability.** With ``inner.optimizer_state = "published"`` (the default) AdamW starts
+  each round from the moments the coordinator published with θ (``train/moments.py``), with
+  ``"fresh"`` from zeros; either way Δ is a pure function of (base weights and moments, batches,
+  config, step_offset), so any verifier can recompute it bit for bit on the same hardware and
+  thread count. With ``"kept"`` each worker's own moments persist across rounds, as in the
+  original DiLoCo, and its rounds cannot be replayed.
 * **Weight decay** follows the nanoGPT convention: every tensor with two or more dimensions
   (linear weights *and* embeddings) is decayed; biases and LayerNorm parameters are not.
 * **Threads.** The trainer never changes torch's global thread count; the caller sets it
