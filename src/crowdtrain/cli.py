@@ -577,6 +577,8 @@ def bench_algo(
         console.print(line, highlight=False)
 
     with _friendly_errors():
+        if plot is not None and not frontier:
+            raise ConfigError("--plot draws the frontier: use it with --frontier")
         if frontier:
             doc = algo.run_frontier(quick=quick, jobs=jobs, log=log)
             console.print(algo.frontier_table(doc), highlight=False, markup=False)

@@ -100,3 +100,13 @@ def test_the_frontier_covers_every_h_and_codec_and_plots(corpus_file: Path, tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="H must be"):
         run_frontier(setting=dataclasses.replace(s), hs=(5,), log=lambda _: None)
+
+
+def test_the_cli_refuses_a_plot_without_the_frontier(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from crowdtrain.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "algo", "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "--frontier" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()

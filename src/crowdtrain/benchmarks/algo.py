@@ -363,7 +363,7 @@ def run_algo_bench(
             "eval_loss_by_seed": {str(k): _json_loss(v) for k, v in by_seed.items()},
             "eval_loss": _json_loss(statistics.fmean(losses)) if losses else None,
             "eval_loss_spread": _json_loss(max(losses) - min(losses)) if losses else None,
-            "bytes_per_worker": sweep[(m, s.lrs[0], first)]["bytes_per_worker"],
+            "bytes_per_worker": sweep[(m, b or s.lrs[0], first)]["bytes_per_worker"],
             "steps": s.total_steps,
             "seconds": round(sum(r["seconds"] for (mm, _, _), r in runs.items() if mm == m), 1),
         }
