@@ -514,31 +514,52 @@ def _mb(n: float) -> str:
 
 def plot_frontier(doc: Mapping[str, Any], path: Path) -> Path:
     """Eval loss against bytes per worker (log scale): a line per codec through its H values,
-    data-parallel training and one worker as horizontal references."""
+    data-parallel training as a point at its bytes and a line, one worker as a line. The loss
+    axis ends a little above one worker's loss; points beyond it are listed on the plot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    ddp, single = doc["ddp"], doc["single"]
+    top = single["eval_loss"] + 0.25 * (single["eval_loss"] - ddp["eval_loss"])
     points = [p for p in doc["points"] if p["eval_loss"] is not None]
     for codec in dict.fromkeys(p["codec"] for p in points):
         line = sorted((p for p in points if p["codec"] == codec), key=lambda p: p["H"])
         xs = [p["bytes_per_worker"] for p in line]
         ax.plot(xs, [p["eval_loss"] for p in line], marker="o", label=f"DiLoCo {codec}")
         for p in line:
-            ax.annotate(f"H={p['H']}", (p["bytes_per_worker"], p["eval_loss"]), fontsize=7)
-    ddp, single = doc["ddp"], doc["single"]
-    ax.axhline(
-        ddp["eval_loss"],
+            if p["eval_loss"] <= top:
+                ax.annotate(
+                    f"{p['H']}",
+                    (p["bytes_per_worker"], p["eval_loss"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(2, 3),
+                )
+    ax.plot(
+        [ddp["bytes_per_worker"]],
+        [ddp["eval_loss"]],
+        marker="s",
         color="black",
-        linestyle="--",
-        linewidth=1,
-        label=f"data-parallel ({_mb(ddp['bytes_per_worker'])} per worker)",
+        linestyle="",
+        label="data-parallel (every step)",
     )
+    ax.axhline(ddp["eval_loss"], color="black", linestyle="--", linewidth=1)
     ax.axhline(single["eval_loss"], color="grey", linestyle=":", linewidth=1, label="one worker")
+    off = [p for p in doc["points"] if p["eval_loss"] is None or p["eval_loss"] > top]
+    if off:
+        text = "off the scale: " + ", ".join(
+            f"{p['codec']} H={p['H']} "
+            + ("diverged" if p["eval_loss"] is None else f"{p['eval_loss']:.2f}")
+            for p in off
+        )
+        ax.text(0.01, 0.99, text, transform=ax.transAxes, fontsize=7, va="top")
+    low = min([ddp["eval_loss"], *(p["eval_loss"] for p in points)])
+    ax.set_ylim(low - 0.05 * (top - low), top)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per worker over the run (log scale)")
+    ax.set_xlabel("bytes sent per worker over the run (log scale); labels: H")
     ax.set_ylabel("eval loss")
     cfg = doc["config"]
     ax.set_title(
@@ -546,7 +567,7 @@ def plot_frontier(doc: Mapping[str, Any], path: Path) -> Path:
         f"{cfg['params']:,} parameters"
     )
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
