@@ -81,6 +81,19 @@ def test_the_bench_sweeps_each_method_and_repeats_it_on_every_seed(
         run_algo_bench(setting=s, methods=methods[1:], log=lines.append)
 
 
+def test_a_failing_run_counts_as_diverged_and_keeps_its_error(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    s = mini(corpus_file, tmp_path / "data")
+    methods = (Method("ddp", "ddp"), Method("broken", "diloco", "no-such-codec"))
+    doc = run_algo_bench(setting=dataclasses.replace(s, seeds=(0,)), methods=methods, jobs=2)
+    broken = doc["methods"]["broken"]
+    assert broken["best_lr"] is None and broken["eval_loss"] is None
+    assert set(broken["lr_sweep"].values()) == {None}
+    assert len(broken["errors"]) == 2 and "codec" in next(iter(broken["errors"].values()))
+    assert doc["methods"]["ddp"]["errors"] == {} and doc["methods"]["ddp"]["eval_loss"] > 0
+
+
 def test_the_frontier_covers_every_h_and_codec_and_plots(corpus_file: Path, tmp_path: Path) -> None:
     s = mini(corpus_file, tmp_path / "data")
     doc = run_frontier(setting=s, hs=(1, 2), codecs=("fp32", "int8"), jobs=2, log=lambda _: None)

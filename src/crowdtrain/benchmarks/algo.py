@@ -278,7 +278,11 @@ def _from_spec(text: str) -> tuple[AlgoSetting, Method, float, int]:
 
 
 def _run_process(s: AlgoSetting, method: Method, lr: float, seed: int) -> dict[str, Any]:
-    """`run_one` in a child process (one torch thread), its answer read back as JSON."""
+    """`run_one` in a child process (one torch thread), its answer read back as JSON.
+
+    A run that fails (a diverged swarm whose payloads the codec refuses, say) counts as
+    diverged, with the last line of its error in ``"error"``, so one bad rate does not end
+    the sweep."""
     proc = subprocess.run(
         [sys.executable, "-m", "crowdtrain.benchmarks.algo", _spec(s, method, lr, seed)],
         capture_output=True,
@@ -286,8 +290,8 @@ def _run_process(s: AlgoSetting, method: Method, lr: float, seed: int) -> dict[s
         check=False,
     )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"benchmark run {method.name} lr={lr} seed={seed} failed: {tail[0]}")
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {"eval_loss": math.nan, "bytes_per_worker": 0, "seconds": 0.0, "error": tail[0]}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
@@ -304,6 +308,7 @@ def _run_all(
         log(
             f"{method.name:24s} lr {lr:g} seed {seed}: eval loss {result['eval_loss']:.4f} "
             f"({result['seconds']} s)"
+            + (f" failed: {result['error']}" if "error" in result else "")
         )
         return job, result
 
@@ -366,6 +371,11 @@ def run_algo_bench(
             "bytes_per_worker": sweep[(m, b or s.lrs[0], first)]["bytes_per_worker"],
             "steps": s.total_steps,
             "seconds": round(sum(r["seconds"] for (mm, _, _), r in runs.items() if mm == m), 1),
+            "errors": {
+                f"lr {lr:g} seed {seed}": r["error"]
+                for (mm, lr, seed), r in runs.items()
+                if mm == m and "error" in r
+            },
         }
     ddp = rows["ddp"]
     for row in rows.values():
@@ -445,6 +455,7 @@ def run_frontier(
         log(
             f"{method.name:24s} eval loss {result['eval_loss']:.4f}  bytes sent per worker "
             f"{result['bytes_per_worker']:,} ({result['seconds']} s)"
+            + (f" failed: {result['error']}" if "error" in result else "")
         )
         return {
             "method": method.kind,
@@ -454,11 +465,15 @@ def run_frontier(
             "eval_loss": _json_loss(result["eval_loss"]),
             "bytes_per_worker": result["bytes_per_worker"],
             "seconds": result["seconds"],
+            "error": result.get("error"),
         }
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         points = list(pool.map(go, todo))
     ddp, single = points[0], points[1]
+    for ref in (ddp, single):
+        if ref["eval_loss"] is None:
+            raise RuntimeError(f"the frontier's {ref['method']} reference failed: {ref['error']}")
     for p in points:
         loss, ref = p["eval_loss"], ddp["eval_loss"]
         p["vs_ddp"] = round(loss / ref, 4) if loss is not None and ref else None
