@@ -1,7 +1,9 @@
 """Sweep DiLoCo settings on the quick algorithm-benchmark setting (one line per variant).
 
 Usage: .venv/bin/python bench/diloco_sweep.py '[{"H": 50, "set": {"outer": {"lr": 1.0}}}]'
-Each variant may set H (inner steps per round), workers, codec, outer (optimizer name), and "set":
+Each variant may set H (inner steps per round), workers, steps (inner steps per worker; the
+sweeps recorded in docs/BENCHMARKS.md before the quick setting changed ran 400), codec, outer
+(optimizer name), and "set":
 {section: {key: value}} overrides of the run config; {"ddp": true, "workers": N} runs the
 data-parallel reference on N workers' batches instead (as `crowdtrain bench algo` does). Prints:
 variant, final eval loss, bytes uploaded per worker (0 for ddp), wall seconds.
@@ -25,6 +27,7 @@ def main(variants: list[dict[str, object]]) -> None:
             QUICK,
             inner_steps=int(v.get("H", QUICK.inner_steps)),  # type: ignore[call-overload]
             workers=int(v.get("workers", QUICK.workers)),  # type: ignore[call-overload]
+            total_steps=int(v.get("steps", QUICK.total_steps)),  # type: ignore[call-overload]
         )
         cfg = bench_config(s, str(v.get("codec", "fp32")), str(v.get("outer", "nesterov")))
         raw = cfg.model_dump(mode="json")

@@ -3,8 +3,8 @@
 Usage: .venv/bin/python bench/sweep_table.py bench/results/outer-sweep-quick.txt
 Rows are (workers, H); columns are the outer (lr, momentum) settings in the order they first
 appear; each cell is the DiLoCo eval loss divided by the data-parallel reference's loss on the
-same number of workers (the `{"ddp": true, "workers": N}` lines), with the best cell of each
-row in bold.
+same number of workers (the `{"ddp": true, "workers": N}` lines; the loss itself where there
+is none), with the best cell of each row in bold. Several files are read as one.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 
-def main(path: Path) -> None:
+def main(paths: list[Path]) -> None:
     ddp: dict[int, float] = {}
     cells: dict[tuple[int, int], dict[tuple[float, float], float]] = {}
     columns: list[tuple[float, float]] = []
-    for line in path.read_text().splitlines():
+    for line in (line for path in paths for line in path.read_text().splitlines()):
         head, _, rest = line.rpartition("} ")
         variant = json.loads(head + "}")
         loss = float(rest.split()[0])
@@ -40,7 +40,8 @@ def main(path: Path) -> None:
             if column not in row:
                 shown.append("")
                 continue
-            ratio = f"{row[column] / ddp[workers]:.3f}"
+            # Without a reference for this worker count, the eval loss itself.
+            ratio = f"{row[column] / ddp[workers]:.3f}" if workers in ddp else f"{row[column]}"
             shown.append(f"**{ratio}**" if row[column] == best else ratio)
         print(f"| {workers} | {h} | " + " | ".join(shown) + " |")
     print()
@@ -48,4 +49,4 @@ def main(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main([Path(p) for p in sys.argv[1:]])

@@ -25,7 +25,7 @@ measures the choices (docs/BENCHMARKS.md, "Replayable inner state").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -123,7 +123,7 @@ def expand(
     return out
 
 
-def mean_moments(reports: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def mean_moments(reports: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The element-wise mean of several reports of the same form (keys every report has)."""
     if not reports:
         return {}
