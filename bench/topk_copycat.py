@@ -29,7 +29,7 @@ def main() -> None:
     run["outer"] = {"optimizer": "error_feedback", "lr": 1.0}
     run["rounds"]["total"] = ROUNDS
     config = parse_config(run)
-    detect = screening.detect_copies
+    detect = screening.detect_copies  # type: ignore[attr-defined]
 
     def measure(current: list[torch.Tensor], earlier: list[torch.Tensor], **kw: Any) -> Any:
         now = torch.stack([c != 0 for c in current]).float()
@@ -49,7 +49,7 @@ def main() -> None:
             )
         return detect(current, earlier, **kw)
 
-    screening.detect_copies = measure  # type: ignore[assignment]
+    screening.detect_copies = measure  # type: ignore[attr-defined]
     torch.set_num_threads(2)
     result = run_swarm(config, QUICK.peers, attack="copycat", attackers=1)
     print(f"final eval loss {result.final_eval_loss:.4f}; attacker {result.attackers}")
