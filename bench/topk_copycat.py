@@ -49,7 +49,7 @@ def main() -> None:
             )
         return detect(current, earlier, **kw)
 
-    screening.detect_copies = measure  # type: ignore[attr-defined]
+    screening.detect_copies = measure  # type: ignore[attr-defined,assignment]
     torch.set_num_threads(2)
     result = run_swarm(config, QUICK.peers, attack="copycat", attackers=1)
     print(f"final eval loss {result.final_eval_loss:.4f}; attacker {result.attackers}")
