@@ -57,6 +57,10 @@ def test_a_scenario_with_population_and_target_is_discrete_event() -> None:
     target = s.target.target(s.run.codec)
     assert target.bytes_per_param_up == bytes_per_param(s.run.codec)
     assert target.bytes_per_param_down == 4.0 and target.steps_per_proxy_step == 1.0
+    # A run that publishes AdamW moments sends m in bf16 with every θ.
+    assert s.target.target(s.run.codec, moments=True).bytes_per_param_down == 6.0
+    assert s.run.inner.optimizer_state == "published"
+    assert des_setup(s).target.bytes_per_param_down == 6.0
     given = {"bytes_per_param_up": 0.5, "bytes_per_param_down": 2.0, "steps_per_proxy_step": 7}
     t = parse_scenario("des", {**DES, "target": {**DES["target"], **given}}).target
     assert t is not None

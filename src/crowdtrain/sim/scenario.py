@@ -81,7 +81,8 @@ class TargetConfig(BaseModel):
     """The real-world model a discrete-event scenario stands for (see `sim.des.Target`).
 
     ``bytes_per_param_up`` defaults to what the run's codec puts on the wire per parameter;
-    ``bytes_per_param_down`` to 4 (the weights in fp32).
+    ``bytes_per_param_down`` to 4 (the weights in fp32), plus the published AdamW moments'
+    ``train.moments.BYTES_PER_PARAM`` when the run publishes them.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,18 +91,22 @@ class TargetConfig(BaseModel):
     tokens_per_step: int = Field(ge=1, le=10**12)
     steps_per_proxy_step: float = Field(1.0, gt=0.0, le=1e9, allow_inf_nan=False)
     bytes_per_param_up: float | None = Field(None, gt=0.0, le=1024.0, allow_inf_nan=False)
-    bytes_per_param_down: float = Field(4.0, gt=0.0, le=1024.0, allow_inf_nan=False)
+    bytes_per_param_down: float | None = Field(None, gt=0.0, le=1024.0, allow_inf_nan=False)
 
-    def target(self, codec_spec: CodecConfig) -> Target:
-        """The simulator's `Target`, the upload size measured on `codec_spec` when not given."""
+    def target(self, codec_spec: CodecConfig, *, moments: bool = False) -> Target:
+        """The simulator's `Target`, the upload size measured on `codec_spec` when not given;
+        with `moments`, every download of θ carries the published moments too."""
         from crowdtrain.sim.des import Target, bytes_per_param
+        from crowdtrain.train.moments import BYTES_PER_PARAM
 
-        up = self.bytes_per_param_up
+        up, down = self.bytes_per_param_up, self.bytes_per_param_down
         return Target(
             params=self.params,
             tokens_per_step=self.tokens_per_step,
             bytes_per_param_up=bytes_per_param(codec_spec) if up is None else up,
-            bytes_per_param_down=self.bytes_per_param_down,
+            bytes_per_param_down=(4.0 + (BYTES_PER_PARAM if moments else 0.0))
+            if down is None
+            else down,
             steps_per_proxy_step=self.steps_per_proxy_step,
         )
 
@@ -332,7 +337,7 @@ def des_setup(scenario: Scenario, run: RunConfig | None = None) -> DesSetup:
         raise ConfigError(f"scenario {scenario.name} is not a discrete-event scenario")
     run = scenario.run if run is None else run
     peers = draw_population(scenario.population, run.seed)
-    target = scenario.target.target(run.codec)
+    target = scenario.target.target(run.codec, moments=run.inner.optimizer_state == "published")
     churn = scenario.churn
     if not churn.enabled:
         return DesSetup(run, peers, target, None, None)

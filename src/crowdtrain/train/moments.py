@@ -40,6 +40,11 @@ ROW = "exp_avg_sq.row::"
 COL = "exp_avg_sq.col::"
 
 
+#: Wire bytes per parameter of a published moments blob: m in bfloat16 (v is factored into row
+#: and column means, a few bytes per row).
+BYTES_PER_PARAM = 2.0
+
+
 def read_moments(
     optimizer: torch.optim.Optimizer, named: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
