@@ -255,6 +255,7 @@ def test_overlapped_contributions_pass_exact_spot_checks(corpus_file: Path, data
     passed = result.verdicts.get("spot_check:check_passed", 0)
     assert passed >= 3, result.verdicts
     assert set(result.verdicts) == {"spot_check:check_passed"}
+    assert result.to_json()["refusals"] == []  # passed checks are counted, not listed
 
 
 def test_the_coordinators_close_time_delays_the_next_base(

@@ -177,6 +177,8 @@ class SimResult:
     events: int = 0  # how many events the loop ran
     late_checks: int = 0  # spot-check replays turned away because their check had lapsed
     verdicts: dict[str, int] = field(default_factory=dict)  # "stage:outcome" → how many
+    # Every verdict but a passed spot-check, with its reason, for audit.
+    refusals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The result as a JSON-serialisable document."""
@@ -189,6 +191,7 @@ class SimResult:
             "events": self.events,
             "late_checks": self.late_checks,
             "verdicts": dict(self.verdicts),
+            "refusals": [dict(r) for r in self.refusals],
         }
 
 
@@ -337,6 +340,17 @@ def simulate(
     result.virtual_time_s = end
     result.late_checks = sim.late_checks
     result.verdicts = dict(Counter(f"{v.stage}:{v.outcome}" for v in protocol.verdicts))
+    result.refusals = [
+        {
+            "round": v.round,
+            "peer_id": v.peer_id,
+            "stage": v.stage,
+            "outcome": v.outcome,
+            "reason": v.reason,
+        }
+        for v in protocol.verdicts
+        if v.outcome != "check_passed"
+    ]
     return result
 
 
