@@ -99,6 +99,7 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
         "round": 0,
         "base_version": 0,
         "weights": versions[0],
+        "moments": first["moments"],  # the moments published with θ_prior (none at version 0)
         "payload": sha256(round0[a.peer_id]),
         "shard_ids": first["shard_ids"],
         "seed": first["seed"],
@@ -114,6 +115,12 @@ def weights(coord: Coordinator, sha: str) -> dict[str, torch.Tensor]:
     return dict(load_safetensors(coord.blobs.read(sha)))
 
 
+def base_of(coord: Coordinator, order: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """θ of an order with the AdamW moments published with it, as a volunteer starts from."""
+    moments = weights(coord, order["moments"]) if order["moments"] else {}
+    return {**weights(coord, order["weights"]), **moments}
+
+
 def train(
     coord: Coordinator,
     order: dict[str, Any],
@@ -124,8 +131,8 @@ def train(
     *,
     base: dict[str, torch.Tensor] | None = None,
 ) -> Contribution:
-    """STEPS steps of ORDER's batch stream from FIRST_BATCH with a fresh AdamW, from START;
-    Δ is measured from BASE (default START), as a volunteer trains."""
+    """STEPS steps of ORDER's batch stream from FIRST_BATCH from START, AdamW from the
+    moments BASE (default START) carries; Δ is measured from BASE, as a volunteer trains."""
     cfg = coord.config
     sampler = BatchSampler(
         {sha: coord.shard_store.load(sha) for sha in order["shard_ids"]},
@@ -176,18 +183,20 @@ def test_the_coordinator_replays_an_overlapped_contribution_and_it_passes(
     sent: dict[str, bytes] = {}
     for peer in peers:
         first[peer] = order = coord.work(peer)
-        result = train(coord, order, peer, weights(coord, order["weights"]), 0, steps)
+        result = train(coord, order, peer, base_of(coord, order), 0, steps)
         sent[peer] = submit(coord, peer, order, result)
     assert coord.protocol.version == 1
     coord._replays.clear()  # round 0's checks are not the point here
     for peer in peers:
         order = coord.work(peer)
         assert order["kind"] == "work" and order["round"] == 1
-        theta0, theta1 = weights(coord, first[peer]["weights"]), weights(coord, order["weights"])
+        assert order["moments"] is not None  # published with θ_1 (the default state)
+        theta0, theta1 = base_of(coord, first[peer]), base_of(coord, order)
         decoded = codec.decode(sent[peer], coord.shapes)
-        theta_s = {k: theta0[k] - decoded[k] for k in theta0}
+        # The overlapped steps start from θ_0's moments, the rest from θ_1's.
+        theta_s = {**theta0, **{k: theta0[k] - decoded[k] for k in decoded}}
         carried = train(coord, first[peer], peer, theta_s, steps, 1)
-        start = {k: theta1[k] - carried.delta[k] for k in theta1}
+        start = {k: theta1[k] - carried.delta[k] for k in carried.delta}
         rest = train(coord, order, peer, start, 0, steps - 1, base=theta1)
         sign = -1.0 if peer == peers[1] else 1.0
         result = Contribution(

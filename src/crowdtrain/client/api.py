@@ -111,12 +111,14 @@ class PriorMsg(_Msg):
 
     Its first `steps` steps continued the target's order of round `round` while θ_base was on
     its way: from θ_s = weights `weights` − decode(payload blob `payload`), on that order's
-    batches from batch `first_batch` (step offset `step_offset + first_batch`).
+    batches from batch `first_batch` (step offset `step_offset + first_batch`), AdamW starting
+    from the moments `moments` published with `weights` (zeros when null).
     """
 
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    moments: SHA256 | None = None
     payload: SHA256
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)

@@ -235,6 +235,8 @@ class Volunteer:
             return None
         self._shards(prior.shard_ids)
         theta = self._weights(prior.weights)
+        if prior.moments is not None:
+            theta.update(self._moments(prior.moments))
         try:
             sent = codec.decode(
                 self._fetch(prior.payload, order.max_payload_bytes),

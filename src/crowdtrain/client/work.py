@@ -27,6 +27,7 @@ import torch
 from crowdtrain.config import RunConfig
 from crowdtrain.data import BatchSampler
 from crowdtrain.train import Contribution
+from crowdtrain.train.moments import split_base
 
 Params = Mapping[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -111,8 +112,14 @@ class CarriedWork:
 
 def overlap_start(theta: Params, sent: Params) -> dict[str, torch.Tensor]:
     """Where overlapped training starts: θ_r − decode(payload_r), what the peer sent for round
-    r subtracted from that round's base, which anyone can recompute from public data."""
-    return {k: theta[k] - d for k, d in sent.items()}
+    r subtracted from that round's base, which anyone can recompute from public data. The AdamW
+    moments published with θ_r, when `theta` carries them, come along: the overlapped steps
+    start from them as the round's own steps did (``train.moments``)."""
+    return {**_moments_of(theta), **{k: theta[k] - d for k, d in sent.items()}}
+
+
+def _moments_of(base: Params) -> dict[str, torch.Tensor]:
+    return dict(split_base(base)[1])
 
 
 def fills_budget(order: WorkLike, done: Contribution) -> bool:
@@ -123,8 +130,9 @@ def fills_budget(order: WorkLike, done: Contribution) -> bool:
 
 
 def rebased(base: Params, done: Contribution) -> dict[str, torch.Tensor]:
-    """Where the rest of a round starts: θ_base − Δ_done (the progress rebased onto θ_base)."""
-    return {k: base[k] - d for k, d in done.delta.items()}
+    """Where the rest of a round starts: θ_base − Δ_done (the progress rebased onto θ_base),
+    with θ_base's published moments when it carries them."""
+    return {**_moments_of(base), **{k: base[k] - d for k, d in done.delta.items()}}
 
 
 def merge(first: Contribution, second: Contribution) -> Contribution:

@@ -412,7 +412,6 @@ class Coordinator:
         if prior is None:
             return None
         work = self._work_json(prior)
-        del work["moments"]  # overlapped steps start from zero moments
         return {
             **work,
             "payload": prior.payload_ref,
@@ -568,14 +567,18 @@ class Coordinator:
         prior = () if order.prior is None else order.prior.shard_ids
         return self.shard_store.load_many([*order.shard_ids, *prior])
 
-    def _weights_of(self, base_version: int) -> dict[str, torch.Tensor]:
+    def _base_of(self, base_version: int) -> dict[str, torch.Tensor]:
+        """θ of a version with the AdamW moments published with it (if any): where its work
+        orders start."""
         version = self.store.get_version(base_version)
         assert version is not None
-        return self._tensors(version.weights_sha)
+        moments = self._tensors(version.metrics.get("moments_sha"))
+        return {**self._tensors(version.weights_sha), **moments}
 
     def _prior_start(self, prior: PriorWork) -> dict[str, torch.Tensor]:
-        """Where a checked contribution's overlapped steps began: θ_prior − decode(payload)."""
-        theta = self._weights_of(prior.base_version)
+        """Where a checked contribution's overlapped steps began: θ_prior − decode(payload),
+        with θ_prior's published moments."""
+        theta = self._base_of(prior.base_version)
         payload = self.blobs.read(prior.payload_ref, max_bytes=self.max_payload_bytes)
         return overlap_start(
             theta, codec.decode(payload, self.shapes, max_bytes=self.max_payload_bytes)
@@ -588,7 +591,7 @@ class Coordinator:
             result = replay_check(
                 trainer.train,
                 order,
-                self._weights_of(order.base_version),
+                self._base_of(order.base_version),
                 self._shard_map(order),
                 self.config,
                 None if order.prior is None else self._prior_start(order.prior),
