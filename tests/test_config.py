@@ -108,13 +108,18 @@ def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
     assert parse_config({"inner": {"keep_optimizer_state": True}}).outer.momentum == 0.0
     one = parse_config({"outer": {"lr": 0.7}})  # an explicit value wins; the other is derived
     assert (one.outer.lr, one.outer.momentum) == (0.7, 0.0)
-    both = {"outer": {"lr": 0.7, "momentum": 0.9}}
+    window = {"rounds": {"join_window": 0.5}}
+    both = {"outer": {"lr": 0.7, "momentum": 0.9}, **window}
     assert derived_settings(both) == [] and parse_config(both).outer.momentum == 0.9
-    lines = derived_settings({"outer": {"lr": 0.7}})
+    lines = derived_settings({"outer": {"lr": 0.7}, **window})
     assert len(lines) == 1 and lines[0].startswith("outer.momentum = 0.0 (derived: ")
     assert "beyond the" in derived_settings({"rounds": {"total": 500}})[0]
     adam = parse_config({"outer": {"optimizer": "adam"}})  # only Nesterov and SGD derive
-    assert derived_settings({"outer": {"optimizer": "adam"}}) == [] and adam.outer.lr == 0.7
+    assert derived_settings({"outer": {"optimizer": "adam"}, **window}) == []
+    assert adam.outer.lr == 0.7
+    # The join window is derived per round unless set; show names what it is made of.
+    (line,) = derived_settings({"outer": {"optimizer": "adam"}, "inner": {"budget": "seconds"}})
+    assert line.startswith("rounds.join_window: derived") and "inner.seconds" in line
     # The resolved config holds the values, so it round-trips to the same hash.
     assert config_hash(parse_config(fresh.model_dump(mode="json"))) == config_hash(fresh)
 

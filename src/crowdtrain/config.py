@@ -426,17 +426,28 @@ def load_config(path: str | Path | None) -> RunConfig:
 def derived_settings(raw: Mapping[str, Any]) -> list[str]:
     """One sentence per setting of `raw` (a config file's mapping) that the run derives rather
     than reads, with its value and why."""
+    lines = []
     outer = raw.get("outer", {})
     outer = outer if isinstance(outer, dict) else {}
-    if outer.get("optimizer", "nesterov") not in DERIVED_FOR:
-        return []
-    rule = derive_outer(raw)
-    return [
-        f"outer.{key} = {getattr(rule, key)} (derived: {rule.reason}; set it in [outer] to "
-        "override)"
-        for key in ("lr", "momentum")
-        if key not in outer
-    ]
+    if outer.get("optimizer", "nesterov") in DERIVED_FOR:
+        rule = derive_outer(raw)
+        lines += [
+            f"outer.{key} = {getattr(rule, key)} (derived: {rule.reason}; set it in [outer] to "
+            "override)"
+            for key in ("lr", "momentum")
+            if key not in outer
+        ]
+    rounds = raw.get("rounds", {})
+    if not isinstance(rounds, dict) or rounds.get("join_window") is None:
+        inner = raw.get("inner", {})
+        seconds = isinstance(inner, dict) and inner.get("budget") == "seconds"
+        work = "the inner.seconds of compute" if seconds else "the round's deadline"
+        lines.append(
+            f"rounds.join_window: derived each round as {work} divided by the work orders "
+            "already out (a newcomer joining d seconds late holds the round about d seconds for "
+            "one more contribution); set a fraction of the round in [rounds] to override"
+        )
+    return lines
 
 
 def load_raw(path: str | Path | None) -> dict[str, Any]:
