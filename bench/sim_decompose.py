@@ -1,11 +1,12 @@
 """Split a swarm's efficiency into what DiLoCo costs and what the volunteers' world costs.
 
     .venv/bin/python bench/sim_decompose.py bench/results/sim-consumer-1b.json \\
-        bench/results/sim-datacenter-diloco.json [SCENARIO.toml]
+        bench/results/sim-datacenter-diloco.json [SCENARIO.toml [TARGET_LOSS]]
 
 The first document is a volunteer scenario, the second the same DiLoCo rounds on the
 datacenter's hardware (identical machines of the volunteers' mean speed, so the same total
-compute; unlimited links; no churn). At the volunteer scenario's target loss:
+compute; unlimited links; no churn). At the volunteer scenario's target loss (or TARGET_LOSS,
+to compare variants at one loss every one of them reaches):
 
 * algorithmic efficiency = datacenter DDP against datacenter DiLoCo (DiLoCo's cost per token,
   with no slow link, straggler or churn);
@@ -32,13 +33,16 @@ def curve(doc: dict[str, Any], method: str) -> Curve:
     return Curve(method, c["times_s"], c["eval_loss"])
 
 
-def main(swarm_path: str, ideal_path: str, scenario: str | None = None) -> None:
-    """`scenario` (a name or TOML path) defaults to the swarm document's scenario name."""
+def main(
+    swarm_path: str, ideal_path: str, scenario: str | None = None, loss: str | None = None
+) -> None:
+    """`scenario` (a name or TOML path) defaults to the swarm document's scenario name; the
+    target loss to the swarm document's."""
     swarm_doc = json.loads(Path(swarm_path).read_text())
     ideal_doc = json.loads(Path(ideal_path).read_text())
     setup = des_setup(load_scenario(scenario or swarm_doc["scenario"]))
     eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
-    target = swarm_doc["target_loss"]
+    target: float = swarm_doc["target_loss"] if loss is None else float(loss)
     swarm, ddp = curve(swarm_doc, "swarm"), curve(swarm_doc, "datacenter")
     diloco = Curve(
         "datacenter-diloco", *(ideal_doc["curves"]["swarm"][k] for k in ("times_s", "eval_loss"))
@@ -46,7 +50,12 @@ def main(swarm_path: str, ideal_path: str, scenario: str | None = None) -> None:
     algorithmic = efficiency(diloco, ddp, target, eff=eff, online=None)
     systems = efficiency(swarm, diloco, target, eff=eff, online=setup.online)
     total = efficiency(swarm, ddp, target, eff=eff, online=setup.online)
-    print(f"target loss {target:.4f} ({swarm_doc['scenario']}'s final eval loss)")
+    whose = (
+        f"{swarm_doc['scenario']}'s final eval loss"
+        if target == swarm_doc["target_loss"]
+        else "given"
+    )
+    print(f"target loss {target:.4f} ({whose})")
     for name, e in (
         ("algorithmic (datacenter DDP vs datacenter DiLoCo)", algorithmic),
         ("systems (datacenter DiLoCo vs the volunteer swarm)", systems),
@@ -59,4 +68,4 @@ def main(swarm_path: str, ideal_path: str, scenario: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
