@@ -572,6 +572,7 @@ def bench_algo(
     """Single worker vs synchronous data-parallel vs DiLoCo (fp32, int8, top-k) on one corpus,
     each at its best inner learning rate, over several seeds."""
     from crowdtrain.benchmarks import algo
+    from crowdtrain.sim.report import PlotUnavailable
 
     def log(line: str) -> None:
         console.print(line, highlight=False)
@@ -582,9 +583,12 @@ def bench_algo(
         if frontier:
             doc = algo.run_frontier(quick=quick, jobs=jobs, log=log)
             console.print(algo.frontier_table(doc), highlight=False, markup=False)
-            if plot is not None:
-                console.print(f"wrote {algo.plot_frontier(doc, plot)}")
             _write_json(json_path, doc)
+            if plot is not None:
+                try:
+                    console.print(f"wrote {algo.plot_frontier(doc, plot)}")
+                except PlotUnavailable as exc:
+                    console.print(f"[yellow]{exc}[/yellow]")
             return
         doc = algo.run_algo_bench(quick=quick, jobs=jobs, log=log)
         table = Table(title="algorithm benchmark (each method at its best inner lr)")

@@ -123,3 +123,18 @@ def test_the_cli_refuses_a_plot_without_the_frontier(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "algo", "--plot", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "--frontier" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_the_frontier_plot_says_what_is_missing_without_matplotlib(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    from crowdtrain.sim.report import PlotUnavailable
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    ref = {"eval_loss": 2.0, "bytes_per_worker": 10}
+    doc = {"ddp": ref, "single": ref, "points": [], "config": {}}
+    with pytest.raises(PlotUnavailable, match="matplotlib"):
+        plot_frontier(doc, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()

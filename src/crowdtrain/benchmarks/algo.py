@@ -52,6 +52,7 @@ from crowdtrain.config import RunConfig, parse_config
 from crowdtrain.data import DataManifest, ensure_packed_for, eval_batches
 from crowdtrain.models import count_params, initial_state
 from crowdtrain.sim.ddp import global_batches
+from crowdtrain.sim.report import PlotUnavailable
 from crowdtrain.sim.swarm import load_shards, run_swarm
 from crowdtrain.train import LocalTrainer, evaluate
 
@@ -531,8 +532,11 @@ def plot_frontier(doc: Mapping[str, Any], path: Path) -> Path:
     """Eval loss against bytes per worker (log scale): a line per codec through its H values,
     data-parallel training as a point at its bytes and a line, one worker as a line. The loss
     axis ends a little above one worker's loss; points beyond it are listed on the plot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotUnavailable("plots need matplotlib: pip install 'crowdtrain[plot]'") from None
 
     fig = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(fig)
