@@ -110,6 +110,20 @@ class InnerConfig(_Strict):
     optimizer_state: InnerState = "published"
     moment_batches: int = Field(4, ge=1, le=1024)
     overlap: bool = True
+    # "muon": Muon (orthogonalized momentum, Jordan et al. 2024; torch.optim.Muon) for the
+    # hidden weight matrices and AdamW for the rest, as MuLoCo (arXiv:2505.23725) pairs it
+    # with DiLoCo. Its momentum has no published form, so it needs optimizer_state fresh or
+    # kept.
+    optimizer: Literal["adamw", "muon"] = "adamw"
+
+    @model_validator(mode="after")
+    def _muon_state(self) -> InnerConfig:
+        if self.optimizer == "muon" and self.optimizer_state == "published":
+            raise ValueError(
+                'inner.optimizer = "muon" has no published moments: set inner.optimizer_state '
+                'to "fresh" (replayable) or "kept"'
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -211,3 +211,39 @@ def test_a_diverged_round_is_an_error_not_a_contribution() -> None:
     base["head.weight"] = torch.full_like(base["head.weight"], float("nan"))
     with pytest.raises(FloatingPointError, match="training diverged"):
         LocalTrainer(CFG, INNER).train(base, iter(make_batches(2)))
+
+
+def test_muon_inner_steps_learn_replay_exactly_and_differ_from_adamw() -> None:
+    """MuLoCo's inner optimizer (Muon on hidden matrices, AdamW elsewhere): replayable with
+    fresh state, learning on a repetitive batch, and not AdamW under another name."""
+    muon = InnerConfig(
+        lr=1e-2, warmup_steps=3, total_steps=30, steps=30, optimizer="muon",
+        optimizer_state="fresh",
+    )  # fmt: skip
+    pattern = torch.tensor(list(b"abcdefgh" * 3), dtype=torch.long)
+    batches = [(pattern[:16].repeat(4, 1), pattern[1:17].repeat(4, 1))] * 30
+    base = initial_state(CFG)
+    a = LocalTrainer(CFG, muon).train(base, iter(batches))
+    b = LocalTrainer(CFG, muon).train(base, iter(batches))
+    assert equal(a.delta, b.delta) and a.loss_last < 0.3 * a.loss_first
+    adamw = muon.model_copy(update={"optimizer": "adamw"})
+    c = LocalTrainer(CFG, adamw).train(base, iter(batches))
+    assert not torch.equal(a.delta["blocks.0.mlp.fc.weight"], c.delta["blocks.0.mlp.fc.weight"])
+    # Embeddings and the head are AdamW's in both: the first step moves them alike.
+    one_a = LocalTrainer(CFG, muon).train(base, iter(batches), max_steps=1)
+    one_c = LocalTrainer(CFG, adamw).train(base, iter(batches), max_steps=1)
+    assert torch.equal(one_a.delta["head.weight"], one_c.delta["head.weight"])
+    assert not torch.equal(
+        one_a.delta["blocks.0.attn.qkv.weight"], one_c.delta["blocks.0.attn.qkv.weight"]
+    )
+    kept = LocalTrainer(CFG, muon.model_copy(update={"optimizer_state": "kept"}))
+    kept.train(base, iter(batches), max_steps=2)
+    assert not equal(kept.train(base, iter(batches), max_steps=2).delta, one_a.delta)
+
+
+def test_muon_has_no_published_moments() -> None:
+    from crowdtrain.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="muon"):
+        parse_config({"inner": {"optimizer": "muon"}})
+    assert parse_config({"inner": {"optimizer": "muon", "optimizer_state": "fresh"}})

@@ -65,6 +65,50 @@ def _adamw(model: nn.Module, inner: InnerConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), foreach=True)
 
 
+#: Parameters Muon does not orthogonalize: embeddings and the output head (Jordan et al. 2024).
+_NOT_MUON = ("tok_emb.", "pos_emb.", "head.")
+
+
+class _MuonAdamW(torch.optim.Optimizer):
+    """Muon for the hidden weight matrices, AdamW (nanoGPT's decay groups) for the rest, stepped
+    together as one optimizer: the schedule sets ``lr`` in every group, and Muon's update is
+    scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``) so one lr serves both."""
+
+    def __init__(self, model: nn.Module, inner: InnerConfig) -> None:
+        named = list(model.named_parameters())
+        hidden = [p for n, p in named if p.dim() == 2 and not n.startswith(_NOT_MUON)]
+        rest = [p for n, p in named if not (p.dim() == 2 and not n.startswith(_NOT_MUON))]
+        self.muon = torch.optim.Muon(
+            hidden,
+            lr=inner.lr,
+            weight_decay=inner.weight_decay,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        self.adamw = torch.optim.AdamW(
+            [
+                {"params": [p for p in rest if p.dim() >= 2], "weight_decay": inner.weight_decay},
+                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=inner.lr,
+            betas=(inner.beta1, inner.beta2),
+            foreach=True,
+        )
+        super().__init__([p for _, p in named], {"lr": inner.lr})
+        self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        self.muon.step()  # type: ignore[no-untyped-call]
+        self.adamw.step()
+
+
+def _optimizer(model: nn.Module, inner: InnerConfig) -> torch.optim.Optimizer:
+    return _MuonAdamW(model, inner) if inner.optimizer == "muon" else _adamw(model, inner)
+
+
 class LocalTrainer:
     """Runs the inner AdamW loop of one worker on one device, one round per ``train`` call."""
 
@@ -76,7 +120,7 @@ class LocalTrainer:
         self.model = build_model(model_cfg).to(self.device)
         self._params = list(self.model.parameters())
         self._named = dict(self.model.named_parameters())
-        self._optimizer = _adamw(self.model, inner) if inner.keep_optimizer_state else None
+        self._optimizer = _optimizer(self.model, inner) if inner.keep_optimizer_state else None
         self._last_optimizer: torch.optim.Optimizer | None = None
 
     def train(
@@ -129,7 +173,7 @@ class LocalTrainer:
         if moments and self._optimizer is not None:
             raise ValueError("published moments make no sense when the trainer keeps its own")
         optimizer = (
-            self._optimizer if self._optimizer is not None else _adamw(self.model, self.inner)
+            self._optimizer if self._optimizer is not None else _optimizer(self.model, self.inner)
         )
         if moments:
             load_moments(optimizer, self._named, moments, step_offset, self.device)
