@@ -38,7 +38,7 @@ from crowdtrain.models import initial_state
 from crowdtrain.outer import TorchOuter
 from crowdtrain.sim.ddp import global_batches
 from crowdtrain.train import LocalTrainer, evaluate
-from crowdtrain.train.moments import expand, factor, mean_moments, second_moment
+from crowdtrain.train.moments import EPS, expand, factor, mean_moments, second_moment
 from crowdtrain.train.schedule import lr_at
 
 
@@ -54,7 +54,7 @@ def derive_m(
     lrs = sum(lr_at(r * s.inner_steps + i, cfg.inner) for i in range(s.inner_steps))
     v_hat = expand(published, {k: tuple(t.shape) for k, t in theta.items()})
     for k in theta:
-        root = v_hat["exp_avg_sq::" + k].sqrt() + 1e-8
+        root = v_hat["exp_avg_sq::" + k].sqrt() + EPS
         published["exp_avg::" + k] = (before[k] - theta[k]) * (m_scale / lrs) * root
 
 

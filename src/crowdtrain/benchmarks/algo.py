@@ -300,6 +300,11 @@ def _run_process(s: AlgoSetting, method: Method, lr: float, seed: int) -> dict[s
 Job = tuple[Method, float, int]
 
 
+def _failure(result: Mapping[str, Any]) -> str:
+    """The log's note of a failed run: its error's last line."""
+    return f" failed: {result['error']}" if "error" in result else ""
+
+
 def _run_all(
     s: AlgoSetting, todo: Sequence[Job], jobs: int, log: Callable[[str], None]
 ) -> dict[Job, dict[str, Any]]:
@@ -308,8 +313,7 @@ def _run_all(
         result = _run_process(s, method, lr, seed)
         log(
             f"{method.name:24s} lr {lr:g} seed {seed}: eval loss {result['eval_loss']:.4f} "
-            f"({result['seconds']} s)"
-            + (f" failed: {result['error']}" if "error" in result else "")
+            f"({result['seconds']} s){_failure(result)}"
         )
         return job, result
 
@@ -455,8 +459,7 @@ def run_frontier(
         result = _run_process(s, method, rate, seed)
         log(
             f"{method.name:24s} eval loss {result['eval_loss']:.4f}  bytes sent per worker "
-            f"{result['bytes_per_worker']:,} ({result['seconds']} s)"
-            + (f" failed: {result['error']}" if "error" in result else "")
+            f"{result['bytes_per_worker']:,} ({result['seconds']} s){_failure(result)}"
         )
         return {
             "method": method.kind,

@@ -115,11 +115,7 @@ def overlap_start(theta: Params, sent: Params) -> dict[str, torch.Tensor]:
     r subtracted from that round's base, which anyone can recompute from public data. The AdamW
     moments published with θ_r, when `theta` carries them, come along: the overlapped steps
     start from them as the round's own steps did (``train.moments``)."""
-    return {**_moments_of(theta), **{k: theta[k] - d for k, d in sent.items()}}
-
-
-def _moments_of(base: Params) -> dict[str, torch.Tensor]:
-    return dict(split_base(base)[1])
+    return {**split_base(theta)[1], **{k: theta[k] - d for k, d in sent.items()}}
 
 
 def fills_budget(order: WorkLike, done: Contribution) -> bool:
@@ -132,7 +128,7 @@ def fills_budget(order: WorkLike, done: Contribution) -> bool:
 def rebased(base: Params, done: Contribution) -> dict[str, torch.Tensor]:
     """Where the rest of a round starts: θ_base − Δ_done (the progress rebased onto θ_base),
     with θ_base's published moments when it carries them."""
-    return {**_moments_of(base), **{k: base[k] - d for k, d in done.delta.items()}}
+    return {**split_base(base)[1], **{k: base[k] - d for k, d in done.delta.items()}}
 
 
 def merge(first: Contribution, second: Contribution) -> Contribution:

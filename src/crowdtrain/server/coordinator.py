@@ -411,9 +411,8 @@ class Coordinator:
         """The `prior` of a verify message: where an overlapped contribution's start comes from."""
         if prior is None:
             return None
-        work = self._work_json(prior)
         return {
-            **work,
+            **self._work_json(prior),
             "payload": prior.payload_ref,
             "first_batch": prior.first_batch,
             "steps": prior.steps,

@@ -55,12 +55,13 @@ class Contribution:
 
 def _adamw(model: nn.Module, inner: InnerConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on tensors of dim >= 2 only (nanoGPT's convention)."""
-    params = list(model.parameters())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    return _adamw_of(list(model.parameters()), inner)
+
+
+def _adamw_of(params: list[nn.Parameter], inner: InnerConfig) -> torch.optim.AdamW:
     groups = [
-        {"params": decay, "weight_decay": inner.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": inner.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=inner.lr, betas=(inner.beta1, inner.beta2), foreach=True)
 
@@ -76,23 +77,14 @@ class _MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, inner: InnerConfig) -> None:
         named = list(model.named_parameters())
-        hidden = [p for n, p in named if p.dim() == 2 and not n.startswith(_NOT_MUON)]
-        rest = [p for n, p in named if not (p.dim() == 2 and not n.startswith(_NOT_MUON))]
+        hidden = {n for n, p in named if p.dim() == 2 and not n.startswith(_NOT_MUON)}
         self.muon = torch.optim.Muon(
-            hidden,
+            [p for n, p in named if n in hidden],
             lr=inner.lr,
             weight_decay=inner.weight_decay,
             adjust_lr_fn="match_rms_adamw",
         )
-        self.adamw = torch.optim.AdamW(
-            [
-                {"params": [p for p in rest if p.dim() >= 2], "weight_decay": inner.weight_decay},
-                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=inner.lr,
-            betas=(inner.beta1, inner.beta2),
-            foreach=True,
-        )
+        self.adamw = _adamw_of([p for n, p in named if n not in hidden], inner)
         super().__init__([p for _, p in named], {"lr": inner.lr})
         self.param_groups = [*self.muon.param_groups, *self.adamw.param_groups]
 

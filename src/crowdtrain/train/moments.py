@@ -5,10 +5,8 @@ A round that starts AdamW from zero moments spends its first steps on sign-like 
 round that starts from the moments of the round before does not, which is what DiLoCo's
 persistent inner state buys (Douillard et al. 2023, arXiv:2311.08105). To keep a round a pure
 function of public inputs, the moments a round starts from must themselves be public: the
-coordinator publishes them with θ (``protocol``'s shared inner state), built from what the
-volunteers report at the end of their rounds.
-
-coordinator publishes them with θ, derived from public data only (``publish``):
+coordinator publishes them with θ (``protocol``'s shared inner state), derived from public data
+only (``publish``), so no volunteer can steer them:
 
 - the second moment v from `inner.moment_batches` clipped gradients at the new θ on batches
   the coordinator draws itself, factored: the second moment of a weight matrix is close to rank
@@ -39,6 +37,9 @@ EXP_AVG_SQ = "exp_avg_sq::"
 ROW = "exp_avg_sq.row::"
 COL = "exp_avg_sq.col::"
 
+
+#: AdamW's ε, in the denominators that turn a step back into a first moment and back.
+EPS = 1e-8
 
 #: Wire bytes per parameter of a published moments blob: m in bfloat16 (v is factored into row
 #: and column means, a few bytes per row).
@@ -186,7 +187,7 @@ def publish(
     whole = expand(published, {k: tuple(t.shape) for k, t in after.items()})
     lr_sum = sum(lr_at(step, inner) for step in round_steps)
     for name in after:
-        root = whole[EXP_AVG_SQ + name].sqrt() + 1e-8
+        root = whole[EXP_AVG_SQ + name].sqrt() + EPS
         m = (before[name] - after[name]) * root / lr_sum
         published[EXP_AVG + name] = m.to(torch.bfloat16)
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
@@ -209,7 +210,7 @@ def drift(
     whole = expand(moments, shapes)
     scale = sum(lr_at(s, inner) * inner.beta1 ** (i + 1) for i, s in enumerate(round_steps))
     return {
-        name: scale * whole[EXP_AVG + name].float() / (whole[EXP_AVG_SQ + name].sqrt() + 1e-8)
+        name: scale * whole[EXP_AVG + name].float() / (whole[EXP_AVG_SQ + name].sqrt() + EPS)
         for name in shapes
         if EXP_AVG + name in whole and EXP_AVG_SQ + name in whole
     }
