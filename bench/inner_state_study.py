@@ -75,6 +75,7 @@ def run(v: dict[str, Any]) -> float:
     raw["data"]["seed"] = seed
     raw["model"]["init_seed"] = seed
     raw["inner"]["threads"] = 2
+    raw["inner"]["beta2"] = float(v.get("beta2", raw["inner"]["beta2"]))
     cfg = parse_config(raw)
     torch.set_num_threads(cfg.inner.threads)
     manifest, shards, evals = bench_data(cfg, s)
@@ -109,7 +110,14 @@ def run(v: dict[str, Any]) -> float:
             published = mean_moments(keep)
         elif mode == "probe_v_derived_m":
             probe = [next(probe_stream) for _ in range(int(v.get("probe", 4)))]
-            published = factor(second_moment(cfg.model, cfg.inner, theta, probe))
+            if v.get("v_of") == "mean_grad":
+                pooled = [(torch.cat([x for x, _ in probe]), torch.cat([y for _, y in probe]))]
+                published = factor(second_moment(cfg.model, cfg.inner, theta, pooled))
+            else:
+                workers = s.workers if v.get("v_of") == "workers" else 1
+                published = factor(
+                    second_moment(cfg.model, cfg.inner, theta, probe, workers=workers)
+                )
             derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
         elif mode.startswith("factored"):
             published = mean_moments([factor(e, first=mode == "factored_mv") for e in ends])

@@ -21,7 +21,7 @@ from crowdtrain.config import (
 
 def test_defaults_follow_design() -> None:
     cfg = RunConfig()
-    assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.95, 0.1)
+    assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.99, 0.1)
     # Outer lr and momentum are derived (plain averaging with published inner moments).
     assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 1.0, 0.0)
     assert cfg.inner.optimizer_state == "published"

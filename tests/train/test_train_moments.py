@@ -112,6 +112,26 @@ def test_second_moment_is_the_mean_squared_clipped_gradient() -> None:
     assert 0 < total <= INNER.grad_clip**2 * (1 + 1e-5)  # a clipped gradient's squared norm
 
 
+def test_second_moment_of_the_workers_mean_gradient() -> None:
+    """With W workers the estimate is that of the mean of W batches' gradients: for W equal to
+    the number of batches it is the squared mean gradient (the gradient of the pooled batch),
+    for one worker the mean squared gradient, and it shrinks as W grows, never below the
+    squared mean scaled by k/W."""
+    theta = initial_state(CFG)
+    unclipped = INNER.model_copy(update={"grad_clip": 1e9})
+    four = batches(4)
+    pooled = [(torch.cat([x for x, _ in four]), torch.cat([y for _, y in four]))]
+    squared_mean = second_moment(CFG, unclipped, theta, pooled)
+    mean_square = second_moment(CFG, unclipped, theta, four)
+    by = {w: second_moment(CFG, unclipped, theta, four, workers=w) for w in (1, 2, 4, 16)}
+    for key, c in squared_mean.items():
+        torch.testing.assert_close(by[4][key], c, rtol=1e-4, atol=1e-12)
+        assert torch.equal(by[1][key], mean_square[key])
+        assert bool((by[2][key] >= by[4][key]).all()) and bool((by[4][key] >= by[16][key]).all())
+        assert bool((by[16][key] >= by[4][key] / 4).all())
+    assert any(bool((mean_square[k] > 2 * squared_mean[k]).any()) for k in squared_mean)
+
+
 def test_publish_derives_the_first_moment_from_the_outer_update() -> None:
     before = initial_state(CFG)
     after = {k: t - 0.01 for k, t in before.items()}  # U = before - after = +0.01 everywhere

@@ -521,7 +521,7 @@ class RoundProtocol:
             self.outer.step(self.params, result.delta)
             self.last_aggregate = result.delta
             if before is not None:
-                self.moments = self._published_moments(rnd.number, before)
+                self.moments = self._published_moments(rnd.number, before, len(subs))
             scales, tau = tuple(result.scales), result.tau
         else:
             scales, tau = (), None  # every contribution was flagged: θ stays as it was
@@ -556,10 +556,12 @@ class RoundProtocol:
         return self.config.inner.optimizer_state == "published" and self.probe is not None
 
     def _published_moments(
-        self, number: int, before: Mapping[str, torch.Tensor]
+        self, number: int, before: Mapping[str, torch.Tensor], workers: int
     ) -> dict[str, torch.Tensor]:
         """The moments round NUMBER + 1 starts from (``train.moments.publish``): gradients on
-        batches drawn like a work order's for the pseudo-peer ``MOMENTS_PEER``, public data."""
+        batches drawn like a work order's for the pseudo-peer ``MOMENTS_PEER``, public data;
+        the second moment is that of the mean of `workers` (the contributions round NUMBER
+        averaged) workers' gradients."""
         assert self.probe is not None
         cfg = self.config
         shards = assign_shards(
@@ -575,7 +577,13 @@ class RoundProtocol:
             for i in range(0, per * cfg.inner.moment_batches, per)
         ]
         return publish(
-            cfg.model, cfg.inner, before, self.params, batches, round_steps=self._steps_of(number)
+            cfg.model,
+            cfg.inner,
+            before,
+            self.params,
+            batches,
+            round_steps=self._steps_of(number),
+            workers=workers,
         )
 
     def _steps_of(self, number: int) -> range:

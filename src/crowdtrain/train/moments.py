@@ -152,11 +152,24 @@ def second_moment(
     inner: InnerConfig,
     params: Mapping[str, torch.Tensor],
     batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """The mean squared gradient at `params` over `batches`, each clipped as the inner loop
-    clips it (``exp_avg_sq::P``, whole)."""
+    """The second moment of the gradient that `workers` workers' steps average, at `params`,
+    estimated from the clipped gradients (clipped as the inner loop clips them) of `batches`
+    (``exp_avg_sq::P``, whole).
+
+    A gradient of one batch is signal plus noise, E[g²] = s² + σ²; the mean of k batches'
+    gradients has E[ḡ²] = s² + σ²/k. The round's outer update is the mean of `workers`
+    workers' steps, so the second moment its Adam steps should be normalized by is that of a
+    `workers`-batch mean, s² + σ²/W (what data-parallel AdamW on W workers divides by), not a
+    single worker's s² + σ²: the per-worker moments make every averaged step smaller by up to
+    √W where noise dominates. With A = mean of g² and C = ḡ² over the k batches, σ² =
+    (A − C)·k/(k − 1) and the estimate is C + (A − C)·(k/W − 1)/(k − 1), kept at or above
+    C·min(1, k/W) (its value when s² = 0). One batch, or one worker, gives A."""
     model = build_model(model_cfg, params)
     named = dict(model.named_parameters())
+    total = {name: torch.zeros_like(p) for name, p in named.items()}
     sq = {name: torch.zeros_like(p) for name, p in named.items()}
     for x, y in batches:
         model.zero_grad(set_to_none=True)
@@ -164,8 +177,19 @@ def second_moment(
         torch.nn.utils.clip_grad_norm_(list(named.values()), inner.grad_clip)
         for name, p in named.items():
             if p.grad is not None:
-                sq[name] += p.grad.detach() ** 2 / len(batches)
-    return {EXP_AVG_SQ + name: t for name, t in sq.items()}
+                total[name] += p.grad.detach()
+                sq[name] += p.grad.detach() ** 2
+    k = len(batches)
+    out: dict[str, torch.Tensor] = {}
+    for name in named:
+        a = sq[name] / k
+        if k < 2 or workers == 1:
+            out[EXP_AVG_SQ + name] = a
+            continue
+        c = (total[name] / k) ** 2
+        v = c + (a - c) * ((k / workers - 1) / (k - 1))
+        out[EXP_AVG_SQ + name] = torch.maximum(v, c * min(1.0, k / workers))
+    return out
 
 
 def publish(
@@ -176,12 +200,14 @@ def publish(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     *,
     round_steps: range,
+    workers: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """The moments the next round starts from: v from `batches` at `after` (factored), m from
+    """The moments the next round starts from: v from `batches` at `after` for the mean of
+    `workers` workers' gradients (``second_moment``; factored), m from
     the outer update `before` − `after` over the inner steps `round_steps` (global indices).
     Empty (the next round starts from zeros) when the weights or their gradients are not
     finite: a diverged run publishes nothing it could not train from."""
-    published = factor(second_moment(model_cfg, inner, after, batches))
+    published = factor(second_moment(model_cfg, inner, after, batches, workers=workers))
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
         return {}
     whole = expand(published, {k: tuple(t.shape) for k, t in after.items()})
