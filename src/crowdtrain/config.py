@@ -96,8 +96,8 @@ class InnerConfig(_Strict):
     by (``train.moments.second_moment``). ``beta2`` defaults to 0.99 rather than GPT-3's 0.95:
     a round then keeps most of that published estimate through its inner steps (0.99²⁵ ≈ 0.78),
     and on the quick benchmark setting 0.99 was the best of 0.95 / 0.99 / 0.999 for
-    data-parallel training and for DiLoCo alike (docs/BENCHMARKS.md). The older ``keep_optimizer_state = true/false`` is read as
-    ``"kept"``/``"fresh"``.
+    data-parallel training and for DiLoCo alike (docs/BENCHMARKS.md). The older
+    ``keep_optimizer_state = true/false`` is read as ``"kept"``/``"fresh"``.
     """
 
     lr: float = Field(3e-3, gt=0.0, le=10.0)
