@@ -18,8 +18,13 @@ plain mean) with `LocalTrainer`, so the inner state can be varied without the pr
   coordinator from "probe" (default 4) clipped gradients at the new θ on training batches of its
   own, factored: nothing travels up from the volunteers.
 
+``probe_v_derived_m`` may set "v_of": ``"workers"`` estimates the second moment of the mean of
+the workers' gradients from the probe batches (``train.moments.second_moment``'s `workers`,
+the protocol's estimate since it was measured here), ``"mean_grad"`` squares the gradient of the
+probe batches pooled into one; by default it is their mean squared gradient (one worker's).
 Each variant may also set "outer": [lr, momentum] (Nesterov; default plain averaging),
-"workers" and "seed". Prints: variant, final eval loss, wall seconds.
+"workers", "seed", "steps" (default 400) and "beta2" (default 0.95, AdamW's β₂ when the study
+ran; the config's default is now 0.99). Prints: variant, final eval loss, wall seconds.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def run(v: dict[str, Any]) -> float:
     raw["data"]["seed"] = seed
     raw["model"]["init_seed"] = seed
     raw["inner"]["threads"] = 2
-    raw["inner"]["beta2"] = float(v.get("beta2", raw["inner"]["beta2"]))
+    raw["inner"]["beta2"] = float(v.get("beta2", 0.95))  # the default when the study ran
     cfg = parse_config(raw)
     torch.set_num_threads(cfg.inner.threads)
     manifest, shards, evals = bench_data(cfg, s)

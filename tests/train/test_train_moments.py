@@ -132,6 +132,18 @@ def test_second_moment_of_the_workers_mean_gradient() -> None:
     assert any(bool((mean_square[k] > 2 * squared_mean[k]).any()) for k in squared_mean)
 
 
+def test_publish_counts_at_most_one_over_one_minus_beta2_workers() -> None:
+    before = initial_state(CFG)
+    after = {k: t - 0.01 for k, t in before.items()}
+    inner = INNER.model_copy(update={"beta2": 0.9})
+    steps = range(4, 8)
+    capped = publish(CFG, inner, before, after, batches(4), round_steps=steps, workers=1000)
+    ten = publish(CFG, inner, before, after, batches(4), round_steps=steps, workers=10)
+    two = publish(CFG, inner, before, after, batches(4), round_steps=steps, workers=2)
+    assert all(torch.equal(capped[k], ten[k]) for k in ten)
+    assert any(not torch.equal(two[k], ten[k]) for k in ten)
+
+
 def test_publish_derives_the_first_moment_from_the_outer_update() -> None:
     before = initial_state(CFG)
     after = {k: t - 0.01 for k, t in before.items()}  # U = before - after = +0.01 everywhere

@@ -203,10 +203,14 @@ def publish(
     workers: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The moments the next round starts from: v from `batches` at `after` for the mean of
-    `workers` workers' gradients (``second_moment``; factored), m from
+    `workers` workers' gradients (``second_moment``; `workers` at most 1/(1 − β₂)), factored; m from
     the outer update `before` − `after` over the inner steps `round_steps` (global indices).
     Empty (the next round starts from zeros) when the weights or their gradients are not
     finite: a diverged run publishes nothing it could not train from."""
+    # Past W = 1/(1 − β₂) one inner step's own g² (weight 1 − β₂) already outweighs the noise
+    # left in the published v, so a larger W would only make first steps noisier; the cap also
+    # bounds what extra (sybil) contributions can do to everyone's first steps.
+    workers = max(1, min(workers, round(1 / (1 - inner.beta2))))
     published = factor(second_moment(model_cfg, inner, after, batches, workers=workers))
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
         return {}
