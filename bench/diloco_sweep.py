@@ -1,7 +1,8 @@
 """Sweep DiLoCo settings on the quick algorithm-benchmark setting (one line per variant).
 
 Usage: .venv/bin/python bench/diloco_sweep.py '[{"H": 50, "set": {"outer": {"lr": 1.0}}}]'
-Each variant may set H (inner steps per round), workers, steps (inner steps per worker; the
+Each variant may set H (inner steps per round), workers, seed (as `bench algo`'s seeds: initial
+weights, data order and evaluation batches), steps (inner steps per worker; the
 sweeps recorded in docs/BENCHMARKS.md before the quick setting changed ran 400), codec, outer
 (optimizer name), and "set":
 {section: {key: value}} overrides of the run config; {"ddp": true, "workers": N} runs the
@@ -29,7 +30,12 @@ def main(variants: list[dict[str, object]]) -> None:
             workers=int(v.get("workers", QUICK.workers)),  # type: ignore[call-overload]
             total_steps=int(v.get("steps", QUICK.total_steps)),  # type: ignore[call-overload]
         )
-        cfg = bench_config(s, str(v.get("codec", "fp32")), str(v.get("outer", "nesterov")))
+        cfg = bench_config(
+            s,
+            str(v.get("codec", "fp32")),
+            str(v.get("outer", "nesterov")),
+            seed=int(v.get("seed", 0)),  # type: ignore[call-overload]
+        )
         raw = cfg.model_dump(mode="json")
         for section, update in dict(v.get("set", {})).items():  # type: ignore[call-overload]
             if "keep_optimizer_state" in update:  # the older name of inner.optimizer_state

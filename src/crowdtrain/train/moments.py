@@ -9,9 +9,12 @@ coordinator publishes them with θ (``protocol``'s shared inner state), derived 
 only (``publish``), so no volunteer can steer them:
 
 - the second moment v from `inner.moment_batches` clipped gradients at the new θ on batches
-  the coordinator draws itself, factored: the second moment of a weight matrix is close to rank
-  one, so its row and column means carry most of it (Adafactor, Shazeer & Stern 2018,
-  arXiv:1804.04235): n + m numbers for an n×m matrix, v̂ᵢⱼ = rᵢ·cⱼ / mean(r); vectors whole;
+  the coordinator draws itself — that of the mean of as many gradients as the round averaged
+  contributions, which is what data-parallel AdamW divides by, estimated from the spread of
+  those batches' gradients (``second_moment``) — factored: the second moment of a weight
+  matrix is close to rank one, so its row and column means carry most of it (Adafactor, Shazeer
+  & Stern 2018, arXiv:1804.04235): n + m numbers for an n×m matrix, v̂ᵢⱼ = rᵢ·cⱼ / mean(r);
+  vectors whole;
 - the first moment m from the outer update U = θ_before − θ_after read as the round's mean
   Adam step: U ≈ Σₜ lrₜ·m/√v, so m = U / Σₜ lrₜ · (√v̂ + ε), rounded to bfloat16.
 
@@ -203,8 +206,9 @@ def publish(
     workers: int = 1,
 ) -> dict[str, torch.Tensor]:
     """The moments the next round starts from: v from `batches` at `after` for the mean of
-    `workers` workers' gradients (``second_moment``; `workers` at most 1/(1 − β₂)), factored; m from
-    the outer update `before` − `after` over the inner steps `round_steps` (global indices).
+    `workers` workers' gradients (``second_moment``; `workers` at most 1/(1 − β₂)), factored;
+    m from the outer update `before` − `after` over the inner steps `round_steps` (global
+    indices).
     Empty (the next round starts from zeros) when the weights or their gradients are not
     finite: a diverged run publishes nothing it could not train from."""
     # Past W = 1/(1 − β₂) one inner step's own g² (weight 1 − β₂) already outweighs the noise
