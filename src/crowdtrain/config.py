@@ -219,6 +219,23 @@ class CodecConfig(_Strict):
         return self
 
 
+class BroadcastConfig(_Strict):
+    """How θ_{r+1} travels to volunteers (``protocol.broadcast``).
+
+    ``"fp32"``: θ_{r+1} is the outer step's result, sent whole. ``"int8"``/``"int4"``: the outer
+    update θ_{r+1} − θ_r is compressed blockwise with error feedback (the coordinator keeps what
+    compression dropped and sends it with the next update), and θ_{r+1} is *defined* as θ_r plus
+    the decoded update: exactly what a volunteer holding θ_r reconstructs, so replays stay exact.
+    """
+
+    codec: Literal["fp32", "int8", "int4"] = "fp32"
+    block_size: int = Field(64, ge=8, le=1 << 20)
+
+    def spec(self) -> CodecConfig:
+        """The codec settings the update is encoded with (error feedback without decay)."""
+        return CodecConfig(name=self.codec, block_size=self.block_size, ef_decay=1.0)
+
+
 class AggregationConfig(_Strict):
     """The robust aggregation rule and its parameters."""
 
@@ -300,6 +317,7 @@ class RunConfig(_Strict):
     inner: InnerConfig = InnerConfig()
     outer: OuterConfig = OuterConfig()
     codec: CodecConfig = CodecConfig()
+    broadcast: BroadcastConfig = BroadcastConfig()
     aggregation: AggregationConfig = AggregationConfig()
     rounds: RoundsConfig = RoundsConfig()
     defence: DefenceConfig = DefenceConfig()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from server_helpers import (
     FakeClock,
@@ -22,8 +23,10 @@ from server_helpers import (
 )
 
 from crowdtrain.config import ConfigError, RunConfig
+from crowdtrain.protocol.broadcast import apply_update
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.server.manifest import weights_bytes
 from crowdtrain.train import evaluate
 
 EVALUATE = "crowdtrain.server.coordinator.evaluate"  # patched to fail a round's close
@@ -152,3 +155,35 @@ def test_a_failed_close_leaves_the_live_coordinator_consistent(
     nxt = work(client, p1)
     assert (nxt["kind"], nxt["round"], nxt["base_version"]) == ("work", 1, 1)
     assert client.get(f"/v1/blobs/{nxt['weights']}").status_code == 200
+
+
+def test_a_restart_keeps_the_compressed_broadcast_exact(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    """With an int8 broadcast the published θ_1 is θ_0 plus the stored update, bit for bit,
+    and a restarted coordinator carries on with the same error-feedback residual."""
+
+    cfg = config.model_copy(
+        update={"broadcast": config.broadcast.model_copy(update={"codec": "int8"})}
+    )
+    state = tmp_path / "state"
+    a_coord = start(cfg, state, clock)
+    with TestClient(create_app(a_coord), raise_server_exceptions=False) as a_client:
+        p1, p2 = register(a_client, "one"), register(a_client, "two")
+        order = work(a_client, p1)
+        work(a_client, p2)
+        assert upload(a_client, p1, 0, make_payload(cfg, 1)).status_code == 200
+        assert upload(a_client, p2, 0, make_payload(cfg, 2)).status_code == 200
+    residual = {k: t.clone() for k, t in a_coord.protocol.broadcast.residual.items()}
+    assert residual and any(bool(t.abs().max() > 0) for t in residual.values())
+    version = a_coord.store.get_version(1)
+    assert version is not None and version.metrics["update_sha"]
+    theta0 = a_coord._tensors(order["weights"])
+    update = a_coord.blobs.read(version.metrics["update_sha"])
+    rebuilt = apply_update(theta0, bytes(update), a_coord.shapes)
+    assert a_coord.blobs.put_bytes(weights_bytes(rebuilt)) == version.weights_sha
+
+    b_coord = start(cfg, state, clock)
+    assert b_coord.protocol.version == 1
+    got = b_coord.protocol.broadcast.residual
+    assert set(got) == set(residual) and all(torch.equal(got[k], residual[k]) for k in residual)

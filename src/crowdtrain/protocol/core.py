@@ -32,6 +32,7 @@ from crowdtrain.config import RunConfig
 from crowdtrain.data import assign_shards
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.outer import OuterOptimizer, build_outer
+from crowdtrain.protocol.broadcast import Broadcast
 from crowdtrain.protocol.events import (
     Accepted,
     Banned,
@@ -192,6 +193,7 @@ class RoundProtocol:
         }
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.outer: OuterOptimizer = build_outer(config.outer)
+        self.broadcast = Broadcast(config.broadcast, self.shapes)
         self.train_shards = tuple(train_shards)
         self.version = 0
         self.peers: dict[str, PeerRecord] = {}
@@ -517,14 +519,16 @@ class RoundProtocol:
                 reference=self.last_aggregate,
                 seed=self.config.seed * 1_000_003 + rnd.number,
             )
-            before = {k: t.clone() for k, t in self.params.items()} if self._publishes() else None
+            before = {k: t.clone() for k, t in self.params.items()}
             self.outer.step(self.params, result.delta)
+            self.broadcast.publish(before, self.params)
             self.last_aggregate = result.delta
-            if before is not None:
+            if self._publishes():
                 self.moments = self._published_moments(rnd.number, before, len(subs))
             scales, tau = tuple(result.scales), result.tau
         else:
             scales, tau = (), None  # every contribution was flagged: θ stays as it was
+            self.broadcast.update = None
         if self.defended:
             decisions.extend(self.verification.schedule(rnd.number, subs, self._ledger(), now))
         self.version += 1
@@ -682,11 +686,13 @@ class RoundProtocol:
         )
 
     def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """θ, the outer optimizer's state, the last aggregate and the copy-detection
-        fingerprints of recent rounds: what changes at a close."""
+        """θ, the outer optimizer's state, the last aggregate, the copy-detection
+        fingerprints of recent rounds, the published moments and the broadcast's residual:
+        what changes at a close."""
         return {
             "params": self.params,
             "outer": self.outer.state_dict(),
+            "broadcast": self.broadcast.residual,
             "aggregate": dict(self.last_aggregate or {}),
             "fingerprints": dict(self.fingerprints),
             "moments": self.moments,
@@ -711,6 +717,7 @@ class RoundProtocol:
         proto.outer.load_state_dict(tensors["outer"])
         proto.last_aggregate = dict(tensors["aggregate"]) or None
         proto.moments = dict(tensors.get("moments", {}))
+        proto.broadcast.residual = dict(tensors.get("broadcast", {}))
         verification = proto.verification
         verification.fingerprints = dict(tensors.get("fingerprints", {}))
         saved = snapshot_from_json(snapshot, source)

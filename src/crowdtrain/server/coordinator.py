@@ -294,11 +294,13 @@ class Coordinator:
             "aggregate": self._tensors(latest.aggregate_sha),
             "fingerprints": self._tensors(latest.metrics.get("fingerprints_sha")),
             "moments": self._tensors(latest.metrics.get("moments_sha")),
+            "broadcast": self._tensors(latest.metrics.get("residual_sha")),
         }
         if snapshot is None or snapshot.get("version") != latest.version:
             proto = self._new_protocol(tensors["params"])
             proto.outer.load_state_dict(tensors["outer"])
             proto.moments = tensors["moments"]
+            proto.broadcast.residual = tensors["broadcast"]
             proto.version = latest.version
             return proto
         log.info("resuming at version %d, round %d", latest.version, snapshot["round"]["number"])
@@ -721,6 +723,13 @@ class Coordinator:
         moments = (
             self.blobs.put_bytes(weights_bytes(tensors["moments"])) if tensors["moments"] else None
         )
+        residual = (
+            self.blobs.put_bytes(weights_bytes(tensors["broadcast"]))
+            if tensors["broadcast"]
+            else None
+        )
+        update = self.protocol.broadcast.update
+        update_sha = self.blobs.put_bytes(update) if update is not None else None
         t1 = time.perf_counter()
         eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
         self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
@@ -737,6 +746,8 @@ class Coordinator:
             "tau": closed.tau,
             "fingerprints_sha": prints,
             "moments_sha": moments,
+            "residual_sha": residual,
+            "update_sha": update_sha,
             "aggregation_s": self._closing.get("aggregation_s"),
             "round_s": self.clock() - self._closing.get("opened_at", self.clock()),
             "compute_utilization": min(1.0, sum(c for c, _ in compute) / wall) if wall else None,
