@@ -26,7 +26,8 @@ from crowdtrain.client.volunteer import JoinOptions, Volunteer, VolunteerStats
 from crowdtrain.config import RunConfig
 from crowdtrain.data import ShardStore, ensure_packed_for
 from crowdtrain.models import initial_state
-from crowdtrain.server.manifest import build_manifest, weights_bytes
+from crowdtrain.protocol.broadcast import weights_bytes
+from crowdtrain.server.manifest import build_manifest
 from crowdtrain_testing import tiny_config
 
 CHECK = "0ff1ce" * 4

@@ -30,7 +30,8 @@ from crowdtrain.client.volunteer import JoinOptions, Volunteer
 from crowdtrain.config import RunConfig
 from crowdtrain.data import ShardStore, ensure_packed_for
 from crowdtrain.models import initial_state
-from crowdtrain.server.manifest import build_manifest, weights_bytes
+from crowdtrain.protocol.broadcast import Broadcast, weights_bytes
+from crowdtrain.server.manifest import build_manifest
 from crowdtrain_testing import tiny_config
 
 STEPS = 3
@@ -51,12 +52,16 @@ class Run:
 
 @pytest.fixture(scope="module")
 def tiny_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    data = tmp_path_factory.mktemp("data")
+    return make_run(corpus_file, tmp_path_factory.mktemp("data"))
+
+
+def make_run(corpus_file: Path, data: Path, **overrides: dict[str, object]) -> Run:
     config = tiny_config(
         corpus_file,
         data,
         inner={"steps": STEPS, "threads": 1, "overlap": True},
         codec={"name": "fp32"},
+        **overrides,
     )
     manifest = ensure_packed_for(config.data)
     store = ShardStore(data)
@@ -117,6 +122,7 @@ class Coordinator:
     script: list[Reply]
     on_verify: httpx.Response | None = None
     uploads: list[tuple[str, dict[str, Any], bytes]] = field(default_factory=list)
+    fetched: list[str] = field(default_factory=list)  # the blobs downloaded, in order
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         request.read()
@@ -126,6 +132,7 @@ class Coordinator:
         if path == "/v1/manifest":
             return httpx.Response(200, json=self.run.doc)
         if path.startswith("/v1/blobs/"):
+            self.fetched.append(path.rsplit("/", 1)[1])
             return httpx.Response(200, content=self.run.blobs[path.rsplit("/", 1)[1]])
         if path == "/v1/heartbeat":
             return httpx.Response(200, json={"round": 0, "version": 0, "deadline_in": 1.0})
@@ -307,3 +314,60 @@ def test_a_poisoner_trains_on_relabelled_batches(tiny_run: Run, tmp_path: Path) 
     sent = decode(tiny_run, fake.uploads[0][2])
     honest = _honest(v, tiny_run)
     assert not all(torch.equal(sent[k], honest[k]) for k in sent)
+
+
+@pytest.fixture(scope="module")
+def int8_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return make_run(corpus_file, tmp_path_factory.mktemp("data8"), broadcast={"codec": "int8"})
+
+
+def next_version(run: Run, scale: float) -> tuple[str, str]:
+    """θ_1 after an outer step of `scale` from θ_0, broadcast int8: (θ_1's sha, the update's),
+    both added to the run's blobs."""
+    theta0 = {k: t.clone() for k, t in initial_state(run.config.model).items()}
+    theta1 = {k: t + scale * torch.ones_like(t) for k, t in theta0.items()}
+    b = Broadcast(run.config.broadcast, run.shapes)
+    b.publish(theta0, theta1)
+    assert b.update is not None
+    raw = weights_bytes(theta1)
+    sha, upd = hashlib.sha256(raw).hexdigest(), hashlib.sha256(b.update).hexdigest()
+    run.blobs[sha], run.blobs[upd] = raw, b.update
+    return sha, upd
+
+
+def test_a_volunteer_holding_the_last_weights_rebuilds_the_next_from_the_update(
+    int8_run: Run, tmp_path: Path
+) -> None:
+    theta1, update = next_version(int8_run, 1e-3)
+    second = {
+        **work(int8_run, 1),
+        "base_version": 1,
+        "weights": theta1,
+        "update": {"base": int8_run.weights, "payload": update},
+    }
+    fake = Coordinator(int8_run, "peer-a", [work(int8_run), second])
+    v = volunteer(fake, tmp_path)
+    run_until_done(v)
+    assert [u[0] for u in fake.uploads] == ["/v1/contributions/0", "/v1/contributions/1"]
+    assert update in fake.fetched and theta1 not in fake.fetched  # ≈ 1 byte per parameter
+    assert hashlib.sha256((tmp_path / "peer-a" / "cache" / theta1).read_bytes()).hexdigest() == (
+        theta1
+    )
+
+
+def test_an_update_that_does_not_rebuild_the_weights_falls_back_to_a_download(
+    int8_run: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    theta1, _ = next_version(int8_run, 2e-3)
+    _, other = next_version(int8_run, 5e-3)  # an update that leads elsewhere
+    second = {
+        **work(int8_run, 1),
+        "base_version": 1,
+        "weights": theta1,
+        "update": {"base": int8_run.weights, "payload": other},
+    }
+    fake = Coordinator(int8_run, "peer-b", [work(int8_run), second])
+    with caplog.at_level(logging.WARNING, logger="crowdtrain.client.volunteer"):
+        run_until_done(volunteer(fake, tmp_path))
+    assert len(fake.uploads) == 2 and theta1 in fake.fetched
+    assert "do not match" in caplog.text

@@ -22,7 +22,7 @@ from crowdtrain import codec
 from crowdtrain.codec import wire
 from crowdtrain.config import RunConfig, parse_config
 from crowdtrain.models import param_shapes
-from crowdtrain.server.manifest import weights_bytes
+from crowdtrain.protocol.broadcast import weights_bytes
 
 TOKENS = ["def", "class", "return", "import", "self", "if", "else", "for", "in", "None", "(", ")"]
 

@@ -23,10 +23,9 @@ from server_helpers import (
 )
 
 from crowdtrain.config import ConfigError, RunConfig
-from crowdtrain.protocol.broadcast import apply_update
+from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
-from crowdtrain.server.manifest import weights_bytes
 from crowdtrain.train import evaluate
 
 EVALUATE = "crowdtrain.server.coordinator.evaluate"  # patched to fail a round's close

@@ -83,6 +83,16 @@ def _not_negative(value: float) -> float:
     return max(0.0, value)
 
 
+class UpdateMsg(_Msg):
+    """How to rebuild weights `weights` from the previous version's instead of downloading
+    them: θ = weights `base` + decode(payload blob `payload`) in float32 (the run's
+    ``broadcast`` codec), whose safetensors bytes must hash to `weights`; on any mismatch,
+    download `weights` whole."""
+
+    base: SHA256
+    payload: SHA256
+
+
 class WorkOrderMsg(_Msg):
     """`POST /v1/work`: train from weights `weights` on `shard_ids` and upload by the deadline.
 
@@ -93,6 +103,7 @@ class WorkOrderMsg(_Msg):
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    update: UpdateMsg | None = None
     moments: SHA256 | None = None
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)
@@ -118,6 +129,7 @@ class PriorMsg(_Msg):
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    update: UpdateMsg | None = None
     moments: SHA256 | None = None
     payload: SHA256
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
@@ -142,6 +154,7 @@ class VerifyOrderMsg(_Msg):
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     weights: SHA256
+    update: UpdateMsg | None = None
     moments: SHA256 | None = None
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)

@@ -18,6 +18,7 @@ and thread count (BOINC-style recomputation spot-checks, Anderson, J. Grid Compu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -39,6 +40,7 @@ from crowdtrain.client.api import (
     CoordinatorApi,
     FinishedMsg,
     PeerBanned,
+    UpdateMsg,
     VerifyOrderMsg,
     WaitMsg,
     WorkOrderMsg,
@@ -49,6 +51,8 @@ from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
 from crowdtrain.client.work import TrainFn, overlap_start
 from crowdtrain.config import RunConfig
+from crowdtrain.data.atomic import atomic_write_bytes
+from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.train import Contribution, LocalTrainer
 from crowdtrain.train.moments import expand
 
@@ -194,12 +198,34 @@ class Volunteer:
             self.stats.down_mbps = got * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
         return path.read_bytes()
 
-    def _weights(self, sha: str) -> dict[str, torch.Tensor]:
+    def _weights(self, sha: str, update: UpdateMsg | None = None) -> dict[str, torch.Tensor]:
+        """θ of blob `sha`: from the cache, rebuilt from the previous θ and the compressed
+        update when this volunteer holds that θ (``protocol.broadcast``), else downloaded."""
+        if update is not None and not (self.cache / sha).exists():
+            self._rebuild(sha, update)
         limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
         tensors = load_safetensors(self._fetch(sha, limit))
         if {k: tuple(v.shape) for k, v in tensors.items()} != self.shapes:
             raise ClientError(f"the weights blob {sha[:12]} does not match the run's model shapes")
         return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+    def _rebuild(self, sha: str, update: UpdateMsg) -> None:
+        """Write θ `sha` to the cache as base + decode(update), if this volunteer holds the
+        base and the result's bytes hash to `sha`; otherwise leave it to a download."""
+        if not (self.cache / update.base).exists():
+            return
+        try:
+            spec = self.config.broadcast.spec()
+            payload = self._fetch(update.payload, codec.max_payload_bytes(self.shapes, spec))
+            base = load_safetensors((self.cache / update.base).read_bytes())
+            data = weights_bytes(apply_update(base, payload, self.shapes))
+        except (ApiError, ClientError, codec.PayloadError, KeyError, ValueError) as exc:
+            log.info("could not rebuild weights %s from the update (%s); downloading", sha, exc)
+            return
+        if hashlib.sha256(data).hexdigest() != sha:
+            log.warning("weights rebuilt from the update do not match %s; downloading", sha[:12])
+            return
+        atomic_write_bytes(self.cache / sha, data)
 
     def _shards(self, ids: list[str]) -> dict[str, np.ndarray]:
         limit = self.config.data.shard_bytes
@@ -222,7 +248,7 @@ class Volunteer:
         """Download (or find cached) the order's shards, θ_base and the moments published with
         it; return θ_base with the moments (``train.moments``)."""
         self._shards(order.shard_ids)
-        base = self._weights(order.weights)
+        base = self._weights(order.weights, order.update)
         if order.moments is not None:
             base.update(self._moments(order.moments))
         return base
@@ -234,7 +260,7 @@ class Volunteer:
         if prior is None:
             return None
         self._shards(prior.shard_ids)
-        theta = self._weights(prior.weights)
+        theta = self._weights(prior.weights, prior.update)
         if prior.moments is not None:
             theta.update(self._moments(prior.moments))
         try:

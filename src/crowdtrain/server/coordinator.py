@@ -58,6 +58,7 @@ from crowdtrain.protocol import (
     WorkOrder,
     WorkRequested,
 )
+from crowdtrain.protocol.broadcast import weights_bytes
 from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.server.dashboard import (
@@ -68,7 +69,7 @@ from crowdtrain.server.dashboard import (
     round_rows,
     volunteer_rows,
 )
-from crowdtrain.server.manifest import build_manifest, weights_bytes
+from crowdtrain.server.manifest import build_manifest
 from crowdtrain.server.metrics import RunMetrics
 from crowdtrain.server.tracking import MultiTracker, Tracker
 from crowdtrain.store import (
@@ -403,11 +404,21 @@ class Coordinator:
             "round": work.round,
             "base_version": work.base_version,
             "weights": version.weights_sha,
+            "update": self._update_json(version),
             "moments": version.metrics.get("moments_sha"),
             "shard_ids": list(work.shard_ids),
             "seed": work.seed,
             "step_offset": work.step_offset,
         }
+
+    def _update_json(self, version: VersionRow) -> dict[str, str] | None:
+        """How a volunteer holding the previous version's θ rebuilds this one (compressed
+        broadcast, ``protocol.broadcast``): that θ's blob and the update's."""
+        update = version.metrics.get("update_sha")
+        if not isinstance(update, str):
+            return None
+        previous = self.store.get_version(version.version - 1)
+        return None if previous is None else {"base": previous.weights_sha, "payload": update}
 
     def _prior_json(self, prior: PriorWork | None) -> dict[str, Any] | None:
         """The `prior` of a verify message: where an overlapped contribution's start comes from."""

@@ -1,8 +1,8 @@
 """The run manifest: resolved config + data-shard hashes + initial-weights hash, signed.
 
 A volunteer pins the manifest's hash and the coordinator's public key when it first joins and
-refuses a manifest that changed (DESIGN.md, trust model). Weights travel as safetensors bytes;
-`weights_bytes` is deterministic, so equal weights have equal content hashes.
+refuses a manifest that changed (DESIGN.md, trust model). Weights travel as safetensors bytes
+(``protocol.broadcast.weights_bytes``, deterministic, so equal weights have equal hashes).
 """
 
 from __future__ import annotations
@@ -10,19 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from safetensors.torch import save
-
 from crowdtrain.config import RunConfig, config_hash
 from crowdtrain.data import DataManifest
 
 MANIFEST_FORMAT = "crowdtrain-manifest"
 MANIFEST_VERSION = 1
-
-
-def weights_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Safetensors bytes of named tensors (contiguous CPU float32 copies), deterministic."""
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
 def build_manifest(
