@@ -32,6 +32,7 @@ from crowdtrain.data import ShardStore, ensure_packed_for
 from crowdtrain.models import initial_state
 from crowdtrain.protocol.broadcast import Broadcast, weights_bytes
 from crowdtrain.server.manifest import build_manifest
+from crowdtrain.train.moments import EXP_AVG_SQ, factor, first_moments
 from crowdtrain_testing import tiny_config
 
 STEPS = 3
@@ -321,50 +322,66 @@ def int8_run(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Run
     return make_run(corpus_file, tmp_path_factory.mktemp("data8"), broadcast={"codec": "int8"})
 
 
-def next_version(run: Run, scale: float) -> tuple[str, str]:
-    """θ_1 after an outer step of `scale` from θ_0, broadcast int8: (θ_1's sha, the update's),
-    both added to the run's blobs."""
+def next_version(run: Run, scale: float) -> tuple[str, str, dict[str, str]]:
+    """θ_1 after an outer step of `scale` from θ_0, broadcast int8, with published moments:
+    (θ_1's sha, the update's, {"moments": ..., "second_moments": ...}), all added to the
+    run's blobs."""
     theta0 = {k: t.clone() for k, t in initial_state(run.config.model).items()}
     theta1 = {k: t + scale * torch.ones_like(t) for k, t in theta0.items()}
     b = Broadcast(run.config.broadcast, run.shapes)
     b.publish(theta0, theta1)
     assert b.update is not None
-    raw = weights_bytes(theta1)
-    sha, upd = hashlib.sha256(raw).hexdigest(), hashlib.sha256(b.update).hexdigest()
-    run.blobs[sha], run.blobs[upd] = raw, b.update
-    return sha, upd
+    second = factor({EXP_AVG_SQ + k: t.abs() + 1e-6 for k, t in theta0.items()})
+    first = first_moments(run.config.inner, theta0, theta1, second, round_steps=range(STEPS))
+    blobs = {
+        "weights": weights_bytes(theta1),
+        "update": b.update,
+        "moments": weights_bytes({**second, **first}),
+        "second_moments": weights_bytes(second),
+    }
+    shas = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    run.blobs.update({shas[k]: v for k, v in blobs.items()})
+    return shas["weights"], shas["update"], {k: shas[k] for k in ("moments", "second_moments")}
 
 
 def test_a_volunteer_holding_the_last_weights_rebuilds_the_next_from_the_update(
     int8_run: Run, tmp_path: Path
 ) -> None:
-    theta1, update = next_version(int8_run, 1e-3)
+    """θ_1 from θ_0 and the int8 update, the moments from the second moments and the two θs:
+    neither θ_1 (4 bytes per parameter) nor the first moments (2) are downloaded."""
+    theta1, update, moments = next_version(int8_run, 1e-3)
     second = {
         **work(int8_run, 1),
         "base_version": 1,
         "weights": theta1,
-        "update": {"base": int8_run.weights, "payload": update},
+        "moments": moments["moments"],
+        "update": {
+            "base": int8_run.weights,
+            "payload": update,
+            "round": 0,
+            "second_moments": moments["second_moments"],
+        },
     }
     fake = Coordinator(int8_run, "peer-a", [work(int8_run), second])
     v = volunteer(fake, tmp_path)
     run_until_done(v)
     assert [u[0] for u in fake.uploads] == ["/v1/contributions/0", "/v1/contributions/1"]
-    assert update in fake.fetched and theta1 not in fake.fetched  # ≈ 1 byte per parameter
-    assert hashlib.sha256((tmp_path / "peer-a" / "cache" / theta1).read_bytes()).hexdigest() == (
-        theta1
-    )
+    assert {update, moments["second_moments"]} <= set(fake.fetched)
+    assert theta1 not in fake.fetched and moments["moments"] not in fake.fetched
+    for sha in (theta1, moments["moments"]):
+        assert hashlib.sha256((tmp_path / "peer-a" / "cache" / sha).read_bytes()).hexdigest() == sha
 
 
 def test_an_update_that_does_not_rebuild_the_weights_falls_back_to_a_download(
     int8_run: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    theta1, _ = next_version(int8_run, 2e-3)
-    _, other = next_version(int8_run, 5e-3)  # an update that leads elsewhere
+    theta1, _, _ = next_version(int8_run, 2e-3)
+    _, other, _ = next_version(int8_run, 5e-3)  # an update that leads elsewhere
     second = {
         **work(int8_run, 1),
         "base_version": 1,
         "weights": theta1,
-        "update": {"base": int8_run.weights, "payload": other},
+        "update": {"base": int8_run.weights, "payload": other, "round": 0},
     }
     fake = Coordinator(int8_run, "peer-b", [work(int8_run), second])
     with caplog.at_level(logging.WARNING, logger="crowdtrain.client.volunteer"):

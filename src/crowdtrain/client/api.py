@@ -87,10 +87,14 @@ class UpdateMsg(_Msg):
     """How to rebuild weights `weights` from the previous version's instead of downloading
     them: θ = weights `base` + decode(payload blob `payload`) in float32 (the run's
     ``broadcast`` codec), whose safetensors bytes must hash to `weights`; on any mismatch,
-    download `weights` whole."""
+    download `weights` whole. The order's `moments` likewise: the second moments of blob
+    `second_moments` plus first moments derived from the two θs and the inner steps of round
+    `round` (``train.moments.first_moments``), hashing to `moments`."""
 
     base: SHA256
     payload: SHA256
+    round: int = Field(ge=0)
+    second_moments: SHA256 | None = None
 
 
 class WorkOrderMsg(_Msg):

@@ -54,7 +54,7 @@ from crowdtrain.config import RunConfig
 from crowdtrain.data.atomic import atomic_write_bytes
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.train import Contribution, LocalTrainer
-from crowdtrain.train.moments import expand
+from crowdtrain.train.moments import expand, first_moments
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,31 @@ class Volunteer:
             return
         atomic_write_bytes(self.cache / sha, data)
 
+    def _derive_moments(
+        self, sha: str, update: UpdateMsg, theta: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Write moments `sha` to the cache as the second moments of the update plus the first
+        moments derived from θ_base and `theta` (``train.moments.first_moments``), if this
+        volunteer holds θ_base and the result hashes to `sha`; otherwise leave it to a
+        download."""
+        if update.second_moments is None or not (self.cache / update.base).exists():
+            return
+        inner = self.config.inner
+        steps = range(update.round * inner.steps, (update.round + 1) * inner.steps)
+        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
+        try:
+            second = dict(load_safetensors(self._fetch(update.second_moments, limit)))
+            before = load_safetensors((self.cache / update.base).read_bytes())
+            first = first_moments(inner, before, theta, second, round_steps=steps)
+            data = weights_bytes({**second, **first})
+        except (ApiError, ClientError, KeyError, ValueError) as exc:
+            log.info("could not derive moments %s (%s); downloading", sha, exc)
+            return
+        if hashlib.sha256(data).hexdigest() != sha:
+            log.warning("moments derived from the update do not match %s; downloading", sha[:12])
+            return
+        atomic_write_bytes(self.cache / sha, data)
+
     def _shards(self, ids: list[str]) -> dict[str, np.ndarray]:
         limit = self.config.data.shard_bytes
         for sha in ids:
@@ -234,8 +259,17 @@ class Volunteer:
                 self.shards[sha] = np.frombuffer(self._fetch(sha, limit), dtype=np.uint8)
         return {sha: self.shards[sha] for sha in ids}
 
-    def _moments(self, sha: str) -> dict[str, torch.Tensor]:
-        """The published AdamW moments of blob `sha`, checked against the model's shapes."""
+    def _moments(
+        self,
+        sha: str,
+        update: UpdateMsg | None = None,
+        theta: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The published AdamW moments of blob `sha`, checked against the model's shapes: from
+        the cache, derived from the second moments and the two θs (`theta` and the update's
+        base) when this volunteer holds them, else downloaded."""
+        if update is not None and theta is not None and not (self.cache / sha).exists():
+            self._derive_moments(sha, update, theta)
         limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
         tensors = load_safetensors(self._fetch(sha, limit))
         try:
@@ -250,7 +284,7 @@ class Volunteer:
         self._shards(order.shard_ids)
         base = self._weights(order.weights, order.update)
         if order.moments is not None:
-            base.update(self._moments(order.moments))
+            base.update(self._moments(order.moments, order.update, base))
         return base
 
     def _prior(self, order: VerifyOrderMsg) -> dict[str, torch.Tensor] | None:
@@ -262,7 +296,7 @@ class Volunteer:
         self._shards(prior.shard_ids)
         theta = self._weights(prior.weights, prior.update)
         if prior.moments is not None:
-            theta.update(self._moments(prior.moments))
+            theta.update(self._moments(prior.moments, prior.update, theta))
         try:
             sent = codec.decode(
                 self._fetch(prior.payload, order.max_payload_bytes),

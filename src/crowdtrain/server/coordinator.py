@@ -81,6 +81,7 @@ from crowdtrain.store import (
     VersionRow,
 )
 from crowdtrain.train import LocalTrainer, evaluate
+from crowdtrain.train.moments import second_only
 
 log = logging.getLogger(__name__)
 
@@ -411,14 +412,23 @@ class Coordinator:
             "step_offset": work.step_offset,
         }
 
-    def _update_json(self, version: VersionRow) -> dict[str, str] | None:
+    def _update_json(self, version: VersionRow) -> dict[str, Any] | None:
         """How a volunteer holding the previous version's θ rebuilds this one (compressed
-        broadcast, ``protocol.broadcast``): that θ's blob and the update's."""
+        broadcast, ``protocol.broadcast``): that θ's blob, the update's, the round whose close
+        made it and the second moments published with it (from which, and the two θs, it
+        derives the first moments, ``train.moments.first_moments``)."""
         update = version.metrics.get("update_sha")
         if not isinstance(update, str):
             return None
         previous = self.store.get_version(version.version - 1)
-        return None if previous is None else {"base": previous.weights_sha, "payload": update}
+        if previous is None:
+            return None
+        return {
+            "base": previous.weights_sha,
+            "payload": update,
+            "round": version.round,
+            "second_moments": version.metrics.get("second_moments_sha"),
+        }
 
     def _prior_json(self, prior: PriorWork | None) -> dict[str, Any] | None:
         """The `prior` of a verify message: where an overlapped contribution's start comes from."""
@@ -734,6 +744,11 @@ class Coordinator:
         moments = (
             self.blobs.put_bytes(weights_bytes(tensors["moments"])) if tensors["moments"] else None
         )
+        second = (
+            self.blobs.put_bytes(weights_bytes(second_only(tensors["moments"])))
+            if tensors["moments"]
+            else None
+        )
         residual = (
             self.blobs.put_bytes(weights_bytes(tensors["broadcast"]))
             if tensors["broadcast"]
@@ -757,6 +772,7 @@ class Coordinator:
             "tau": closed.tau,
             "fingerprints_sha": prints,
             "moments_sha": moments,
+            "second_moments_sha": second,
             "residual_sha": residual,
             "update_sha": update_sha,
             "aggregation_s": self._closing.get("aggregation_s"),

@@ -218,15 +218,37 @@ def publish(
     published = factor(second_moment(model_cfg, inner, after, batches, workers=workers))
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
         return {}
-    whole = expand(published, {k: tuple(t.shape) for k, t in after.items()})
-    lr_sum = sum(lr_at(step, inner) for step in round_steps)
-    for name in after:
-        root = whole[EXP_AVG_SQ + name].sqrt() + EPS
-        m = (before[name] - after[name]) * root / lr_sum
-        published[EXP_AVG + name] = m.to(torch.bfloat16)
+    published.update(first_moments(inner, before, after, published, round_steps=round_steps))
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
         return {}
     return published
+
+
+def first_moments(
+    inner: InnerConfig,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    second: Mapping[str, torch.Tensor],
+    *,
+    round_steps: range,
+) -> dict[str, torch.Tensor]:
+    """The published first moments: the outer update `before` − `after` read as the mean Adam
+    step of the inner steps `round_steps`, m = U / Σₜ lrₜ · (√v̂ + ε) with v̂ the published
+    (factored) second moments `second`, in bfloat16. Public inputs only, so a volunteer that
+    holds both θs and the second moments computes the same bits (``protocol.broadcast``)."""
+    whole = expand(second, {k: tuple(t.shape) for k, t in after.items()})
+    lr_sum = sum(lr_at(step, inner) for step in round_steps)
+    out: dict[str, torch.Tensor] = {}
+    for name in after:
+        root = whole[EXP_AVG_SQ + name].sqrt() + EPS
+        out[EXP_AVG + name] = ((before[name] - after[name]) * root / lr_sum).to(torch.bfloat16)
+    return out
+
+
+def second_only(moments: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The published moments without the first moments: what a volunteer that derives m
+    itself (``first_moments``) downloads, a few bytes per row."""
+    return {k: t for k, t in moments.items() if not k.startswith(EXP_AVG)}
 
 
 def drift(
