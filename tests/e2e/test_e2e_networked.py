@@ -154,6 +154,25 @@ def test_three_volunteers_three_rounds_loss_falls(run: Run) -> None:
     assert sum(run.summary(f"v{i}")["rounds"] for i in range(3)) >= 6
 
 
+def test_a_compressed_broadcast_is_rebuilt_by_the_volunteers(run: Run) -> None:
+    """With `broadcast.codec = "int8"` a volunteer that trained the last round rebuilds θ and
+    the published moments from the update (checked by their hashes) instead of downloading
+    them, and training still works."""
+    text = run.config.read_text()
+    run.config.write_text(text + '\n[broadcast]\ncodec = "int8"\n')
+    url = run.start_server()
+    vols = [run.volunteer(url, f"v{i}") for i in range(2)]
+    for v in vols:
+        assert v.wait(timeout=180) == 0
+    final = status(url)
+    assert final["finished"] and final["rounds"][-1]["eval_loss"] < final["initial_eval_loss"]
+    summaries = [run.summary(f"v{i}") for i in range(2)]
+    assert all(s["rounds"] >= 2 for s in summaries)
+    assert all(s["rebuilt"] >= 2 for s in summaries)  # θ and moments of at least one version
+    for i in range(2):
+        assert "do not match" not in (run.tmp / f"v{i}" / "log").read_text()
+
+
 def test_coordinator_sigkill_mid_round_loses_nothing_acknowledged(run: Run) -> None:
     run.config.write_text(run.config.read_text().replace("total = 3", "total = 4"))
     url = run.start_server()

@@ -79,6 +79,7 @@ class VolunteerStats:
     refused: int = 0
     verified: int = 0
     verify_steps: int = 0
+    rebuilt: int = 0  # blobs (θ or moments) rebuilt from an update instead of downloaded
     up_mbps: float = 0.0
     down_mbps: float = 0.0
     first_train: float | None = None
@@ -110,6 +111,7 @@ class VolunteerStats:
             "refused": self.refused,
             "verified": self.verified,
             "verify_steps": self.verify_steps,
+            "rebuilt": self.rebuilt,
             "receipts": self.receipts,
         }
 
@@ -226,6 +228,7 @@ class Volunteer:
             log.warning("weights rebuilt from the update do not match %s; downloading", sha[:12])
             return
         atomic_write_bytes(self.cache / sha, data)
+        self.stats.rebuilt += 1
 
     def _derive_moments(
         self, sha: str, update: UpdateMsg, theta: Mapping[str, torch.Tensor]
@@ -251,6 +254,7 @@ class Volunteer:
             log.warning("moments derived from the update do not match %s; downloading", sha[:12])
             return
         atomic_write_bytes(self.cache / sha, data)
+        self.stats.rebuilt += 1
 
     def _shards(self, ids: list[str]) -> dict[str, np.ndarray]:
         limit = self.config.data.shard_bytes
