@@ -297,3 +297,23 @@ def test_peers_fetch_the_shards_they_lack_once(corpus_file: Path, data_dir: Path
         assert extra > 0 and extra % 8192 == 0  # whole shards of the tiny corpus
     # the first round waits for the shards: one more request each, one after the other
     assert durations(cold)[0] > durations(warm)[0] + RTT
+
+
+def test_a_compressed_broadcast_is_downloaded_by_returning_peers(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    """A peer holding the previous version downloads the update instead of θ: the first round
+    costs a full download, every later one the update's bytes."""
+    cfg = config(corpus_file, data_dir, broadcast={"codec": "int8"})
+    target = dataclasses.replace(TARGET, bytes_per_param_update=1.03)
+    peers = [peer(i) for i in range(3)]
+    result = simulate(cfg, peers, target, eval_batches=2, eval_batch_size=4, shards_cached=True)
+    update = transfer_time(target.update_bytes or 0, DOWN, RTT)
+    compute, upload = compute_s(peers[0]), UPLOAD
+    assert durations(result) == pytest.approx(
+        [DOWNLOAD + compute + upload, *([update + compute + upload] * 2)]
+    )
+    for stats in result.per_peer.values():
+        assert stats["bytes_down"] == TARGET.download_bytes + 2 * (target.update_bytes or 0)
+    with pytest.raises(ValueError, match="bytes_per_param_update"):
+        dataclasses.replace(TARGET, bytes_per_param_update=0.0)

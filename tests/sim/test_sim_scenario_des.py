@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from crowdtrain.cli import app
-from crowdtrain.config import CodecConfig, ConfigError
+from crowdtrain.config import BroadcastConfig, CodecConfig, ConfigError
 from crowdtrain.sim.des import bytes_per_param
 from crowdtrain.sim.population import Uniform, step_seconds
 from crowdtrain.sim.scenario import (
@@ -61,6 +61,11 @@ def test_a_scenario_with_population_and_target_is_discrete_event() -> None:
     assert s.target.target(s.run.codec, moments=True).bytes_per_param_down == 6.0
     assert s.run.inner.optimizer_state == "published"
     assert des_setup(s).target.bytes_per_param_down == 6.0
+    # A compressed broadcast: returning peers download its update, measured on its codec.
+    assert target.bytes_per_param_update is None
+    int8 = BroadcastConfig(codec="int8")
+    update = s.target.target(s.run.codec, broadcast=int8).bytes_per_param_update
+    assert update == bytes_per_param(int8.spec()) and 1.0 < update < 1.1
     given = {"bytes_per_param_up": 0.5, "bytes_per_param_down": 2.0, "steps_per_proxy_step": 7}
     t = parse_scenario("des", {**DES, "target": {**DES["target"], **given}}).target
     assert t is not None

@@ -111,6 +111,9 @@ class Target:
     bytes_per_param_up: float  # wire bytes per parameter of an upload (int8: about 1)
     bytes_per_param_down: float  # wire bytes per parameter of a weights download (fp32: 4)
     steps_per_proxy_step: float = 1.0  # k: target inner steps one proxy step stands for
+    # Wire bytes per parameter of a compressed broadcast update (``protocol.broadcast``), which
+    # a peer holding the previous version downloads instead of θ and the moments; None: none.
+    bytes_per_param_update: float | None = None
 
     def __post_init__(self) -> None:
         if self.params < 1 or self.tokens_per_step < 1:
@@ -118,7 +121,10 @@ class Target:
                 f"the target needs at least one parameter and one token per step, not "
                 f"params={self.params} and tokens_per_step={self.tokens_per_step}"
             )
-        for name in ("bytes_per_param_up", "bytes_per_param_down", "steps_per_proxy_step"):
+        names = ["bytes_per_param_up", "bytes_per_param_down", "steps_per_proxy_step"]
+        if self.bytes_per_param_update is not None:
+            names.append("bytes_per_param_update")
+        for name in names:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"the target's {name} must be a positive number, not {value}")
@@ -132,6 +138,12 @@ class Target:
     def download_bytes(self) -> int:
         """Bytes of one download of the global weights."""
         return round(self.params * self.bytes_per_param_down)
+
+    @property
+    def update_bytes(self) -> int | None:
+        """Bytes of one compressed broadcast update (None: θ always travels whole)."""
+        up = self.bytes_per_param_update
+        return None if up is None else max(1, round(self.params * up))
 
     @property
     def flops_per_step(self) -> float:
@@ -724,7 +736,10 @@ class _Sim:
         versions = [order.base_version, *(() if prior is None else (prior.base_version,))]
         for version in dict.fromkeys(versions):
             if version not in p.versions:
-                wanted.append((self.target.download_bytes, functools.partial(p.keep, version)))
+                update = self.target.update_bytes
+                rebuilt = update is not None and version - 1 in p.versions
+                nbytes = update if rebuilt and update else self.target.download_bytes
+                wanted.append((nbytes, functools.partial(p.keep, version)))
         if prior is not None:
             wanted.append((self.target.upload_bytes, lambda: None))  # the prior payload
 

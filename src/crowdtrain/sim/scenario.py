@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crowdtrain.adversary import ATTACKS
-from crowdtrain.config import CodecConfig, ConfigError, RunConfig, parse_config
+from crowdtrain.config import BroadcastConfig, CodecConfig, ConfigError, RunConfig, parse_config
 from crowdtrain.sim.network import transfer_time
 from crowdtrain.sim.population import (
     PeerSpec,
@@ -82,7 +82,10 @@ class TargetConfig(BaseModel):
 
     ``bytes_per_param_up`` defaults to what the run's codec puts on the wire per parameter;
     ``bytes_per_param_down`` to 4 (the weights in fp32), plus the published AdamW moments'
-    ``train.moments.BYTES_PER_PARAM`` when the run publishes them.
+    ``train.moments.BYTES_PER_PARAM`` when the run publishes them. With a compressed
+    ``broadcast``, a peer that holds the previous version downloads the update instead (its
+    codec's bytes per parameter, measured; the second moments it also needs are a few bytes
+    per row and the first moments it derives, ``protocol.broadcast``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,9 +96,16 @@ class TargetConfig(BaseModel):
     bytes_per_param_up: float | None = Field(None, gt=0.0, le=1024.0, allow_inf_nan=False)
     bytes_per_param_down: float | None = Field(None, gt=0.0, le=1024.0, allow_inf_nan=False)
 
-    def target(self, codec_spec: CodecConfig, *, moments: bool = False) -> Target:
+    def target(
+        self,
+        codec_spec: CodecConfig,
+        *,
+        moments: bool = False,
+        broadcast: BroadcastConfig | None = None,
+    ) -> Target:
         """The simulator's `Target`, the upload size measured on `codec_spec` when not given;
-        with `moments`, every download of θ carries the published moments too."""
+        with `moments`, every download of θ carries the published moments too; with a
+        compressed `broadcast`, returning peers download its update instead."""
         from crowdtrain.sim.des import Target, bytes_per_param
         from crowdtrain.train.moments import BYTES_PER_PARAM
 
@@ -108,6 +118,9 @@ class TargetConfig(BaseModel):
             if down is None
             else down,
             steps_per_proxy_step=self.steps_per_proxy_step,
+            bytes_per_param_update=bytes_per_param(broadcast.spec())
+            if broadcast is not None and broadcast.codec != "fp32"
+            else None,
         )
 
 
@@ -337,7 +350,9 @@ def des_setup(scenario: Scenario, run: RunConfig | None = None) -> DesSetup:
         raise ConfigError(f"scenario {scenario.name} is not a discrete-event scenario")
     run = scenario.run if run is None else run
     peers = draw_population(scenario.population, run.seed)
-    target = scenario.target.target(run.codec, moments=run.inner.optimizer_state == "published")
+    target = scenario.target.target(
+        run.codec, moments=run.inner.optimizer_state == "published", broadcast=run.broadcast
+    )
     churn = scenario.churn
     if not churn.enabled:
         return DesSetup(run, peers, target, None, None)
