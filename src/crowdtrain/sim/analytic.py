@@ -8,16 +8,18 @@ Douillard et al. 2025, arXiv:2501.18512), and the result says so (``extrapolated
 It is validated against the simulator on populations the simulator can run
 (``bench/analytic_vs_des.py``).
 
-**A peer's round.** Peer i trains the whole proxy steps that fit its budget (`des.fitted_steps`):
-``C_i = steps_i × step_s_i`` seconds of compute, ``step_s_i`` = the target's FLOPs per proxy
-step / (FLOP/s × MFU). It downloads θ (``target.download_bytes``) and uploads Δ
-(``target.upload_bytes``), each in ``1.5 × rtt + bytes × 8 / rate`` (`network.transfer_time`),
-at the rate ``min(its link, the max-min fair share of the coordinator's side)`` when every
-peer holding an order transfers at once. Its upload arrives ``x_i`` seconds after the round
-opens: ``x_i = down_i + C_i + up_i`` without overlap; with overlap the transfers and the
-coordinator's close (``close_s``) run while it trains on, but never for more than one round's
-budget, so ``x_i = max(C_i − close_s, down_i + up_i)`` (its period is ``max(C_i, down_i + up_i
-+ close_s)``, the steady state of ``e_{r+1} = max(e_r + C_i, open_{r+1} + down_i)``).
+**A peer's round.** Peer i trains the whole proxy steps that fit its budget
+(`des.fitted_steps`): ``C_i = steps_i × step_s_i`` seconds of compute, ``step_s_i`` = the
+target's FLOPs per proxy step / (FLOP/s × MFU). It downloads θ (``target.download_bytes``; a
+peer that holds the last version, the compressed broadcast's ``target.update_bytes`` when the
+run has one: a joiner's first round pays the whole θ) and uploads Δ (``target.upload_bytes``),
+each in ``1.5 × rtt + bytes × 8 / rate`` (`network.transfer_time`), at the rate ``min(its link,
+the max-min fair share of the coordinator's side)`` when every peer holding an order transfers
+at once. Its upload arrives ``x_i`` seconds after the round opens: ``x_i = down_i + C_i + up_i``
+without overlap; with overlap the transfers and the coordinator's close (``close_s``) run while
+it trains on, but never for more than one round's budget, so ``x_i = max(C_i − close_s, down_i +
+up_i)`` (its period is ``max(C_i, down_i + up_i + close_s)``, the steady state of ``e_{r+1} =
+max(e_r + C_i, open_{r+1} + down_i)``).
 
 **The round** lasts ``R = X + close_s``, where X runs from its opening until every peer holding
 an order has submitted or the deadline, whichever is first (the protocol closes early when all
@@ -155,7 +157,8 @@ class _Inputs:
     steps: FloatArray
     compute_s: FloatArray
     tokens: FloatArray  # target tokens per contribution
-    down_bytes: float
+    down_bytes: float  # a whole θ (a joiner's first download)
+    update_bytes: float  # what a peer that held the last version downloads
     up_bytes: float
     f: float
     session_s: float
@@ -232,6 +235,7 @@ def _inputs(
         compute_s=steps * step_s,
         tokens=steps * target.steps_per_proxy_step * target.tokens_per_step,
         down_bytes=float(target.download_bytes),
+        update_bytes=float(target.update_bytes or target.download_bytes),
         up_bytes=float(target.upload_bytes),
         f=float(f),
         session_s=float(session_s),
@@ -306,13 +310,14 @@ def _state(
     share_out = _fair_share(inp.down_bps, w, coordinator_out_bps)
     share_in = _fair_share(inp.up_bps, w, coordinator_in_bps)
     latency = LATENCY_RTTS * inp.rtt_s
-    down_s = latency + inp.down_bytes * 8 / np.minimum(inp.down_bps, share_out)
+    down_rate = np.minimum(inp.down_bps, share_out)
+    down_s = latency + inp.update_bytes * 8 / down_rate
     up_s = latency + inp.up_bytes * 8 / np.minimum(inp.up_bps, share_in)
     c = inp.compute_s
-    q = down_s + c + up_s  # a round without overlap (and a joiner's first round)
-    x = np.maximum(c - close, down_s + up_s) if run.inner.overlap else q
+    q = latency + inp.down_bytes * 8 / down_rate + c + up_s  # a joiner's first round
+    x = np.maximum(c - close, down_s + up_s) if run.inner.overlap else down_s + c + up_s
     per_order_s = max(
-        inp.down_bytes * 8 / coordinator_out_bps, inp.up_bytes * 8 / coordinator_in_bps
+        inp.update_bytes * 8 / coordinator_out_bps, inp.up_bytes * 8 / coordinator_in_bps
     )
     floor = w * n * per_order_s  # the coordinator's own transfers of the round
     join_end = run.join_window_s(run.rounds.deadline_s, max(1, round(w * n)))
@@ -447,7 +452,7 @@ def extrapolate_peers(
         contributors_per_round=state.contributions,
         utilization=float(state.utilization.mean()),
         useful_flop_fraction=float((state.utilization * inp.eff).sum() / inp.eff.sum()),
-        bytes_per_peer_per_round=order_p * (inp.down_bytes + inp.up_bytes),
+        bytes_per_peer_per_round=order_p * (inp.update_bytes + inp.up_bytes),
         coordinator_bound=bool(bound),
         tokens_per_s=state.tokens_per_s,
         notes=_notes(inp, state, free, bound),
