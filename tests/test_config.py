@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crowdtrain.config import (
+    MOMENTUM_ROUNDS,
     ConfigError,
     RunConfig,
     allowed_values,
@@ -22,8 +23,9 @@ from crowdtrain.config import (
 def test_defaults_follow_design() -> None:
     cfg = RunConfig()
     assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.99, 0.1)
-    # Outer lr and momentum are derived (plain averaging with published inner moments).
-    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 1.0, 0.0)
+    # Outer lr and momentum are derived (published inner moments, 20 rounds: momentum 0.5).
+    assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 0.7, 0.5)
+    assert cfg.broadcast.codec == "int8"
     assert cfg.inner.optimizer_state == "published"
     assert cfg.codec.name == "int8"
     assert cfg.aggregation.method == "centered_clip" and cfg.aggregation.bucket_size > 1
@@ -105,14 +107,20 @@ def test_adam_settings_stay_out_of_other_configs_and_their_hash() -> None:
 def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
     fresh = parse_config({"inner": {"optimizer_state": "fresh"}})
     assert (fresh.outer.lr, fresh.outer.momentum) == (1.0, 0.5)
-    assert parse_config({"inner": {"keep_optimizer_state": True}}).outer.momentum == 0.0
-    one = parse_config({"outer": {"lr": 0.7}})  # an explicit value wins; the other is derived
-    assert (one.outer.lr, one.outer.momentum) == (0.7, 0.0)
+    kept = {"inner": {"keep_optimizer_state": True}}
+    assert parse_config(kept).outer.momentum == 0.5  # 20 rounds: outer momentum
+    short = {"rounds": {"total": MOMENTUM_ROUNDS - 1}}  # too few rounds for momentum
+    assert (parse_config({**kept, **short}).outer.lr, parse_config(short).outer.momentum) == (
+        1.0,
+        0.0,
+    )
+    one = parse_config({"outer": {"lr": 0.9}, **short})  # an explicit value wins
+    assert (one.outer.lr, one.outer.momentum) == (0.9, 0.0)
     window = {"rounds": {"join_window": 0.5}}
     both = {"outer": {"lr": 0.7, "momentum": 0.9}, **window}
     assert derived_settings(both) == [] and parse_config(both).outer.momentum == 0.9
     lines = derived_settings({"outer": {"lr": 0.7}, **window})
-    assert len(lines) == 1 and lines[0].startswith("outer.momentum = 0.0 (derived: ")
+    assert len(lines) == 1 and lines[0].startswith("outer.momentum = 0.5 (derived: ")
     assert "beyond the" in derived_settings({"rounds": {"total": 500}})[0]
     adam = parse_config({"outer": {"optimizer": "adam"}})  # only Nesterov and SGD derive
     assert derived_settings({"outer": {"optimizer": "adam"}, **window}) == []

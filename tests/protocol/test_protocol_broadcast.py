@@ -22,7 +22,7 @@ def state(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
 
 
 def test_fp32_leaves_the_outer_step_as_it_is() -> None:
-    b = Broadcast(BroadcastConfig(), SHAPES)
+    b = Broadcast(BroadcastConfig(codec="fp32"), SHAPES)
     before, params = state(0), state(1)
     exact = {k: t.clone() for k, t in params.items()}
     b.publish(before, params)

@@ -75,13 +75,15 @@ def config(
     rounds: Mapping[str, object] | None = None,
     **sections: Mapping[str, object],
 ) -> RunConfig:
-    """θ ← θ − mean(Δ) (Nesterov, lr 1, no momentum), defended, spot-checks off by default."""
+    """θ ← θ − mean(Δ) (Nesterov, lr 1, no momentum, θ broadcast exactly), defended,
+    spot-checks off by default."""
     raw: dict[str, dict[str, object]] = {
         "model": {"context": CONTEXT},
         "data": {"batch_size": BATCH, "shards_per_peer": 2},
         "inner": {"steps": STEPS},
         "rounds": {"total": 10, "quorum": 1, "deadline_s": 60.0, "peer_timeout_s": 1e6},
         "outer": {"optimizer": "nesterov", "lr": 1.0, "momentum": 0.0},
+        "broadcast": {"codec": "fp32"},
         "aggregation": {"method": "mean", "bucket_size": 1},
         "defence": {"spot_check": "off"},
     }

@@ -99,6 +99,7 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
         "round": 0,
         "base_version": 0,
         "weights": versions[0],
+        "update": first["update"],  # how θ_prior is rebuilt from its predecessor (none at 0)
         "moments": first["moments"],  # the moments published with θ_prior (none at version 0)
         "payload": sha256(round0[a.peer_id]),
         "shard_ids": first["shard_ids"],
