@@ -200,58 +200,61 @@ class Volunteer:
             self.stats.down_mbps = got * 8 / 1e6 / max(1e-6, time.monotonic() - t0)
         return path.read_bytes()
 
+    @property
+    def _blob_limit(self) -> int:
+        """The largest θ or moments blob of this model: its tensors in fp32 and a header."""
+        return sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
+
     def _weights(self, sha: str, update: UpdateMsg | None = None) -> dict[str, torch.Tensor]:
         """θ of blob `sha`: from the cache, rebuilt from the previous θ and the compressed
         update when this volunteer holds that θ (``protocol.broadcast``), else downloaded."""
-        if update is not None and not (self.cache / sha).exists():
-            self._rebuild(sha, update)
-        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
-        tensors = load_safetensors(self._fetch(sha, limit))
+        if self._can_rebuild(sha, update):
+            assert update is not None
+            self._rebuild(sha, "weights", lambda: self._rebuilt_weights(update))
+        tensors = load_safetensors(self._fetch(sha, self._blob_limit))
         if {k: tuple(v.shape) for k, v in tensors.items()} != self.shapes:
             raise ClientError(f"the weights blob {sha[:12]} does not match the run's model shapes")
         return {k: v.to(torch.float32) for k, v in tensors.items()}
 
-    def _rebuild(self, sha: str, update: UpdateMsg) -> None:
-        """Write θ `sha` to the cache as base + decode(update), if this volunteer holds the
-        base and the result's bytes hash to `sha`; otherwise leave it to a download."""
-        if not (self.cache / update.base).exists():
-            return
-        try:
-            spec = self.config.broadcast.spec()
-            payload = self._fetch(update.payload, codec.max_payload_bytes(self.shapes, spec))
-            base = load_safetensors((self.cache / update.base).read_bytes())
-            data = weights_bytes(apply_update(base, payload, self.shapes))
-        except (ApiError, ClientError, codec.PayloadError, KeyError, ValueError) as exc:
-            log.info("could not rebuild weights %s from the update (%s); downloading", sha, exc)
-            return
-        if hashlib.sha256(data).hexdigest() != sha:
-            log.warning("weights rebuilt from the update do not match %s; downloading", sha[:12])
-            return
-        atomic_write_bytes(self.cache / sha, data)
-        self.stats.rebuilt += 1
+    def _rebuilt_weights(self, update: UpdateMsg) -> bytes:
+        """θ_base + decode(update), as the blob the coordinator published."""
+        base = load_safetensors((self.cache / update.base).read_bytes())
+        spec = self.config.broadcast.spec()
+        payload = self._fetch(update.payload, codec.max_payload_bytes(self.shapes, spec))
+        return weights_bytes(apply_update(base, payload, self.shapes))
 
-    def _derive_moments(
-        self, sha: str, update: UpdateMsg, theta: Mapping[str, torch.Tensor]
-    ) -> None:
-        """Write moments `sha` to the cache as the second moments of the update plus the first
-        moments derived from θ_base and `theta` (``train.moments.first_moments``), if this
-        volunteer holds θ_base and the result hashes to `sha`; otherwise leave it to a
-        download."""
-        if update.second_moments is None or not (self.cache / update.base).exists():
-            return
+    def _derived_moments(self, update: UpdateMsg, theta: Mapping[str, torch.Tensor]) -> bytes:
+        """The update's second moments plus the first moments derived from θ_base and `theta`
+        over the inner steps of the update's round (``train.moments.first_moments``)."""
+        if update.second_moments is None:
+            raise ValueError("the update names no second moments")
         inner = self.config.inner
         steps = range(update.round * inner.steps, (update.round + 1) * inner.steps)
-        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
+        before = load_safetensors((self.cache / update.base).read_bytes())
+        second = dict(load_safetensors(self._fetch(update.second_moments, self._blob_limit)))
+        first = first_moments(inner, before, theta, second, round_steps=steps)
+        return weights_bytes({**second, **first})
+
+    def _can_rebuild(self, sha: str, update: UpdateMsg | None) -> bool:
+        """Whether blob `sha` is missing and `update` names a base this volunteer holds."""
+        return (
+            update is not None
+            and not (self.cache / sha).exists()
+            and (self.cache / update.base).exists()
+        )
+
+    def _rebuild(self, sha: str, what: str, build: Callable[[], bytes]) -> None:
+        """Cache blob `sha` as `build()`'s bytes when this volunteer holds the update's base
+        and they hash to `sha`; on any failure or mismatch, leave it to a download."""
         try:
-            second = dict(load_safetensors(self._fetch(update.second_moments, limit)))
-            before = load_safetensors((self.cache / update.base).read_bytes())
-            first = first_moments(inner, before, theta, second, round_steps=steps)
-            data = weights_bytes({**second, **first})
-        except (ApiError, ClientError, KeyError, ValueError) as exc:
-            log.info("could not derive moments %s (%s); downloading", sha, exc)
+            data = build()
+        except (ApiError, ClientError, codec.PayloadError, KeyError, ValueError, OSError) as exc:
+            log.info("could not rebuild the %s %s (%s); downloading", what, sha[:12], exc)
             return
         if hashlib.sha256(data).hexdigest() != sha:
-            log.warning("moments derived from the update do not match %s; downloading", sha[:12])
+            log.warning(
+                "the %s rebuilt from the update do not match %s; downloading", what, sha[:12]
+            )
             return
         atomic_write_bytes(self.cache / sha, data)
         self.stats.rebuilt += 1
@@ -272,10 +275,10 @@ class Volunteer:
         """The published AdamW moments of blob `sha`, checked against the model's shapes: from
         the cache, derived from the second moments and the two θs (`theta` and the update's
         base) when this volunteer holds them, else downloaded."""
-        if update is not None and theta is not None and not (self.cache / sha).exists():
-            self._derive_moments(sha, update, theta)
-        limit = sum(4 * int(np.prod(s)) for s in self.shapes.values()) + (1 << 20)
-        tensors = load_safetensors(self._fetch(sha, limit))
+        if theta is not None and self._can_rebuild(sha, update):
+            assert update is not None
+            self._rebuild(sha, "moments", lambda: self._derived_moments(update, theta))
+        tensors = load_safetensors(self._fetch(sha, self._blob_limit))
         try:
             expand(tensors, self.shapes)
         except ValueError as exc:
