@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crowdtrain.config import (
+    MOMENTUM_QUORUM,
     MOMENTUM_ROUNDS,
     ConfigError,
     RunConfig,
@@ -114,6 +115,9 @@ def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
         1.0,
         0.0,
     )
+    many = {"rounds": {"quorum": MOMENTUM_QUORUM + 1}}  # many contributions: plain averaging
+    assert (parse_config(many).outer.lr, parse_config(many).outer.momentum) == (1.0, 0.0)
+    assert "quorum" in derived_settings(many)[0]
     one = parse_config({"outer": {"lr": 0.9}, **short})  # an explicit value wins
     assert (one.outer.lr, one.outer.momentum) == (0.9, 0.0)
     window = {"rounds": {"join_window": 0.5}}
