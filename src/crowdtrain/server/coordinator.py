@@ -733,6 +733,10 @@ class Coordinator:
                 numbers["compute_utilization"] = m["compute_utilization"]
             self.trackers.log(numbers, version.round)
 
+    def _put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """Store named tensors as one blob and return its id; None when there are none."""
+        return self.blobs.put_bytes(weights_bytes(tensors)) if tensors else None
+
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
         tensors = self.protocol.tensors()
@@ -741,19 +745,9 @@ class Coordinator:
         outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
         agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
         prints = self.blobs.put_bytes(weights_bytes(tensors["fingerprints"]))
-        moments = (
-            self.blobs.put_bytes(weights_bytes(tensors["moments"])) if tensors["moments"] else None
-        )
-        second = (
-            self.blobs.put_bytes(weights_bytes(second_only(tensors["moments"])))
-            if tensors["moments"]
-            else None
-        )
-        residual = (
-            self.blobs.put_bytes(weights_bytes(tensors["broadcast"]))
-            if tensors["broadcast"]
-            else None
-        )
+        moments = self._put_tensors(tensors["moments"])
+        second = self._put_tensors(second_only(tensors["moments"]))
+        residual = self._put_tensors(tensors["broadcast"])
         update = self.protocol.broadcast.update
         update_sha = self.blobs.put_bytes(update) if update is not None else None
         t1 = time.perf_counter()
