@@ -443,6 +443,15 @@ def serve(
     ] = None,
     wandb: WandbFlag = False,
     tensorboard: TensorboardDir = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Threads for the work on each contribution as it arrives (norms, fingerprints, "
+            "scores) and for the close's aggregation.",
+        ),
+    ] = 1,
 ) -> None:
     """Run the coordinator: the HTTP API over the round protocol, the dashboard at / and
     Prometheus metrics at /metrics, with state under --state."""
@@ -467,6 +476,7 @@ def serve(
                 admin=admin_token,
                 trackers=trackers,
                 announce=console.print,
+                workers=workers,
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
@@ -689,15 +699,29 @@ def bench_sim_validation(
 @bench_app.command("coordinator")
 def bench_coordinator(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    params: Annotated[
+        str, typer.Option(help="Model size: 10m, 100m or 1b (a byte-level GPT).")
+    ] = "10m",
     contributions: Annotated[int, typer.Option(min=1, help="Contributions per round.")] = 32,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=256,
+            help="Coordinator worker threads (0: no on-arrival work, the close on one thread).",
+        ),
+    ] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to time.")] = 3,
 ) -> None:
-    """Coordinator cost per round for int8 contributions of a 10M-parameter model."""
+    """Coordinator cost per round, phase by phase, for int8 contributions, against the floor
+    of reading every payload once (docs/BENCHMARKS.md)."""
     from crowdtrain.benchmarks.coordinator import run_coordinator_bench
 
     with _friendly_errors():
         doc = run_coordinator_bench(
+            params=params.lower(),
             contributions=contributions,
+            workers=workers,
             rounds=rounds,
             log=lambda line: console.print(line, highlight=False),
         )

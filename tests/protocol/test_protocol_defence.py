@@ -1056,3 +1056,59 @@ def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> No
     for x in peers:
         submit(fresh, x, trained(fresh, fresh_orders[x], shards, lr=0.05))
     assert fresh.round == 1 and fresh.moments == {}
+
+
+# --- work on arrival: the close reuses what was computed as contributions came in -------------
+
+
+def test_work_done_on_arrival_changes_nothing_the_close_decides() -> None:
+    """Each accepted contribution's norm, fingerprint and (when it ranks among the first to be
+    scored) usefulness score may be computed as it arrives (`analysis_job`); the close then
+    decides exactly what it decides without them, and scores only what was left."""
+
+    def run(on_arrival: bool) -> tuple[RoundProtocol, SpyProbe, list[Decision], int]:
+        cfg = config(model=MODEL, defence={"score_batch_size": 8, "score_per_round": 2})
+        shards = corpus()
+        probe = SpyProbe(shards, cfg)
+        p = RoundProtocol(cfg, initial_state(cfg.model), SHARDS, FakeClock(), probe=probe)
+        peers = ["a", "b", "c", "d", "e"]
+        join(p, *peers)
+        orders = order(p, *peers)
+        deltas = {x: trained(p, orders[x], shards, lr=0.5) for x in peers}
+        deltas["b"] = scaled(deltas["b"], -1.0)
+        decisions: list[Decision] = []
+        before_close = 0
+        for x in peers:
+            before_close = len(probe.calls)
+            decisions.extend(submit(p, x, deltas[x]))
+            job = p.analysis_job(x, 0) if on_arrival and p.round == 0 else None
+            if job is not None:
+                job()
+        return p, probe, decisions, len(probe.calls) - before_close
+
+    eager, eager_probe, eager_decisions, at_close = run(True)
+    lazy, lazy_probe, lazy_decisions, _ = run(False)
+    assert eager_decisions == lazy_decisions
+    assert verdicts(eager) == verdicts(lazy) and eager.scored == lazy.scored == 2
+    assert all(torch.equal(eager.params[k], lazy.params[k]) for k in lazy.params)
+    # the close's choices were scored on the same batches, all but perhaps the last one before
+    # the close (some that ranked among the first two when they came were scored in vain)
+    assert set(lazy_probe.calls) <= set(eager_probe.calls) and at_close <= 1
+
+
+def test_an_analysis_of_an_older_theta_is_not_used() -> None:
+    """An analysis belongs to θ of one version: a job that finishes after its round closed
+    leaves nothing the next close would use."""
+    p, _, shards = scored_protocol()
+    join(p, "a", "b")
+    orders = order(p, "a", "b")
+    submit(p, "a", trained(p, orders["a"], shards, lr=0.5))
+    job = p.analysis_job("a", 0)
+    assert job is not None and p.analysis_job("zz", 0) is None
+    submit(p, "b", trained(p, orders["b"], shards, lr=0.5))  # closes round 0
+    assert p.round == 1
+    job()  # late: θ_0's analysis of round 0's contribution
+    orders = order(p, "a", "b")
+    for x in ("a", "b"):
+        submit(p, x, trained(p, orders[x], shards, lr=0.5))
+    assert p.round == 2 and p.verification._analyses == {}

@@ -215,7 +215,7 @@ def test_contributions_no_replay_can_check_are_scored_first(
 ) -> None:
     seen: list[Candidate] = []
 
-    def capture(candidates: list[Candidate], **_: object) -> Screened:
+    def capture(candidates: list[Candidate], *_: object, **__: object) -> Screened:
         seen.extend(candidates)
         return Screened({}, {})
 

@@ -202,6 +202,23 @@ def test_fragment_size_does_not_change_the_result(method: str, fragment_numel: i
     assert got.scales == pytest.approx(expected.scales, rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["mean", "centered_clip"])
+def test_workers_do_not_change_a_single_bit(method: str) -> None:
+    """Fragments in parallel on several threads: the aggregate, every distance and scale are
+    identical to one thread's (per-fragment sums are added in fragment order)."""
+    contributions = make_contributions(7, seed=4)
+    sources = [DictSource(c) for c in contributions]
+    weights = make_weights(7, seed=4)
+    cfg = AggregationConfig.model_validate(dict(method=method, bucket_size=2, clip_iters=2))
+    cfg = cfg.model_copy(update={"fragment_numel": 100})  # 39 fragments
+    reference = unflat(torch.randn(3819, generator=torch.Generator().manual_seed(9)))
+    one = aggregate(sources, weights, SHAPES, cfg, reference=reference, seed=5)
+    for workers in (2, 3):
+        got = aggregate(sources, weights, SHAPES, cfg, reference=reference, seed=5, workers=workers)
+        assert all(torch.equal(got.delta[k], one.delta[k]) for k in SHAPES)
+        assert (got.distances, got.scales, got.tau) == (one.distances, one.scales, one.tau)
+
+
 def test_reference_is_not_modified_and_output_is_fresh() -> None:
     contributions = make_contributions(3, seed=1)
     ref = make_contributions(1, seed=2)[0]

@@ -22,6 +22,7 @@ the machine remembers in `records.py`, and its JSON snapshot in `snapshot.py`.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any, ClassVar, get_args
@@ -161,6 +162,19 @@ def _receipt(peer_id: str, round_number: int, base_version: int) -> str:
     ]
 
 
+class _Laps:
+    """Wall seconds between calls, by name (diagnostics only: no decision depends on them)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
 def _stranger(peer_id: str) -> Unknown:
     return Unknown(peer_id, "no peer with this id has joined the run")
 
@@ -201,6 +215,8 @@ class RoundProtocol:
         self.history: list[RoundClosed] = []
         self.verification = Verification(config, self.shapes, probe=probe, secret=secret)
         self.probe = probe
+        self.workers = 1  # threads a close aggregates with (the driver's machine, not the run)
+        self.close_timing: dict[str, float] = {}  # seconds of each step of the last close
         # The AdamW moments published with θ (inner.optimizer_state "published"; needs a probe).
         self.moments: dict[str, torch.Tensor] = {}
         self.state = RunState.COLLECTING
@@ -268,6 +284,23 @@ class RoundProtocol:
     def submitted(self) -> tuple[str, ...]:
         """Peers whose contribution to the open round is recorded."""
         return tuple(self._round.submissions)
+
+    def analysis_job(self, peer_id: str, round_number: int) -> Callable[[], None] | None:
+        """What the close would compute for the contribution PEER_ID just had accepted for
+        ROUND_NUMBER from it alone (its norm, fingerprint and, if it ranks among the first to
+        be scored, its usefulness score: `screening.analyze`), as a job a driver may run in
+        any thread as soon as the contribution arrives; the close reuses its result if it
+        finished (the same numbers either way) and computes it otherwise. None when there is
+        nothing to do. Call it under the driver's lock; the job itself reads only immutable
+        inputs, so it needs none."""
+        rnd = self._round
+        sub = rnd.submissions.get(peer_id) if round_number == rnd.number else None
+        if sub is None:
+            sub = rnd.late.get(peer_id)
+        if sub is None or sub.round != round_number:
+            return None
+        subs = [*rnd.submissions.values(), *rnd.late.values()]
+        return self.verification.analysis_job(rnd.number, self.version, sub, subs, self._ledger())
 
     # --- events in, decisions out --------------------------------------------------------
 
@@ -505,11 +538,15 @@ class RoundProtocol:
         rnd, cfg = self._round, self.config
         subs = [*rnd.submissions.values(), *rnd.late.values()]
         decisions: list[Decision] = []
+        lap = _Laps()  # seconds of each step, for the driver's metrics and benchmarks
         if self.defended:
             common = drift(self.moments, cfg.inner, self.shapes, self._steps_of(rnd.number))
             decisions.extend(
-                self.verification.screen(rnd.number, subs, self._ledger(), now, common)
+                self.verification.screen(
+                    rnd.number, self.version, subs, self._ledger(), now, common
+                )
             )
+            lap("screen_s")
         if subs:
             result = aggregate(
                 [s.delta for s in subs],
@@ -518,17 +555,25 @@ class RoundProtocol:
                 self.config.aggregation,
                 reference=self.last_aggregate,
                 seed=self.config.seed * 1_000_003 + rnd.number,
+                workers=self.workers,
             )
-            before = {k: t.clone() for k, t in self.params.items()}
+            lap("aggregate_s")
+            # θ is replaced, never changed in place: an analysis job may still read θ_r.
+            before = self.params
+            self.params = {k: t.clone() for k, t in before.items()}
             self.outer.step(self.params, result.delta)
+            lap("outer_s")
             self.broadcast.publish(before, self.params)
+            lap("broadcast_s")
             self.last_aggregate = result.delta
             if self._publishes():
                 self.moments = self._published_moments(rnd.number, before, len(subs))
+                lap("moments_s")
             scales, tau = tuple(result.scales), result.tau
         else:
             scales, tau = (), None  # every contribution was flagged: θ stays as it was
             self.broadcast.update = None
+        self.close_timing = lap.laps
         if self.defended:
             decisions.extend(self.verification.schedule(rnd.number, subs, self._ledger(), now))
         self.version += 1

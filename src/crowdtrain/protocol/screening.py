@@ -2,28 +2,32 @@
 
 The verification pipeline of docs/SECURITY.md, stages (b), (c) and (f); the protocol runs them
 when a round closes, before robust aggregation (stage e), on every contribution it accepted in
-that round. Stage (b) compares each update's norm with the round's median; stage (c) compares
-secret-keyed fingerprints within the round and with recent rounds (copies and replays); stage
-(f) scores a sample of the survivors, newest and least trusted peers first, by the loss before
-and after applying the update on the peer's assigned data and on held-out data, in the style of
+that round. What needs only one contribution (its norm, fingerprint and score: `analyze`) may
+be computed as it arrives, so the close does only what needs the whole round. Stage (b)
+compares each update's norm with the round's median; stage (c) compares secret-keyed
+fingerprints within the round and with recent rounds (copies and replays); stage (f) scores a
+sample of the survivors, newest and least trusted peers first, by the loss before and after
+applying the update on the peer's assigned data and on held-out data, in the style of
 Templar's Gauntlet validator (tplr.ai, 2025). Pure computation: no I/O, no clock.
 """
 
 from __future__ import annotations
 
+import hashlib
+import queue
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from crowdtrain.config import RunConfig
+from crowdtrain.config import ModelConfig, RunConfig
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.protocol.events import WorkOrder
 from crowdtrain.robust import DeltaSource, global_norms
 from crowdtrain.robust.copies import detect_copies, fingerprint
 from crowdtrain.robust.norms import screen_norms
-from crowdtrain.robust.usefulness import Scorer, judge
+from crowdtrain.robust.usefulness import Batch, Score, Scorer, judge
 
 
 @dataclass(frozen=True)
@@ -56,51 +60,133 @@ class Screened:
     scored: int = 0
 
 
+class Scorers:
+    """Scoring models for any number of threads: each call takes one (building it the first
+    time it is needed), so concurrent analyses never share a model."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self._idle: queue.SimpleQueue[Scorer] = queue.SimpleQueue()
+
+    def score(
+        self, params: Mapping[str, torch.Tensor], delta: DeltaSource, assigned: Batch, held: Batch
+    ) -> Score:
+        """`Scorer.score` on a model no other thread is using."""
+        try:
+            scorer = self._idle.get_nowait()
+        except queue.Empty:
+            scorer = Scorer(self.model)
+        try:
+            return scorer.score(params, delta, assigned, held)
+        finally:
+            self._idle.put(scorer)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a close's stages read besides the contributions: the run, θ of the round (the
+    point contributions are scored at; never changed in place), the secret fingerprint key,
+    the close's secret scoring seed, and the scoring models and data (None: no scoring)."""
+
+    config: RunConfig
+    shapes: Mapping[str, tuple[int, ...]]
+    key: int
+    params: Mapping[str, torch.Tensor]
+    seed: int
+    scorers: Scorers | None = None
+    probe: ShardProbe | None = None
+
+    @property
+    def scoring(self) -> bool:
+        """Whether this close scores contributions at all."""
+        return (
+            self.scorers is not None
+            and self.probe is not None
+            and self.config.defence.score_per_round > 0
+        )
+
+    def draws(self, c: Candidate) -> torch.Generator:
+        """The candidate's own secret draws (its tie-break, then its scoring batches): the
+        same whenever and wherever it is analysed, whatever else the round holds."""
+        return torch.Generator().manual_seed(_mix(self.seed, c.key))
+
+    def priority(self, c: Candidate) -> tuple[float, float]:
+        """The order contributions are scored in: least trusted first, ties at random."""
+        return (c.trust, float(torch.rand((), generator=self.draws(c))))
+
+    def eligible(self, c: Candidate) -> bool:
+        """A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
+        noise; such contributions weigh little (their samples) and are not scored."""
+        return self.scoring and c.own_steps >= self.config.defence.score_min_steps
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What the stages learn from one contribution alone at one θ: its norm, its fingerprint
+    and, when it was scored, its usefulness score. The same inputs give the same analysis
+    whenever it is computed, so a driver may compute it as the contribution arrives
+    (`analyze`), off the round's critical path, and the close (`screen`) reuses it."""
+
+    norm: float
+    fingerprint: torch.Tensor
+    score: Score | None = None
+
+
+def analyze(c: Candidate, ctx: Context, *, score: bool) -> Analysis:
+    """Stage (b)'s norm and stage (c)'s fingerprint of one contribution, and with `score`
+    (for an eligible candidate) stage (f)'s score."""
+    cfg = ctx.config
+    norm = global_norms([c.delta], ctx.shapes, cfg.aggregation.fragment_numel)[0]
+    scored = _score(c, ctx) if score and ctx.eligible(c) else None
+    return Analysis(norm, _fingerprint(c.delta, ctx), scored)
+
+
+def should_score(c: Candidate, others: Sequence[Candidate], ctx: Context) -> bool:
+    """Whether to score C as it arrives: it is eligible and ranks among the first
+    `score_per_round` of the round's contributions so far. Every contribution the close
+    will score ranked so when it arrived, unless one ahead of it is excluded by a stage
+    that needs the whole round (norms, copies): the close scores those few itself."""
+    if not ctx.eligible(c):
+        return False
+    mine = ctx.priority(c)
+    ahead = sum(ctx.priority(o) < mine for o in others if o.key != c.key and ctx.eligible(o))
+    return ahead < ctx.config.defence.score_per_round
+
+
 def screen(
     candidates: Sequence[Candidate],
+    ctx: Context,
     *,
-    config: RunConfig,
-    shapes: Mapping[str, tuple[int, ...]],
     history: Sequence[torch.Tensor],
-    key: int,
-    params: Mapping[str, torch.Tensor],
-    scorer: Scorer | None,
-    probe: ShardProbe | None,
-    seed: int,
     common: DeltaSource | None = None,
+    analyses: Mapping[str, Analysis] | None = None,
 ) -> Screened:
     """Run stages (b), (c) and (f) on a round's contributions, in submission order.
 
-    `common` is a part every honest contribution of the round shares by construction (the
-    drift of the published first moment, ``train.moments.drift``); copy detection compares
-    fingerprints within the round with its direction projected out, so honest peers are not
-    copies of each other through it; replays of earlier rounds are found on the whole
-    fingerprints, as those of earlier rounds are kept."""
-    cfg = config.defence
+    `analyses` (by `Candidate.key`) are what was already computed for some of them at this θ
+    (`analyze`); the rest is computed here. `common` is a part every honest contribution of
+    the round shares by construction (the drift of the published first moment,
+    ``train.moments.drift``); copy detection compares fingerprints within the round with its
+    direction projected out, so honest peers are not copies of each other through it;
+    replays of earlier rounds are found on the whole fingerprints, as those of earlier rounds
+    are kept."""
+    cfg = ctx.config.defence
+    known = dict(analyses or {})
+    done = [known.get(c.key) or analyze(c, ctx, score=False) for c in candidates]
     flags: dict[str, tuple[str, str]] = {}
-    norms = global_norms([c.delta for c in candidates], shapes, config.aggregation.fragment_numel)
+    norms = [a.norm for a in done]
     for c, reason in zip(
         candidates, screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high), strict=True
     ):
         if reason is not None:
             flags[c.key] = ("norm", reason)
-
-    def sample(source: DeltaSource) -> torch.Tensor:
-        return fingerprint(
-            source,
-            shapes,
-            key=key,
-            blocks=cfg.fingerprint_blocks,
-            block_len=cfg.fingerprint_block_len,
-        )
-
-    prints = [sample(c.delta) for c in candidates]
+    prints = [a.fingerprint for a in done]
     low, ratio = cfg.copy_min_cos, cfg.copy_ratio
     if common is None:
         copies = detect_copies(prints, history, min_cos=low, ratio=ratio)
     else:
         # The shared direction is projected out (not subtracted), so rescaled copies stay copies.
-        shared = sample(common).double()
+        shared = _fingerprint(common, ctx).double()
         unit = shared / shared.norm().clamp_min(1e-30)
         apart = [p.double() - (p.double() @ unit) * unit for p in prints]
         within = detect_copies(apart, [], min_cos=low, ratio=ratio)
@@ -110,46 +196,58 @@ def screen(
         if reason is not None and c.key not in flags:
             flags[c.key] = ("copy", reason)
     scored = 0
-    if scorer is not None and probe is not None and cfg.score_per_round > 0:
-        rng = torch.Generator().manual_seed(seed)
-        # A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
-        # noise; such contributions weigh little (their samples) and are not scored.
-        survivors = [
-            c for c in candidates if c.key not in flags and c.own_steps >= cfg.score_min_steps
-        ]
-        ties = torch.rand(len(survivors), generator=rng).tolist()
-        ranked = sorted(
-            zip(survivors, ties, strict=True), key=lambda pair: (pair[0].trust, pair[1])
+    survivors = [(c, a) for c, a in zip(candidates, done, strict=True) if c.key not in flags]
+    ranked = sorted(
+        [(c, a) for c, a in survivors if ctx.eligible(c)], key=lambda ca: ctx.priority(ca[0])
+    )
+    gains: dict[str, tuple[float, float, int]] = {}
+    for c, a in ranked[: cfg.score_per_round]:
+        score = a.score if a.score is not None else _score(c, ctx)
+        reason = judge(
+            score, min_gain=cfg.score_min_gain, heldout_tol=cfg.score_heldout_tol, z=cfg.score_z
         )
-        gains: dict[str, tuple[float, float, int]] = {}
-        for c, _ in ranked[: cfg.score_per_round]:
-            last = max(1, c.own_steps - probe.batches_needed() + 1)
-            index = int(torch.randint(last, (1,), generator=rng))
-            held = int(torch.randint(1 << 30, (1,), generator=rng))
-            assigned = probe.assigned(
-                c.order.shard_ids,
-                seed=c.order.seed,
-                round=c.order.round,
-                peer=c.peer_id,
-                index=index,
-            )
-            score = scorer.score(params, c.delta, assigned, probe.heldout(held))
-            reason = judge(
-                score,
-                min_gain=cfg.score_min_gain,
-                heldout_tol=cfg.score_heldout_tol,
-                z=cfg.score_z,
-            )
-            scored += 1
-            if reason is not None:
-                flags[c.key] = ("usefulness", reason)
-            else:
-                gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.own_steps)
-        flags.update(_weak_gains(gains, cfg.score_rel_gain))
+        scored += 1
+        if reason is not None:
+            flags[c.key] = ("usefulness", reason)
+        else:
+            gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.own_steps)
+    flags.update(_weak_gains(gains, cfg.score_rel_gain))
     fingerprints = {
         c.key: fp for c, fp in zip(candidates, prints, strict=True) if c.key not in flags
     }
     return Screened(flags, fingerprints, scored)
+
+
+def _score(c: Candidate, ctx: Context) -> Score:
+    """Stage (f): the losses before and after the contribution on a batch of its peer's own
+    assigned data (one its training read) and on a held-out batch, both drawn secretly."""
+    assert ctx.scorers is not None and ctx.probe is not None
+    probe, rng = ctx.probe, ctx.draws(c)
+    torch.rand((), generator=rng)  # the tie-break (`Context.priority`)
+    last = max(1, c.own_steps - probe.batches_needed() + 1)
+    index = int(torch.randint(last, (1,), generator=rng))
+    held = int(torch.randint(1 << 30, (1,), generator=rng))
+    assigned = probe.assigned(
+        c.order.shard_ids, seed=c.order.seed, round=c.order.round, peer=c.peer_id, index=index
+    )
+    return ctx.scorers.score(ctx.params, c.delta, assigned, probe.heldout(held))
+
+
+def _fingerprint(source: DeltaSource, ctx: Context) -> torch.Tensor:
+    cfg = ctx.config.defence
+    return fingerprint(
+        source,
+        ctx.shapes,
+        key=ctx.key,
+        blocks=cfg.fingerprint_blocks,
+        block_len=cfg.fingerprint_block_len,
+    )
+
+
+def _mix(seed: int, key: str) -> int:
+    """A 63-bit seed from a secret seed and a contribution's key."""
+    text = f"{seed}\x00{key}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
 
 
 def _weak_gains(

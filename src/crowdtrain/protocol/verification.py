@@ -26,6 +26,7 @@ no I/O, and time only as the `now` the round machine passes in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -50,7 +51,15 @@ from crowdtrain.protocol.events import (
     WorkOrder,
 )
 from crowdtrain.protocol.records import Check, Round, Submission
-from crowdtrain.protocol.screening import Candidate, screen
+from crowdtrain.protocol.screening import (
+    Analysis,
+    Candidate,
+    Context,
+    Scorers,
+    analyze,
+    screen,
+    should_score,
+)
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.claims import check_claim
 from crowdtrain.robust.copies import fingerprint
@@ -63,7 +72,6 @@ from crowdtrain.robust.reputation import (
     weight_factor,
 )
 from crowdtrain.robust.spotcheck import compare, mismatch
-from crowdtrain.robust.usefulness import Scorer
 
 #: Pending spot-checks lapse after this many rounds without a verifier.
 CHECK_LIFETIME_ROUNDS = 3
@@ -134,7 +142,9 @@ class Verification:
         self.fingerprints: dict[str, torch.Tensor] = {}  # "round/peer" -> fingerprint
         self.verdicts: list[Verdict] = []
         self.scored = 0  # usefulness evaluations so far
-        self._scorer: Scorer | None = None
+        self._scorers = Scorers(config.model)
+        # Analyses computed as contributions arrived, by (key, version of θ, closing round).
+        self._analyses: dict[tuple[str, int, int], Analysis] = {}
 
     @property
     def enabled(self) -> bool:
@@ -203,41 +213,54 @@ class Verification:
 
     # --- at the close ----------------------------------------------------------------------
 
+    def analysis_job(
+        self,
+        number: int,
+        version: int,
+        sub: Submission,
+        round_subs: list[Submission],
+        ledger: Ledger,
+    ) -> Callable[[], None] | None:
+        """The work round NUMBER's close would do for SUB alone (`screening.analyze`: norm,
+        fingerprint, and its score if it ranks among the first to be scored), as a job for
+        any thread: it reads only θ of VERSION (the protocol replaces θ at a close, never
+        changes it in place) and SUB's payload, and leaves its result for the close, which
+        computes whatever is missing. None when the stages are off."""
+        if not self.enabled:
+            return None
+        ctx = self._context(number, ledger)
+        c = self._candidate(sub, ledger)
+        score = should_score(c, [self._candidate(s, ledger) for s in round_subs], ctx)
+        slot = (sub.key, version, number)
+
+        def job() -> None:
+            # A source closed under it: the close computes it again, and reports any error.
+            with contextlib.suppress(ValueError):
+                self._analyses[slot] = analyze(c, ctx, score=score)
+
+        return job
+
     def screen(
         self,
         number: int,
+        version: int,
         subs: list[Submission],
         ledger: Ledger,
         now: float,
         common: Mapping[str, torch.Tensor] | None = None,
     ) -> list[Decision]:
-        """Stages (b), (c), (f) on round NUMBER's contributions; flagged ones leave `subs`.
-        `common` is the part of Δ every honest contribution shares (`screening.screen`)."""
-        if self._scorer is None and self.probe is not None:
-            self._scorer = Scorer(self.config.model)
-        candidates = [
-            Candidate(
-                s.key,
-                s.peer_id,
-                s.delta,
-                ledger.order_of(s),
-                s.steps,
-                -1.0 if self._unreplayable(s, ledger) else ledger.peers[s.peer_id].standing.score,
-                fresh_steps=s.steps - min(s.overlap_steps, s.steps),
-            )
-            for s in subs
-        ]
+        """Stages (b), (c), (f) on round NUMBER's contributions (θ of VERSION); flagged ones
+        leave `subs`. `common` is the part of Δ every honest contribution shares
+        (`screening.screen`)."""
+        analyses = {k: a for (k, v, n), a in self._analyses.items() if v == version and n == number}
+        self._analyses.clear()
+        candidates = [self._candidate(s, ledger) for s in subs]
         outcome = screen(
             candidates,
-            config=self.config,
-            shapes=self.shapes,
+            self._context(number, ledger),
             history=[*self.fingerprints.values(), *self._aggregate_print(ledger.last_aggregate)],
-            key=secret_seed("fingerprint", self.secret, self.config.seed),
-            params=ledger.params,
-            scorer=self._scorer,
-            probe=self.probe,
-            seed=secret_seed("scoring", self.secret, self.config.seed, number),
             common=DictSource(dict(common)) if common else None,
+            analyses=analyses,
         )
         self.scored += outcome.scored
         decisions: list[Decision] = []
@@ -258,6 +281,31 @@ class Verification:
         for s in subs:
             record_success(ledger.peers[s.peer_id].standing, self.config.defence)
         return decisions
+
+    def _context(self, number: int, ledger: Ledger) -> Context:
+        """What round NUMBER's close screens with (`screening.Context`)."""
+        return Context(
+            config=self.config,
+            shapes=self.shapes,
+            key=secret_seed("fingerprint", self.secret, self.config.seed),
+            params=ledger.params,
+            seed=secret_seed("scoring", self.secret, self.config.seed, number),
+            scorers=self._scorers,
+            probe=self.probe,
+        )
+
+    def _candidate(self, s: Submission, ledger: Ledger) -> Candidate:
+        """SUB as the stages see it: an unreplayable one is scored first, as if its peer were
+        the least trusted."""
+        return Candidate(
+            s.key,
+            s.peer_id,
+            s.delta,
+            ledger.order_of(s),
+            s.steps,
+            -1.0 if self._unreplayable(s, ledger) else ledger.peers[s.peer_id].standing.score,
+            fresh_steps=s.steps - min(s.overlap_steps, s.steps),
+        )
 
     def _aggregate_print(
         self, last_aggregate: Mapping[str, torch.Tensor] | None

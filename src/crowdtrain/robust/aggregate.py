@@ -35,6 +35,7 @@ from crowdtrain.robust.coordinatewise import (
 )
 from crowdtrain.robust.fragments import (
     Fragment,
+    for_each_fragment,
     gather,
     plan_fragments,
     read_fragment,
@@ -70,12 +71,15 @@ def aggregate(
     *,
     reference: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    workers: int = 1,
 ) -> AggregateResult:
     """Aggregate contributions ``sources`` (weights = samples processed) with ``cfg.method``.
 
     ``shapes`` names every parameter and its shape, in the order fragments are cut.
     ``reference`` is the previous round's aggregate: the centre of centered clipping and the
     point ``distances`` are measured from (zeros when None). ``seed`` drives the bucket shuffle.
+    ``workers`` > 1 runs ``mean`` and ``centered_clip`` on that many threads, fragments in
+    parallel, with the same result bit for bit (``fragments.for_each_fragment``).
 
     Memory bound. Let F = ``cfg.fragment_numel``, P = the model's element count and G = the
     number of robust-rule inputs (K contributions, or ceil(K / bucket_size) buckets). Nothing
@@ -112,7 +116,7 @@ def aggregate(
 
     if cfg.method == "mean":
         delta = _zeros(shapes)
-        _weighted_mean(sources, weight_list, fragments, delta, ref, member_sq)
+        _weighted_mean(sources, weight_list, fragments, delta, ref, member_sq, workers)
     elif cfg.method == "centered_clip":
         buckets = make_buckets(weight_list, cfg.bucket_size, seed)
         delta = _zeros(shapes) if ref is None else {n: t.clone() for n, t in ref.items()}
@@ -125,6 +129,7 @@ def aggregate(
             tau=cfg.clip_tau,
             iters=cfg.clip_iters,
             member_sq=member_sq,
+            workers=workers,
         )
         tau = outcome.tau
         for bucket, scale in zip(buckets, outcome.scales, strict=True):
@@ -162,16 +167,23 @@ def _weighted_mean(
     out: dict[str, torch.Tensor],
     ref: dict[str, torch.Tensor] | None,
     member_sq: list[float],
+    workers: int,
 ) -> None:
     total = sum(weights)
-    for fragment in fragments:
+
+    def mean_of(fragment: Fragment) -> list[float]:
         centre = None if ref is None else gather(ref, fragment)
         acc = torch.zeros(fragment.numel, dtype=torch.float32)
+        sq = []
         for index, source in enumerate(sources):
             x = read_fragment(source, fragment, f"contribution {index}")
-            member_sq[index] += squared_distance(x, centre)
+            sq.append(squared_distance(x, centre))
             acc.add_(x, alpha=weights[index] / total)
         scatter(out, fragment, acc)
+        return sq
+
+    for sq in for_each_fragment(mean_of, fragments, workers):  # summed in fragment order
+        member_sq[:] = [a + b for a, b in zip(member_sq, sq, strict=True)]
 
 
 def _order_statistic(

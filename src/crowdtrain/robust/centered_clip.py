@@ -23,12 +23,19 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from math import sqrt
 
 import torch
 
 from crowdtrain.robust.buckets import Bucket, read_bucket
-from crowdtrain.robust.fragments import Fragment, gather, scatter, squared_distance
+from crowdtrain.robust.fragments import (
+    Fragment,
+    for_each_fragment,
+    gather,
+    scatter,
+    squared_distance,
+)
 from crowdtrain.robust.sources import DeltaSource
 
 __all__ = ["ClipOutcome", "centered_clip", "clip_scales"]
@@ -60,33 +67,68 @@ def centered_clip(
     tau: float | None,
     iters: int,
     member_sq: list[float] | None = None,
+    workers: int = 1,
 ) -> ClipOutcome:
     """Run ``iters`` centered-clipping iterations over the bucket inputs, updating ``v`` in place.
 
     ``v`` holds the starting centre (the previous aggregate) as contiguous float32 tensors and
     ends as the aggregate. When ``member_sq`` is given, the first pass adds each original
-    contribution's squared distance to the starting centre into it.
+    contribution's squared distance to the starting centre into it. ``workers`` > 1 runs the
+    fragments of each pass on that many threads (the result is the same bit for bit).
     """
     total_weight = sum(bucket.weight for bucket in buckets)
     outcome = ClipOutcome([], [], 0.0)
     for iteration in range(iters):
-        sq = [0.0] * len(buckets)
         track = member_sq if iteration == 0 else None
-        for fragment in fragments:
-            centre = gather(v, fragment)
-            for index, bucket in enumerate(buckets):
-                x = read_bucket(sources, weights, bucket, fragment, centre=centre, member_sq=track)
-                sq[index] += squared_distance(x, centre)
+        pass1 = partial(_distances, sources, weights, buckets, v, track is not None)
+        # Per-fragment sums added in fragment order: the same bits with any number of workers.
+        sq = [0.0] * len(buckets)
+        for fragment_sq, part in for_each_fragment(pass1, fragments, workers):
+            sq = [a + b for a, b in zip(sq, fragment_sq, strict=True)]
+            if track is not None:
+                for member, value in part.items():
+                    track[member] += value
         distances = [sqrt(s) for s in sq]
         scales, chosen = clip_scales(distances, tau)
         coefs = [b.weight * c / total_weight for b, c in zip(buckets, scales, strict=True)]
-        keep = 1.0 - sum(coefs)
-        for fragment in fragments:
-            # v + Σ a_g (x_g − v) = (1 − Σ a_g) v + Σ a_g x_g, without an (x_g − v) buffer.
-            updated = gather(v, fragment).mul(keep)
-            for bucket, coef in zip(buckets, coefs, strict=True):
-                if coef:
-                    updated.add_(read_bucket(sources, weights, bucket, fragment), alpha=coef)
-            scatter(v, fragment, updated)
+        pass2 = partial(_update, sources, weights, buckets, v, coefs)
+        for_each_fragment(pass2, fragments, workers)
         outcome = ClipOutcome(distances, scales, chosen)
     return outcome
+
+
+def _distances(
+    sources: Sequence[DeltaSource],
+    weights: Sequence[float],
+    buckets: Sequence[Bucket],
+    v: dict[str, torch.Tensor],
+    track: bool,
+    fragment: Fragment,
+) -> tuple[list[float], dict[int, float]]:
+    """Pass 1 on one fragment: each input's squared distance to ``v``, and (with ``track``)
+    each member's, by member index."""
+    centre = gather(v, fragment)
+    members = [m for bucket in buckets for m in bucket.members]
+    part = [0.0] * (max(members, default=-1) + 1) if track else None
+    sq = []
+    for bucket in buckets:
+        x = read_bucket(sources, weights, bucket, fragment, centre=centre, member_sq=part)
+        sq.append(squared_distance(x, centre))
+    return sq, {} if part is None else {m: part[m] for m in members}
+
+
+def _update(
+    sources: Sequence[DeltaSource],
+    weights: Sequence[float],
+    buckets: Sequence[Bucket],
+    v: dict[str, torch.Tensor],
+    coefs: Sequence[float],
+    fragment: Fragment,
+) -> None:
+    """Pass 2 on one fragment: v + Σ a_g (x_g − v) = (1 − Σ a_g) v + Σ a_g x_g, without an
+    (x_g − v) buffer."""
+    updated = gather(v, fragment).mul(1.0 - sum(coefs))
+    for bucket, coef in zip(buckets, coefs, strict=True):
+        if coef:
+            updated.add_(read_bucket(sources, weights, bucket, fragment), alpha=coef)
+    scatter(v, fragment, updated)

@@ -12,8 +12,10 @@ arXiv:2311.08105).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -22,6 +24,7 @@ from crowdtrain.robust.sources import DeltaSource
 __all__ = [
     "Fragment",
     "Piece",
+    "for_each_fragment",
     "gather",
     "plan_fragments",
     "read_fragment",
@@ -73,6 +76,22 @@ def plan_fragments(shapes: Mapping[str, tuple[int, ...]], fragment_numel: int) -
     if pieces:
         fragments.append(Fragment(tuple(pieces), filled))
     return fragments
+
+
+T = TypeVar("T")
+
+
+def for_each_fragment(
+    fn: Callable[[Fragment], T], fragments: Sequence[Fragment], workers: int = 1
+) -> list[T]:
+    """``fn`` of every fragment, in fragment order, on ``workers`` threads (torch's kernels
+    release the GIL, so fragments decode and add in parallel). ``fn`` may write its own
+    fragment's elements of shared tensors: fragments never overlap. Peak memory grows by the
+    buffers of ``workers`` fragments at once."""
+    if workers <= 1 or len(fragments) <= 1:
+        return [fn(fragment) for fragment in fragments]
+    with ThreadPoolExecutor(min(workers, len(fragments)), "crowdtrain-fragment") as pool:
+        return list(pool.map(fn, fragments))
 
 
 def read_fragment(source: DeltaSource, fragment: Fragment, label: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,18 +145,22 @@ class _LazyPayload:
     def __init__(self, path: Path | None, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self._path, self._shapes = path, shapes
         self._source: codec.PayloadSource | None = None
+        self._opening = threading.Lock()  # on-arrival work and the close may both read it
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        if self._source is None:
-            if self._path is None:
-                raise FileNotFoundError("the contribution's payload blob is gone")
-            self._source = codec.PayloadSource.from_file(self._path, self._shapes)
-        return self._source.read(name, start, stop)
+        with self._opening:
+            if self._source is None:
+                if self._path is None:
+                    raise FileNotFoundError("the contribution's payload blob is gone")
+                self._source = codec.PayloadSource.from_file(self._path, self._shapes)
+            source = self._source
+        return source.read(name, start, stop)
 
     def close(self) -> None:
-        if self._source is not None:
-            self._source.close()
-            self._source = None
+        with self._opening:
+            if self._source is not None:
+                self._source.close()
+                self._source = None
 
 
 class Coordinator:
@@ -171,6 +176,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         eval_batch_count: int = 4,
         trackers: list[Tracker] | None = None,
+        workers: int = 1,
     ) -> None:
         self.config = config
         self.state_dir = state_dir
@@ -189,6 +195,14 @@ class Coordinator:
         self._sources: list[_LazyPayload] = []
         self._replays: list[VerifyOrder] = []  # spot-checks the coordinator runs itself
         self._replaying: threading.Thread | None = None
+        # On-arrival work (norms, fingerprints, scores of accepted contributions), off the
+        # round's critical path; every event that may close a round waits for it first.
+        self.workers = max(1, workers)
+        self.on_arrival = workers > 0  # workers=0: everything at the close (for comparison)
+        self._arrival_lock = threading.Lock()
+        self.arrival_s = 0.0  # seconds of on-arrival work done so far, all threads together
+        self._arrivals = ThreadPoolExecutor(self.workers, "crowdtrain-arrival")
+        self._pending: list[Future[None]] = []
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -281,6 +295,11 @@ class Coordinator:
         self._sources.clear()
 
     def _load_protocol(self) -> RoundProtocol:
+        proto = self._restore_protocol()
+        proto.workers = self.workers
+        return proto
+
+    def _restore_protocol(self) -> RoundProtocol:
         latest = self.store.latest_version()
         if latest is None:
             theta0 = initial_state(self.config.model)
@@ -319,8 +338,33 @@ class Coordinator:
 
     # --- requests ------------------------------------------------------------------------
 
+    def shutdown(self) -> None:
+        """Stop the on-arrival workers (what they were doing is recomputed at the close)."""
+        self._arrivals.shutdown(wait=True, cancel_futures=True)
+
+    def _timed(self, job: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            job()
+        finally:
+            with self._arrival_lock:
+                self.arrival_s += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Wait for the on-arrival work of the contributions accepted so far."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            try:
+                job.result()
+            except Exception:  # the close computes whatever a failed job left out
+                log.exception("on-arrival work failed")
+
     def _handle(self, event: Event) -> list[Decision]:
-        """Hand `event` to the protocol (the caller holds the lock), timing a round's close."""
+        """Hand `event` to the protocol (the caller holds the lock), timing a round's close.
+        Every event but a heartbeat may close the round, so the on-arrival work is waited for
+        first: the close then finds it done."""
+        if not isinstance(event, PeerSeen):
+            self.settle()
         opened_at = self.protocol.opened_at
         t0 = time.perf_counter()
         decisions = self.protocol.handle(event)
@@ -510,6 +554,11 @@ class Coordinator:
             # The contribution row, a round it closed and the snapshot commit together.
             self._persist(decisions, row)
             current, finished = self.protocol.round, self.protocol.finished
+            job = None
+            if row is not None and not any(isinstance(d, RoundClosed) for d in decisions):
+                job = self.protocol.analysis_job(peer_id, round_number)
+            if job is not None and self.on_arrival:
+                self._pending.append(self._arrivals.submit(self._timed, job))
         for d in decisions:
             if isinstance(d, Accepted):
                 return {"receipt": d.receipt, "weight": d.weight}

@@ -59,12 +59,15 @@ def serve(
     admin: str | None = None,
     trackers: list[Tracker] | None = None,
     announce: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> None:
-    """Start the coordinator for `config` with its state in `state_dir` and serve until stopped."""
+    """Start the coordinator for `config` with its state in `state_dir` and serve until stopped.
+    `workers`: threads for the work done on each contribution as it arrives (and for the
+    close's aggregation)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     token = admin_token(state_dir, admin)
     coordinator = Coordinator(
-        config, state_dir, invite=invite, admin_token=token, trackers=trackers
+        config, state_dir, invite=invite, admin_token=token, trackers=trackers, workers=workers
     )
     sock = bind(host, port)
     bound = sock.getsockname()[1]
@@ -82,4 +85,5 @@ def serve(
     try:
         server.run(sockets=[sock])
     finally:
+        coordinator.shutdown()
         coordinator.trackers.close()
