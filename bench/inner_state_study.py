@@ -22,7 +22,9 @@ plain mean) with `LocalTrainer`, so the inner state can be varied without the pr
 the workers' gradients from the probe batches (``train.moments.second_moment``'s `workers`,
 the protocol's estimate since it was measured here), ``"mean_grad"`` squares the gradient of the
 probe batches pooled into one; by default it is their mean squared gradient (one worker's).
-Each variant may also set "outer": [lr, momentum] (Nesterov; default plain averaging),
+"probe_at": "base" takes the probe gradients at the round's starting θ instead of the new one
+(what a coordinator can compute while the round runs, off its close). Each variant may also set
+"outer": [lr, momentum] (Nesterov; default plain averaging),
 "workers", "seed", "steps" (default 400) and "beta2" (default 0.95, AdamW's β₂ when the study
 ran; the config's default is now 0.99). Prints: variant, final eval loss, wall seconds.
 """
@@ -115,14 +117,13 @@ def run(v: dict[str, Any]) -> float:
             published = mean_moments(keep)
         elif mode == "probe_v_derived_m":
             probe = [next(probe_stream) for _ in range(int(v.get("probe", 4)))]
+            at = before if v.get("probe_at") == "base" else theta
             if v.get("v_of") == "mean_grad":
                 pooled = [(torch.cat([x for x, _ in probe]), torch.cat([y for _, y in probe]))]
-                published = factor(second_moment(cfg.model, cfg.inner, theta, pooled))
+                published = factor(second_moment(cfg.model, cfg.inner, at, pooled))
             else:
                 workers = s.workers if v.get("v_of") == "workers" else 1
-                published = factor(
-                    second_moment(cfg.model, cfg.inner, theta, probe, workers=workers)
-                )
+                published = factor(second_moment(cfg.model, cfg.inner, at, probe, workers=workers))
             derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
         elif mode.startswith("factored"):
             published = mean_moments([factor(e, first=mode == "factored_mv") for e in ends])

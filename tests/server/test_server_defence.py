@@ -206,3 +206,29 @@ def test_the_coordinator_replays_spot_checks_itself_when_configured(
     cheat_entry = next(p for p in coord.status()["peers"] if p["name"] == "cheat")
     assert cheat_entry["banned"] and "replay differs" in cheat_entry["ban_reason"]
     assert coord.store.get_peer(cheat) is not None and coord.store.get_peer(cheat).banned
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_work_on_arrival_in_worker_threads_screens_the_round(
+    config: RunConfig, tmp_path: Path, clock: FakeClock, workers: int
+) -> None:
+    """The coordinator computes each accepted contribution's norm, fingerprint and score on
+    its worker threads as it arrives (workers=0: all at the close), and the close uses them:
+    the sign-flipped upload is flagged, the others aggregated (that the decisions are the
+    same either way is asserted on the protocol, tests/protocol/test_protocol_defence.py)."""
+    cfg = defended(config, score_per_round=4, score_min_steps=1)
+    cfg = cfg.model_copy(update={"rounds": cfg.rounds.model_copy(update={"quorum": 4})})
+    torch.set_num_threads(1)
+    coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1, workers=workers)
+    peers = [coord.register(f"p{i}", None, {})["peer_id"] for i in range(4)]
+    for i, peer in enumerate(peers):
+        honest_upload(coord, cfg, peer, flip=i == 3)
+        if i < 3:
+            assert coord.protocol.version == 0
+    assert coord.protocol.version == 1 and coord.protocol.scored == 4
+    assert (coord.arrival_s > 0) == (workers > 0)
+    flagged = [
+        (v["peer"], v["stage"]) for v in coord.status()["verdicts"] if v["outcome"] == "flagged"
+    ]
+    assert flagged == [("p3", "usefulness")]
+    coord.shutdown()
