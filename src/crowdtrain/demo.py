@@ -124,8 +124,10 @@ def _status_table(status: dict[str, Any], elapsed: float) -> Table:
             "yes" if p.get("banned") else "",
         )
     if last:
+        loss = last["eval_loss"]
         table.caption = (
-            f"last closed round {last['round']}: eval loss {last['eval_loss']:.4f}, "
+            f"last closed round {last['round']}: eval loss "
+            f"{'(evaluating)' if loss is None else f'{loss:.4f}'}, "
             f"{last['contributors']} contributions, {last['bytes_up']:,} bytes up"
         )
     return table

@@ -95,6 +95,7 @@ def test_dashboard_document_after_a_round(
     assert mid["round"]["assigned"] == ["alice"] and mid["round"]["submitted"] == []
     close_round(admin_client, config, peers)
     admin_coordinator.tick()
+    admin_coordinator.settle()  # the new version's evaluation runs after its commit
     doc = admin_client.get("/v1/dashboard").json()
     assert doc["version"] == 1 and doc["round"]["number"] == 1
     (row,) = doc["rounds"]
@@ -139,6 +140,7 @@ def test_metrics_count_rounds_contributions_and_bytes(
     assert bad.status_code == 400
     close_round(admin_client, config, peers)
     admin_coordinator.tick()
+    admin_coordinator.settle()  # the new version's evaluation runs after its commit
     assert metric(admin_client, "crowdtrain_rounds_total") == 1
     assert metric(admin_client, "crowdtrain_round") == 1
     assert metric(admin_client, "crowdtrain_contributions_total", outcome="accepted") == 2
@@ -156,6 +158,7 @@ def test_trackers_get_each_closed_round(
 ) -> None:
     peers = [register(admin_client, "a"), register(admin_client, "b")]
     close_round(admin_client, config, peers)
+    admin_client.app.state.coordinator.settle()  # type: ignore[attr-defined]
     ((numbers, step),) = tracker.logged
     assert step == 0 and numbers["contributors"] == 2 and numbers["samples"] == 16
     assert numbers["eval_loss"] > 0 and numbers["compute_utilization"] == pytest.approx(0.75)

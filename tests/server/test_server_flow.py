@@ -107,6 +107,7 @@ def test_rounds_close_and_the_run_finishes(
         assert client.post("/v1/work", headers=a.auth).json()["kind"] == "wait"
         r = upload(client, b, rnd, make_payload(config, 10 * rnd + 1), meta(rnd))
         assert r.status_code == 200, r.text
+        client.app.state.coordinator.settle()  # type: ignore[attr-defined]  # the evaluation
         status = client.get("/v1/status").json()
         assert status["version"] == rnd + 1
         assert len(status["rounds"]) == rnd + 1

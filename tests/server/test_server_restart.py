@@ -26,9 +26,10 @@ from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.protocol.broadcast import weights_bytes
 from crowdtrain.train import evaluate
 
-EVALUATE = "crowdtrain.server.coordinator.evaluate"  # patched to fail a round's close
+WRITE = "crowdtrain.server.coordinator.weights_bytes"  # patched to fail a round's close
 
 
 def start(config: RunConfig, state: Path, clock: FakeClock) -> Coordinator:
@@ -87,10 +88,10 @@ def test_crash_while_closing_a_round_loses_no_receipt(
         work(a_client, p1), work(a_client, p2)
         first = upload(a_client, p1, 0, make_payload(config, 1)).json()
 
-        def crash(*args: object, **kwargs: object) -> float:
-            raise RuntimeError("simulated crash while evaluating the new weights")
+        def crash(*args: object, **kwargs: object) -> bytes:
+            raise RuntimeError("simulated crash while writing the new weights")
 
-        monkeypatch.setattr(EVALUATE, crash)
+        monkeypatch.setattr(WRITE, crash)
         r = upload(a_client, p2, 0, make_payload(config, 2))
         assert_error(r, 500)
         assert "simulated" not in r.text
@@ -135,14 +136,14 @@ def test_a_failed_close_leaves_the_live_coordinator_consistent(
     first = upload(client, p1, 0, make_payload(config, 1)).json()
     calls = 0
 
-    def fail_once(*args: object, **kwargs: object) -> float:
+    def fail_once(*args: object, **kwargs: object) -> bytes:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("no space left on device")
-        return evaluate(*args, **kwargs)  # type: ignore[arg-type]
+        return weights_bytes(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(EVALUATE, fail_once)
+    monkeypatch.setattr(WRITE, fail_once)
     assert_error(upload(client, p2, 0, make_payload(config, 2)), 500)
     assert coordinator.protocol.version == 0
     assert coordinator.protocol.submitted() == (p1.peer_id,)
@@ -154,6 +155,33 @@ def test_a_failed_close_leaves_the_live_coordinator_consistent(
     nxt = work(client, p1)
     assert (nxt["kind"], nxt["round"], nxt["base_version"]) == ("work", 1, 1)
     assert client.get(f"/v1/blobs/{nxt['weights']}").status_code == 200
+
+
+def test_a_version_stored_without_its_evaluation_is_evaluated_at_restart(
+    config: RunConfig, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new version's held-out loss is computed after the version is stored (off the round's
+    critical path); if the coordinator stops before it is, the next start computes it."""
+    state = tmp_path / "state"
+    a_coord = start(config, state, clock)
+
+    def stop(*args: object, **kwargs: object) -> float:
+        raise RuntimeError("simulated stop while evaluating the new weights")
+
+    with TestClient(create_app(a_coord), raise_server_exceptions=False) as a_client:
+        p1, p2 = register(a_client, "one"), register(a_client, "two")
+        work(a_client, p1), work(a_client, p2)
+        upload(a_client, p1, 0, make_payload(config, 1))
+        monkeypatch.setattr("crowdtrain.server.coordinator.evaluate", stop)
+        assert upload(a_client, p2, 0, make_payload(config, 2)).status_code == 200
+        a_coord.settle()  # the evaluation failed, the version and the receipts stand
+        monkeypatch.undo()
+        assert a_coord.store.get_version(1).metrics["eval_loss"] is None  # type: ignore[union-attr]
+        assert a_client.get("/v1/status").json()["rounds"][0]["eval_loss"] is None
+    b_coord = start(config, state, clock)
+    b_coord.settle()
+    loss = b_coord.store.get_version(1).metrics["eval_loss"]  # type: ignore[union-attr]
+    assert loss == evaluate(config.model, b_coord.protocol.params, b_coord.evals)
 
 
 def test_a_restart_keeps_the_compressed_broadcast_exact(

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,7 @@ class Coordinator:
         self.arrival_s = 0.0  # seconds of on-arrival work done so far, all threads together
         self._arrivals = ThreadPoolExecutor(self.workers, "crowdtrain-arrival")
         self._pending: list[Future[None]] = []
+        self._evals: list[Future[None]] = []  # new versions' evaluations, after their commit
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -235,6 +236,10 @@ class Coordinator:
             seed=config.data.seed,
         )
         self.protocol = self._load_protocol()
+        latest = self.store.latest_version()
+        if latest is not None and latest.metrics.get("eval_loss", 0.0) is None:
+            # stopped between storing a version and evaluating it
+            self._evals.append(self._arrivals.submit(self._evaluate, latest, self.protocol.params))
         key = load_or_create_signing_key(state_dir / "coordinator.key")
         initial = self.store.get_version(0)
         assert initial is not None
@@ -351,7 +356,17 @@ class Coordinator:
                 self.arrival_s += time.perf_counter() - t0
 
     def settle(self) -> None:
-        """Wait for the on-arrival work of the contributions accepted so far."""
+        """Wait for the background work so far: the on-arrival work of the contributions
+        accepted, and the evaluation of the versions stored."""
+        self._settle_arrivals()
+        evals, self._evals = self._evals, []
+        for job in evals:
+            try:
+                job.result()
+            except Exception:  # the version stays without its loss; the log says why
+                log.exception("evaluating a new version failed")
+
+    def _settle_arrivals(self) -> None:
         pending, self._pending = self._pending, []
         for job in pending:
             try:
@@ -364,7 +379,7 @@ class Coordinator:
         Every event but a heartbeat may close the round, so the on-arrival work is waited for
         first: the close then finds it done."""
         if not isinstance(event, PeerSeen):
-            self.settle()
+            self._settle_arrivals()
         opened_at = self.protocol.opened_at
         t0 = time.perf_counter()
         decisions = self.protocol.handle(event)
@@ -740,8 +755,11 @@ class Coordinator:
             self.protocol = self._load_protocol()
             raise
         for version in versions:
-            log.info("round %d closed: eval loss %.4f", version.round, version.metrics["eval_loss"])
-            self._report_close(version)
+            if version.metrics["eval_loss"] is None:
+                params = self.protocol.params  # replaced at the next close, never changed
+                self._evals.append(self._arrivals.submit(self._evaluate, version, params))
+            else:
+                self._report_close(version)
         for d in decisions:
             if isinstance(d, Accepted) and new and accepted is not None:
                 self.metrics.contribution(True, samples=accepted.samples)
@@ -756,9 +774,21 @@ class Coordinator:
         if versions:
             self._release_sources()
 
+    def _evaluate(self, version: VersionRow, params: Mapping[str, torch.Tensor]) -> None:
+        """The held-out loss of a stored version, recorded with it and then reported."""
+        t0 = time.perf_counter()
+        loss = evaluate(self.config.model, params, self.evals)
+        metrics = {**version.metrics, "eval_loss": loss}
+        with self.lock:
+            with self.store.transaction():
+                self.store.set_version_metrics(version.version, metrics)
+            self.last_close_timing["eval_s"] = time.perf_counter() - t0
+        self._report_close(replace(version, metrics=metrics))
+
     def _report_close(self, version: VersionRow) -> None:
-        """A closed round's numbers to Prometheus and the experiment trackers."""
+        """A closed round's numbers to the log, Prometheus and the experiment trackers."""
         m = version.metrics
+        log.info("round %d closed: eval loss %.4f", version.round, m["eval_loss"])
         self.metrics.round_closed(
             round=version.round,
             version=version.version,
@@ -800,8 +830,11 @@ class Coordinator:
         update = self.protocol.broadcast.update
         update_sha = self.blobs.put_bytes(update) if update is not None else None
         t1 = time.perf_counter()
-        eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
-        self.last_close_timing = {"persist_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+        self.last_close_timing = {"persist_s": t1 - t0}
+        eval_loss = None  # evaluated after the commit, off the round's critical path
+        if self.protocol.finished:  # nothing waits on the last version: its loss comes with it
+            eval_loss = evaluate(self.config.model, tensors["params"], self.evals)
+            self.last_close_timing["eval_s"] = time.perf_counter() - t1
         compute = [self._compute.pop((p, closed.round), (0.0, 0.0)) for p in closed.contributors]
         wall = sum(w for _, w in compute)
         self._compute = {k: v for k, v in self._compute.items() if k[1] > closed.round}

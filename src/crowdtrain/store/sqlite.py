@@ -349,6 +349,15 @@ class SqliteStateStore:
             f"Model version {row.version}",
         )
 
+    def set_version_metrics(self, version: int, metrics: dict[str, Any]) -> None:
+        changed = self._write(
+            "UPDATE versions SET metrics = ? WHERE version = ?",
+            (_dumps(metrics), version),
+            f"Model version {version}",
+        )
+        if not changed:
+            raise KeyError(f"there is no model version {version}")
+
     def latest_version(self) -> VersionRow | None:
         rows = self._read(f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version DESC LIMIT 1")
         return _version(rows[0]) if rows else None

@@ -153,6 +153,11 @@ class StateStore(Protocol):
         """Store a new model version; `AlreadyExists` if the number is taken."""
         ...
 
+    def set_version_metrics(self, version: int, metrics: dict[str, Any]) -> None:
+        """Replace a stored version's metrics (its evaluation arrives after it is stored);
+        KeyError for an unknown version."""
+        ...
+
     def latest_version(self) -> VersionRow | None:
         """The version with the highest number, or None before θ_0 is stored."""
         ...
