@@ -26,7 +26,6 @@ from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
-from crowdtrain.protocol.broadcast import weights_bytes
 from crowdtrain.train import evaluate
 
 WRITE = "crowdtrain.server.coordinator.weights_bytes"  # patched to fail a round's close
