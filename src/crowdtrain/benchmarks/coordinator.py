@@ -16,8 +16,9 @@ contributions of a GPT of about 10M, 100M or 1B parameters per round, and times 
   payloads, fragments on `workers` threads), the outer step, the compressed weight broadcast
   and the published AdamW moments (gradients at the new θ on the coordinator's own batches),
   each timed (`RoundProtocol.close_timing`);
-- **persist**: writing θ, the outer state, the aggregate, moments and broadcast as blobs;
-- **eval**: the new θ's loss on the held-out batches.
+- **persist**: writing θ, the outer state, the aggregate, moments and broadcast as blobs
+  (part of the close: the version is committed after it);
+- **eval**: the new θ's loss on the held-out batches, on a worker thread after the commit.
 
 In the same run, the **floor**: one vectorized pass that reads every stored payload (mapped
 from disk) and adds it into an fp32 accumulator: the least any aggregation of these bytes can
@@ -199,9 +200,9 @@ def run_coordinator_bench(
         p: {
             "s": round(med[f"{p}_s"], 4),
             # on-arrival work runs on other threads during the accepts (its memory is counted
-            # there), persist and evaluation inside the close's span
+            # there), persisting inside the close's span
             "peak_rss_mb": round(max(rss.peaks[f"{p}@{r}"] for r in range(rounds)), 1)
-            if p in ("receive", "accept", "close")
+            if p in ("receive", "accept", "close", "eval")
             else None,
         }
         for p in PHASES
@@ -282,10 +283,12 @@ def _round(
             close_after_last = time.perf_counter() - t1
         del payload
     assert coord.protocol.version == r + 1, "the round did not close"
+    with rss.during(f"eval@{r}"):
+        coord.settle()  # the new version's evaluation, after its commit
     steps = dict(coord.protocol.close_timing)
     persist = coord.last_close_timing.get("persist_s", 0.0)
     eval_s = coord.last_close_timing.get("eval_s", 0.0)
-    close = close_after_last - persist - eval_s
+    close = close_after_last - persist
     with rss.during(f"floor@{r}"):
         floor = floor_pass(paths, numel)
     arrival = coord.arrival_s - arrival0
@@ -298,7 +301,7 @@ def _round(
         "persist_s": persist,
         "eval_s": eval_s,
         "close_after_last_s": close_after_last,
-        "total_s": receive + accept + arrival + close_after_last,
+        "total_s": receive + accept + arrival + close_after_last + eval_s,
         "floor_s": floor,
         **{f"step_{k}": v for k, v in steps.items()},
     }
