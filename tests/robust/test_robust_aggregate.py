@@ -205,7 +205,8 @@ def test_fragment_size_does_not_change_the_result(method: str, fragment_numel: i
 @pytest.mark.parametrize("method", ["mean", "centered_clip"])
 def test_workers_do_not_change_a_single_bit(method: str) -> None:
     """Fragments in parallel on several threads: the aggregate, every distance and scale are
-    identical to one thread's (per-fragment sums are added in fragment order)."""
+    identical to one thread's (per-fragment sums are added in fragment order); so are the
+    aggregate and scales when the contributions' own distances are not measured."""
     contributions = make_contributions(7, seed=4)
     sources = [DictSource(c) for c in contributions]
     weights = make_weights(7, seed=4)
@@ -217,6 +218,9 @@ def test_workers_do_not_change_a_single_bit(method: str) -> None:
         got = aggregate(sources, weights, SHAPES, cfg, reference=reference, seed=5, workers=workers)
         assert all(torch.equal(got.delta[k], one.delta[k]) for k in SHAPES)
         assert (got.distances, got.scales, got.tau) == (one.distances, one.scales, one.tau)
+    bare = aggregate(sources, weights, SHAPES, cfg, reference=reference, seed=5, distances=False)
+    assert all(torch.equal(bare.delta[k], one.delta[k]) for k in SHAPES)
+    assert bare.distances == [] and (bare.scales, bare.tau) == (one.scales, one.tau)
 
 
 def test_reference_is_not_modified_and_output_is_fresh() -> None:

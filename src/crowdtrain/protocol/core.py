@@ -556,6 +556,7 @@ class RoundProtocol:
                 reference=self.last_aggregate,
                 seed=self.config.seed * 1_000_003 + rnd.number,
                 workers=self.workers,
+                distances=False,  # the screening stages measured what they need on arrival
             )
             lap("aggregate_s")
             # θ is replaced, never changed in place: an analysis job may still read θ_r.
