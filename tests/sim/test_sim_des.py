@@ -269,6 +269,16 @@ def test_the_coordinators_close_time_delays_the_next_base(
     assert result.virtual_time_s == pytest.approx(3 * (one + close))
 
 
+def test_a_close_that_costs_by_contributions_is_charged_per_round(
+    corpus_file: Path, data_dir: Path
+) -> None:
+    peers = [peer(i) for i in range(3)]
+    result = run(config(corpus_file, data_dir), peers, coordinator_close_s=lambda k: 0.1 * k)
+    one = DOWNLOAD + compute_s(peers[0]) + UPLOAD
+    assert [r["close_s"] for r in result.rounds] == pytest.approx([0.3] * 3)
+    assert durations(result) == pytest.approx([one + 0.3] * 3)
+
+
 def test_crashes_mid_round_lose_work_and_the_volunteer_comes_back(
     corpus_file: Path, data_dir: Path
 ) -> None:

@@ -287,8 +287,8 @@ class RoundProtocol:
 
     def analysis_job(self, peer_id: str, round_number: int) -> Callable[[], None] | None:
         """What the close would compute for the contribution PEER_ID just had accepted for
-        ROUND_NUMBER from it alone (its norm, fingerprint and, if it ranks among the first to
-        be scored, its usefulness score: `screening.analyze`), as a job a driver may run in
+        ROUND_NUMBER from it alone (its norm and fingerprint: `screening.analyze`) and the
+        usefulness scores due by then (`screening.to_score`), as a job a driver may run in
         any thread as soon as the contribution arrives; the close reuses its result if it
         finished (the same numbers either way) and computes it otherwise. None when there is
         nothing to do. Call it under the driver's lock; the job itself reads only immutable
@@ -300,7 +300,10 @@ class RoundProtocol:
         if sub is None or sub.round != round_number:
             return None
         subs = [*rnd.submissions.values(), *rnd.late.values()]
-        return self.verification.analysis_job(rnd.number, self.version, sub, subs, self._ledger())
+        expected = max(len(rnd.orders), self.config.rounds.quorum)
+        return self.verification.analysis_job(
+            rnd.number, self.version, sub, subs, expected, self._ledger()
+        )
 
     # --- events in, decisions out --------------------------------------------------------
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,32 +125,40 @@ class Analysis:
     """What the stages learn from one contribution alone at one θ: its norm, its fingerprint
     and, when it was scored, its usefulness score. The same inputs give the same analysis
     whenever it is computed, so a driver may compute it as the contribution arrives
-    (`analyze`), off the round's critical path, and the close (`screen`) reuses it."""
+    (`analyze`, `score`), off the round's critical path, and the close (`screen`) reuses
+    it."""
 
     norm: float
     fingerprint: torch.Tensor
     score: Score | None = None
 
 
-def analyze(c: Candidate, ctx: Context, *, score: bool) -> Analysis:
-    """Stage (b)'s norm and stage (c)'s fingerprint of one contribution, and with `score`
-    (for an eligible candidate) stage (f)'s score."""
-    cfg = ctx.config
-    norm = global_norms([c.delta], ctx.shapes, cfg.aggregation.fragment_numel)[0]
-    scored = _score(c, ctx) if score and ctx.eligible(c) else None
-    return Analysis(norm, _fingerprint(c.delta, ctx), scored)
+def analyze(c: Candidate, ctx: Context) -> Analysis:
+    """Stage (b)'s norm and stage (c)'s fingerprint of one contribution."""
+    norm = global_norms([c.delta], ctx.shapes, ctx.config.aggregation.fragment_numel)[0]
+    return Analysis(norm, _fingerprint(c.delta, ctx))
 
 
-def should_score(c: Candidate, others: Sequence[Candidate], ctx: Context) -> bool:
-    """Whether to score C as it arrives: it is eligible and ranks among the first
-    `score_per_round` of the round's contributions so far. Every contribution the close
-    will score ranked so when it arrived, unless one ahead of it is excluded by a stage
-    that needs the whole round (norms, copies): the close scores those few itself."""
-    if not ctx.eligible(c):
-        return False
-    mine = ctx.priority(c)
-    ahead = sum(ctx.priority(o) < mine for o in others if o.key != c.key and ctx.eligible(o))
-    return ahead < ctx.config.defence.score_per_round
+def score(c: Candidate, ctx: Context) -> Score:
+    """Stage (f)'s usefulness score of one eligible contribution."""
+    return _score(c, ctx)
+
+
+def to_score(
+    arrived: Sequence[Candidate], ctx: Context, *, expected: int, done: Collection[str]
+) -> list[Candidate]:
+    """Which of the contributions ARRIVED so far to score now, before the close: those not
+    DONE (scored or being scored) among the first `score_per_round` eligible ones by
+    priority, once at least half of the EXPECTED contributions are in. Every contribution the
+    close scores ranks among the first when it arrives (or when half are in), unless one
+    ahead of it is excluded by a stage that needs the whole round (norms, copies), which the
+    close then scores itself; waiting for half the round keeps the scores spent on
+    contributions that later arrivals push out of the first to about score_per_round × ln 2
+    (instead of score_per_round × ln(expected / score_per_round))."""
+    if 2 * len(arrived) < expected:
+        return []
+    ranked = sorted((c for c in arrived if ctx.eligible(c)), key=ctx.priority)
+    return [c for c in ranked[: ctx.config.defence.score_per_round] if c.key not in done]
 
 
 def screen(
@@ -172,7 +180,7 @@ def screen(
     are kept."""
     cfg = ctx.config.defence
     known = dict(analyses or {})
-    done = [known.get(c.key) or analyze(c, ctx, score=False) for c in candidates]
+    done = [known.get(c.key) or analyze(c, ctx) for c in candidates]
     flags: dict[str, tuple[str, str]] = {}
     norms = [a.norm for a in done]
     for c, reason in zip(

@@ -57,8 +57,9 @@ from crowdtrain.protocol.screening import (
     Context,
     Scorers,
     analyze,
+    score,
     screen,
-    should_score,
+    to_score,
 )
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.claims import check_claim
@@ -72,6 +73,7 @@ from crowdtrain.robust.reputation import (
     weight_factor,
 )
 from crowdtrain.robust.spotcheck import compare, mismatch
+from crowdtrain.robust.usefulness import Score
 
 #: Pending spot-checks lapse after this many rounds without a verifier.
 CHECK_LIFETIME_ROUNDS = 3
@@ -143,8 +145,11 @@ class Verification:
         self.verdicts: list[Verdict] = []
         self.scored = 0  # usefulness evaluations so far
         self._scorers = Scorers(config.model)
-        # Analyses computed as contributions arrived, by (key, version of θ, closing round).
+        # Analyses and scores computed as contributions arrived, by (key, version of θ,
+        # closing round), and the keys whose scores are done or under way.
         self._analyses: dict[tuple[str, int, int], Analysis] = {}
+        self._scores: dict[tuple[str, int, int], Score] = {}
+        self._scoring: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -219,24 +224,29 @@ class Verification:
         version: int,
         sub: Submission,
         round_subs: list[Submission],
+        expected: int,
         ledger: Ledger,
     ) -> Callable[[], None] | None:
-        """The work round NUMBER's close would do for SUB alone (`screening.analyze`: norm,
-        fingerprint, and its score if it ranks among the first to be scored), as a job for
-        any thread: it reads only θ of VERSION (the protocol replaces θ at a close, never
-        changes it in place) and SUB's payload, and leaves its result for the close, which
+        """The work round NUMBER's close would do for SUB alone (`screening.analyze`: norm and
+        fingerprint) and the usefulness scores due by now (`screening.to_score`, of the
+        round's contributions ROUND_SUBS, EXPECTED of them in all), as a job for any thread:
+        it reads only θ of VERSION (the protocol replaces θ at a close, never changes it in
+        place) and the contributions' payloads, and leaves its results for the close, which
         computes whatever is missing. None when the stages are off."""
         if not self.enabled:
             return None
         ctx = self._context(number, ledger)
         c = self._candidate(sub, ledger)
-        score = should_score(c, [self._candidate(s, ledger) for s in round_subs], ctx)
-        slot = (sub.key, version, number)
+        arrived = [self._candidate(s, ledger) for s in round_subs]
+        due = to_score(arrived, ctx, expected=expected, done=self._scoring) if ctx.scoring else []
+        self._scoring.update(d.key for d in due)
 
         def job() -> None:
             # A source closed under it: the close computes it again, and reports any error.
             with contextlib.suppress(ValueError):
-                self._analyses[slot] = analyze(c, ctx, score=score)
+                self._analyses[(c.key, version, number)] = analyze(c, ctx)
+                for d in due:
+                    self._scores[(d.key, version, number)] = score(d, ctx)
 
         return job
 
@@ -252,8 +262,15 @@ class Verification:
         """Stages (b), (c), (f) on round NUMBER's contributions (θ of VERSION); flagged ones
         leave `subs`. `common` is the part of Δ every honest contribution shares
         (`screening.screen`)."""
-        analyses = {k: a for (k, v, n), a in self._analyses.items() if v == version and n == number}
+        scores = {k: s for (k, v, n), s in self._scores.items() if v == version and n == number}
+        analyses = {
+            k: replace(a, score=scores.get(k))
+            for (k, v, n), a in self._analyses.items()
+            if v == version and n == number
+        }
         self._analyses.clear()
+        self._scores.clear()
+        self._scoring.clear()
         candidates = [self._candidate(s, ledger) for s in subs]
         outcome = screen(
             candidates,

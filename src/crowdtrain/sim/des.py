@@ -222,7 +222,7 @@ def simulate(
     online: Mapping[str, list[Interval]] | None = None,
     coordinator_in_bps: float = math.inf,
     coordinator_out_bps: float = math.inf,
-    coordinator_close_s: float = 0.0,
+    coordinator_close_s: float | Callable[[int], float] = 0.0,
     eval_batches: int = 8,
     eval_batch_size: int = 16,
     goodbye: bool = False,
@@ -237,8 +237,9 @@ def simulate(
     `online` maps a peer id to its online intervals ``[start, end)`` in time order (a peer it
     leaves out, or every peer when it is None, is always online). `goodbye` makes a peer that
     goes offline say so (`PeerLeft`) instead of going silent. `coordinator_close_s` is the
-    coordinator's own time to close a round (aggregate, evaluate, persist): the next base goes
-    out that long after the last awaited upload. The coordinator ticks, and online peers send
+    coordinator's own time to close a round (seconds, or seconds as a function of the round's
+    contributions: `sim.coordinator_cost`): the next base goes out that long after the last
+    awaited upload. The coordinator ticks, and online peers send
     heartbeats, every `tick_s` (default: the networked client's heartbeat interval,
     ``peer_timeout_s / 4`` within 1–15 s). A work order's training crashes part-way with
     probability `fail_mid_round` (its work is lost; the volunteer is back after `restart_s`).
@@ -253,8 +254,11 @@ def simulate(
     if len(set(ids)) != len(ids):
         raise ValueError("peer ids in the population must be unique")
     tick = vm.heartbeat_interval(config) if tick_s is None else tick_s
+    close = (
+        coordinator_close_s if callable(coordinator_close_s) else _fixed(float(coordinator_close_s))
+    )
     for name, value in (
-        ("coordinator_close_s", coordinator_close_s),
+        ("coordinator_close_s", close(1)),
         ("restart_s", restart_s),
     ):
         if not (math.isfinite(value) and value >= 0):
@@ -303,7 +307,7 @@ def simulate(
 
     options = _Options(
         goodbye=goodbye,
-        close_s=coordinator_close_s,
+        close_s=close,
         tick_s=tick,
         fail_mid_round=fail_mid_round,
         restart_s=restart_s,
@@ -435,12 +439,18 @@ class _Peer:
         return any(start > now for start, _ in self.intervals)
 
 
+def _fixed(seconds: float) -> Callable[[int], float]:
+    """A close that takes the same seconds whatever it aggregates."""
+    return lambda k: seconds
+
+
 @dataclass(frozen=True)
 class _Options:
     """How the simulated coordinator and volunteers behave beyond the run config."""
 
     goodbye: bool = False  # a leaving peer says PeerLeft instead of going silent
-    close_s: float = 0.0  # the coordinator's compute per close: no new base before it is done
+    # The coordinator's compute per close of K contributions: no new base before it is done.
+    close_s: Callable[[int], float] = lambda k: 0.0
     tick_s: float = 15.0  # how often the coordinator ticks and online peers heartbeat
     fail_mid_round: float = 0.0  # chance that a work order's training crashes part-way
     restart_s: float = 60.0  # how long a crashed volunteer takes to come back
@@ -548,8 +558,9 @@ class _Sim:
         return None if order.prior is None else self.starts[order.prior.payload_ref][1]
 
     def closed(self, d: pr.RoundClosed) -> None:
-        # The coordinator aggregates and evaluates for `close_s`; the new base is out after it.
-        now = self.loop.now + self.options.close_s
+        # The coordinator closes the round (`close_s`); the new base is out after it.
+        close_s = self.options.close_s(len(d.contributors))
+        now = self.loop.now + close_s
         self.ready_at = now
         for pid in d.contributors:
             self.peers[pid].contributions += 1
@@ -559,6 +570,7 @@ class _Sim:
             "eval_loss": self.evaluate_now(),
             "contributions": len(d.contributors),
             "duration_s": now - self.opened_at,
+            "close_s": close_s,
         }
         self.rounds.append(row)
         self.opened_at = now

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from crowdtrain.adversary import ATTACKS
 from crowdtrain.config import BroadcastConfig, CodecConfig, ConfigError, RunConfig, parse_config
+from crowdtrain.sim.coordinator_cost import close_cost
 from crowdtrain.sim.network import transfer_time
 from crowdtrain.sim.population import (
     PeerSpec,
@@ -125,14 +126,28 @@ class TargetConfig(BaseModel):
 
 
 class CoordinatorConfig(BaseModel):
-    """The coordinator's own links in bit/s (``inf``: not a bottleneck), and the seconds it
-    takes to close a round (aggregate, evaluate, persist) before the next base goes out."""
+    """The coordinator's own links in bit/s (``inf``: not a bottleneck), and what it takes to
+    close a round before the next base goes out: by default the cost model fitted to
+    `crowdtrain bench coordinator` (`sim.coordinator_cost`) for its ``workers`` aggregation
+    threads and its ``flops`` on model passes (None: those CPU threads'), or a fixed
+    ``close_s`` in seconds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     in_bps: float = Field(math.inf, gt=0.0)
     out_bps: float = Field(math.inf, gt=0.0)
-    close_s: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    close_s: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    workers: int = Field(2, ge=1, le=100_000)
+    flops: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    def close(self, run: RunConfig, target: Target) -> Callable[[int], float]:
+        """Seconds a close of K contributions takes, as a function of K."""
+        if self.close_s is not None:
+            fixed = self.close_s
+            return lambda k: fixed
+        return close_cost(
+            run, target.params, target.tokens_per_step, workers=self.workers, flops=self.flops
+        ).seconds
 
 
 class ChurnConfig(BaseModel):
@@ -391,7 +406,7 @@ def simulate_scenario(
         online=setup.online,
         coordinator_in_bps=scenario.coordinator.in_bps,
         coordinator_out_bps=scenario.coordinator.out_bps,
-        coordinator_close_s=scenario.coordinator.close_s,
+        coordinator_close_s=scenario.coordinator.close(setup.run, setup.target),
         eval_batches=scenario.swarm.eval_batches,
         eval_batch_size=scenario.swarm.eval_batch_size,
         goodbye=scenario.churn.goodbye,

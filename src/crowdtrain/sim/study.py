@@ -68,17 +68,24 @@ def analytic_study(scenario: Scenario, setup: DesSetup) -> Study:
     pop = scenario.population
     assert pop is not None
     churn = setup.online is not None
-    throughput, rounds = extrapolate_peers(
-        setup.run,
-        population,
-        target,
-        online_fraction=online_fraction(pop) if churn else 1.0,
-        mean_session_s=pop.session_s.mean() if churn else math.inf,
-        coordinator_in_bps=scenario.coordinator.in_bps,
-        coordinator_out_bps=scenario.coordinator.out_bps,
-        close_s=scenario.coordinator.close_s,
-        fail_mid_round=setup.fail_mid_round,
-    )
+    close = scenario.coordinator.close(setup.run, target)
+    close_s = close(0)
+    for _ in range(8):  # the close's cost depends on the contributions, and they on it
+        throughput, rounds = extrapolate_peers(
+            setup.run,
+            population,
+            target,
+            online_fraction=online_fraction(pop) if churn else 1.0,
+            mean_session_s=pop.session_s.mean() if churn else math.inf,
+            coordinator_in_bps=scenario.coordinator.in_bps,
+            coordinator_out_bps=scenario.coordinator.out_bps,
+            close_s=close_s,
+            fail_mid_round=setup.fail_mid_round,
+        )
+        then = close(round(throughput.contributors_per_round))
+        if abs(then - close_s) <= 1e-3 * max(1.0, close_s):
+            break
+        close_s = then
     dc_step = datacenter_step_s(population, target)
     wan_step = ddp_wan_times(
         population, target, [0, 1], allreduce_bytes_per_param=cfg.allreduce_bytes_per_param
@@ -104,6 +111,8 @@ def analytic_study(scenario: Scenario, setup: DesSetup) -> Study:
             "datacenter_proxy_step_s": dc_step,
             "ddp_wan_proxy_step_s": wan_step,
             "churn": churn,
+            "coordinator_close_s": close_s,
+            "coordinator_workers": scenario.coordinator.workers,
         },
         "notes": [
             "extrapolated analytically (sim.analytic), not simulated peer by peer",
