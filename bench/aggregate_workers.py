@@ -31,7 +31,8 @@ def run(
     reference: dict[str, torch.Tensor],
     workers: int,
 ) -> None:
-    aggregate(sources, [1.0] * k, shapes, cfg, reference=reference, workers=workers, distances=False)
+    weights = [1.0] * k
+    aggregate(sources, weights, shapes, cfg, reference=reference, workers=workers, distances=False)
 
 
 def best(fn: object, repeats: int = 3) -> float:
