@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -26,9 +27,9 @@ from crowdtrain.robust import aggregate
 def run(
     sources: list[PayloadSource],
     k: int,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: Mapping[str, tuple[int, ...]],
     cfg: AggregationConfig,
-    reference: dict[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
     workers: int,
 ) -> None:
     weights = [1.0] * k
