@@ -139,11 +139,6 @@ def analyze(c: Candidate, ctx: Context) -> Analysis:
     return Analysis(norm, _fingerprint(c.delta, ctx))
 
 
-def score(c: Candidate, ctx: Context) -> Score:
-    """Stage (f)'s usefulness score of one eligible contribution."""
-    return _score(c, ctx)
-
-
 def to_score(
     arrived: Sequence[Candidate], ctx: Context, *, expected: int, done: Collection[str]
 ) -> list[Candidate]:
@@ -210,15 +205,15 @@ def screen(
     )
     gains: dict[str, tuple[float, float, int]] = {}
     for c, a in ranked[: cfg.score_per_round]:
-        score = a.score if a.score is not None else _score(c, ctx)
+        result = a.score if a.score is not None else score(c, ctx)
         reason = judge(
-            score, min_gain=cfg.score_min_gain, heldout_tol=cfg.score_heldout_tol, z=cfg.score_z
+            result, min_gain=cfg.score_min_gain, heldout_tol=cfg.score_heldout_tol, z=cfg.score_z
         )
         scored += 1
         if reason is not None:
             flags[c.key] = ("usefulness", reason)
         else:
-            gains[c.key] = (score.assigned_gain, cfg.score_z * score.assigned_se, c.own_steps)
+            gains[c.key] = (result.assigned_gain, cfg.score_z * result.assigned_se, c.own_steps)
     flags.update(_weak_gains(gains, cfg.score_rel_gain))
     fingerprints = {
         c.key: fp for c, fp in zip(candidates, prints, strict=True) if c.key not in flags
@@ -226,9 +221,10 @@ def screen(
     return Screened(flags, fingerprints, scored)
 
 
-def _score(c: Candidate, ctx: Context) -> Score:
-    """Stage (f): the losses before and after the contribution on a batch of its peer's own
-    assigned data (one its training read) and on a held-out batch, both drawn secretly."""
+def score(c: Candidate, ctx: Context) -> Score:
+    """Stage (f) for one eligible contribution: the losses before and after it on a batch of
+    its peer's own assigned data (one its training read) and on a held-out batch, both drawn
+    secretly."""
     assert ctx.scorers is not None and ctx.probe is not None
     probe, rng = ctx.probe, ctx.draws(c)
     torch.rand((), generator=rng)  # the tie-break (`Context.priority`)
