@@ -708,7 +708,8 @@ def bench_coordinator(
         typer.Option(
             min=0,
             max=256,
-            help="Coordinator worker threads (0: no on-arrival work, the close on one thread).",
+            help="Coordinator worker threads (0: no on-arrival work, all screening at the "
+            "close, on one thread).",
         ),
     ] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to time.")] = 3,

@@ -27,8 +27,8 @@ cost on this machine. `close_after_last_s` is the wall time from the last payloa
 closed and committed; `total_s` adds every phase's seconds. `workers` is also the number of
 torch threads for the model passes (scoring, moments, evaluation); 0 and 1 mean one core.
 
-`workers=0` keeps the coordinator's older behaviour for comparison: no on-arrival work,
-everything at the close on one thread.
+`workers=0` keeps the coordinator's older behaviour for comparison: no on-arrival work, the
+whole screening at the close, on one thread (the evaluation still follows the commit).
 """
 
 from __future__ import annotations

@@ -376,9 +376,10 @@ class Coordinator:
 
     def _handle(self, event: Event) -> list[Decision]:
         """Hand `event` to the protocol (the caller holds the lock), timing a round's close.
-        Every event but a heartbeat may close the round, so the on-arrival work is waited for
-        first: the close then finds it done."""
-        if not isinstance(event, PeerSeen):
+        Before an event that may close the round, the on-arrival work is waited for, so that
+        the close finds it done (had it not, the close would compute what is missing: the
+        waiting saves work, it is not needed for correctness)."""
+        if not isinstance(event, (PeerSeen, PeerJoined, WorkRequested)):
             self._settle_arrivals()
         opened_at = self.protocol.opened_at
         t0 = time.perf_counter()
