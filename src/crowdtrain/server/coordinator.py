@@ -142,8 +142,13 @@ class _LazyPayload:
     closes; aggregation never holds a decoded fp32 copy of a contribution.
     """
 
-    def __init__(self, path: Path | None, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self._path, self._shapes = path, shapes
+    def __init__(
+        self,
+        path: Path | None,
+        shapes: Mapping[str, tuple[int, ...]],
+        validated: codec.PayloadHeader | None = None,
+    ) -> None:
+        self._path, self._shapes, self._validated = path, shapes, validated
         self._source: codec.PayloadSource | None = None
         self._opening = threading.Lock()  # on-arrival work and the close may both read it
 
@@ -152,7 +157,9 @@ class _LazyPayload:
             if self._source is None:
                 if self._path is None:
                     raise FileNotFoundError("the contribution's payload blob is gone")
-                self._source = codec.PayloadSource.from_file(self._path, self._shapes)
+                self._source = codec.PayloadSource.from_file(
+                    self._path, self._shapes, validated=self._validated
+                )
             source = self._source
         return source.read(name, start, stop)
 
@@ -287,9 +294,11 @@ class Coordinator:
             return {}
         return dict(load_safetensors(self.blobs.read(sha)))
 
-    def _source(self, ref: str) -> DeltaSource:
+    def _source(self, ref: str, header: codec.PayloadHeader | None = None) -> DeltaSource:
+        """A stored payload as a source; with the HEADER its validation returned, opening it
+        skips the data checks (a payload restored from the store is checked again)."""
         path = self.blobs.local_path(ref) if self.blobs.has(ref) else None
-        source = _LazyPayload(path, self.shapes)
+        source = _LazyPayload(path, self.shapes, header)
         self._sources.append(source)
         return source
 
@@ -523,7 +532,7 @@ class Coordinator:
         """
         try:
             payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
-            codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
+            header = codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
         except (codec.PayloadError, BlobTooLarge) as exc:
             with self.lock:
                 self._persist(self._handle(ContributionMalformed(peer_id, round_number, str(exc))))
@@ -534,7 +543,7 @@ class Coordinator:
             peer_id=peer_id,
             round=round_number,
             base_version=meta.base_version,
-            delta=self._source(payload_sha),
+            delta=self._source(payload_sha, header),
             samples=meta.samples,
             tokens=meta.tokens,
             steps=meta.steps,
@@ -597,11 +606,11 @@ class Coordinator:
         """A trusted peer's replay of a spot-checked work order (docs/SECURITY.md, stage g)."""
         try:
             payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
-            codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
+            header = codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
         except (codec.PayloadError, BlobTooLarge) as exc:
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
-        event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha), steps)
+        event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha, header), steps)
         with self.lock:
             decisions = self._handle(event)
             self._persist(decisions)
