@@ -129,7 +129,12 @@ def test_presets_load_and_validate() -> None:
         assert s.target.params == 1_000_000_000 and s.target.steps_per_proxy_step == 25.0
         assert s.target.tokens_per_step == 16 * 2048 and s.population.peers == 16
         assert s.run.codec.name == "int8" and s.run.model == consumer.run.model
-        assert s.run.inner == consumer.run.inner
+        # the same inner schedule; the data-parallel presets train at the DDP reference's
+        # own learning rate, consumer-1b's volunteers at theirs
+        assert s.run.inner.model_copy(update={"lr": 0.0}) == consumer.run.inner.model_copy(
+            update={"lr": 0.0}
+        )
+    assert datacenter.run.inner.lr == consumer.report.ddp_lr
     # a peer of the consumers' mean speed trains 20 proxy steps = H_target 500 per round
     setup = des_setup(datacenter)
     (mean_speed,) = {p.flops for p in setup.population}
