@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdtrain.config import RunConfig
+from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.sim.swarm import SwarmResult, run_swarm
 from crowdtrain_testing import tiny_config
 
@@ -131,3 +131,13 @@ def test_run_swarm_needs_an_honest_peer_and_an_attacker(
     with pytest.raises(ValueError, match="attackers"):
         run_swarm(cfg, PEERS, attack="nan", attackers=attackers)
     assert not (tmp_path / "data").exists()  # refused before any work
+
+
+def test_a_quorum_that_refusals_make_unreachable_is_a_clear_error(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    """Every volunteer is needed for the quorum; once the attacker's upload is refused the round
+    cannot close: one sentence that says why and what to change, not an internal error."""
+    cfg = tiny_config(corpus_file, tmp_path / "data", rounds={"total": ROUNDS, "quorum": PEERS})
+    with pytest.raises(ConfigError, match="quorum is 4 contributions, but only 3 of the 4"):
+        run_swarm(cfg, PEERS, attack="nan", attackers=1)

@@ -30,7 +30,7 @@ from crowdtrain import protocol as pr
 from crowdtrain.adversary import Attacker, Claim, RoundView
 from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
-from crowdtrain.config import RunConfig
+from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
@@ -134,6 +134,15 @@ def run_swarm(
             swarm.act(protocol.handle(pr.Tick()))
         closed = swarm.closed
         if closed is None:
+            got = len(protocol.submitted())
+            if got < config.rounds.quorum:
+                banned = sum(p.standing.banned for p in protocol.peers.values())
+                raise ConfigError(
+                    f"round {protocol.round} cannot close: its quorum is "
+                    f"{config.rounds.quorum} contributions, but only {got} of the "
+                    f"{len(protocol.peers)} volunteers' were accepted ({banned} of the volunteers "
+                    "banned); lower rounds.quorum or run more volunteers"
+                )
             raise RuntimeError("the round did not close after every volunteer contributed")
         measured = swarm.finished or (step + 1) % eval_every == 0
         row = RoundRow(
