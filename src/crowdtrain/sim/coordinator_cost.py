@@ -50,23 +50,16 @@ class CloseCost:
 
     def seconds(self, contributions: int) -> float:
         """Seconds from the last awaited contribution to the new base going out."""
-        k = max(0, contributions)
-        aggregate = (self.passes + 1) * k * self.params * AGGREGATE_S_PER_ELEMENT / self.workers
-        theta = self.params * THETA_S_PER_PARAM
-        moments = self.moment_flop / self.flops if self.moment_flop else 0.0
-        return aggregate + theta + moments
+        return sum(self.parts(contributions).values())
 
     def parts(self, contributions: int) -> dict[str, float]:
-        """The seconds of each part, for reports."""
+        """The seconds of each part of the close."""
         k = max(0, contributions)
+        per_pass = k * self.params * AGGREGATE_S_PER_ELEMENT / self.workers
         return {
-            "aggregate_s": (self.passes + 1)
-            * k
-            * self.params
-            * AGGREGATE_S_PER_ELEMENT
-            / self.workers,
+            "aggregate_s": (self.passes + 1) * per_pass,
             "theta_s": self.params * THETA_S_PER_PARAM,
-            "moments_s": self.moment_flop / self.flops if self.moment_flop else 0.0,
+            "moments_s": self.moment_flop / self.flops,
         }
 
 
