@@ -21,16 +21,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from crowdtrain.sim.report import Curve, efficiency
 from crowdtrain.sim.scenario import des_setup, load_scenario
-
-
-def curve(doc: dict[str, Any], method: str) -> Curve:
-    """One method's curve from a `crowdtrain simulate --json` document."""
-    c = doc["curves"][method]
-    return Curve(method, c["times_s"], c["eval_loss"])
 
 
 def main(
@@ -43,7 +36,7 @@ def main(
     setup = des_setup(load_scenario(scenario or swarm_doc["scenario"]))
     eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
     target: float = swarm_doc["target_loss"] if loss is None else float(loss)
-    swarm, ddp = curve(swarm_doc, "swarm"), curve(swarm_doc, "datacenter")
+    swarm, ddp = Curve.from_report(swarm_doc, "swarm"), Curve.from_report(swarm_doc, "datacenter")
     diloco = Curve(
         "datacenter-diloco", *(ideal_doc["curves"]["swarm"][k] for k in ("times_s", "eval_loss"))
     )

@@ -15,22 +15,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from crowdtrain.sim.report import Curve, time_to_target
 
 
-def curve(doc: dict[str, Any], method: str) -> Curve:
-    c = doc["curves"][method]
-    return Curve(method, c["times_s"], c["eval_loss"])
-
-
 def main(ref_path: str, targets: str, *paths: str) -> None:
     losses = [float(t) for t in targets.split(",")]
-    reference = curve(json.loads(Path(ref_path).read_text()), "datacenter")
+    reference = Curve.from_report(json.loads(Path(ref_path).read_text()), "datacenter")
     for path in (ref_path, *paths):
         doc = json.loads(Path(path).read_text())
-        swarm = curve(doc, "swarm")
+        swarm = Curve.from_report(doc, "swarm")
         cells = []
         for loss in losses:
             t_dc, t_swarm = time_to_target(reference, loss), time_to_target(swarm, loss)

@@ -13,6 +13,7 @@ Templar's Gauntlet validator (tplr.ai, 2025). Pure computation: no I/O, no clock
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import statistics
@@ -112,7 +113,7 @@ class Context:
 
     def priority(self, c: Candidate) -> tuple[float, float]:
         """The order contributions are scored in: least trusted first, ties at random."""
-        return (c.trust, float(torch.rand((), generator=self.draws(c))))
+        return (c.trust, _tie(self.seed, c.key))
 
     def eligible(self, c: Candidate) -> bool:
         """A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
@@ -246,6 +247,13 @@ def _fingerprint(source: DeltaSource, ctx: Context) -> torch.Tensor:
         blocks=cfg.fingerprint_blocks,
         block_len=cfg.fingerprint_block_len,
     )
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _tie(seed: int, key: str) -> float:
+    """A contribution's secret tie-break, the first of its draws (`Context.draws`): kept, as
+    every arrival ranks the round's contributions so far again."""
+    return float(torch.rand((), generator=torch.Generator().manual_seed(_mix(seed, key))))
 
 
 def _mix(seed: int, key: str) -> int:

@@ -237,8 +237,10 @@ class Verification:
             return None
         ctx = self._context(number, ledger)
         c = self._candidate(sub, ledger)
-        arrived = [self._candidate(s, ledger) for s in round_subs]
-        due = to_score(arrived, ctx, expected=expected, done=self._scoring) if ctx.scoring else []
+        due = []
+        if ctx.scoring and 2 * len(round_subs) >= expected:  # else `to_score` says none yet
+            arrived = [self._candidate(s, ledger) for s in round_subs]
+            due = to_score(arrived, ctx, expected=expected, done=self._scoring)
         self._scoring.update(d.key for d in due)
 
         def job() -> None:

@@ -97,6 +97,12 @@ class Curve:
         """The legend name: the label, or the method when there is none."""
         return self.label or self.method
 
+    @classmethod
+    def from_report(cls, doc: Mapping[str, Any], method: str) -> Curve:
+        """METHOD's curve from a `crowdtrain simulate --json` document."""
+        c = doc["curves"][method]
+        return cls(method, c["times_s"], c["eval_loss"])
+
 
 def curve_from_rounds(
     rounds: Iterable[Mapping[str, Any]],
