@@ -267,20 +267,17 @@ def _round(
             t1 = time.perf_counter()
         receive += t1 - t0
         paths.append(coord.blobs.local_path(sha))
-        if i < len(peers) - 1:
-            with rss.during(f"accept@{r}"):
-                # Without a network, the previous upload's on-arrival work has had no receive
-                # to overlap with: wait for it here so that it is not counted as accepting.
-                coord.settle()
-                t1 = time.perf_counter()
-                coord.submit(peer, r, meta, sha, len(payload))
-            accept += time.perf_counter() - t1
-        else:
-            with rss.during(f"close@{r}"):
-                coord.settle()  # the previous upload's on-arrival work, as above
-                t1 = time.perf_counter()
-                coord.submit(peer, r, meta, sha, len(payload))
+        last = i == len(peers) - 1
+        with rss.during(f"{'close' if last else 'accept'}@{r}"):
+            # Without a network, the previous upload's on-arrival work has had no receive to
+            # overlap with: wait for it here so that it is counted as neither.
+            coord.settle()
+            t1 = time.perf_counter()
+            coord.submit(peer, r, meta, sha, len(payload))
+        if last:
             close_after_last = time.perf_counter() - t1
+        else:
+            accept += time.perf_counter() - t1
         del payload
     assert coord.protocol.version == r + 1, "the round did not close"
     with rss.during(f"eval@{r}"):
