@@ -25,10 +25,10 @@ from server_helpers import (
 from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.server.app import create_app
-from crowdtrain.server.coordinator import Coordinator
+from crowdtrain.server.coordinator import Coordinator, put_tensors
 from crowdtrain.train import evaluate
 
-WRITE = "crowdtrain.server.coordinator.weights_bytes"  # patched to fail a round's close
+WRITE = "crowdtrain.server.coordinator.put_tensors"  # patched to fail a round's close
 
 
 def start(config: RunConfig, state: Path, clock: FakeClock) -> Coordinator:
@@ -87,7 +87,7 @@ def test_crash_while_closing_a_round_loses_no_receipt(
         work(a_client, p1), work(a_client, p2)
         first = upload(a_client, p1, 0, make_payload(config, 1)).json()
 
-        def crash(*args: object, **kwargs: object) -> bytes:
+        def crash(*args: object, **kwargs: object) -> str:
             raise RuntimeError("simulated crash while writing the new weights")
 
         monkeypatch.setattr(WRITE, crash)
@@ -135,12 +135,12 @@ def test_a_failed_close_leaves_the_live_coordinator_consistent(
     first = upload(client, p1, 0, make_payload(config, 1)).json()
     calls = 0
 
-    def fail_once(*args: object, **kwargs: object) -> bytes:
+    def fail_once(*args: object, **kwargs: object) -> str:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise OSError("no space left on device")
-        return weights_bytes(*args, **kwargs)  # type: ignore[arg-type]
+        return put_tensors(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(WRITE, fail_once)
     assert_error(upload(client, p2, 0, make_payload(config, 2)), 500)

@@ -19,18 +19,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from safetensors.torch import save
 
 from crowdtrain import codec
 from crowdtrain.config import BroadcastConfig
+from crowdtrain.tensorfile import TensorFile
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 
 def weights_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """Safetensors bytes of named tensors (contiguous CPU copies), deterministic: the form θ is
-    published in, so a reconstruction is checked by its sha256 against the published blob's."""
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    published in, so a reconstruction is checked by its sha256 against the published blob's
+    (the coordinator streams the same bytes into its blob store: `TensorFile`)."""
+    return TensorFile(tensors).to_bytes()
 
 
 def apply_update(

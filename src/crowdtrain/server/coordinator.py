@@ -59,7 +59,6 @@ from crowdtrain.protocol import (
     WorkOrder,
     WorkRequested,
 )
-from crowdtrain.protocol.broadcast import weights_bytes
 from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.server.dashboard import (
@@ -81,6 +80,7 @@ from crowdtrain.store import (
     SqliteStateStore,
     VersionRow,
 )
+from crowdtrain.tensorfile import TensorFile
 from crowdtrain.train import LocalTrainer, evaluate
 from crowdtrain.train.moments import second_only
 
@@ -117,6 +117,15 @@ class ContributionMeta:
 def token_hash(token: str) -> str:
     """Tokens are stored as their sha256 only."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def put_tensors(blobs: DirBlobStore, group: Mapping[str, torch.Tensor] | bytes) -> str:
+    """Store named tensors (streamed in the safetensors form θ is published in) or raw bytes as
+    one durable blob; return its id."""
+    if isinstance(group, bytes):
+        return blobs.put_bytes(group)
+    file = TensorFile(group)
+    return blobs.put_stream(file.chunks(), max_bytes=file.size)[0]
 
 
 def _peer_json(p: PeerRecord) -> dict[str, Any]:
@@ -211,6 +220,8 @@ class Coordinator:
         self._arrivals = ThreadPoolExecutor(self.workers, "crowdtrain-arrival")
         self._pending: list[Future[None]] = []
         self._evals: list[Future[None]] = []  # new versions' evaluations, after their commit
+        # Writing a close's blobs: mostly waiting on the disk, so threads beyond the workers.
+        self._persisting = ThreadPoolExecutor(min(4, max(1, workers)), "crowdtrain-persist")
         state_dir.mkdir(parents=True, exist_ok=True)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
@@ -317,7 +328,7 @@ class Coordinator:
         latest = self.store.latest_version()
         if latest is None:
             theta0 = initial_state(self.config.model)
-            sha = self.blobs.put_bytes(weights_bytes(theta0))
+            sha = put_tensors(self.blobs, theta0)
             metrics = {"eval_loss": evaluate(self.config.model, theta0, self.evals)}
             with self.store.transaction():
                 self.store.add_version(VersionRow(0, -1, sha, None, None, self.clock(), metrics))
@@ -355,6 +366,7 @@ class Coordinator:
     def shutdown(self) -> None:
         """Stop the on-arrival workers (what they were doing is recomputed at the close)."""
         self._arrivals.shutdown(wait=True, cancel_futures=True)
+        self._persisting.shutdown(wait=True, cancel_futures=True)
 
     def _timed(self, job: Callable[[], None]) -> None:
         t0 = time.perf_counter()
@@ -822,23 +834,26 @@ class Coordinator:
                 numbers["compute_utilization"] = m["compute_utilization"]
             self.trackers.log(numbers, version.round)
 
-    def _put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
-        """Store named tensors as one blob and return its id; None when there are none."""
-        return self.blobs.put_bytes(weights_bytes(tensors)) if tensors else None
-
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
         tensors = self.protocol.tensors()
         t0 = time.perf_counter()
-        weights = self.blobs.put_bytes(weights_bytes(tensors["params"]))
-        outer = self.blobs.put_bytes(weights_bytes(tensors["outer"]))
-        agg = self.blobs.put_bytes(weights_bytes(tensors["aggregate"]))
-        prints = self.blobs.put_bytes(weights_bytes(tensors["fingerprints"]))
-        moments = self._put_tensors(tensors["moments"])
-        second = self._put_tensors(second_only(tensors["moments"]))
-        residual = self._put_tensors(tensors["broadcast"])
-        update = self.protocol.broadcast.update
-        update_sha = self.blobs.put_bytes(update) if update is not None else None
+        # What a restart needs, stored as blobs at once (`_put_blobs`); empty state is not stored.
+        groups: dict[str, Mapping[str, torch.Tensor] | bytes] = {
+            "weights": tensors["params"],
+            "outer": tensors["outer"],
+            "aggregate": tensors["aggregate"],
+            "fingerprints": tensors["fingerprints"],
+        }
+        optional = {
+            "moments": tensors["moments"],
+            "second": second_only(tensors["moments"]),
+            "residual": tensors["broadcast"],
+        }
+        groups.update({name: t for name, t in optional.items() if t})
+        if self.protocol.broadcast.update is not None:
+            groups["update"] = self.protocol.broadcast.update
+        stored = self._put_blobs(groups)
         t1 = time.perf_counter()
         self.last_close_timing = {"persist_s": t1 - t0}
         eval_loss = None  # evaluated after the commit, off the round's critical path
@@ -856,18 +871,37 @@ class Coordinator:
             "contributors": list(closed.contributors),
             "weights": list(closed.weights),
             "tau": closed.tau,
-            "fingerprints_sha": prints,
-            "moments_sha": moments,
-            "second_moments_sha": second,
-            "residual_sha": residual,
-            "update_sha": update_sha,
+            "fingerprints_sha": stored["fingerprints"],
+            "moments_sha": stored.get("moments"),
+            "second_moments_sha": stored.get("second"),
+            "residual_sha": stored.get("residual"),
+            "update_sha": stored.get("update"),
             "aggregation_s": self._closing.get("aggregation_s"),
             "round_s": self.clock() - self._closing.get("opened_at", self.clock()),
             "compute_utilization": min(1.0, sum(c for c, _ in compute) / wall) if wall else None,
         }
         return VersionRow(
-            closed.new_version, closed.round, weights, outer, agg, self.clock(), metrics
+            closed.new_version,
+            closed.round,
+            stored["weights"],
+            stored["outer"],
+            stored["aggregate"],
+            self.clock(),
+            metrics,
         )
+
+    def _put_blobs(
+        self, groups: Mapping[str, Mapping[str, torch.Tensor] | bytes]
+    ) -> dict[str, str]:
+        """Store each group (named tensors, or raw bytes) as one durable blob; return the ids.
+        The groups go to the persist threads at once, so one blob's hashing overlaps another's
+        writes and fsync, and tensors are streamed (`TensorFile`), never copied into one
+        ``bytes`` first: at a close this is θ, the aggregate, the moments and the residual."""
+        futures = {
+            name: self._persisting.submit(put_tensors, self.blobs, group)
+            for name, group in groups.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
 
     # --- views ---------------------------------------------------------------------------
 

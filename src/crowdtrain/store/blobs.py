@@ -59,7 +59,11 @@ class BlobStore(Protocol):
         ...
 
     def put_stream(
-        self, chunks: Iterable[bytes], *, max_bytes: int, expected_sha: str | None = None
+        self,
+        chunks: Iterable[bytes | memoryview],
+        *,
+        max_bytes: int,
+        expected_sha: str | None = None,
     ) -> tuple[str, int]:
         """Store the concatenation of `chunks`, hashing on the way; return (sha, size)."""
         ...

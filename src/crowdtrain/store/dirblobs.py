@@ -47,7 +47,7 @@ class _Incoming:
         self.size = 0
         self.max_bytes = max_bytes
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | memoryview) -> None:
         n = len(chunk)
         if self.size + n > self.max_bytes:
             raise BlobTooLarge(
@@ -143,7 +143,11 @@ class DirBlobStore:
         return self._commit(incoming, sha)[0]
 
     def put_stream(
-        self, chunks: Iterable[bytes], *, max_bytes: int, expected_sha: str | None = None
+        self,
+        chunks: Iterable[bytes | memoryview],
+        *,
+        max_bytes: int,
+        expected_sha: str | None = None,
     ) -> tuple[str, int]:
         incoming = self._start(max_bytes, expected_sha)
         try:
