@@ -294,6 +294,11 @@ class DefenceConfig(_Strict):
     check_p_new: float = Field(0.15, ge=0.0, le=1.0)
     check_p_min: float = Field(0.02, ge=0.0, le=1.0)
     check_tolerance: float = Field(0.05, gt=0.0)
+    # Verifiers' replays that must agree before a spot-check fails (peer mode), so that one
+    # lying verifier cannot frame an honest peer; and before it passes (2: one colluding
+    # verifier cannot clear a cheat either, at twice the replays). A split asks for more.
+    check_fail_quorum: int = Field(2, ge=1, le=8)
+    check_pass_quorum: int = Field(1, ge=1, le=8)
     reputation_initial: float = Field(0.3, ge=0.0, le=1.0)
     reputation_gain: float = Field(0.2, gt=0.0, le=1.0)
     reputation_slash: float = Field(0.5, ge=0.0, lt=1.0)

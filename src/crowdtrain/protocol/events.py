@@ -265,6 +265,16 @@ class CheckDone:
 
 
 @dataclass(frozen=True)
+class CheckReported:
+    """A verifier's replay was recorded; the check waits for more verifiers to agree."""
+
+    check_id: str
+    target: str
+    round: int
+    verifier: str
+
+
+@dataclass(frozen=True)
 class RoundClosed:
     """A round ended: its contributions were aggregated and the outer step produced a version."""
 
@@ -303,6 +313,7 @@ Decision = (
     | Flagged
     | Banned
     | CheckDone
+    | CheckReported
     | RoundClosed
     | RunFinished
     | Unknown

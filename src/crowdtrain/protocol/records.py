@@ -64,12 +64,22 @@ class Round:
 
 @dataclass
 class Check:
-    """A pending recomputation spot-check of one accepted contribution."""
+    """A pending recomputation spot-check of one accepted contribution.
+
+    `assigned` holds the verifiers replaying it now (peer id -> when it was handed out);
+    `reports` the verifiers that answered, each with "" (its replay matched the contribution)
+    or why it did not. The check is decided once `defence.check_verifiers` reports agree
+    (`Verification.judge`)."""
 
     order: VerifyOrder
     delta: DeltaSource
     ref: str
     opened_round: int
     samples: int = 0
-    assigned_to: str = ""
-    assigned_at: float = 0.0
+    assigned: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, str] = field(default_factory=dict)
+
+    def tally(self) -> tuple[int, int]:
+        """(matching replays, mismatching replays) reported so far."""
+        passed = sum(1 for reason in self.reports.values() if not reason)
+        return passed, len(self.reports) - passed

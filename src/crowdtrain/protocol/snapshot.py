@@ -157,8 +157,8 @@ def check_to_json(check: Check) -> dict[str, Any]:
         "ref": check.ref,
         "opened_round": check.opened_round,
         "samples": check.samples,
-        "assigned_to": check.assigned_to,
-        "assigned_at": check.assigned_at,
+        "assigned": dict(check.assigned),
+        "reports": dict(check.reports),
     }
 
 
@@ -167,14 +167,17 @@ def check_from_json(doc: Mapping[str, Any], source: Source) -> Check:
     p = o.get("prior")
     prior = None if p is None else PriorWork(**{**p, "shard_ids": tuple(p["shard_ids"])})
     order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"]), "prior": prior})
+    assigned = dict(doc.get("assigned", {}))
+    if doc.get("assigned_to"):  # a snapshot from before checks had several verifiers
+        assigned[doc["assigned_to"]] = doc["assigned_at"]
     return Check(
         order,
         source(doc["ref"]),
         doc["ref"],
         doc["opened_round"],
         doc["samples"],
-        doc["assigned_to"],
-        doc["assigned_at"],
+        {str(k): float(v) for k, v in assigned.items()},
+        {str(k): str(v) for k, v in doc.get("reports", {}).items()},
     )
 
 

@@ -38,6 +38,7 @@ from crowdtrain.data.probe import ShardProbe
 from crowdtrain.protocol.events import (
     Banned,
     CheckDone,
+    CheckReported,
     ContributionSubmitted,
     Decision,
     Flagged,
@@ -356,14 +357,14 @@ class Verification:
             if number - check.opened_round >= CHECK_LIFETIME_ROUNDS:
                 del self.checks[check_id]
                 o = check.order
-                self._record(
-                    now,
-                    o.target,
-                    o.round,
-                    "spot_check",
-                    "check_expired",
-                    "no verifier replayed this contribution in time",
+                answered = len(check.reports)
+                reason = (
+                    "no verifier replayed this contribution in time"
+                    if not answered
+                    else f"only {answered} verifier(s) replayed this contribution in time, "
+                    "too few to agree on it"
                 )
+                self._record(now, o.target, o.round, "spot_check", "check_expired", reason)
         decisions: list[Decision] = []
         if cfg.spot_check == "off" or not replayable(self.config):
             return decisions
@@ -433,7 +434,8 @@ class Verification:
 
     def check_for(self, peer: PeerRecord, busy: bool, now: float) -> VerifyOrder | None:
         """A pending spot-check for a trusted peer that is not `busy` with an order this round:
-        the one it holds, or a free (or lapsed) one of another peer's work."""
+        the one it holds, or one of another peer's work that still wants a verifier and that
+        this peer has not answered already."""
         cfg = self.config.defence
         if cfg.spot_check != "peer" or not self.enabled:
             return None
@@ -441,40 +443,88 @@ class Verification:
             return None
         lapse = self.config.rounds.deadline_s
         for check in self.checks.values():
-            if check.assigned_to == peer.peer_id:
+            if peer.peer_id in check.assigned:
                 return replace(check.order, peer_id=peer.peer_id)
         for check in self.checks.values():
-            free = not check.assigned_to or now - check.assigned_at > lapse
-            if free and check.order.target != peer.peer_id:
-                check.assigned_to, check.assigned_at = peer.peer_id, now
+            if check.order.target == peer.peer_id or peer.peer_id in check.reports:
+                continue
+            live = {v: at for v, at in check.assigned.items() if now - at <= lapse}
+            if len(live) < self._wanted(check):
+                check.assigned = {**live, peer.peer_id: now}  # lapsed verifiers are replaced
                 return replace(check.order, peer_id=peer.peer_id)
         return None
 
+    def _wanted(self, check: Check) -> int:
+        """How many more reports could decide CHECK: the fewer of those a pass needs (reaching
+        `check_pass_quorum` and outnumbering the mismatches) and those a failure needs."""
+        cfg = self.config.defence
+        passed, failed = check.tally()
+        to_pass = max(cfg.check_pass_quorum, failed + 1) - passed
+        to_fail = max(cfg.check_fail_quorum, passed + 1) - failed
+        return min(to_pass, to_fail)
+
+    def _outcome(self, check: Check) -> bool | None:
+        """True (passed), False (failed) or None (undecided) by the reports so far."""
+        cfg = self.config.defence
+        passed, failed = check.tally()
+        if passed >= cfg.check_pass_quorum and passed > failed:
+            return True
+        if failed >= cfg.check_fail_quorum and failed > passed:
+            return False
+        return None
+
     def judge(self, event: VerificationSubmitted, ledger: Ledger, now: float) -> list[Decision]:
-        """Compare a replay with the checked contribution: a mismatch voids its credit and
-        costs its peer `check_strikes` strikes; a match counts towards trust."""
+        """Record a replay of a checked contribution. The coordinator's own replay decides at
+        once. A verifier's counts as one report: the check fails when `check_fail_quorum`
+        reports of a mismatch outnumber those of a match, passes when `check_pass_quorum`
+        matches outnumber the mismatches, and otherwise waits for one more verifier (at most
+        2·max(quorums) − 1 reports, so one side always wins). A failure voids the
+        contribution's credit and costs its peer `check_strikes` strikes; every verifier the
+        decision overrules loses as many (it lied, or its machine cannot replay); a pass
+        counts towards the target's trust."""
         check = self.checks.get(event.check_id)
         if check is None:
             return [Unknown(event.peer_id, f"no open spot-check has id {event.check_id}")]
-        if event.peer_id and check.assigned_to != event.peer_id:
-            return [Unknown(event.peer_id, "this spot-check is assigned to another peer")]
-        del self.checks[event.check_id]
+        if event.peer_id and event.peer_id not in check.assigned:
+            return [Unknown(event.peer_id, "this spot-check is not assigned to this peer")]
         order = check.order
-        target = ledger.peers[order.target]
-        if event.peer_id in ledger.peers:
-            ledger.peers[event.peer_id].standing.verified += 1
         verdict = mismatch(
             compare(check.delta, event.delta, self.shapes, self.config.aggregation.fragment_numel),
             tolerance=self.config.defence.check_tolerance,
         )
         if verdict is None and event.steps != order.steps:
             verdict = f"the replay ran {event.steps} steps, not the {order.steps} claimed"
+        if not event.peer_id:  # the coordinator's own replay
+            del self.checks[event.check_id]
+            return self._decide(check, "", verdict, ledger, now)
+        del check.assigned[event.peer_id]
+        check.reports[event.peer_id] = verdict or ""
+        if event.peer_id in ledger.peers:
+            ledger.peers[event.peer_id].standing.verified += 1
+        outcome = self._outcome(check)
+        if outcome is None:
+            return [CheckReported(order.check_id, order.target, order.round, event.peer_id)]
+        del self.checks[event.check_id]
+        agreed = [v for v, said in check.reports.items() if (not said) == outcome]
+        reason = None if outcome else check.reports[agreed[0]]
+        decisions = self._decide(check, ",".join(agreed), reason, ledger, now)
+        for verifier, said in check.reports.items():
+            if verifier not in agreed and verifier in ledger.peers:
+                decisions.extend(self._overruled(ledger.peers[verifier], check, said, ledger, now))
+        return decisions
+
+    def _decide(
+        self, check: Check, verifiers: str, verdict: str | None, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """The check's outcome for its target: `verdict` None (the replays matched) or why not."""
+        order = check.order
+        target = ledger.peers[order.target]
         passed = verdict is None
         reason = verdict or "the replay matched the contribution"
         outcome = "check_passed" if passed else "check_failed"
         self._record(now, order.target, order.round, "spot_check", outcome, reason)
         decisions: list[Decision] = [
-            CheckDone(order.check_id, order.target, order.round, event.peer_id, passed, reason)
+            CheckDone(order.check_id, order.target, order.round, verifiers, passed, reason)
         ]
         if not passed:
             target.samples -= check.samples  # the contribution is void: no credit for it
@@ -485,6 +535,25 @@ class Verification:
         else:
             record_check(target.standing, self.config.defence, True, reason)
         return decisions
+
+    def _overruled(
+        self, verifier: PeerRecord, check: Check, said: str, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """VERIFIER's report on CHECK disagreed with the verifiers who decided it."""
+        order = check.order
+        claim = f"a mismatch ({said})" if said else "a match"
+        reason = (
+            f"its replay of {order.target}'s round {order.round} reported {claim}, "
+            "against the verifiers who agreed"
+        )
+        self._record(now, verifier.peer_id, order.round, "spot_check", "verifier_overruled", reason)
+        verifier.standing.failed_checks += 1  # no longer trusted to verify; checked more often
+        verifier.standing.passed_checks = 0
+        if record_failure(
+            verifier.standing, self.config.defence, self.config.defence.check_strikes, reason
+        ):
+            return self._ban(verifier, order.round, ledger, now)
+        return []
 
     # --- bans ------------------------------------------------------------------------------
 
@@ -521,8 +590,9 @@ class Verification:
         for check_id, check in list(self.checks.items()):
             if check.order.target == peer_id:  # no replay can change a ban
                 del self.checks[check_id]
-            elif check.assigned_to == peer_id:
-                check.assigned_to = ""
+            else:  # a banned verifier's replay, done or under way, no longer counts
+                check.assigned.pop(peer_id, None)
+                check.reports.pop(peer_id, None)
 
     def _record(
         self, now: float, peer_id: str, round_number: int, stage: str, outcome: str, reason: str

@@ -1,0 +1,236 @@
+"""Spot-checks decided by agreeing verifiers: a failure needs `defence.check_fail_quorum`
+(default 2) matching reports of a mismatch, so one lying verifier cannot frame an honest peer;
+a pass needs `check_pass_quorum` (default 1; 2 so that one colluding verifier cannot clear a
+cheat); a split asks for another verifier, and whoever the decision overrules pays for it."""
+
+from __future__ import annotations
+
+import json
+
+from test_protocol_defence import (
+    SHARDS,
+    STEPS,
+    Delta,
+    Trusted,
+    join,
+    make,
+    order,
+    play,
+    rand,
+    scaled,
+    snapshot_config,
+    submit,
+    verdicts,
+)
+
+from crowdtrain.protocol import (
+    Banned,
+    CheckDone,
+    CheckReported,
+    Decision,
+    Flagged,
+    PeerBanned,
+    RoundProtocol,
+    VerificationSubmitted,
+    VerifyOrder,
+    WorkRequested,
+)
+from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS
+from crowdtrain.robust import DictSource
+
+PEERS = ("a", "b", "c", "d")
+
+
+def two(**defence: object) -> Trusted:
+    return Trusted(PEERS, **{"check_fail_quorum": 2, **defence})
+
+
+def check_of(p: RoundProtocol, target: str) -> str:
+    (check_id,) = [c for c, check in p.checks.items() if check.order.target == target]
+    return check_id
+
+
+def report(p: RoundProtocol, verifier: str, check_id: str, delta: Delta) -> list[Decision]:
+    return p.handle(VerificationSubmitted(check_id, verifier, DictSource(delta), STEPS))
+
+
+def assign(p: RoundProtocol, verifier: str, check_id: str) -> None:
+    """Give CHECK_ID to VERIFIER directly (as `check_for` would; the tests choose who)."""
+    p.checks[check_id].assigned[verifier] = p.clock()
+
+
+def test_one_match_passes_by_default_and_two_when_the_pass_quorum_is_two() -> None:
+    t = two()
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    (done,) = report(p, "a", check_id, t.deltas["b"])
+    assert isinstance(done, CheckDone) and done.passed and done.verifier == "a"
+
+    t = two(check_pass_quorum=2)
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    (first,) = report(p, "a", check_id, t.deltas["b"])
+    assert first == CheckReported(check_id, "b", 0, "a")
+    assert verdicts(p) == [] and check_id in p.checks
+    (done,) = report(p, "c", check_id, t.deltas["b"])
+    assert isinstance(done, CheckDone) and done.passed and done.verifier == "a,c"
+    assert p.peers["b"].standing.passed_checks == 1
+    assert verdicts(p) == [("b", 0, "spot_check", "check_passed")]
+
+
+def test_a_mismatch_is_handed_to_a_second_verifier_before_anything_is_decided() -> None:
+    t = two()
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assert report(p, "a", check_id, rand(77)) == [CheckReported(check_id, "b", 0, "a")]
+    assert p.peers["b"].standing.strikes == 0
+    got = p.handle(WorkRequested("c"))[0]
+    while isinstance(got, VerifyOrder) and got.check_id != check_id:
+        report(p, "c", got.check_id, t.deltas[got.target])
+        got = p.handle(WorkRequested("c"))[0]
+    assert isinstance(got, VerifyOrder) and got.check_id == check_id
+
+
+def test_a_lying_verifier_cannot_frame_an_honest_peer_and_is_overruled() -> None:
+    t = two()
+    p = t.p
+    check_id = check_of(p, "b")
+    samples = p.peers["b"].samples
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    # a lies: it reports a replay that does not match b's honest contribution
+    assert report(p, "a", check_id, scaled(t.deltas["b"], -1.0)) == [
+        CheckReported(check_id, "b", 0, "a")
+    ]
+    assert report(p, "c", check_id, t.deltas["b"]) == [CheckReported(check_id, "b", 0, "c")]
+    # a split: nothing is decided, the check wants a third verifier and gets d (not a or c)
+    assert p.peers["b"].standing.strikes == 0 and p.peers["b"].samples == samples
+    assert p.checks[check_id].tally() == (1, 1)
+    got = p.handle(WorkRequested("d"))[0]
+    assert isinstance(got, VerifyOrder)
+    while got.check_id != check_id:  # d may hold another check first: answer it truthfully
+        report(p, "d", got.check_id, t.deltas[got.target])
+        got = p.handle(WorkRequested("d"))[0]
+        assert isinstance(got, VerifyOrder)
+    decisions = report(p, "d", check_id, t.deltas["b"])
+    done = decisions[0]
+    assert isinstance(done, CheckDone) and done.passed and done.verifier == "c,d"
+    assert p.peers["b"].standing.strikes == 0 and p.peers["b"].samples == samples
+    assert p.peers["b"].standing.failed_checks == 0
+    liar = p.peers["a"].standing
+    assert liar.strikes == p.config.defence.check_strikes and liar.failed_checks == 1
+    assert Banned("a", liar.ban_reason) in decisions  # 3 strikes: the default bans at once
+    assert ("a", 0, "spot_check", "verifier_overruled") in verdicts(p)
+
+
+def test_two_matching_mismatches_void_the_credit_and_strike_the_target() -> None:
+    t = two(check_strikes=1.0)
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    report(p, "a", check_id, rand(77))
+    done, flag = report(p, "c", check_id, rand(78))
+    assert isinstance(done, CheckDone) and not done.passed
+    assert isinstance(flag, Flagged) and (flag.peer_id, flag.stage) == ("b", "spot_check")
+    assert p.peers["b"].samples == 0 and p.peers["b"].standing.strikes == 1.0
+    assert p.peers["a"].standing.strikes == 0 and p.peers["c"].standing.strikes == 0
+
+
+def test_with_a_pass_quorum_of_two_a_colluding_verifier_cannot_clear_a_cheat() -> None:
+    """b cheated; a (its accomplice) reports a match, c and d the mismatch."""
+    t = two(check_strikes=1.0, check_pass_quorum=2)
+    p = t.p
+    check_id = check_of(p, "b")
+    for v in ("a", "c", "d"):
+        assign(p, v, check_id)
+    report(p, "a", check_id, t.deltas["b"])  # "it matched"
+    report(p, "c", check_id, rand(77))
+    decisions = report(p, "d", check_id, rand(78))
+    done = decisions[0]
+    assert isinstance(done, CheckDone) and not done.passed and done.verifier == "c,d"
+    assert p.peers["b"].standing.strikes == 1.0 and p.peers["a"].standing.strikes == 1.0
+    assert ("a", 0, "spot_check", "verifier_overruled") in verdicts(p)
+
+
+def test_a_verifier_never_gets_a_check_it_answered_nor_its_own() -> None:
+    t = two(check_pass_quorum=2)
+    p = t.p
+    seen: set[str] = set()
+    for _ in range(10):  # a answers every check it is given, until none is left for it
+        got = p.handle(WorkRequested("a"))[0]
+        if not isinstance(got, VerifyOrder):
+            break
+        assert got.target != "a" and got.check_id not in seen
+        seen.add(got.check_id)
+        report(p, "a", got.check_id, t.deltas[got.target])
+    assert len(seen) == 3  # b's, c's and d's work; each still wants a second verifier
+    assert all(p.checks[c].tally() == (1, 0) for c in seen)
+
+
+def test_a_lone_report_that_expires_strikes_no_one() -> None:
+    t = two(check_strikes=1.0)
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    report(p, "a", check_id, rand(77))  # a mismatch, but alone
+    join(p, "e")  # a newcomer keeps the rounds going (and, once trusted, answers checks)
+    deltas = dict(t.deltas)
+    for r in range(CHECK_LIFETIME_ROUNDS):
+        got = p.handle(WorkRequested("e"))[0]
+        while isinstance(got, VerifyOrder):
+            report(p, "e", got.check_id, deltas.get(got.target, rand(5)))
+            got = p.handle(WorkRequested("e"))[0]
+        deltas["e"] = rand(100 + r)
+        submit(p, "e", deltas["e"])
+        if check_id not in p.checks:
+            break
+    assert check_id not in p.checks
+    assert p.peers["b"].standing.strikes == 0 and p.peers["b"].standing.failed_checks == 0
+    expired = [v for v in p.verdicts if v.peer_id == "b" and v.outcome == "check_expired"]
+    assert expired and "too few to agree" in expired[0].reason
+
+
+def test_a_banned_verifiers_report_no_longer_counts() -> None:
+    t = two()
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    report(p, "a", check_id, rand(77))
+    assert p.checks[check_id].tally() == (0, 1)
+    p.handle(PeerBanned("a", "an administrator banned a"))
+    assert p.checks[check_id].reports == {}
+
+
+def test_reports_survive_a_snapshot_and_restore() -> None:
+    p, _ = make(defence={**snapshot_config(), "check_fail_quorum": 2, "check_pass_quorum": 2})
+    join(p, *PEERS)
+    order(p, *PEERS)
+    deltas = {peer: rand(i + 1) for i, peer in enumerate(PEERS)}
+    for peer in PEERS:
+        submit(p, peer, deltas[peer], ref=f"{peer}/0")
+    sources = {f"{peer}/0": DictSource(deltas[peer]) for peer in PEERS}
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    report(p, "a", check_id, deltas["b"])
+    doc = json.loads(json.dumps(p.snapshot()))
+    tensors = {k: {n: x.clone() for n, x in v.items()} for k, v in p.tensors().items()}
+    q = RoundProtocol.restore(p.config, doc, tensors, SHARDS, p.clock, sources.__getitem__)
+    assert q.checks[check_id].reports == {"a": ""}
+    assert set(q.checks[check_id].assigned) == {"c"}
+    (done,) = report(q, "c", check_id, deltas["b"])
+    assert isinstance(done, CheckDone) and done.passed
+
+
+def test_the_coordinators_own_replay_decides_alone() -> None:
+    p, _ = make(defence={"spot_check": "coordinator", "check_p_new": 1.0, "check_fail_quorum": 2})
+    join(p, "a")
+    decisions = play(p, {"a": rand(1)})
+    (v,) = [d for d in decisions if isinstance(d, VerifyOrder)]
+    (done, *_) = p.handle(VerificationSubmitted(v.check_id, "", DictSource(rand(1)), STEPS))
+    assert isinstance(done, CheckDone) and done.passed and done.verifier == ""
