@@ -43,6 +43,7 @@ OuterName = Literal["nesterov", "sgd", "adam", "error_feedback"]
 StalePolicy = Literal["reject", "accept"]
 InnerState = Literal["fresh", "kept", "published"]
 SpotCheckMode = Literal["off", "peer", "coordinator"]
+ScoringMode = Literal["auto", "coordinator", "peer"]
 
 
 class ModelConfig(_Strict):
@@ -290,6 +291,12 @@ class DefenceConfig(_Strict):
     score_heldout_tol: float = Field(0.05, ge=0.0)
     score_rel_gain: float = Field(0.3, ge=0.0, le=1.0)
     score_z: float = Field(2.0, ge=0.0)
+    # Where usefulness scoring runs: on the coordinator as contributions arrive (before the
+    # aggregation, so a flagged one is left out), or as score orders on volunteers in good
+    # standing (after the close: a failure voids the credit and strikes, as a failed
+    # spot-check does). "auto": the coordinator up to `protocol.verification.
+    # SCORING_ON_COORDINATOR_MAX_PARAMS` parameters, volunteers above.
+    scoring: ScoringMode = "auto"
     spot_check: SpotCheckMode = "peer"
     check_p_new: float = Field(0.15, ge=0.0, le=1.0)
     check_p_min: float = Field(0.02, ge=0.0, le=1.0)

@@ -14,6 +14,7 @@ from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
 from crowdtrain.client.work import overlap_start
 from crowdtrain.config import RunConfig
+from crowdtrain.robust.usefulness import Score
 from crowdtrain.train import Contribution
 from crowdtrain_testing import tiny_config
 
@@ -56,6 +57,22 @@ class CheckOrder:
     step_offset: int = 4
     steps: int = 4
     prior: Prior | None = None
+
+
+@dataclass(frozen=True)
+class ScoreCheck:
+    check_id: str = "s1"
+    target: str = "peer-b"
+    round: int = 1
+    base_version: int = 1
+    shard_ids: tuple[str, ...] = ("b" * 64,)
+    seed: int = 1
+    step_offset: int = 4
+    assigned_batch: int = 2
+    heldout_batch: int = 7
+
+
+SCORE = Score(3.0, 2.5, 3.1, 3.05, 0.01)
 
 
 def config(codec_name: str = "int8", **inner: object) -> RunConfig:
@@ -186,6 +203,36 @@ def test_a_spot_check_pauses_overlapped_training_and_resumes_it() -> None:
     assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
 
 
+def test_a_score_order_scores_the_fetched_contribution_and_submits_the_losses() -> None:
+    m = machine()
+    check = ScoreCheck()
+    assert m.handle(ve.GotScore(check)) == [ve.Fetch(check)]
+    with pytest.raises(vm.MachineError, match="scored contribution"):
+        m.handle(ve.InputsReady(params(1.0)))  # a driver that forgot the scored Δ
+    m = machine()
+    m.handle(ve.GotScore(check))
+    evaluate = one(m.handle(ve.InputsReady(params(1.0), target=params(0.1))))
+    assert isinstance(evaluate, ve.Evaluate) and evaluate.check is check
+    assert torch.equal(evaluate.delta["w"], params(0.1)["w"])
+    assert m.handle(ve.Evaluated(SCORE)) == [ve.UploadScore(check, SCORE)]
+    assert m.handle(ve.Uploaded(True)) == [ve.AskForWork()]
+    assert m.scoring is None
+
+
+def test_a_score_order_pauses_overlapped_training_and_resumes_it() -> None:
+    m = machine()
+    m.handle(ve.GotWork(Order()))
+    m.handle(ve.InputsReady(params(1.0)))
+    decisions = m.handle(ve.Trained(result(4)))
+    assert any(isinstance(d, ve.Speculate) for d in decisions)
+    m.handle(ve.Uploaded(True))
+    m.handle(ve.GotScore(ScoreCheck()))
+    pause, evaluate = m.handle(ve.InputsReady(params(1.0), target=params(0.1)))
+    assert pause == ve.PauseSpeculation() and isinstance(evaluate, ve.Evaluate)
+    m.handle(ve.Evaluated(SCORE))
+    assert m.handle(ve.Uploaded(False)) == [ve.ResumeSpeculation(), ve.AskForWork()]
+
+
 def test_wait_finish_and_ban() -> None:
     m = machine()
     assert m.handle(ve.GotWait(1.5, "later")) == [ve.Wait(1.5, "later")]
@@ -205,12 +252,14 @@ def test_only_the_events_of_the_table_are_legal(state: vm.State) -> None:
         ve.Start(),
         ve.GotWork(Order()),
         ve.GotCheck(CheckOrder()),
+        ve.GotScore(ScoreCheck()),
         ve.GotWait(1.0, "x"),
         ve.GotFinished(),
         ve.GotBanned("x"),
         ve.Woke(),
         ve.InputsReady(params(1.0)),
         ve.Trained(result(4)),
+        ve.Evaluated(SCORE),
         ve.SpeculationEnded(None),
         ve.Uploaded(True),
     ]
@@ -236,6 +285,10 @@ def test_every_transition_of_a_run_is_in_the_table() -> None:
         ve.GotCheck(CheckOrder()),
         ve.InputsReady(params(1.0)),
         ve.Trained(result(4)),
+        ve.Uploaded(True),
+        ve.GotScore(ScoreCheck()),
+        ve.InputsReady(params(1.0), target=params(0.1)),
+        ve.Evaluated(SCORE),
         ve.Uploaded(True),
         ve.GotWork(Order(round=1, base_version=1)),
         ve.InputsReady(params(2.0)),

@@ -31,12 +31,16 @@ from crowdtrain.protocol import (
     Flagged,
     PeerBanned,
     RoundProtocol,
+    ScoreOrder,
+    ScoreSubmitted,
+    Unknown,
     VerificationSubmitted,
     VerifyOrder,
     WorkRequested,
 )
 from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS
 from crowdtrain.robust import DictSource
+from crowdtrain.robust.usefulness import Score
 
 PEERS = ("a", "b", "c", "d")
 
@@ -234,3 +238,142 @@ def test_the_coordinators_own_replay_decides_alone() -> None:
     (v,) = [d for d in decisions if isinstance(d, VerifyOrder)]
     (done, *_) = p.handle(VerificationSubmitted(v.check_id, "", DictSource(rand(1)), STEPS))
     assert isinstance(done, CheckDone) and done.passed and done.verifier == ""
+
+
+# --- usefulness scores on volunteers (`defence.scoring = "peer"`) --------------------------------
+
+
+def scoring(**defence: object) -> Trusted:
+    """Round 0 closed with volunteers scoring (every contribution: score_per_round 4), no
+    replays (spot_check off), and every peer trusted."""
+    return Trusted(
+        PEERS,
+        **{
+            "scoring": "peer",
+            "spot_check": "off",
+            "score_per_round": 4,
+            "check_fail_quorum": 2,
+            **defence,
+        },
+    )
+
+
+GOOD = Score(3.0, 2.5, 3.1, 3.05, 0.01)  # lowers the loss on its data, held-out unchanged
+BAD = Score(3.0, 3.6, 3.1, 3.7, 0.01)  # raises both
+
+
+def score_of(p: RoundProtocol, verifier: str, check_id: str, score: Score) -> list[Decision]:
+    return p.handle(ScoreSubmitted(check_id, verifier, score))
+
+
+def test_volunteers_get_score_orders_for_the_contributions_the_coordinator_would_score() -> None:
+    t = scoring()
+    p = t.p
+    orders = {c.order.target: c.order for c in p.checks.values()}
+    assert set(orders) == set(PEERS)
+    for o in orders.values():
+        assert isinstance(o, ScoreOrder) and o.base_version == 0 and o.round == 0
+        assert o.payload_ref == p.checks[o.check_id].ref
+    got = p.handle(WorkRequested("a"))[0]
+    assert isinstance(got, ScoreOrder) and got.peer_id == "a" and got.target != "a"
+    assert p.verification.peer_scoring
+    # "auto" scores on the coordinator for a model this small: no score orders
+    assert not make(defence={"scoring": "auto"})[0].verification.peer_scoring
+
+
+def test_two_failing_scores_flag_the_contribution_and_void_its_credit() -> None:
+    t = scoring()
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    assert score_of(p, "a", check_id, BAD) == [CheckReported(check_id, "b", 0, "a")]
+    done, flag = score_of(p, "c", check_id, BAD)
+    assert isinstance(done, CheckDone) and not done.passed
+    assert isinstance(flag, Flagged) and (flag.peer_id, flag.stage) == ("b", "usefulness")
+    assert p.peers["b"].samples == 0 and p.peers["b"].standing.strikes == 1.0
+    assert ("b", 0, "usefulness", "flagged") in verdicts(p)
+
+
+def test_a_passing_score_passes_and_a_lone_false_failure_frames_no_one() -> None:
+    t = scoring()
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    (done,) = score_of(p, "a", check_id, GOOD)
+    assert isinstance(done, CheckDone) and done.passed
+    check_id = check_of(p, "c")
+    assign(p, "a", check_id)
+    assign(p, "b", check_id)
+    assign(p, "d", check_id)
+    score_of(p, "a", check_id, BAD)  # a lies about c's contribution
+    score_of(p, "b", check_id, GOOD)
+    decisions = score_of(p, "d", check_id, GOOD)
+    assert isinstance(decisions[0], CheckDone) and decisions[0].passed
+    assert p.peers["c"].standing.strikes == 0 and p.peers["c"].samples > 0
+    # a's numbers are far from the others': it is struck (and banned at 3 strikes)
+    assert p.peers["a"].standing.strikes == p.config.defence.check_strikes
+    assert ("a", 0, "spot_check", "verifier_overruled") in verdicts(p)
+
+
+def test_an_honest_split_near_the_bar_strikes_no_verifier() -> None:
+    """Two honest machines may land either side of the bar; numbers within the tolerance
+    of the majority's are not a lie."""
+    t = scoring(score_min_gain=0.0, score_z=0.0)
+    p = t.p
+    check_id = check_of(p, "b")
+    for v in ("a", "c", "d"):
+        assign(p, v, check_id)
+    near_fail = Score(3.0, 3.0001, 3.1, 3.1, 0.0)  # gain -1e-4: fails the bar of 0
+    near_pass = Score(3.0, 2.9999, 3.1, 3.1, 0.0)  # gain 1e-4: passes
+    score_of(p, "a", check_id, near_fail)
+    score_of(p, "c", check_id, near_pass)
+    decisions = score_of(p, "d", check_id, near_pass)
+    assert isinstance(decisions[0], CheckDone) and decisions[0].passed
+    assert p.peers["a"].standing.strikes == 0
+    assert ("a", 0, "spot_check", "verifier_overruled") in verdicts(p)
+
+
+def test_non_finite_scores_count_as_failures_and_scores_only_answer_score_orders() -> None:
+    t = scoring(check_fail_quorum=1)
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    nan = Score(3.0, float("nan"), 3.1, 3.1, 0.0)
+    done, _flag = score_of(p, "a", check_id, nan)
+    assert isinstance(done, CheckDone) and not done.passed and "finite" in done.reason
+    replays = Trusted(PEERS)  # replay checks only
+    rid = check_of(replays.p, "b")
+    (unknown,) = replays.p.handle(ScoreSubmitted(rid, "a", GOOD))
+    assert isinstance(unknown, Unknown)
+    (unknown,) = p.handle(ScoreSubmitted(check_of(p, "c"), "", GOOD))
+    assert isinstance(unknown, Unknown)  # the coordinator does not answer score orders
+
+
+def test_score_orders_and_reports_survive_a_snapshot_and_restore() -> None:
+    p, _ = make(
+        defence={
+            **snapshot_config(),
+            "scoring": "peer",
+            "spot_check": "off",
+            "score_per_round": 4,
+            "check_fail_quorum": 2,
+        }
+    )
+    join(p, *PEERS)
+    order(p, *PEERS)
+    deltas = {peer: rand(i + 1) for i, peer in enumerate(PEERS)}
+    for peer in PEERS:
+        submit(p, peer, deltas[peer], ref=f"{peer}/0")
+    sources = {f"{peer}/0": DictSource(deltas[peer]) for peer in PEERS}
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    score_of(p, "a", check_id, BAD)
+    doc = json.loads(json.dumps(p.snapshot()))
+    tensors = {k: {n: x.clone() for n, x in v.items()} for k, v in p.tensors().items()}
+    q = RoundProtocol.restore(p.config, doc, tensors, SHARDS, p.clock, sources.__getitem__)
+    assert q.checks[check_id].order == p.checks[check_id].order
+    assert q.checks[check_id].scores == p.checks[check_id].scores
+    done, _flag = score_of(q, "c", check_id, BAD)
+    assert isinstance(done, CheckDone) and not done.passed

@@ -51,7 +51,22 @@ def strict(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[Test
 
 @pytest.fixture
 def checking(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
-    """Every contribution is spot-checked and every peer may verify at once."""
+    """Every contribution is spot-checked and every peer may verify at once; one verifier's
+    report decides (two peers leave no second verifier for either's work)."""
+    cfg = defended(
+        config,
+        check_p_new=1.0,
+        probation_rounds=0,
+        reputation_initial=1.0,
+        trust_threshold=0.0,
+        check_fail_quorum=1,
+    )
+    yield from serve(cfg, tmp_path, clock)
+
+
+@pytest.fixture
+def two_verifiers(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
+    """`checking` with the default quorums: a failure needs two agreeing verifiers."""
     cfg = defended(
         config,
         check_p_new=1.0,
@@ -144,6 +159,34 @@ def test_a_replay_that_differs_fails_the_check_and_bans_the_target(
     assert entry["banned"] and "replay differs" in entry["ban_reason"]
     assert entry["samples"] == 0  # the voided contribution earns nothing
     assert_error(checking.post("/v1/work", headers=b.auth), 403)
+
+
+def test_one_verifiers_mismatch_does_not_ban_the_target_a_second_ones_does(
+    two_verifiers: TestClient, config: RunConfig
+) -> None:
+    client = two_verifiers
+    a, b, c = register(client, "a"), register(client, "b"), register(client, "c")
+    for peer in (a, b, c):
+        work(client, peer)
+    for i, peer in enumerate((a, b, c)):
+        assert upload(client, peer, 0, make_payload(config, seed=i + 1)).status_code == 200
+    order = work(client, a)
+    assert order["kind"] == "verify"
+    target = order["target"]
+    name = {b.peer_id: "b", c.peer_id: "c", a.peer_id: "a"}[target]
+    lie = make_payload(config, seed=99)
+    assert put_verification(client, a, order["check_id"], lie).status_code == 200
+    entry = status_of(client, name)
+    assert not entry["banned"] and entry["samples"] > 0  # one report decides nothing
+    other = c if target != c.peer_id else b
+    second = work(client, other)
+    while second["kind"] == "verify" and second["check_id"] != order["check_id"]:
+        put_verification(client, other, second["check_id"], lie)
+        second = work(client, other)
+    assert second["kind"] == "verify" and second["check_id"] == order["check_id"]
+    assert put_verification(client, other, order["check_id"], lie).status_code == 200
+    entry = status_of(client, name)
+    assert entry["banned"] and "replay differs" in entry["ban_reason"]
 
 
 def test_verifications_for_unknown_or_foreign_checks_are_refused(

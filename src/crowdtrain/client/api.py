@@ -37,6 +37,7 @@ from crowdtrain.client.transfer import (
     upload_payload,
 )
 from crowdtrain.config import canonical_json
+from crowdtrain.robust.usefulness import Score
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 CHECK_ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]  # goes into a URL path
@@ -168,6 +169,33 @@ class VerifyOrderMsg(_Msg):
     prior: PriorMsg | None = None
 
 
+class ScoreOrderMsg(_Msg):
+    """`POST /v1/work`: score peer `target`'s contribution (payload blob `payload`) and submit
+    the four losses (usefulness scoring on a volunteer, `defence.scoring = "peer"`).
+
+    The losses are those of θ (weights `weights`) and of θ − Δ on `target`'s training batches
+    of this order from batch `assigned_batch` on (as many as `defence.score_batch_size`
+    sequences take; the sampler is keyed by the target) and on held-out batch
+    `heldout_batch` of the validation shards, then `PUT /v1/scores/{check_id}`
+    (`crowdtrain.client.work.score_contribution`)."""
+
+    kind: Literal["score"]
+    check_id: CHECK_ID
+    target: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    weights: SHA256
+    update: UpdateMsg | None = None
+    moments: SHA256 | None = None
+    shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
+    seed: int = Field(ge=0)
+    step_offset: int = Field(ge=0)
+    assigned_batch: int = Field(ge=0, le=1_000_000_000)
+    heldout_batch: int = Field(ge=0, le=1 << 30)
+    payload: SHA256
+    max_payload_bytes: int = Field(ge=1, le=1 << 40)
+
+
 class WaitMsg(_Msg):
     """`POST /v1/work`: no work now; ask again after `retry_after` seconds."""
 
@@ -184,7 +212,7 @@ class FinishedMsg(_Msg):
     weights: SHA256
 
 
-WorkReply = WorkOrderMsg | VerifyOrderMsg | WaitMsg | FinishedMsg
+WorkReply = WorkOrderMsg | VerifyOrderMsg | ScoreOrderMsg | WaitMsg | FinishedMsg
 
 
 class RegisterMsg(_Msg):
@@ -371,8 +399,8 @@ class CoordinatorApi:
         return doc
 
     def work(self) -> WorkReply:
-        """`POST /v1/work`: a work order, a spot-check to replay, a request to wait, or the news
-        that the run is over."""
+        """`POST /v1/work`: a work order, a spot-check to replay, a contribution to score, a
+        request to wait, or the news that the run is over."""
         reply = self._json("POST", "/v1/work", auth=True)
         return _validate(_WORK_REPLY, reply, "POST /v1/work")
 
@@ -475,6 +503,29 @@ class CoordinatorApi:
             raise ProtocolError(
                 f"the coordinator acknowledged spot-check {msg.check_id[:40]!r} instead of "
                 f"{check_id!r}"
+            )
+        return msg
+
+    def upload_score(self, check_id: str, score: Score) -> VerificationReceiptMsg:
+        """`PUT /v1/scores/{check_id}`: submit the usefulness score a score order asked for.
+        Raises ApiError if the coordinator refuses it (409: not, or no longer, ours)."""
+        try:
+            TypeAdapter(CHECK_ID).validate_python(check_id)
+        except ValidationError:
+            raise ClientError(f"{check_id[:80]!r} is not a check id") from None
+        body = {
+            "assigned_before": score.assigned_before,
+            "assigned_after": score.assigned_after,
+            "heldout_before": score.heldout_before,
+            "heldout_after": score.heldout_after,
+            "assigned_se": score.assigned_se,
+        }
+        what = f"PUT /v1/scores/{check_id}"
+        reply = self._json("PUT", f"/v1/scores/{check_id}", body=body, auth=True)
+        msg = _validate(TypeAdapter(VerificationReceiptMsg), reply, what)
+        if msg.check_id != check_id:
+            raise ProtocolError(
+                f"the coordinator acknowledged check {msg.check_id[:40]!r} instead of {check_id!r}"
             )
         return msg
 

@@ -5,12 +5,13 @@ to them into these events, feed them to `VolunteerMachine.handle`, and carry out
 they get back (as `h11/_events.py` is to h11's connection). Every decision that needs an answer
 gets exactly one event back:
 
-    AskForWork        -> GotWork | GotCheck | GotWait | GotFinished | GotBanned
+    AskForWork        -> GotWork | GotCheck | GotScore | GotWait | GotFinished | GotBanned
     Wait              -> Woke
     Fetch             -> InputsReady
     Train, Replay     -> Trained
+    Evaluate          -> Evaluated
     StopSpeculation   -> SpeculationEnded
-    Upload, UploadReplay -> Uploaded
+    Upload, UploadReplay, UploadScore -> Uploaded
 
 `Speculate`, `PauseSpeculation` and `ResumeSpeculation` need none: the driver starts, pauses or
 resumes overlapped training (Streaming DiLoCo, Douillard et al. 2025, arXiv:2501.18512) and goes
@@ -19,7 +20,7 @@ on with the next decision. `Stop` ends the machine. Nothing here does I/O or rea
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,16 @@ from crowdtrain.client.work import (
     Batch,
     CheckLike,
     Params,
+    ScoreLike,
     Stream,
     TrainFn,
     WorkLike,
     replay_check,
+    score_contribution,
 )
 from crowdtrain.config import RunConfig
+from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust.usefulness import Score
 from crowdtrain.train import Contribution
 
 # --- events (driver -> machine) --------------------------------------------------------------
@@ -59,6 +64,13 @@ class GotCheck:
     """The coordinator asks this (trusted) volunteer to replay another peer's work order."""
 
     check: CheckLike
+
+
+@dataclass(frozen=True)
+class GotScore:
+    """The coordinator asks this (trusted) volunteer to score another peer's contribution."""
+
+    check: ScoreLike
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class InputsReady:
 
     base: Params
     prior: Params | None = None
+    target: Params | None = None  # for a score order: the contribution's Δ, decoded
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,13 @@ class Trained:
     """The last `Train` or `Replay` finished with this result."""
 
     result: Contribution
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """The last `Evaluate` finished with this score."""
+
+    score: Score
 
 
 @dataclass(frozen=True)
@@ -121,12 +141,14 @@ Event = (
     Start
     | GotWork
     | GotCheck
+    | GotScore
     | GotWait
     | GotFinished
     | GotBanned
     | Woke
     | InputsReady
     | Trained
+    | Evaluated
     | SpeculationEnded
     | Uploaded
 )
@@ -180,9 +202,11 @@ class Wait:
 @dataclass(frozen=True)
 class Fetch:
     """Download (or find cached) what `order` needs: its shards and θ of its base version; for
-    a spot-check of overlapped work also θ of the prior version and the prior payload."""
+    a spot-check of overlapped work also θ of the prior version and the prior payload; for a
+    score order the scored payload (decoded into `InputsReady.target`) and the validation
+    shards."""
 
-    order: WorkLike | CheckLike
+    order: WorkLike | CheckLike | ScoreLike
 
 
 @dataclass(frozen=True)
@@ -206,6 +230,29 @@ class Replay:
     ) -> Contribution:
         """The replay's result, computed with `train` on `shards`."""
         return replay_check(train, self.check, self.base, shards, config, self.prior)
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """Score the target's contribution `delta` at `base` as `check` says and answer
+    `Evaluated` (`client.work.score_contribution`)."""
+
+    check: ScoreLike
+    base: Params
+    delta: Params
+
+    def run(
+        self,
+        scorers: Scorers,
+        shards: Mapping[str, npt.NDArray[np.uint8]],
+        val_ids: Sequence[str],
+        config: RunConfig,
+    ) -> Score:
+        """The score, computed with a model from `scorers` on `shards` (training and
+        validation shards)."""
+        return score_contribution(
+            scorers, self.check, self.base, self.delta, shards, val_ids, config
+        )
 
 
 @dataclass(frozen=True)
@@ -287,6 +334,14 @@ class UploadReplay:
 
 
 @dataclass(frozen=True)
+class UploadScore:
+    """Submit `score`, the usefulness score `check` asked for."""
+
+    check: ScoreLike
+    score: Score
+
+
+@dataclass(frozen=True)
 class Stop:
     """The volunteer is done: the run finished, or it was banned (`banned`)."""
 
@@ -300,11 +355,13 @@ Decision = (
     | Fetch
     | Train
     | Replay
+    | Evaluate
     | Speculate
     | PauseSpeculation
     | ResumeSpeculation
     | StopSpeculation
     | Upload
     | UploadReplay
+    | UploadScore
     | Stop
 )

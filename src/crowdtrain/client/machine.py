@@ -38,11 +38,14 @@ from crowdtrain.adversary import Attacker, Claim, RoundView, encode_forgery, idl
 from crowdtrain.client.events import (
     AskForWork,
     Decision,
+    Evaluate,
+    Evaluated,
     Event,
     Fetch,
     GotBanned,
     GotCheck,
     GotFinished,
+    GotScore,
     GotWait,
     GotWork,
     InputsReady,
@@ -61,6 +64,7 @@ from crowdtrain.client.events import (
     Upload,
     Uploaded,
     UploadReplay,
+    UploadScore,
     Wait,
     Woke,
 )
@@ -68,6 +72,7 @@ from crowdtrain.client.work import (
     Batch,
     CheckLike,
     Params,
+    ScoreLike,
     WorkLike,
     batch_sampler,
     batches_from,
@@ -106,7 +111,7 @@ class State(enum.Enum):
     WAITING = "waiting"  # told to ask again later
     FETCHING = "fetching"  # downloading an order's inputs
     STOPPING = "stopping"  # waiting for overlapped training to stop
-    TRAINING = "training"  # training a work order or replaying a spot-check
+    TRAINING = "training"  # training a work order, replaying a spot-check or scoring
     UPLOADING = "uploading"  # sending Δ or Δ'
     DONE = "done"  # the run finished or this volunteer was banned
 
@@ -116,12 +121,14 @@ TRANSITIONS: dict[tuple[State, type], frozenset[State]] = {
     (State.IDLE, Start): frozenset({State.ASKING}),
     (State.ASKING, GotWork): frozenset({State.FETCHING}),
     (State.ASKING, GotCheck): frozenset({State.FETCHING}),
+    (State.ASKING, GotScore): frozenset({State.FETCHING}),
     (State.ASKING, GotWait): frozenset({State.WAITING}),
     (State.ASKING, GotFinished): frozenset({State.DONE}),
     (State.WAITING, Woke): frozenset({State.ASKING}),
     (State.FETCHING, InputsReady): frozenset({State.STOPPING, State.TRAINING, State.UPLOADING}),
     (State.STOPPING, SpeculationEnded): frozenset({State.TRAINING, State.UPLOADING}),
     (State.TRAINING, Trained): frozenset({State.UPLOADING}),
+    (State.TRAINING, Evaluated): frozenset({State.UPLOADING}),
     (State.UPLOADING, Uploaded): frozenset({State.ASKING}),
     **{(s, GotBanned): frozenset({State.DONE}) for s in State if s is not State.DONE},
 }
@@ -160,6 +167,7 @@ class VolunteerMachine:
         self.state = State.IDLE
         self.order: WorkLike | None = None  # the work order in hand
         self.check: CheckLike | None = None  # or the spot-check
+        self.scoring: ScoreLike | None = None  # or the score order
         self.base: Params | None = None
         # Overlapped training under way: round r's order from its batch `first_batch` (its
         # steps are known when it ends) ...
@@ -170,6 +178,7 @@ class VolunteerMachine:
             Start: self._on_start,
             GotWork: self._on_work,
             GotCheck: self._on_check,
+            GotScore: self._on_score,
             GotWait: self._on_wait,
             GotFinished: self._on_finished,
             GotBanned: self._on_banned,
@@ -177,6 +186,7 @@ class VolunteerMachine:
             InputsReady: self._on_inputs,
             SpeculationEnded: self._on_speculation_ended,
             Trained: self._on_trained,
+            Evaluated: self._on_evaluated,
             Uploaded: self._on_uploaded,
         }
 
@@ -199,7 +209,7 @@ class VolunteerMachine:
         error-feedback residual is kept: it holds what earlier uploads left out, not work in
         progress."""
         self.state = State.IDLE
-        self.order, self.check, self.base = None, None, None
+        self.order, self.check, self.scoring, self.base = None, None, None, None
         self.carried, self.speculation = None, None
 
     def batches(
@@ -236,16 +246,29 @@ class VolunteerMachine:
 
     def _on_work(self, event: GotWork) -> list[Decision]:
         self.state, self.order, self.check = State.FETCHING, event.order, None
+        self.scoring = None
         return [Fetch(event.order)]
 
     def _on_check(self, event: GotCheck) -> list[Decision]:
         self.state, self.order, self.check = State.FETCHING, None, event.check
+        self.scoring = None
+        return [Fetch(event.check)]
+
+    def _on_score(self, event: GotScore) -> list[Decision]:
+        self.state, self.order, self.check = State.FETCHING, None, None
+        self.scoring = event.check
         return [Fetch(event.check)]
 
     def _on_inputs(self, event: InputsReady) -> list[Decision]:
-        if self.check is not None:
+        if self.scoring is not None:
+            if event.target is None:
+                raise MachineError("a score order's inputs need the scored contribution")
             self.state = State.TRAINING
             pause: list[Decision] = [PauseSpeculation()] if self.speculation else []
+            return [*pause, Evaluate(self.scoring, event.base, event.target)]
+        if self.check is not None:
+            self.state = State.TRAINING
+            pause = [PauseSpeculation()] if self.speculation else []
             return [*pause, Replay(self.check, event.base, event.prior)]
         self.base = event.base
         if self.speculation is not None:  # the new base is here: end the overlapped training
@@ -269,12 +292,18 @@ class VolunteerMachine:
         result = event.result if carried is None else merge(carried[0], event.result)
         return self._finish(result)
 
+    def _on_evaluated(self, event: Evaluated) -> list[Decision]:
+        assert self.scoring is not None
+        self.state = State.UPLOADING
+        return [UploadScore(self.scoring, event.score)]
+
     def _on_uploaded(self, event: Uploaded) -> list[Decision]:
         self.state = State.ASKING
         resume: list[Decision] = []
-        if self.check is not None and self.speculation is not None:
+        checking = self.check is not None or self.scoring is not None
+        if checking and self.speculation is not None:
             resume = [ResumeSpeculation()]
-        self.order, self.check = None, None
+        self.order, self.check, self.scoring = None, None, None
         return [*resume, AskForWork()]
 
     # --- a work order --------------------------------------------------------------------

@@ -18,6 +18,7 @@ and thread count (BOINC-style recomputation spot-checks, Anderson, J. Grid Compu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from crowdtrain.client.api import (
     CoordinatorApi,
     FinishedMsg,
     PeerBanned,
+    ScoreOrderMsg,
     UpdateMsg,
     VerifyOrderMsg,
     WaitMsg,
@@ -53,12 +55,13 @@ from crowdtrain.client.work import TrainFn, overlap_start
 from crowdtrain.config import RunConfig
 from crowdtrain.data.atomic import atomic_write_bytes
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
+from crowdtrain.protocol.screening import Scorers
 from crowdtrain.train import Contribution, LocalTrainer
 from crowdtrain.train.moments import expand, first_moments
 
 log = logging.getLogger(__name__)
 
-Order = WorkOrderMsg | VerifyOrderMsg
+Order = WorkOrderMsg | VerifyOrderMsg | ScoreOrderMsg
 R = TypeVar("R")
 
 
@@ -178,6 +181,7 @@ class Volunteer:
         self.stats.peer_id = state.peer_id
         self.config = verified.config
         self.shapes = verified.param_shapes
+        self.val_ids = list(verified.data.val_ids)  # held-out batches of score orders
         torch.set_num_threads(self.options.device.threads)
         self.trainer = self._new_trainer()
         attacker = None
@@ -314,6 +318,24 @@ class Volunteer:
             raise ClientError(f"the prior payload {prior.payload[:12]} is bad: {exc}") from None
         return overlap_start(theta, sent)
 
+    def _scored(self, order: ScoreOrderMsg) -> dict[str, torch.Tensor]:
+        """A score order's contribution, downloaded, verified and decoded, and the validation
+        shards its held-out batch comes from."""
+        self._shards(self.val_ids)
+        try:
+            return codec.decode(
+                self._fetch(order.payload, order.max_payload_bytes),
+                self.shapes,
+                max_bytes=order.max_payload_bytes,
+            )
+        except codec.PayloadError as exc:
+            raise ClientError(f"the scored payload {order.payload[:12]} is bad: {exc}") from None
+
+    @functools.cached_property
+    def scorers(self) -> Scorers:
+        """The model score orders are computed with (on the CPU, `robust.usefulness`)."""
+        return Scorers(self.config.model)
+
     # --- training ------------------------------------------------------------------------
 
     def _counted(self, trainer: LocalTrainer, spec: _BackgroundTraining | None = None) -> TrainFn:
@@ -417,8 +439,10 @@ class Volunteer:
             return ve.Woke()
         if isinstance(d, ve.Fetch):
             order = d.order
-            assert isinstance(order, WorkOrderMsg | VerifyOrderMsg)
+            assert isinstance(order, WorkOrderMsg | VerifyOrderMsg | ScoreOrderMsg)
             base = self._prefetch(order)
+            if isinstance(order, ScoreOrderMsg):
+                return ve.InputsReady(base, target=self._scored(order))
             prior = self._prior(order) if isinstance(order, VerifyOrderMsg) else None
             return ve.InputsReady(base, prior)
         if isinstance(d, ve.Train):
@@ -432,6 +456,9 @@ class Volunteer:
             result = self._replay(d)
             self.stats.verify_steps += result.steps
             return ve.Trained(result)
+        if isinstance(d, ve.Evaluate):
+            self._show(f"scoring round {d.check.round} of {d.check.target}")
+            return ve.Evaluated(d.run(self.scorers, self.shards, self.val_ids, self.config))
         if isinstance(d, ve.Speculate):
             self._spec = _BackgroundTraining()
             self._spec.start(lambda spec: self._segment(self.trainer, d.segment, spec))
@@ -448,6 +475,8 @@ class Volunteer:
             return ve.Uploaded(self._upload(d))
         if isinstance(d, ve.UploadReplay):
             return ve.Uploaded(self._upload_replay(d))
+        if isinstance(d, ve.UploadScore):
+            return ve.Uploaded(self._upload_score(d))
         raise TypeError(f"unknown decision {type(d).__name__}")
 
     def _show(self, status: str) -> None:
@@ -460,6 +489,8 @@ class Volunteer:
             return ve.GotWork(msg)
         if isinstance(msg, VerifyOrderMsg):
             return ve.GotCheck(msg)
+        if isinstance(msg, ScoreOrderMsg):
+            return ve.GotScore(msg)
         if isinstance(msg, FinishedMsg):
             return ve.GotFinished()
         assert isinstance(msg, WaitMsg)
@@ -510,6 +541,18 @@ class Volunteer:
         if receipt is None:
             return False
         self.stats.bytes_up += len(d.payload)
+        self.stats.verified += 1
+        return True
+
+    def _upload_score(self, d: ve.UploadScore) -> bool:
+        """Submit a score order's losses (False: no longer ours, or already decided)."""
+        check = d.check
+        receipt = self._unless_refused(
+            f"score order {check.check_id}: the coordinator refused the score",
+            lambda: self.api.upload_score(check.check_id, d.score),
+        )
+        if receipt is None:
+            return False
         self.stats.verified += 1
         return True
 

@@ -26,6 +26,10 @@ import torch
 
 from crowdtrain.config import RunConfig
 from crowdtrain.data import BatchSampler
+from crowdtrain.data.probe import ShardProbe
+from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust import DictSource
+from crowdtrain.robust.usefulness import Score
 from crowdtrain.train import Contribution
 from crowdtrain.train.moments import split_base
 
@@ -202,6 +206,46 @@ class CheckLike(Stream, Protocol):
     def base_version(self) -> int: ...
     @property
     def prior(self) -> PriorLike | None: ...
+
+
+class ScoreLike(Stream, Protocol):
+    """A score order (protocol `ScoreOrder`, client `ScoreOrderMsg`): score `target`'s
+    contribution at θ of version `base_version` on its order's batches from
+    `assigned_batch` on and on held-out batch `heldout_batch`."""
+
+    @property
+    def check_id(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def base_version(self) -> int: ...
+    @property
+    def assigned_batch(self) -> int: ...
+    @property
+    def heldout_batch(self) -> int: ...
+
+
+def score_contribution(
+    scorers: Scorers,
+    check: ScoreLike,
+    base: Params,
+    delta: Params,
+    shards: Mapping[str, npt.NDArray[np.uint8]],
+    val_ids: Sequence[str],
+    config: RunConfig,
+) -> Score:
+    """The usefulness score of `delta` (the target's Δ) at `base`, on the batches the order
+    names, as the coordinator's stage (f) computes it (`protocol.screening.score`)."""
+    probe = ShardProbe.of_run(shards, val_ids, config)
+    batches = probe.scoring_batches(
+        check.shard_ids,
+        seed=check.seed,
+        round=check.round,
+        peer=check.target,
+        index=check.assigned_batch,
+        held=check.heldout_batch,
+    )
+    return scorers.score(base, DictSource(dict(delta)), *batches)
 
 
 def replay_check(

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from crowdtrain.config import RunConfig
 from crowdtrain.data.sampler import Batch, BatchSampler, eval_batches
 
 ShardLoader = Callable[[str], npt.NDArray[np.uint8]]
@@ -40,6 +41,24 @@ class ShardProbe:
         self.context = context
         self.seed = seed
 
+    @classmethod
+    def of_run(
+        cls,
+        load: ShardLoader | Mapping[str, npt.NDArray[np.uint8]],
+        val_ids: Sequence[str],
+        config: RunConfig,
+    ) -> ShardProbe:
+        """The probe a run scores with (the coordinator, the simulators and a volunteer that
+        scores another's contribution draw the same batches from it)."""
+        return cls(
+            load,
+            val_ids,
+            train_batch_size=config.data.batch_size,
+            batch_size=config.defence.score_batch_size,
+            context=config.model.context,
+            seed=config.data.seed,
+        )
+
     def _shards(self, ids: Sequence[str]) -> dict[str, npt.NDArray[np.uint8]]:
         for sha in ids:
             if sha not in self._cache:
@@ -63,6 +82,14 @@ class ShardProbe:
         count = -(-self.batch_size // self.train_batch_size)
         xs, ys = zip(*(sampler.batch(index + i) for i in range(count)), strict=True)
         return torch.cat(xs)[: self.batch_size], torch.cat(ys)[: self.batch_size]
+
+    def scoring_batches(
+        self, shard_ids: Sequence[str], *, seed: int, round: int, peer: str, index: int, held: int
+    ) -> tuple[Batch, Batch]:
+        """What a contribution is scored on: its peer's training batches from `index` on
+        (`assigned`) and held-out batch `held` (`heldout`)."""
+        assigned = self.assigned(shard_ids, seed=seed, round=round, peer=peer, index=index)
+        return assigned, self.heldout(held)
 
     def batches_needed(self) -> int:
         """How many consecutive training batches `assigned` reads."""

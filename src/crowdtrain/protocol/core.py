@@ -52,6 +52,7 @@ from crowdtrain.protocol.events import (
     RunFinished,
     RunPaused,
     RunResumed,
+    ScoreSubmitted,
     Tick,
     Unknown,
     Verdict,
@@ -524,6 +525,10 @@ class RoundProtocol:
         decisions = self.verification.judge(event, self._ledger(), now)
         return [*decisions, *self._after_bans(decisions, now)]
 
+    def _on_score(self, event: ScoreSubmitted, now: float) -> list[Decision]:
+        decisions = self.verification.judge_score(event, self._ledger(), now)
+        return [*decisions, *self._after_bans(decisions, now)]
+
     # --- the round closes: aggregation, outer step, the next round -----------------------
 
     def _maybe_close(self, now: float) -> list[Decision]:
@@ -579,7 +584,9 @@ class RoundProtocol:
             self.broadcast.update = None
         self.close_timing = lap.laps
         if self.defended:
-            decisions.extend(self.verification.schedule(rnd.number, subs, self._ledger(), now))
+            decisions.extend(
+                self.verification.schedule(rnd.number, self.version, subs, self._ledger(), now)
+            )
         self.version += 1
         total_weight = sum(s.weight for s in subs)
         closed = RoundClosed(
@@ -792,6 +799,7 @@ class RoundProtocol:
         ContributionSubmitted: _on_contribution,
         ContributionMalformed: _on_malformed,
         VerificationSubmitted: _on_verification,
+        ScoreSubmitted: _on_score,
         RunPaused: _on_paused,
         RunResumed: _on_resumed,
         DeadlineChanged: _on_deadline,

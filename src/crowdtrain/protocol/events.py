@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from crowdtrain.robust import DeltaSource
 from crowdtrain.robust.reputation import Standing
+from crowdtrain.robust.usefulness import Score
 
 # --- events (driver -> protocol) -------------------------------------------------------------
 
@@ -87,6 +88,15 @@ class VerificationSubmitted:
 
 
 @dataclass(frozen=True)
+class ScoreSubmitted:
+    """A verifier's usefulness score of another peer's contribution (a `ScoreOrder`)."""
+
+    check_id: str
+    peer_id: str
+    score: Score
+
+
+@dataclass(frozen=True)
 class PeerBanned:
     """An administrator bans a peer (reason recorded)."""
 
@@ -133,6 +143,7 @@ Event = (
     | ContributionSubmitted
     | ContributionMalformed
     | VerificationSubmitted
+    | ScoreSubmitted
     | PeerBanned
     | PeerUnbanned
     | RunPaused
@@ -202,6 +213,27 @@ class VerifyOrder:
     step_offset: int
     steps: int
     prior: PriorWork | None = None
+
+
+@dataclass(frozen=True)
+class ScoreOrder:
+    """Score another peer's contribution, as the coordinator's usefulness stage would: the
+    losses of θ (version `base_version`) and of θ − Δ (Δ the payload blob `payload_ref`) on
+    `target`'s assigned batches from batch `assigned_batch` of its order (`shard_ids`,
+    `seed`, `round`; the sampler is keyed by the target) and on held-out batch
+    `heldout_batch` (`data.probe.ShardProbe`), then submit the four losses."""
+
+    check_id: str
+    peer_id: str  # who scores it
+    target: str
+    round: int
+    base_version: int
+    shard_ids: tuple[str, ...]
+    seed: int
+    step_offset: int
+    assigned_batch: int
+    heldout_batch: int
+    payload_ref: str
 
 
 @dataclass(frozen=True)
@@ -307,6 +339,7 @@ class Unknown:
 Decision = (
     WorkOrder
     | VerifyOrder
+    | ScoreOrder
     | Wait
     | Accepted
     | Rejected

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crowdtrain.protocol.events import VerifyOrder, WorkOrder
+from crowdtrain.protocol.events import ScoreOrder, VerifyOrder, WorkOrder
 from crowdtrain.robust import DeltaSource
 
 
@@ -64,20 +64,22 @@ class Round:
 
 @dataclass
 class Check:
-    """A pending recomputation spot-check of one accepted contribution.
+    """A pending check of one accepted contribution: a recomputation spot-check (its order a
+    `VerifyOrder`) or a usefulness score on a volunteer (a `ScoreOrder`).
 
     `assigned` holds the verifiers replaying it now (peer id -> when it was handed out);
     `reports` the verifiers that answered, each with "" (its replay matched the contribution)
-    or why it did not. The check is decided once `defence.check_verifiers` reports agree
-    (`Verification.judge`)."""
+    or why it did not, and for a score the four losses it reported (`scores`). The check is
+    decided when enough reports agree (`Verification.judge`)."""
 
-    order: VerifyOrder
+    order: VerifyOrder | ScoreOrder
     delta: DeltaSource
     ref: str
     opened_round: int
     samples: int = 0
     assigned: dict[str, float] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)
+    scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def tally(self) -> tuple[int, int]:
         """(matching replays, mismatching replays) reported so far."""

@@ -115,6 +115,18 @@ class Context:
         """The order contributions are scored in: least trusted first, ties at random."""
         return (c.trust, _tie(self.seed, c.key))
 
+    def batches(self, c: Candidate) -> tuple[int, int]:
+        """The candidate's secret scoring batches: the first of the consecutive training
+        batches of its order it is scored on (one it trained on) and the held-out batch."""
+        rng = self.draws(c)
+        torch.rand((), generator=rng)  # the tie-break (`priority`)
+        defence, data = self.config.defence, self.config.data
+        needed = -(-defence.score_batch_size // data.batch_size)  # `ShardProbe.batches_needed`
+        last = max(1, c.own_steps - needed + 1)
+        index = int(torch.randint(last, (1,), generator=rng))
+        held = int(torch.randint(1 << 30, (1,), generator=rng))
+        return index, held
+
     def eligible(self, c: Candidate) -> bool:
         """A handful of fresh-AdamW steps is a sign-like step whose effect on any one batch is
         noise; such contributions weigh little (their samples) and are not scored."""
@@ -227,15 +239,12 @@ def score(c: Candidate, ctx: Context) -> Score:
     its peer's own assigned data (one its training read) and on a held-out batch, both drawn
     secretly."""
     assert ctx.scorers is not None and ctx.probe is not None
-    probe, rng = ctx.probe, ctx.draws(c)
-    torch.rand((), generator=rng)  # the tie-break (`Context.priority`)
-    last = max(1, c.own_steps - probe.batches_needed() + 1)
-    index = int(torch.randint(last, (1,), generator=rng))
-    held = int(torch.randint(1 << 30, (1,), generator=rng))
-    assigned = probe.assigned(
-        c.order.shard_ids, seed=c.order.seed, round=c.order.round, peer=c.peer_id, index=index
+    index, held = ctx.batches(c)
+    order = c.order
+    batches = ctx.probe.scoring_batches(
+        order.shard_ids, seed=order.seed, round=order.round, peer=c.peer_id, index=index, held=held
     )
-    return ctx.scorers.score(ctx.params, c.delta, assigned, probe.heldout(held))
+    return ctx.scorers.score(ctx.params, c.delta, *batches)
 
 
 def _fingerprint(source: DeltaSource, ctx: Context) -> torch.Tensor:

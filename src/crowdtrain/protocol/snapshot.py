@@ -17,7 +17,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from crowdtrain.protocol.events import PeerRecord, PriorWork, Verdict, VerifyOrder, WorkOrder
+from crowdtrain.protocol.events import (
+    PeerRecord,
+    PriorWork,
+    ScoreOrder,
+    Verdict,
+    VerifyOrder,
+    WorkOrder,
+)
 from crowdtrain.protocol.records import Check, Round, Submission
 from crowdtrain.robust import DeltaSource
 from crowdtrain.robust.reputation import Standing
@@ -150,7 +157,9 @@ def round_from_json(doc: Mapping[str, Any], source: Source) -> Round:
 def check_to_json(check: Check) -> dict[str, Any]:
     """A pending check without the checked Δ, which `ref` names."""
     order = asdict(check.order)
-    if order["prior"] is not None:
+    if isinstance(check.order, ScoreOrder):
+        order["kind"] = "score"
+    elif order["prior"] is not None:
         order["prior"]["shard_ids"] = list(order["prior"]["shard_ids"])
     return {
         "order": {**order, "shard_ids": list(check.order.shard_ids)},
@@ -159,14 +168,19 @@ def check_to_json(check: Check) -> dict[str, Any]:
         "samples": check.samples,
         "assigned": dict(check.assigned),
         "reports": dict(check.reports),
+        "scores": {k: list(v) for k, v in check.scores.items()},
     }
 
 
 def check_from_json(doc: Mapping[str, Any], source: Source) -> Check:
-    o = doc["order"]
-    p = o.get("prior")
-    prior = None if p is None else PriorWork(**{**p, "shard_ids": tuple(p["shard_ids"])})
-    order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"]), "prior": prior})
+    o = dict(doc["order"])
+    order: VerifyOrder | ScoreOrder
+    if o.pop("kind", "replay") == "score":
+        order = ScoreOrder(**{**o, "shard_ids": tuple(o["shard_ids"])})
+    else:
+        p = o.get("prior")
+        prior = None if p is None else PriorWork(**{**p, "shard_ids": tuple(p["shard_ids"])})
+        order = VerifyOrder(**{**o, "shard_ids": tuple(o["shard_ids"]), "prior": prior})
     assigned = dict(doc.get("assigned", {}))
     if doc.get("assigned_to"):  # a snapshot from before checks had several verifiers
         assigned[doc["assigned_to"]] = doc["assigned_at"]
@@ -178,6 +192,7 @@ def check_from_json(doc: Mapping[str, Any], source: Source) -> Check:
         doc["samples"],
         {str(k): float(v) for k, v in assigned.items()},
         {str(k): str(v) for k, v in doc.get("reports", {}).items()},
+        {str(k): tuple(float(x) for x in v) for k, v in doc.get("scores", {}).items()},
     )
 
 

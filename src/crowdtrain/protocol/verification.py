@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -45,6 +46,8 @@ from crowdtrain.protocol.events import (
     PeerRecord,
     PriorWork,
     Rejected,
+    ScoreOrder,
+    ScoreSubmitted,
     Unknown,
     Verdict,
     VerificationSubmitted,
@@ -74,12 +77,26 @@ from crowdtrain.robust.reputation import (
     weight_factor,
 )
 from crowdtrain.robust.spotcheck import compare, mismatch
-from crowdtrain.robust.usefulness import Score
+from crowdtrain.robust.usefulness import Score, judge
 
 #: Pending spot-checks lapse after this many rounds without a verifier.
 CHECK_LIFETIME_ROUNDS = 3
 #: How many verdicts the snapshot (and the status API) keeps.
 VERDICTS_KEPT = 1000
+#: `defence.scoring = "auto"` scores on the coordinator up to this many parameters and on
+#: volunteers above: scoring one contribution is four forward passes of the model, about
+#: 2.4 s of one CPU core at 10.7M parameters and 10 s at 100M (docs/BENCHMARKS.md,
+#: "Coordinator cost per round"), so 4 per round at 50M cost about 20 s of a core.
+SCORING_ON_COORDINATOR_MAX_PARAMS = 50_000_000
+
+
+def scores_on_peers(config: RunConfig, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    """Whether usefulness scoring runs as score orders on volunteers (`defence.scoring`)."""
+    mode = config.defence.scoring
+    if mode == "auto":
+        params = sum(math.prod(shape) for shape in shapes.values())
+        return params > SCORING_ON_COORDINATOR_MAX_PARAMS
+    return mode == "peer"
 
 
 def replayable(config: RunConfig) -> bool:
@@ -145,7 +162,10 @@ class Verification:
         self.fingerprints: dict[str, torch.Tensor] = {}  # "round/peer" -> fingerprint
         self.verdicts: list[Verdict] = []
         self.scored = 0  # usefulness evaluations so far
-        self._scorers = Scorers(config.model)
+        # Usefulness scores are computed here (on arrival and at the close) or, for large
+        # models, by volunteers as score orders (`schedule`).
+        self.peer_scoring = scores_on_peers(config, shapes)
+        self._scorers = None if self.peer_scoring else Scorers(config.model)
         # Analyses and scores computed as contributions arrived, by (key, version of θ,
         # closing round), and the keys whose scores are done or under way.
         self._analyses: dict[tuple[str, int, int], Analysis] = {}
@@ -348,10 +368,11 @@ class Verification:
         ]
 
     def schedule(
-        self, number: int, subs: list[Submission], ledger: Ledger, now: float
+        self, number: int, version: int, subs: list[Submission], ledger: Ledger, now: float
     ) -> list[Decision]:
-        """Expire stale checks and pick round NUMBER's contributions to replay (BOINC-style
-        adaptive replication); in coordinator mode, the replays to run are the decisions."""
+        """Expire stale checks, pick round NUMBER's contributions to replay (BOINC-style
+        adaptive replication) and, when volunteers score, those to score at θ of VERSION; in
+        coordinator mode, the replays to run are the decisions."""
         cfg = self.config.defence
         for check_id, check in list(self.checks.items()):
             if number - check.opened_round >= CHECK_LIFETIME_ROUNDS:
@@ -366,6 +387,8 @@ class Verification:
                 )
                 self._record(now, o.target, o.round, "spot_check", "check_expired", reason)
         decisions: list[Decision] = []
+        if self.peer_scoring:
+            self._score_orders(number, version, subs, ledger)
         if cfg.spot_check == "off" or not replayable(self.config):
             return decisions
         rng = torch.Generator().manual_seed(
@@ -398,6 +421,39 @@ class Verification:
             if cfg.spot_check == "coordinator":
                 decisions.append(order)
         return decisions
+
+    def _score_orders(
+        self, number: int, version: int, subs: list[Submission], ledger: Ledger
+    ) -> None:
+        """Score orders for the contributions the coordinator would have scored: the first
+        `score_per_round` eligible ones by the same secret priority, on the same secret
+        batches (`screening.Context`)."""
+        cfg = self.config.defence
+        ctx = self._context(number, ledger)
+        by_key = {s.key: s for s in subs}
+        eligible = [
+            c
+            for c in (self._candidate(s, ledger) for s in subs)
+            if c.own_steps >= cfg.score_min_steps
+        ]
+        for c in sorted(eligible, key=ctx.priority)[: cfg.score_per_round]:
+            sub, work = by_key[c.key], c.order
+            index, held = ctx.batches(c)
+            text = f"score\x00{sub.peer_id}\x00{sub.round}"
+            order = ScoreOrder(
+                check_id=hashlib.sha256(text.encode()).hexdigest()[:24],
+                peer_id="",
+                target=sub.peer_id,
+                round=work.round,
+                base_version=version,
+                shard_ids=work.shard_ids,
+                seed=work.seed,
+                step_offset=work.step_offset,
+                assigned_batch=index,
+                heldout_batch=held,
+                payload_ref=sub.ref,
+            )
+            self.checks[order.check_id] = Check(order, sub.delta, sub.ref, number, sub.samples)
 
     def _unreplayable(self, sub: Submission, ledger: Ledger) -> bool:
         """A contribution no spot-check can replay (overlap without a known prior round): it
@@ -432,12 +488,16 @@ class Verification:
 
     # --- checks handed out and judged ------------------------------------------------------
 
-    def check_for(self, peer: PeerRecord, busy: bool, now: float) -> VerifyOrder | None:
-        """A pending spot-check for a trusted peer that is not `busy` with an order this round:
-        the one it holds, or one of another peer's work that still wants a verifier and that
-        this peer has not answered already."""
+    def check_for(
+        self, peer: PeerRecord, busy: bool, now: float
+    ) -> VerifyOrder | ScoreOrder | None:
+        """A pending check (a replay in `spot_check = "peer"` mode, a score when volunteers
+        score) for a trusted peer that is not `busy` with an order this round: the one it
+        holds, or one of another peer's work that still wants a verifier and that this peer
+        has not answered already."""
         cfg = self.config.defence
-        if cfg.spot_check != "peer" or not self.enabled:
+        replays = cfg.spot_check == "peer"
+        if not (replays or self.peer_scoring) or not self.enabled:
             return None
         if not is_trusted(peer.standing, cfg) or busy:
             return None
@@ -447,6 +507,8 @@ class Verification:
                 return replace(check.order, peer_id=peer.peer_id)
         for check in self.checks.values():
             if check.order.target == peer.peer_id or peer.peer_id in check.reports:
+                continue
+            if not replays and isinstance(check.order, VerifyOrder):
                 continue
             live = {v: at for v, at in check.assigned.items() if now - at <= lapse}
             if len(live) < self._wanted(check):
@@ -482,12 +544,11 @@ class Verification:
         contribution's credit and costs its peer `check_strikes` strikes; every verifier the
         decision overrules loses as many (it lied, or its machine cannot replay); a pass
         counts towards the target's trust."""
-        check = self.checks.get(event.check_id)
-        if check is None:
-            return [Unknown(event.peer_id, f"no open spot-check has id {event.check_id}")]
-        if event.peer_id and event.peer_id not in check.assigned:
-            return [Unknown(event.peer_id, "this spot-check is not assigned to this peer")]
+        check = self._answered(event.check_id, event.peer_id, VerifyOrder)
+        if not isinstance(check, Check):
+            return [check]
         order = check.order
+        assert isinstance(order, VerifyOrder)
         verdict = mismatch(
             compare(check.delta, event.delta, self.shapes, self.config.aggregation.fragment_numel),
             tolerance=self.config.defence.check_tolerance,
@@ -497,14 +558,53 @@ class Verification:
         if not event.peer_id:  # the coordinator's own replay
             del self.checks[event.check_id]
             return self._decide(check, "", verdict, ledger, now)
-        del check.assigned[event.peer_id]
-        check.reports[event.peer_id] = verdict or ""
-        if event.peer_id in ledger.peers:
-            ledger.peers[event.peer_id].standing.verified += 1
+        return self._report(check, event.peer_id, verdict, ledger, now)
+
+    def judge_score(self, event: ScoreSubmitted, ledger: Ledger, now: float) -> list[Decision]:
+        """Record a verifier's usefulness score of a contribution: its verdict is stage (f)'s
+        absolute test (`robust.usefulness.judge`; the comparison with the round's other
+        gains needs scores the coordinator does not have), and reports agree as
+        replays' do (`judge`)."""
+        check = self._answered(event.check_id, event.peer_id, ScoreOrder)
+        if not isinstance(check, Check):
+            return [check]
+        score, cfg = event.score, self.config.defence
+        if score.is_finite() and math.isfinite(score.assigned_se) and score.assigned_se >= 0:
+            verdict = judge(
+                score, min_gain=cfg.score_min_gain, heldout_tol=cfg.score_heldout_tol, z=cfg.score_z
+            )
+        else:
+            verdict = "the reported losses are not finite, non-negative numbers"
+        check.scores[event.peer_id] = _numbers(score)
+        return self._report(check, event.peer_id, verdict, ledger, now)
+
+    def _answered(
+        self, check_id: str, peer_id: str, kind: type[VerifyOrder] | type[ScoreOrder]
+    ) -> Check | Unknown:
+        """The open check of this id and KIND assigned to PEER_ID ("" the coordinator)."""
+        check = self.checks.get(check_id)
+        if check is None or not isinstance(check.order, kind):
+            what = "spot-check" if kind is VerifyOrder else "score order"
+            return Unknown(peer_id, f"no open {what} has id {check_id}")
+        if peer_id and peer_id not in check.assigned:
+            return Unknown(peer_id, "this check is not assigned to this peer")
+        if not peer_id and isinstance(check.order, ScoreOrder):
+            return Unknown(peer_id, "score orders are answered by volunteers")
+        return check
+
+    def _report(
+        self, check: Check, verifier: str, verdict: str | None, ledger: Ledger, now: float
+    ) -> list[Decision]:
+        """VERIFIER's report on CHECK (None: it matched or passed); decide when enough agree."""
+        order = check.order
+        del check.assigned[verifier]
+        check.reports[verifier] = verdict or ""
+        if verifier in ledger.peers:
+            ledger.peers[verifier].standing.verified += 1
         outcome = self._outcome(check)
         if outcome is None:
-            return [CheckReported(order.check_id, order.target, order.round, event.peer_id)]
-        del self.checks[event.check_id]
+            return [CheckReported(order.check_id, order.target, order.round, verifier)]
+        del self.checks[order.check_id]
         agreed = [v for v, said in check.reports.items() if (not said) == outcome]
         reason = None if outcome else check.reports[agreed[0]]
         decisions = self._decide(check, ",".join(agreed), reason, ledger, now)
@@ -520,33 +620,60 @@ class Verification:
         order = check.order
         target = ledger.peers[order.target]
         passed = verdict is None
-        reason = verdict or "the replay matched the contribution"
-        outcome = "check_passed" if passed else "check_failed"
-        self._record(now, order.target, order.round, "spot_check", outcome, reason)
+        scored = isinstance(order, ScoreOrder)
+        stage = "usefulness" if scored else "spot_check"
+        if scored:
+            reason = verdict or "the contribution lowered the loss on its assigned data"
+            outcome = "score_passed" if passed else "flagged"
+        else:
+            reason = verdict or "the replay matched the contribution"
+            outcome = "check_passed" if passed else "check_failed"
+        self._record(now, order.target, order.round, stage, outcome, reason)
         decisions: list[Decision] = [
             CheckDone(order.check_id, order.target, order.round, verifiers, passed, reason)
         ]
         if not passed:
             target.samples -= check.samples  # the contribution is void: no credit for it
             target.flagged += 1
-            decisions.append(Flagged(order.target, order.round, "spot_check", reason))
-            if record_check(target.standing, self.config.defence, False, reason):
+            decisions.append(Flagged(order.target, order.round, stage, reason))
+            cfg = self.config.defence
+            banned = (
+                record_failure(target.standing, cfg, 1.0, f"usefulness: {reason}")
+                if scored  # as when the coordinator scores
+                else record_check(target.standing, cfg, False, reason)
+            )
+            if banned:
                 decisions.extend(self._ban(target, order.round, ledger, now))
-        else:
+        elif not scored:
             record_check(target.standing, self.config.defence, True, reason)
         return decisions
 
     def _overruled(
         self, verifier: PeerRecord, check: Check, said: str, ledger: Ledger, now: float
     ) -> list[Decision]:
-        """VERIFIER's report on CHECK disagreed with the verifiers who decided it."""
+        """VERIFIER's report on CHECK disagreed with the verifiers who decided it. A score
+        near the bar may fall either side on two honest machines, so a score report costs
+        strikes only when one of its losses is further than `check_tolerance` (relative)
+        from the agreeing verifiers' median."""
         order = check.order
-        claim = f"a mismatch ({said})" if said else "a match"
-        reason = (
-            f"its replay of {order.target}'s round {order.round} reported {claim}, "
-            "against the verifiers who agreed"
-        )
+        cfg = self.config.defence
+        if isinstance(order, ScoreOrder):
+            claim = f"a failure ({said})" if said else "a pass"
+            what = f"its score of {order.target}'s round {order.round}"
+            agreed = [
+                check.scores[v]
+                for v, r in check.reports.items()
+                if bool(r) != bool(said) and v in check.scores
+            ]
+            own = check.scores.get(verifier.peer_id, ())
+            honest = bool(agreed) and _close(own, agreed, cfg.check_tolerance)
+        else:
+            claim = f"a mismatch ({said})" if said else "a match"
+            what, honest = f"its replay of {order.target}'s round {order.round}", False
+        reason = f"{what} reported {claim}, against the verifiers who agreed"
         self._record(now, verifier.peer_id, order.round, "spot_check", "verifier_overruled", reason)
+        if honest:
+            return []
         verifier.standing.failed_checks += 1  # no longer trusted to verify; checked more often
         verifier.standing.passed_checks = 0
         if record_failure(
@@ -600,3 +727,27 @@ class Verification:
         self.verdicts.append(Verdict(now, peer_id, round_number, stage, outcome, reason))
         if len(self.verdicts) > 2 * VERDICTS_KEPT:
             del self.verdicts[:-VERDICTS_KEPT]
+
+
+def _numbers(score: Score) -> tuple[float, ...]:
+    """A score report's numbers, as the check keeps them."""
+    return (
+        score.assigned_before,
+        score.assigned_after,
+        score.heldout_before,
+        score.heldout_after,
+        score.assigned_se,
+    )
+
+
+def _close(own: tuple[float, ...], others: list[tuple[float, ...]], tolerance: float) -> bool:
+    """Whether the four losses of OWN are each within TOLERANCE (relative) of the median of
+    OTHERS' (the standard error, a spread, is not compared)."""
+    if len(own) < 4:
+        return False
+    for i in range(4):
+        values = sorted(o[i] for o in others)
+        median = values[len(values) // 2]
+        if not abs(own[i] - median) <= tolerance * max(abs(median), 1e-6):
+            return False
+    return True

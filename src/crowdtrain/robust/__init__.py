@@ -7,7 +7,7 @@ He and Jaggi, ICLR 2022) run fragment by fragment over contributions read throug
 """
 
 from crowdtrain.robust.aggregate import AggregateResult, aggregate, global_norms
-from crowdtrain.robust.sources import DeltaSource, DictSource, SafetensorsFileSource
+from crowdtrain.robust.sources import DeltaSource, DictSource, SafetensorsFileSource, read_all
 
 __all__ = [
     "AggregateResult",
@@ -16,4 +16,5 @@ __all__ = [
     "SafetensorsFileSource",
     "aggregate",
     "global_norms",
+    "read_all",
 ]

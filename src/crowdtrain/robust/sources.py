@@ -36,6 +36,14 @@ class DeltaSource(Protocol):
         ...
 
 
+def read_all(source: DeltaSource, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Every parameter of SOURCE as a float32 tensor of its shape (copies, safe to modify)."""
+    out = {}
+    for name, shape in shapes.items():
+        out[name] = source.read(name, 0, prod(shape)).reshape(shape).clone()
+    return out
+
+
 def _check_range(name: str, start: int, stop: int, numel: int) -> None:
     if not 0 <= start <= stop <= numel:
         raise ValueError(

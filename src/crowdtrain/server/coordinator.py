@@ -51,6 +51,8 @@ from crowdtrain.protocol import (
     RunFinished,
     RunPaused,
     RunResumed,
+    ScoreOrder,
+    ScoreSubmitted,
     Tick,
     Unknown,
     VerificationSubmitted,
@@ -61,6 +63,7 @@ from crowdtrain.protocol import (
 )
 from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
+from crowdtrain.robust.usefulness import Score
 from crowdtrain.server.dashboard import (
     SampleCache,
     Timeline,
@@ -236,14 +239,7 @@ class Coordinator:
                 self.blobs.put_bytes(shards.load(sha, verify=True).tobytes())
         val = {sha: shards.load(sha) for sha in self.data.val_ids}
         self.shard_store = shards
-        self.probe = ShardProbe(
-            shards.load,
-            self.data.val_ids,
-            train_batch_size=config.data.batch_size,
-            batch_size=config.defence.score_batch_size,
-            context=config.model.context,
-            seed=config.data.seed,
-        )
+        self.probe = ShardProbe.of_run(shards.load, self.data.val_ids, config)
         self.secret = self._secret()
         self.evals = eval_batches(
             val,
@@ -467,6 +463,17 @@ class Coordinator:
                         "prior": self._prior_json(d.prior),
                         "max_payload_bytes": self.max_payload_bytes,
                     }
+                if isinstance(d, ScoreOrder):
+                    return {
+                        "kind": "score",
+                        "check_id": d.check_id,
+                        "target": d.target,
+                        **self._work_json(d),
+                        "assigned_batch": d.assigned_batch,
+                        "heldout_batch": d.heldout_batch,
+                        "payload": d.payload_ref,
+                        "max_payload_bytes": self.max_payload_bytes,
+                    }
                 if isinstance(d, Banned):
                     raise Problem(403, "banned", f"this peer is banned: {d.reason}")
                 if isinstance(d, Wait):
@@ -477,7 +484,7 @@ class Coordinator:
                     raise Problem(401, "unknown_peer", d.reason)
         return {"kind": "wait", "retry_after": 1.0, "reason": "no work right now"}
 
-    def _work_json(self, work: WorkOrder | VerifyOrder | PriorWork) -> dict[str, Any]:
+    def _work_json(self, work: WorkOrder | VerifyOrder | ScoreOrder | PriorWork) -> dict[str, Any]:
         """What names a stream of training batches and its start: round, base weights (by
         blob id), shards, seed, step offset."""
         version = self.store.get_version(work.base_version)
@@ -625,6 +632,16 @@ class Coordinator:
         event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha, header), steps)
         with self.lock:
             decisions = self._handle(event)
+            self._persist(decisions)
+        for d in decisions:
+            if isinstance(d, Unknown):
+                raise Problem(409, "no_check", d.reason)
+        return {"check_id": check_id, "received": True}
+
+    def score(self, peer_id: str, check_id: str, score: Score) -> dict[str, Any]:
+        """A trusted peer's usefulness score of another's contribution (a score order)."""
+        with self.lock:
+            decisions = self._handle(ScoreSubmitted(check_id, peer_id, score))
             self._persist(decisions)
         for d in decisions:
             if isinstance(d, Unknown):

@@ -78,10 +78,11 @@ from crowdtrain import codec
 from crowdtrain import protocol as pr
 from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
-from crowdtrain.client.work import CheckLike, Params, WorkLike
+from crowdtrain.client.work import CheckLike, Params, ScoreLike, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
-from crowdtrain.robust import DictSource
+from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust import DictSource, read_all
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
 from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds
@@ -316,6 +317,7 @@ def simulate(
     sim = _Sim(
         config, protocol, loop, network, peers, shards, target, evaluate_now, options, on_round
     )
+    sim.val_ids = list(manifest.val_ids)
     for p in peers:
         for start, end in p.intervals:
             loop.schedule(start, functools.partial(sim.come_online, p), label="online")
@@ -415,6 +417,7 @@ class _Peer:
     computing_since: float | None = None
     free_at: float = 0.0  # when a step under way of stopped overlapped training ends
     base: dict[str, torch.Tensor] | None = None  # θ of the order being fetched
+    scored: dict[str, torch.Tensor] | None = None  # Δ of the score order being fetched
     compute_s: float = 0.0
     first_compute_s: float | None = None
     steps: int = 0
@@ -495,6 +498,7 @@ class _Sim:
         self.finished = False
         self.stalled = False
         self.late_checks = 0  # spot-check replays turned away: their check lapsed meanwhile
+        self.val_ids: list[str] = []  # the validation shards, for score orders
 
     # --- the coordinator's side ----------------------------------------------------------
 
@@ -701,6 +705,22 @@ class _Sim:
                 spec.paused_s += steps * p.step_s
             p.computing_since = now
             self.later(p, steps * p.step_s, lambda q: self.trained(q, d), "compute")
+        elif isinstance(d, ve.Evaluate):
+            # Four forward passes over `score_batch_size` sequences; a training step is about
+            # three forward passes' worth (forward and backward) over `batch_size`.
+            cfg = self.config
+            seconds = p.step_s * 4 * cfg.defence.score_batch_size / (3 * cfg.data.batch_size)
+            if spec is not None and spec.paused:
+                spec.paused_s += seconds
+            p.computing_since = now
+            self.later(p, seconds, lambda q: self.evaluated(q, d), "compute")
+        elif isinstance(d, ve.UploadScore):
+            event = pr.ScoreSubmitted(d.check.check_id, p.peer_id, d.score)
+            decisions = self.protocol.handle(event)
+            self.act([x for x in decisions if not isinstance(x, pr.Unknown)])
+            late = any(isinstance(x, pr.Unknown) for x in decisions)
+            self.late_checks += late
+            self.run(p, p.machine.handle(ve.Uploaded(not late)))
         elif isinstance(d, ve.Speculate):
             p.speculation = _VirtualSpeculation(d.segment, d.round, now)
         elif isinstance(d, ve.PauseSpeculation | ve.ResumeSpeculation):
@@ -720,10 +740,13 @@ class _Sim:
             p.waiting = self.later(p, self.ready_at - self.loop.now, self.retry, "closing")
             return
         (d,) = self.protocol.handle(pr.WorkRequested(p.peer_id))
-        if isinstance(d, pr.WorkOrder | pr.VerifyOrder):
+        if isinstance(d, pr.WorkOrder | pr.VerifyOrder | pr.ScoreOrder):
             p.base = self.base(d.base_version)
             if isinstance(d, pr.WorkOrder):  # exactly the steps that fit its budget
                 self.run(p, p.machine.handle(ve.GotWork(as_steps(d, fitted_steps(d, p.step_s)))))
+            elif isinstance(d, pr.ScoreOrder):  # the payload it downloads decodes to this
+                p.scored = read_all(self.protocol.checks[d.check_id].delta, self.protocol.shapes)
+                self.run(p, p.machine.handle(ve.GotScore(d)))
             else:
                 self.run(p, p.machine.handle(ve.GotCheck(d)))
         elif isinstance(d, pr.Wait):
@@ -735,13 +758,21 @@ class _Sim:
         else:
             self.act([d])
 
-    def fetch(self, p: _Peer, order: WorkLike | CheckLike, then: Callable[[], None]) -> None:
+    def fetch(
+        self, p: _Peer, order: WorkLike | CheckLike | ScoreLike, then: Callable[[], None]
+    ) -> None:
         """Download what `order` needs and the peer has not cached, one request after the
         other as the client makes them, then run `then`: the order's data shards, θ of its base
-        version and, for a replay of overlapped work, θ of the prior version and the payload."""
+        version and, for a replay of overlapped work, θ of the prior version and the payload
+        (for a score order: the scored payload and the validation shards)."""
         wanted: list[tuple[int, Callable[[], None]]] = []
         prior = order.prior if isinstance(order, pr.VerifyOrder) else None
-        shard_ids = [*order.shard_ids, *(() if prior is None else prior.shard_ids)]
+        scoring = isinstance(order, pr.ScoreOrder)
+        shard_ids = [
+            *order.shard_ids,
+            *(() if prior is None else prior.shard_ids),
+            *(self.val_ids if scoring else ()),
+        ]
         for sid in dict.fromkeys(shard_ids):
             if sid not in p.shards:
                 wanted.append((self.shards[sid].nbytes, functools.partial(p.shards.add, sid)))
@@ -752,8 +783,8 @@ class _Sim:
                 rebuilt = update is not None and version - 1 in p.versions
                 nbytes = update if rebuilt and update else self.target.download_bytes
                 wanted.append((nbytes, functools.partial(p.keep, version)))
-        if prior is not None:
-            wanted.append((self.target.upload_bytes, lambda: None))  # the prior payload
+        if prior is not None or scoring:  # the prior payload, or the scored one
+            wanted.append((self.target.upload_bytes, lambda: None))
 
         def next_request() -> None:
             if not wanted:
@@ -770,13 +801,18 @@ class _Sim:
         next_request()
 
     def inputs_ready(
-        self, p: _Peer, order: WorkLike | CheckLike, base: dict[str, torch.Tensor]
+        self, p: _Peer, order: WorkLike | CheckLike | ScoreLike, base: dict[str, torch.Tensor]
     ) -> None:
         """The order's inputs are here: a replay starts (with its overlapped start, while
-        still kept); a work order's training starts, or crashes part-way (`fail_mid_round`)."""
+        still kept) or a score; a work order's training starts, or crashes part-way
+        (`fail_mid_round`)."""
         now = self.loop.now
         if p.first_compute_s is None:
             p.first_compute_s = now
+        if isinstance(order, pr.ScoreOrder):
+            target, p.scored = p.scored, None
+            self.run(p, p.machine.handle(ve.InputsReady(base, target=target)))
+            return
         if isinstance(order, pr.VerifyOrder):
             self.run(p, p.machine.handle(ve.InputsReady(base, self.prior_start_of(order))))
             return
@@ -826,6 +862,19 @@ class _Sim:
             p.steps += d.segment.max_steps
             result = d.segment.run(p.trainer.train, p.machine.batches(d.segment, self.shards))
         self.run(p, p.machine.handle(ve.Trained(result)))
+
+    def evaluated(self, p: _Peer, d: ve.Evaluate) -> None:
+        """A score's compute time is over: the score itself, then on."""
+        assert p.computing_since is not None
+        p.compute_s += self.loop.now - p.computing_since
+        p.computing_since = None
+        score = d.run(self.scorers, self.shards, self.val_ids, self.config)
+        self.run(p, p.machine.handle(ve.Evaluated(score)))
+
+    @functools.cached_property
+    def scorers(self) -> Scorers:
+        """The models volunteers score with."""
+        return Scorers(self.config.model)
 
     def replayed(self, p: _Peer, d: ve.UploadReplay) -> None:
         """A replay's Δ' reaches the protocol (its upload costs no virtual time here)."""

@@ -14,6 +14,7 @@ training never gets a step in before the next base is there. The discrete-event 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections import deque
@@ -34,7 +35,8 @@ from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
-from crowdtrain.robust import DictSource
+from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust import DictSource, read_all
 from crowdtrain.train import Contribution, LocalTrainer, evaluate
 
 
@@ -113,7 +115,7 @@ def run_swarm(
         config, initial_state(config.model), manifest.train_ids, clock, probe=probe
     )
     shared = LocalTrainer(config.model, config.inner)
-    swarm = _Swarm(config, protocol, [], shards)
+    swarm = _Swarm(config, protocol, [], shards, val_ids=list(manifest.val_ids))
     for i in range(peers):
         bad = attack is not None and i >= peers - attackers
         attacker = Attacker(attack, f"peer-{i}", config.seed) if bad and attack else None
@@ -208,14 +210,7 @@ class RunData:
             n_batches=eval_batch_count,
             seed=config.data.seed,
         )
-        probe = ShardProbe(
-            shards,
-            manifest.val_ids,
-            train_batch_size=config.data.batch_size,
-            batch_size=config.defence.score_batch_size,
-            context=config.model.context,
-            seed=config.data.seed,
-        )
+        probe = ShardProbe.of_run(shards, manifest.val_ids, config)
         return cls(manifest, shards, evals, probe)
 
 
@@ -298,6 +293,7 @@ class _Swarm:
     protocol: pr.RoundProtocol
     peers: list[SimPeer]
     shards: dict[str, np.ndarray]
+    val_ids: list[str] = field(default_factory=list)  # for score orders' held-out batches
     bases: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     train_steps: int = 0
     verify_steps: int = 0
@@ -306,6 +302,7 @@ class _Swarm:
     submissions: list[tuple[str, int]] = field(default_factory=list)
     honest: list[Mapping[str, torch.Tensor]] = field(default_factory=list)
     attackers: int = 0
+    scores: int = 0  # score orders answered by volunteers
     closed: pr.RoundClosed | None = None
     finished: bool = False
 
@@ -379,6 +376,9 @@ class _Swarm:
             if isinstance(d, pr.VerifyOrder):
                 p.feed(ve.GotCheck(d))
                 self.drive(p)
+            elif isinstance(d, pr.ScoreOrder):
+                p.feed(ve.GotScore(d))
+                self.drive(p)
             elif isinstance(d, pr.Wait):
                 p.feed(ve.GotWait(d.retry_after, d.reason))
                 return None
@@ -393,7 +393,7 @@ class _Swarm:
         while p.pending and not isinstance(p.pending[0], ve.AskForWork | ve.Wait | ve.Stop):
             d = p.pending.popleft()
             if isinstance(d, ve.Fetch):
-                p.feed(ve.InputsReady(self.bases[d.order.base_version]))
+                p.feed(ve.InputsReady(self.bases[d.order.base_version], target=self.scored(d)))
             elif isinstance(d, ve.StopSpeculation):
                 p.feed(ve.SpeculationEnded(None))  # the next base came at once: no step ahead
             elif isinstance(d, ve.Train):
@@ -404,9 +404,27 @@ class _Swarm:
                 assert isinstance(d.check, pr.VerifyOrder)
                 self.verified(d.check, d.result)
                 p.feed(ve.Uploaded(True))
+            elif isinstance(d, ve.Evaluate):
+                p.feed(ve.Evaluated(d.run(self.scorers, self.shards, self.val_ids, self.config)))
+            elif isinstance(d, ve.UploadScore):
+                self.scores += 1
+                event = pr.ScoreSubmitted(d.check.check_id, p.peer_id, d.score)
+                self.act(self.protocol.handle(event))
+                p.feed(ve.Uploaded(True))
             elif isinstance(d, ve.Upload):
                 p.feed(ve.Uploaded(self.submit(p, d)))
             # Speculate, PauseSpeculation, ResumeSpeculation: nothing runs between events here
+
+    def scored(self, d: ve.Fetch) -> dict[str, torch.Tensor] | None:
+        """For a score order, the contribution it scores (what its payload decodes to)."""
+        if not isinstance(d.order, pr.ScoreOrder):
+            return None
+        return read_all(self.protocol.checks[d.order.check_id].delta, self.protocol.shapes)
+
+    @functools.cached_property
+    def scorers(self) -> Scorers:
+        """The models volunteers score with (one per concurrent use)."""
+        return Scorers(self.config.model)
 
     def submit(self, p: SimPeer, d: ve.Upload) -> bool:
         """The upload arrives: decode it and hand it to the protocol."""

@@ -1,5 +1,6 @@
-"""A volunteer's uploads: contributions (PUT /v1/contributions/{round}) and spot-check
-replays (PUT /v1/verifications/{check_id}), and the steps they share.
+"""A volunteer's uploads: contributions (PUT /v1/contributions/{round}), spot-check replays
+(PUT /v1/verifications/{check_id}) and usefulness scores (PUT /v1/scores/{check_id}), and the
+steps they share.
 
 Both go the same way: the Content-Length is checked against the cap (411/413) before a byte is
 read, the ``X-Crowdtrain-Meta`` header is parsed into a pydantic model (400 ``bad_meta`` with
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Header, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from crowdtrain.robust.usefulness import Score
 from crowdtrain.server.coordinator import MAX_META_BYTES, ContributionMeta, Coordinator, Problem
 from crowdtrain.server.routes.deps import MAX_ROUND, CoordinatorDep, Peer
 from crowdtrain.store import BlobTooLarge
@@ -49,6 +51,42 @@ class VerifyMetaHeader(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(ge=0, le=10**9)
+
+
+class ScoreBody(BaseModel):
+    """The body of PUT /v1/scores/{check_id}: the four losses a score order asked for (mean
+    next-token losses of θ and θ − Δ on the assigned and held-out batches) and the standard
+    error of the assigned gain. Non-finite values are accepted here and judged a failure."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    assigned_before: float
+    assigned_after: float
+    heldout_before: float
+    heldout_after: float
+    assigned_se: float = 0.0
+
+
+#: The largest score body read (a few numbers): anything longer is refused unread.
+MAX_SCORE_BYTES = 4096
+
+
+async def small_json(request: Request, content_length: int | None, model: type[M]) -> M:
+    """Parse a JSON body of at most MAX_SCORE_BYTES into MODEL, reading no more than that."""
+    if content_length is None:
+        raise Problem(411, "no_length", "this request needs a Content-Length header")
+    if content_length > MAX_SCORE_BYTES:
+        raise Problem(413, "too_large", f"the body is {content_length} bytes; the cap is 4096")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > content_length:
+            raise Problem(400, "bad_length", "the body is longer than its Content-Length")
+    try:
+        return model.model_validate(json.loads(body))
+    except (ValueError, ValidationError) as exc:
+        first = first_error(exc) if isinstance(exc, ValidationError) else str(exc)
+        raise Problem(400, "bad_body", f"the body is invalid: {first}") from None
 
 
 def first_error(exc: ValidationError) -> str:
@@ -147,3 +185,15 @@ async def verification(
     return await run_in_threadpool(
         coordinator.verification, peer_id, check_id, meta.steps, sha, size
     )
+
+
+@router.put("/v1/scores/{check_id}")
+async def score(
+    check_id: Annotated[str, Path(pattern=r"^[0-9a-f]{1,64}$")],
+    request: Request,
+    peer_id: Peer,
+    coordinator: CoordinatorDep,
+    content_length: Annotated[int | None, Header(ge=0)] = None,
+) -> dict[str, Any]:
+    body = await small_json(request, content_length, ScoreBody)
+    return await run_in_threadpool(coordinator.score, peer_id, check_id, Score(**body.model_dump()))
