@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,15 +23,17 @@ from crowdtrain import codec
 from crowdtrain.adversary import INFLATE_FACTOR
 from crowdtrain.cli import app
 from crowdtrain.client import run as client_run
-from crowdtrain.client.api import CoordinatorApi, PeerBanned, VerifyOrderMsg
+from crowdtrain.client.api import CoordinatorApi, PeerBanned, ScoreOrderMsg, VerifyOrderMsg
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.signing import sign_manifest
 from crowdtrain.client.transfer import ClientError, RetryPolicy
 from crowdtrain.client.volunteer import JoinOptions, Volunteer
+from crowdtrain.client.work import score_contribution
 from crowdtrain.config import RunConfig
 from crowdtrain.data import ShardStore, ensure_packed_for
 from crowdtrain.models import initial_state
 from crowdtrain.protocol.broadcast import Broadcast, weights_bytes
+from crowdtrain.protocol.screening import Scorers
 from crowdtrain.server.manifest import build_manifest
 from crowdtrain.train.moments import EXP_AVG_SQ, factor, first_moments
 from crowdtrain_testing import tiny_config
@@ -49,6 +52,7 @@ class Run:
     weights: str
     shards: list[str]
     shapes: dict[str, tuple[int, ...]]
+    val_ids: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def make_run(corpus_file: Path, data: Path, **overrides: dict[str, object]) -> R
     )
     manifest = ensure_packed_for(config.data)
     store = ShardStore(data)
-    blobs = {sha: store.path(sha).read_bytes() for sha in manifest.train_ids}
+    blobs = {sha: store.path(sha).read_bytes() for sha in manifest.train_ids + manifest.val_ids}
     state = initial_state(config.model)
     raw = weights_bytes(state)
     weights = hashlib.sha256(raw).hexdigest()
@@ -76,7 +80,9 @@ def make_run(corpus_file: Path, data: Path, **overrides: dict[str, object]) -> R
         build_manifest(config, manifest, weights, shapes),
         Ed25519PrivateKey.from_private_bytes(bytes(32)),
     )
-    return Run(config, doc, blobs, weights, list(manifest.train_ids[:2]), shapes)
+    return Run(
+        config, doc, blobs, weights, list(manifest.train_ids[:2]), shapes, list(manifest.val_ids)
+    )
 
 
 def work(run: Run, round: int = 0) -> dict[str, Any]:
@@ -140,6 +146,9 @@ class Coordinator:
         if path == "/v1/work":
             reply = self.script.pop(0) if self.script else FINISHED
             return reply if isinstance(reply, httpx.Response) else httpx.Response(200, json=reply)
+        if path.startswith("/v1/scores/"):
+            self.uploads.append((path, json.loads(request.content), b""))
+            return httpx.Response(200, json={"check_id": path.rsplit("/", 1)[1], "received": True})
         meta = json.loads(request.headers["x-crowdtrain-meta"])
         self.uploads.append((path, meta, request.content))
         if path.startswith("/v1/verifications/"):
@@ -210,6 +219,49 @@ def test_a_replay_is_bit_equal_to_the_honest_run_it_checks(tiny_run: Run, tmp_pa
     doc = v.stats.to_json()
     assert doc["verified"] == 1 and doc["verify_steps"] == STEPS
     assert v.stats.status == "done"
+
+
+def test_a_score_order_is_scored_on_the_named_batches_and_submitted(
+    tiny_run: Run, tmp_path: Path
+) -> None:
+    """The volunteer downloads the scored payload and the validation shards, and submits the
+    losses the coordinator's own stage (f) would compute on the same batches."""
+    g = torch.Generator().manual_seed(3)
+    delta = {k: 0.01 * torch.randn(shape, generator=g) for k, shape in tiny_run.shapes.items()}
+    payload = codec.encode(delta, tiny_run.config.codec)
+    sha = hashlib.sha256(payload).hexdigest()
+    tiny_run.blobs[sha] = payload
+    order = {
+        **{k: work(tiny_run)[k] for k in ("round", "base_version", "weights", "shard_ids")},
+        **{k: work(tiny_run)[k] for k in ("seed", "step_offset", "max_payload_bytes")},
+        "kind": "score",
+        "check_id": CHECK,
+        "target": "peer-a",
+        "assigned_batch": 1,
+        "heldout_batch": 12345,
+        "payload": sha,
+    }
+    fake = Coordinator(tiny_run, "peer-s", [order])
+    v = volunteer(fake, tmp_path)
+    run_until_done(v)
+    ((path, body, _),) = fake.uploads
+    assert path == f"/v1/scores/{CHECK}"
+    assert sha in fake.fetched and set(tiny_run.val_ids) <= set(fake.fetched)
+    msg = ScoreOrderMsg.model_validate(order)
+    shards = {k: np.frombuffer(b, dtype=np.uint8) for k, b in tiny_run.blobs.items()}
+    theta = initial_state(tiny_run.config.model)
+    expected = score_contribution(
+        Scorers(tiny_run.config.model), msg, theta, delta, shards, tiny_run.val_ids, tiny_run.config
+    )
+    assert body == {
+        "assigned_before": expected.assigned_before,
+        "assigned_after": expected.assigned_after,
+        "heldout_before": expected.heldout_before,
+        "heldout_after": expected.heldout_after,
+        "assigned_se": expected.assigned_se,
+    }
+    assert expected.assigned_before != expected.heldout_before  # two different batches
+    assert v.stats.verified == 1
 
 
 def test_a_refused_replay_is_logged_and_the_volunteer_goes_on(

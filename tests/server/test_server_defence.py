@@ -23,6 +23,7 @@ from server_helpers import (
 )
 
 from crowdtrain import codec
+from crowdtrain.client.api import ScoreOrderMsg
 from crowdtrain.config import RunConfig
 from crowdtrain.data import BatchSampler
 from crowdtrain.server.app import create_app
@@ -275,3 +276,73 @@ def test_work_on_arrival_in_worker_threads_screens_the_round(
     ]
     assert flagged == [("p3", "usefulness")]
     coord.shutdown()
+
+
+@pytest.fixture
+def peer_scoring(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
+    """Volunteers score every contribution (score orders); every peer may verify at once."""
+    cfg = defended(
+        config,
+        scoring="peer",
+        spot_check="off",
+        score_per_round=4,
+        score_min_steps=1,
+        probation_rounds=0,
+        reputation_initial=1.0,
+        trust_threshold=0.0,
+    )
+    yield from serve(cfg, tmp_path, clock)
+
+
+def put_score(client: TestClient, peer: Peer, check_id: str, body: Any) -> Any:
+    return client.put(f"/v1/scores/{check_id}", json=body, headers=peer.auth)
+
+
+GOOD_SCORE = {
+    "assigned_before": 3.0,
+    "assigned_after": 2.5,
+    "heldout_before": 3.1,
+    "heldout_after": 3.05,
+    "assigned_se": 0.01,
+}
+BAD_SCORE = {**GOOD_SCORE, "assigned_after": 3.6, "heldout_after": 3.7}
+
+
+def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
+    peer_scoring: TestClient, config: RunConfig
+) -> None:
+    client = peer_scoring
+    a, b, c = register(client, "a"), register(client, "b"), register(client, "c")
+    for peer in (a, b, c):
+        work(client, peer)
+    for i, peer in enumerate((a, b, c)):
+        assert upload(client, peer, 0, make_payload(config, seed=i + 1)).status_code == 200
+    order = work(client, a)
+    assert order["kind"] == "score" and order["target"] != a.peer_id
+    msg = ScoreOrderMsg.model_validate(order)  # what the client reads, as the API documents it
+    assert client.get(f"/v1/blobs/{msg.payload}").status_code == 200
+    # refused unread or unparsed: too long, not JSON, a missing field; a check not ours
+    too_long = {**GOOD_SCORE, "pad": "x" * 5000}
+    assert assert_error(put_score(client, a, msg.check_id, too_long), 413)["error"] == "too_large"
+    r = client.put(
+        f"/v1/scores/{msg.check_id}", content=b"{nope", headers={**a.auth, "content-type": "x"}
+    )
+    assert assert_error(r, 400)["error"] == "bad_body"
+    partial = {k: v for k, v in GOOD_SCORE.items() if k != "heldout_after"}
+    assert assert_error(put_score(client, a, msg.check_id, partial), 400)["error"] == "bad_body"
+    assert assert_error(put_score(client, b, msg.check_id, GOOD_SCORE), 409)["error"] == "no_check"
+    r = put_score(client, a, msg.check_id, BAD_SCORE)
+    assert r.json() == {"check_id": msg.check_id, "received": True}
+    name = {b.peer_id: "b", c.peer_id: "c"}[msg.target]
+    assert status_of(client, name)["flagged"] == 0  # one report decides nothing
+    other = c if msg.target == b.peer_id else b
+    second = work(client, other)
+    while second["kind"] == "score" and second["check_id"] != msg.check_id:
+        put_score(client, other, second["check_id"], GOOD_SCORE)
+        second = work(client, other)
+    assert second["check_id"] == msg.check_id
+    assert put_score(client, other, msg.check_id, BAD_SCORE).status_code == 200
+    entry = status_of(client, name)
+    assert entry["flagged"] == 1 and entry["samples"] == 0
+    verdicts = client.get("/v1/status").json()["verdicts"]
+    assert any(v["stage"] == "usefulness" and v["outcome"] == "flagged" for v in verdicts)

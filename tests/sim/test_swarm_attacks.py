@@ -141,3 +141,39 @@ def test_a_quorum_that_refusals_make_unreachable_is_a_clear_error(
     cfg = tiny_config(corpus_file, tmp_path / "data", rounds={"total": ROUNDS, "quorum": PEERS})
     with pytest.raises(ConfigError, match="quorum is 4 contributions, but only 3 of the 4"):
         run_swarm(cfg, PEERS, attack="nan", attackers=1)
+
+
+def test_volunteers_score_contributions_and_catch_a_sign_flip(
+    corpus_file: Path, tmp_path: Path
+) -> None:
+    """`defence.scoring = "peer"`: usefulness scores come from score orders that trusted
+    volunteers answer (two must agree on a failure), not from the coordinator."""
+    rounds = 5
+    cfg = tiny_config(
+        corpus_file,
+        tmp_path / "data",
+        rounds={"total": rounds, "quorum": 1},
+        aggregation={"method": "centered_clip", "bucket_size": 2},
+        defence={
+            "scoring": "peer",
+            "spot_check": "off",
+            "score_per_round": PEERS,
+            "reputation_initial": 0.5,
+            "trust_threshold": 0.5,
+            "probation_rounds": 1,
+        },
+    )
+    result = run_swarm(
+        cfg, PEERS, attack="sign_flip", attackers=1, eval_batch_count=4, eval_batch_size=8
+    )
+    flagged = {
+        v["round"]
+        for v in result.verdicts
+        if v["peer_id"] == ATTACKER and v["stage"] == "usefulness" and v["outcome"] == "flagged"
+    }
+    assert flagged, result.verdicts
+    passed = [v for v in result.verdicts if v["outcome"] == "score_passed"]
+    assert {v["peer_id"] for v in passed} >= HONEST
+    # from random weights even −Δ lowers the loss: only its first update may pass
+    assert all(v["round"] == 0 for v in passed if v["peer_id"] == ATTACKER)
+    assert not HONEST & set(result.banned) and not HONEST & set(result.flagged)

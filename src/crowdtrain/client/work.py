@@ -245,7 +245,8 @@ def score_contribution(
         index=check.assigned_batch,
         held=check.heldout_batch,
     )
-    return scorers.score(base, DictSource(dict(delta)), *batches)
+    theta, _moments = split_base(base)  # a base may carry the published AdamW moments
+    return scorers.score(theta, DictSource(dict(delta)), *batches)
 
 
 def replay_check(
