@@ -8,8 +8,9 @@ passes over every int8 payload (fragments spread over ``workers`` threads), the 
 the compressed broadcast and persisting θ (per parameter, once), and the gradients of the
 published AdamW moments at the new θ (``inner.moment_batches`` batches of the target's
 tokens: model passes, 6·P FLOPs per token forward and backward, Kaplan et al. 2020, at the
-coordinator's ``flops``). Usefulness scoring runs as contributions arrive and the evaluation
-after the commit, both off this window, so they are not charged here.
+coordinator's ``flops``). Usefulness scoring runs as contributions arrive (or on volunteers,
+as score orders, above 50M parameters) and the evaluation after the commit, both off this
+window, so they are not charged here.
 
     close_s(K) = (aggregation passes + 1) · K · P · a / workers + P · b + 6 · P · T / flops
 
@@ -31,8 +32,10 @@ from crowdtrain.config import RunConfig
 AGGREGATE_S_PER_ELEMENT = 1.2e-9
 #: Seconds per parameter, once per close: the outer step, encoding the compressed broadcast
 #: and writing θ, the outer state, the aggregate, moments and residual to disk with fsync:
-#: 7.4e-8 measured (the same file; mostly the writes, at this machine's disk speed).
-THETA_S_PER_PARAM = 7.4e-8
+#: 5.7e-8 measured at 99.6M parameters with 2 threads (0.11 + 2.62 + 2.98 s,
+#: `bench/results/coordinator-100m-w2-persist.json`; 7.4e-8 before the writes were streamed on
+#: parallel threads and the int8 encode sliced; 3.2e-8 at 10.7M, where more fits in caches).
+THETA_S_PER_PARAM = 5.7e-8
 #: FLOP/s of one CPU thread of the reference machine on the model's forward and backward
 #: passes: 8.2e10 measured on the moments' gradients (the same file).
 CPU_FLOPS_PER_THREAD = 8.2e10

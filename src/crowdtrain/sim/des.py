@@ -82,6 +82,7 @@ from crowdtrain.client.work import CheckLike, Params, ScoreLike, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig
 from crowdtrain.models import initial_state
 from crowdtrain.protocol.screening import Scorers
+from crowdtrain.protocol.verification import SCORING_ON_COORDINATOR_MAX_PARAMS
 from crowdtrain.robust import DictSource, read_all
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
@@ -281,6 +282,10 @@ def simulate(
                 "and be in time order without overlap"
             )
 
+    if config.defence.scoring == "auto":  # decided by the target's size, not the proxy's
+        scoring = "peer" if target.params > SCORING_ON_COORDINATOR_MAX_PARAMS else "coordinator"
+        defence = config.defence.model_copy(update={"scoring": scoring})
+        config = config.model_copy(update={"defence": defence})
     data = RunData.load(config, eval_batches, eval_batch_size)
     manifest, shards, evals = data.manifest, data.shards, data.evals
     loop = EventLoop()
