@@ -608,9 +608,9 @@ class Verification:
         agreed = [v for v, said in check.reports.items() if (not said) == outcome]
         reason = None if outcome else check.reports[agreed[0]]
         decisions = self._decide(check, ",".join(agreed), reason, ledger, now)
-        for verifier, said in check.reports.items():
-            if verifier not in agreed and verifier in ledger.peers:
-                decisions.extend(self._overruled(ledger.peers[verifier], check, said, ledger, now))
+        for other, said in check.reports.items():
+            if other not in agreed and other in ledger.peers:
+                decisions.extend(self._overruled(ledger.peers[other], check, said, ledger, now))
         return decisions
 
     def _decide(
