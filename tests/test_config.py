@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from crowdtrain.config import (
     MOMENTUM_QUORUM,
     MOMENTUM_ROUNDS,
+    SCORING_ON_COORDINATOR_MAX_PARAMS,
     ConfigError,
     RunConfig,
     allowed_values,
@@ -18,6 +19,7 @@ from crowdtrain.config import (
     derived_settings,
     load_config,
     parse_config,
+    scores_on_peers,
 )
 
 
@@ -105,6 +107,25 @@ def test_adam_settings_stay_out_of_other_configs_and_their_hash() -> None:
     assert set(adam["outer"]) == {"optimizer", "lr", "momentum", "betas", "eps"}
 
 
+#: Scoring placed explicitly, so that it is not among the derived settings.
+SCORED_HERE = {"defence": {"scoring": "coordinator"}}
+
+
+def test_where_scoring_runs_is_derived_from_the_model_size_unless_set() -> None:
+    (small,) = [line for line in derived_settings({}) if line.startswith("defence.scoring")]
+    assert small.startswith("defence.scoring = coordinator (derived: the model has ")
+    big = {"model": {"width": 1024, "depth": 8, "heads": 8}}
+    (line,) = [line for line in derived_settings(big) if line.startswith("defence.scoring")]
+    assert line.startswith("defence.scoring = peer") and "above 50,000,000" in line
+    assert not [x for x in derived_settings(SCORED_HERE) if x.startswith("defence.scoring")]
+    defence = parse_config({}).defence
+    assert not scores_on_peers(defence, SCORING_ON_COORDINATOR_MAX_PARAMS)
+    assert scores_on_peers(defence, SCORING_ON_COORDINATOR_MAX_PARAMS + 1)
+    peer = parse_config({"defence": {"scoring": "peer"}}).defence
+    assert scores_on_peers(peer, 1)
+    assert not scores_on_peers(parse_config(SCORED_HERE).defence, 10**12)
+
+
 def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
     fresh = parse_config({"inner": {"optimizer_state": "fresh"}})
     assert (fresh.outer.lr, fresh.outer.momentum) == (1.0, 0.5)
@@ -121,16 +142,18 @@ def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:
     one = parse_config({"outer": {"lr": 0.9}, **short})  # an explicit value wins
     assert (one.outer.lr, one.outer.momentum) == (0.9, 0.0)
     window = {"rounds": {"join_window": 0.5}}
-    both = {"outer": {"lr": 0.7, "momentum": 0.9}, **window}
+    both = {"outer": {"lr": 0.7, "momentum": 0.9}, **window, **SCORED_HERE}
     assert derived_settings(both) == [] and parse_config(both).outer.momentum == 0.9
-    lines = derived_settings({"outer": {"lr": 0.7}, **window})
+    lines = derived_settings({"outer": {"lr": 0.7}, **window, **SCORED_HERE})
     assert len(lines) == 1 and lines[0].startswith("outer.momentum = 0.5 (derived: ")
     assert "beyond the" in derived_settings({"rounds": {"total": 500}})[0]
     adam = parse_config({"outer": {"optimizer": "adam"}})  # only Nesterov and SGD derive
-    assert derived_settings({"outer": {"optimizer": "adam"}, **window}) == []
+    assert derived_settings({"outer": {"optimizer": "adam"}, **window, **SCORED_HERE}) == []
     assert adam.outer.lr == 0.7
     # The join window is derived per round unless set; show names what it is made of.
-    (line,) = derived_settings({"outer": {"optimizer": "adam"}, "inner": {"budget": "seconds"}})
+    (line,) = derived_settings(
+        {"outer": {"optimizer": "adam"}, "inner": {"budget": "seconds"}, **SCORED_HERE}
+    )
     assert line.startswith("rounds.join_window: derived") and "inner.seconds" in line
     # The resolved config holds the values, so it round-trips to the same hash.
     assert config_hash(parse_config(fresh.model_dump(mode="json"))) == config_hash(fresh)

@@ -294,8 +294,8 @@ class DefenceConfig(_Strict):
     # Where usefulness scoring runs: on the coordinator as contributions arrive (before the
     # aggregation, so a flagged one is left out), or as score orders on volunteers in good
     # standing (after the close: a failure voids the credit and strikes, as a failed
-    # spot-check does). "auto": the coordinator up to `protocol.verification.
-    # SCORING_ON_COORDINATOR_MAX_PARAMS` parameters, volunteers above.
+    # spot-check does). "auto": the coordinator up to SCORING_ON_COORDINATOR_MAX_PARAMS
+    # parameters, volunteers above (`scores_on_peers`).
     scoring: ScoringMode = "auto"
     spot_check: SpotCheckMode = "peer"
     check_p_new: float = Field(0.15, ge=0.0, le=1.0)
@@ -502,6 +502,21 @@ def load_config(path: str | Path | None) -> RunConfig:
     return parse_config(load_raw(path))
 
 
+#: `defence.scoring = "auto"` scores on the coordinator up to this many parameters and on
+#: volunteers above: scoring one contribution is four forward passes of the model, about
+#: 2.4 s of one CPU core at 10.7M parameters and 10 s at 100M (docs/BENCHMARKS.md,
+#: "Coordinator cost per round"), so 4 a round at 50M cost about 20 s of a core.
+SCORING_ON_COORDINATOR_MAX_PARAMS = 50_000_000
+
+
+def scores_on_peers(defence: DefenceConfig, params: int) -> bool:
+    """Whether usefulness scoring runs as score orders on volunteers for a model of PARAMS
+    parameters (`DefenceConfig.scoring`)."""
+    if defence.scoring == "auto":
+        return params > SCORING_ON_COORDINATOR_MAX_PARAMS
+    return defence.scoring == "peer"
+
+
 def derived_settings(raw: Mapping[str, Any]) -> list[str]:
     """One sentence per setting of `raw` (a config file's mapping) that the run derives rather
     than reads, with its value and why."""
@@ -525,6 +540,17 @@ def derived_settings(raw: Mapping[str, Any]) -> list[str]:
             f"rounds.join_window: derived each round as {work} divided by the work orders "
             "already out (a newcomer joining d seconds late holds the round about d seconds for "
             "one more contribution); set a fraction of the round in [rounds] to override"
+        )
+    defence = raw.get("defence", {})
+    if not isinstance(defence, dict) or defence.get("scoring", "auto") == "auto":
+        from crowdtrain.models import count_params  # the models import this module
+
+        params = count_params(ModelConfig.model_validate(raw.get("model", {})))
+        where = "peer" if params > SCORING_ON_COORDINATOR_MAX_PARAMS else "coordinator"
+        side = "above" if where == "peer" else "at most"
+        lines.append(
+            f"defence.scoring = {where} (derived: the model has {params:,} parameters, {side} "
+            f"{SCORING_ON_COORDINATOR_MAX_PARAMS:,}; set it in [defence] to override)"
         )
     return lines
 

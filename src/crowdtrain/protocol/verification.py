@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from crowdtrain.config import RunConfig
+from crowdtrain.config import RunConfig, scores_on_peers
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.protocol.events import (
     Banned,
@@ -83,20 +83,6 @@ from crowdtrain.robust.usefulness import Score, judge
 CHECK_LIFETIME_ROUNDS = 3
 #: How many verdicts the snapshot (and the status API) keeps.
 VERDICTS_KEPT = 1000
-#: `defence.scoring = "auto"` scores on the coordinator up to this many parameters and on
-#: volunteers above: scoring one contribution is four forward passes of the model, about
-#: 2.4 s of one CPU core at 10.7M parameters and 10 s at 100M (docs/BENCHMARKS.md,
-#: "Coordinator cost per round"), so 4 per round at 50M cost about 20 s of a core.
-SCORING_ON_COORDINATOR_MAX_PARAMS = 50_000_000
-
-
-def scores_on_peers(config: RunConfig, shapes: Mapping[str, tuple[int, ...]]) -> bool:
-    """Whether usefulness scoring runs as score orders on volunteers (`defence.scoring`)."""
-    mode = config.defence.scoring
-    if mode == "auto":
-        params = sum(math.prod(shape) for shape in shapes.values())
-        return params > SCORING_ON_COORDINATOR_MAX_PARAMS
-    return mode == "peer"
 
 
 def replayable(config: RunConfig) -> bool:
@@ -164,7 +150,8 @@ class Verification:
         self.scored = 0  # usefulness evaluations so far
         # Usefulness scores are computed here (on arrival and at the close) or, for large
         # models, by volunteers as score orders (`schedule`).
-        self.peer_scoring = scores_on_peers(config, shapes)
+        params = sum(math.prod(shape) for shape in shapes.values())
+        self.peer_scoring = scores_on_peers(config.defence, params)
         self._scorers = None if self.peer_scoring else Scorers(config.model)
         # Analyses and scores computed as contributions arrived, by (key, version of θ,
         # closing round), and the keys whose scores are done or under way.

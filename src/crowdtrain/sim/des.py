@@ -79,10 +79,9 @@ from crowdtrain import protocol as pr
 from crowdtrain.client import events as ve
 from crowdtrain.client import machine as vm
 from crowdtrain.client.work import CheckLike, Params, ScoreLike, WorkLike
-from crowdtrain.config import CodecConfig, RunConfig
+from crowdtrain.config import CodecConfig, RunConfig, scores_on_peers
 from crowdtrain.models import initial_state
 from crowdtrain.protocol.screening import Scorers
-from crowdtrain.protocol.verification import SCORING_ON_COORDINATOR_MAX_PARAMS
 from crowdtrain.robust import DictSource, read_all
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
@@ -283,7 +282,7 @@ def simulate(
             )
 
     if config.defence.scoring == "auto":  # decided by the target's size, not the proxy's
-        scoring = "peer" if target.params > SCORING_ON_COORDINATOR_MAX_PARAMS else "coordinator"
+        scoring = "peer" if scores_on_peers(config.defence, target.params) else "coordinator"
         defence = config.defence.model_copy(update={"scoring": scoring})
         config = config.model_copy(update={"defence": defence})
     data = RunData.load(config, eval_batches, eval_batch_size)
