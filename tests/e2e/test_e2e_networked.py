@@ -173,6 +173,27 @@ def test_a_compressed_broadcast_is_rebuilt_by_the_volunteers(run: Run) -> None:
         assert "do not match" not in (run.tmp / f"v{i}" / "log").read_text()
 
 
+def test_volunteers_score_each_others_contributions_over_http(run: Run) -> None:
+    """With `defence.scoring = "peer"` trusted volunteers get score orders, download the
+    scored payload and the validation shards, and submit the losses; the honest run passes."""
+    text = run.config.read_text().replace("total = 3", "total = 4")
+    run.config.write_text(
+        text
+        + '\n[defence]\nscoring = "peer"\nspot_check = "off"\nscore_per_round = 4\n'
+        + "score_min_steps = 1\nprobation_rounds = 1\nreputation_initial = 0.5\n"
+        + "trust_threshold = 0.5\n"
+    )
+    url = run.start_server()
+    vols = [run.volunteer(url, f"v{i}") for i in range(3)]
+    for v in vols:
+        assert v.wait(timeout=180) == 0
+    final = status(url)
+    assert final["finished"] and final["rounds"][-1]["eval_loss"] < final["initial_eval_loss"]
+    outcomes = [v["outcome"] for v in final["verdicts"] if v["stage"] == "usefulness"]
+    assert "score_passed" in outcomes and "flagged" not in outcomes, final["verdicts"]
+    assert sum(run.summary(f"v{i}")["verified"] for i in range(3)) >= 1
+
+
 def test_coordinator_sigkill_mid_round_loses_nothing_acknowledged(run: Run) -> None:
     run.config.write_text(run.config.read_text().replace("total = 3", "total = 4"))
     url = run.start_server()
