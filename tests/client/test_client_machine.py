@@ -186,6 +186,24 @@ def test_a_speculation_without_a_step_is_no_overlap() -> None:
     assert isinstance(upload, ve.Upload) and upload.overlap is None
 
 
+def test_overlap_that_continues_a_refused_upload_is_dropped() -> None:
+    """The coordinator refuses overlapped steps it cannot replay; the prior upload was
+    refused, so the volunteer starts the next order afresh instead."""
+    m = machine()
+    m.handle(ve.GotWork(Order()))
+    m.handle(ve.InputsReady(params(1.0)))
+    speculate, _ = m.handle(ve.Trained(result(4)))
+    assert isinstance(speculate, ve.Speculate)
+    assert m.handle(ve.Uploaded(False)) == [ve.AskForWork()]
+    m.handle(ve.GotWork(Order(round=1, base_version=1, step_offset=4)))
+    assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
+    train = one(m.handle(ve.SpeculationEnded(result(3, value=0.5))))
+    assert isinstance(train, ve.Train) and train.segment.start is None
+    assert train.segment.max_steps == 4
+    _, upload = m.handle(ve.Trained(result(4)))
+    assert isinstance(upload, ve.Upload) and upload.overlap is None
+
+
 def test_a_spot_check_pauses_overlapped_training_and_resumes_it() -> None:
     m = machine()
     overlapped_round(m)

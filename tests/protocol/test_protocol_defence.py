@@ -126,6 +126,8 @@ def submit(
     tokens: int | None = None,
     ref: str = "",
     overlap_steps: int = 0,
+    overlap_round: int = -1,
+    overlap_first_batch: int = 0,
 ) -> list[Decision]:
     event = ContributionSubmitted(
         peer_id=peer,
@@ -138,6 +140,8 @@ def submit(
         train_loss=2.0,
         ref=ref,
         overlap_steps=overlap_steps,
+        overlap_round=overlap_round,
+        overlap_first_batch=overlap_first_batch,
     )
     return p.handle(event)
 
@@ -695,14 +699,18 @@ def test_coordinator_mode_emits_verify_orders_at_close_and_takes_its_own_replays
     ]
 
 
-def test_overlapped_contributions_without_a_prior_round_are_never_checked() -> None:
+def test_overlap_without_a_prior_round_is_refused_without_a_strike() -> None:
+    """Overlapped steps that continue nothing anyone can replay are refused (an honest
+    volunteer never sends them: it drops overlap that continues a refused upload)."""
     p, _ = coordinator()
     join(p, "a", "b")
     order(p, "a", "b")
-    submit(p, "a", rand(1), overlap_steps=2)
+    (refused,) = submit(p, "a", rand(1), overlap_steps=2)
+    assert isinstance(refused, Rejected) and refused.code == "unreplayable"
+    assert p.peers["a"].standing.strikes == 0
+    submit(p, "a", rand(1))
     decisions = submit(p, "b", rand(2))
-    assert [v.target for v in only(decisions, VerifyOrder)] == ["b"]
-    assert [c.order.target for c in p.checks.values()] == ["b"]
+    assert sorted(v.target for v in only(decisions, VerifyOrder)) == ["a", "b"]
 
 
 @pytest.mark.parametrize(
@@ -1021,13 +1029,19 @@ def test_overlapped_steps_are_not_scored_on_the_new_orders_data() -> None:
     peers = ["a", "b", "c", "d"]
     join(p, *peers)
     orders = order(p, *peers)
+    for x in peers:
+        submit(p, x, trained(p, orders[x], shards, lr=0.5), ref=f"{x}/0")
+    assert p.round == 1
+    scored, probe.calls = p.scored, []
+    orders = order(p, *peers)
     deltas = {x: trained(p, orders[x], shards, lr=0.5) for x in peers}
     deltas["d"] = scaled(deltas["d"], -1.0)  # useless on this order's data
     decisions: list[Decision] = []
     for x in peers:
-        decisions.extend(submit(p, x, deltas[x], overlap_steps=STEPS if x == "d" else 0))
-    assert not only(decisions, Flagged)
-    assert p.scored == 3 and {peer for peer, _, _ in probe.calls} == {"a", "b", "c"}
+        overlap = {"overlap_steps": STEPS, "overlap_round": 0, "overlap_first_batch": STEPS}
+        decisions.extend(submit(p, x, deltas[x], ref=f"{x}/1", **(overlap if x == "d" else {})))
+    assert not only(decisions, Flagged) and not only(decisions, Rejected)
+    assert p.scored - scored == 3 and {peer for peer, _, _ in probe.calls} == {"a", "b", "c"}
 
 
 def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> None:

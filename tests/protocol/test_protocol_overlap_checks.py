@@ -1,14 +1,15 @@
-"""Spot-checks of overlapped contributions: a contribution whose first steps continued the same
-peer's work of the round before is checked with a `prior` naming that submission's payload,
-its work order, the first batch and the overlapped step count; without that submission (or
-with a claimed overlap of another round) it stays unchecked. Snapshots keep all of it."""
+"""Overlapped contributions: the overlap claim is derived and checked at submission (it must
+continue the same peer's accepted contribution of the round before, from the batch after that
+one's own steps), and such a contribution is checked with a `prior` naming that submission's
+payload, its work order, the first batch and the overlapped step count. A claim of another
+round or batch is refused with a strike; overlap without a known prior is refused without one.
+Snapshots keep all of it."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import pytest
 import torch
 
 from crowdtrain.config import parse_config
@@ -16,16 +17,16 @@ from crowdtrain.protocol import (
     ContributionSubmitted,
     Decision,
     PeerJoined,
+    Rejected,
     RoundClosed,
     RoundProtocol,
+    Tick,
     VerifyOrder,
     WorkOrder,
     WorkRequested,
-    verification,
 )
 from crowdtrain.protocol.core import replayable
 from crowdtrain.protocol.events import PriorWork
-from crowdtrain.protocol.screening import Candidate, Screened
 from crowdtrain.protocol.snapshot import submission_to_json
 from crowdtrain.robust import DictSource
 
@@ -128,17 +129,27 @@ def round0(p: RoundProtocol, *peers: str) -> dict[str, WorkOrder]:
     return work
 
 
-def test_an_overlapped_contribution_is_checked_with_its_prior_work() -> None:
-    p, _ = make()
+def codes(decisions: list[Decision]) -> list[str]:
+    return [d.code for d in decisions if isinstance(d, Rejected)]
+
+
+def test_overlap_claims_are_derived_and_an_overlapped_contribution_is_checked_with_its_prior() -> (
+    None
+):
+    p, clock = make()
     work0 = round0(p, "a", "b", "c")
     p.handle(PeerJoined("d", "d"))
     work1 = orders(p, "a", "b", "c", "d")
-    submit(p, "a", 11, overlap=(2, 0, 3))
-    submit(p, "b", 12, overlap=(2, -1, 0))  # claims no round: nothing to replay from
-    submit(p, "c", 13, overlap=(9, 0, 0))  # more than its steps: a replay runs only those
-    decisions = submit(p, "d", 14, overlap=(1, 0, 4))  # d has no round-0 work
-    checks = checks_of(decisions)
-    assert set(checks) == {"a", "c"}
+    assert codes(submit(p, "a", 11, overlap=(2, 0, STEPS))) == []
+    assert codes(submit(p, "b", 12, overlap=(2, -1, 0))) == ["bad_claim"]  # not round 0
+    assert codes(submit(p, "b", 12, overlap=(2, 0, 3))) == ["bad_claim"]  # not batch STEPS
+    assert codes(submit(p, "c", 13, overlap=(9, 0, STEPS))) == ["bad_claim"]  # > its steps
+    assert codes(submit(p, "d", 14, overlap=(1, 0, 4))) == ["unreplayable"]  # no round-0 work
+    assert p.peers["d"].standing.strikes == 0 and p.peers["b"].standing.strikes == 2.0
+    assert codes(submit(p, "b", 12)) == codes(submit(p, "c", 13)) == []  # honest claims pass
+    clock.now += 61.0  # d never sends anything acceptable: the deadline closes the round
+    checks = checks_of(p.handle(Tick()))
+    assert set(checks) == {"a", "b", "c"}
     a = checks["a"]
     assert (a.round, a.base_version, a.step_offset, a.steps) == (1, 1, work1["a"].step_offset, 5)
     assert a.shard_ids == work1["a"].shard_ids
@@ -149,29 +160,25 @@ def test_an_overlapped_contribution_is_checked_with_its_prior_work() -> None:
         shard_ids=o.shard_ids,
         seed=o.seed,
         step_offset=o.step_offset,
-        first_batch=3,
+        first_batch=STEPS,
         steps=2,
         payload_ref="a/0",
     )
-    c = checks["c"]
-    assert c.prior is not None and (c.prior.steps, c.prior.payload_ref) == (STEPS, "c/0")
-    pending = {x.order.target: x.order.prior for x in p.checks.values() if x.order.round == 1}
-    assert pending == {"a": a.prior, "c": c.prior}
+    assert checks["b"].prior is None and checks["c"].prior is None
 
 
-def test_an_overlap_of_another_round_than_the_last_is_not_checked() -> None:
+def test_the_first_batch_follows_the_fresh_steps_of_the_contribution_it_continues() -> None:
     p, _ = make()
     round0(p, "a")
     orders(p, "a")
-    submit(p, "a", 11)
+    submit(p, "a", 11, overlap=(2, 0, STEPS))  # round 1: 2 overlapped, 3 fresh steps
     orders(p, "a")
     assert p.round == 2
-    # round 2 claims to continue round 0: that is not what overlap does
-    assert checks_of(submit(p, "a", 12, overlap=(2, 0, 0))) == {}
-    orders(p, "a")
-    (check,) = checks_of(submit(p, "a", 13, overlap=(2, 2, 5))).values()
-    assert check.prior is not None and (check.prior.round, check.prior.payload_ref) == (2, "a/2")
-    assert check.prior.base_version == 2
+    assert codes(submit(p, "a", 12, overlap=(2, 0, 0))) == ["bad_claim"]  # round 0 is not last
+    assert codes(submit(p, "a", 12, overlap=(2, 1, STEPS))) == ["bad_claim"]  # it trained 3
+    (check,) = checks_of(submit(p, "a", 12, overlap=(2, 1, STEPS - 2))).values()
+    assert check.prior is not None and (check.prior.round, check.prior.payload_ref) == (1, "a/1")
+    assert (check.prior.base_version, check.prior.first_batch) == (1, STEPS - 2)
 
 
 def test_a_contribution_without_overlap_has_no_prior() -> None:
@@ -197,7 +204,7 @@ def test_snapshot_and_restore_keep_overlap_claims_and_priors() -> None:
     submit(p, "a", 1, sources=sources)
     submit(p, "b", 2, sources=sources)
     orders(p, "a", "b")
-    submit(p, "a", 11, overlap=(2, 0, 3), sources=sources)
+    submit(p, "a", 11, overlap=(2, 0, STEPS), sources=sources)
     q = restored(p)  # the overlapped submission is in the open round
     assert submission_to_json(q._round.submissions["a"]) == submission_to_json(
         p._round.submissions["a"]
@@ -208,25 +215,6 @@ def test_snapshot_and_restore_keep_overlap_claims_and_priors() -> None:
     assert check.prior is not None and check.prior.payload_ref == "a/0"
     r = restored(q)  # the check is pending
     assert r.checks[check.check_id].order == check
-
-
-def test_contributions_no_replay_can_check_are_scored_first(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    seen: list[Candidate] = []
-
-    def capture(candidates: list[Candidate], *_: object, **__: object) -> Screened:
-        seen.extend(candidates)
-        return Screened({}, {})
-
-    monkeypatch.setattr(verification, "screen", capture)
-    p, _ = make()
-    round0(p, "a", "b")
-    orders(p, "a", "b")
-    submit(p, "a", 11, overlap=(2, 0, 3))  # replayable: its round-0 work is known
-    submit(p, "b", 12, overlap=(2, -1, 0))  # overlapped, but from nothing anyone can redo
-    trust = {c.peer_id: c.trust for c in seen if c.order.round == 1}
-    assert trust["b"] == -1.0 and trust["a"] > 0
 
 
 def test_only_fresh_optimizer_state_without_a_private_residual_is_replayable() -> None:

@@ -82,7 +82,11 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
     bad = meta(1, overlap_steps=1, overlap_round=-2)
     doc = assert_error(upload(checking, a, 1, make_payload(config, 3), bad), 400)
     assert "overlap_round" in doc["detail"]
+    # the overlap continues a's round-0 contribution after its 2 steps: batch 2, nothing else
     claim = meta(1, overlap_steps=1, overlap_round=0, overlap_first_batch=1)
+    doc = assert_error(upload(checking, a, 1, make_payload(config, 3), claim), 400)
+    assert doc["error"] == "bad_claim" and "from batch 2" in doc["detail"]
+    claim = meta(1, overlap_steps=1, overlap_round=0, overlap_first_batch=2)
     assert upload(checking, a, 1, make_payload(config, 3), claim).status_code == 200
     assert upload(checking, b, 1, make_payload(config, 4), meta(1)).status_code == 200
 
@@ -105,7 +109,7 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
         "shard_ids": first["shard_ids"],
         "seed": first["seed"],
         "step_offset": first["step_offset"],
-        "first_batch": 1,
+        "first_batch": 2,
         "steps": 1,
     }
     blob = checking.get(f"/v1/blobs/{check['prior']['payload']}")

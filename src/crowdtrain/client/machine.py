@@ -172,8 +172,11 @@ class VolunteerMachine:
         # Overlapped training under way: round r's order from its batch `first_batch` (its
         # steps are known when it ends) ...
         self.speculation: Overlap | None = None
-        # ... and, once it ended, the progress the next work order starts with.
+        # ... and, once it ended, the progress the next work order starts with (none when the
+        # upload it continues was refused: the coordinator would refuse overlap it cannot
+        # replay).
         self.carried: tuple[Contribution, Overlap] | None = None
+        self.orphaned = False
         self._handlers: dict[type, Callable[[Any], list[Decision]]] = {
             Start: self._on_start,
             GotWork: self._on_work,
@@ -210,7 +213,7 @@ class VolunteerMachine:
         progress."""
         self.state = State.IDLE
         self.order, self.check, self.scoring, self.base = None, None, None, None
-        self.carried, self.speculation = None, None
+        self.carried, self.speculation, self.orphaned = None, None, False
 
     def batches(
         self, segment: Segment, shards: Mapping[str, npt.NDArray[np.uint8]]
@@ -279,7 +282,8 @@ class VolunteerMachine:
     def _on_speculation_ended(self, event: SpeculationEnded) -> list[Decision]:
         spec, self.speculation = self.speculation, None
         assert spec is not None
-        if event.result is not None and event.result.steps > 0:
+        orphaned, self.orphaned = self.orphaned, False
+        if event.result is not None and event.result.steps > 0 and not orphaned:
             self.carried = (event.result, replace(spec, steps=event.result.steps))
         return self._begin()
 
@@ -299,6 +303,8 @@ class VolunteerMachine:
 
     def _on_uploaded(self, event: Uploaded) -> list[Decision]:
         self.state = State.ASKING
+        if self.order is not None and not event.accepted and self.speculation is not None:
+            self.orphaned = True  # it continues a refused upload: its progress is dropped
         resume: list[Decision] = []
         checking = self.check is not None or self.scoring is not None
         if checking and self.speculation is not None:

@@ -485,6 +485,10 @@ class RoundProtocol:
         )
         if refusal:
             return [*refusal, *self._after_bans(refusal, now)]
+        overlap = self.verification.check_overlap(peer, event, self._ledger(), now)
+        if isinstance(overlap, list):
+            return [*overlap, *self._after_bans(overlap, now)]
+        overlap_steps, overlap_round, overlap_first_batch = overlap
         factor = late_factor * self.verification.probation_factor(peer)
         sub = Submission(
             peer_id=event.peer_id,
@@ -496,10 +500,10 @@ class RoundProtocol:
             receipt=_receipt(event.peer_id, event.round, event.base_version),
             ref=event.ref,
             steps=event.steps,
-            overlap_steps=event.overlap_steps,
+            overlap_steps=overlap_steps,
             round=event.round,
-            overlap_round=event.overlap_round,
-            overlap_first_batch=event.overlap_first_batch,
+            overlap_round=overlap_round,
+            overlap_first_batch=overlap_first_batch,
         )
         if rnd is self._round:
             rnd.submissions[event.peer_id] = sub

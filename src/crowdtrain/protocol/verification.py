@@ -104,6 +104,17 @@ def secret_seed(purpose: str, *parts: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+def prior_submission(peer_id: str, number: int, ledger: Ledger) -> Submission | None:
+    """PEER_ID's accepted contribution to round NUMBER with a payload a replay can read, while
+    the protocol still keeps that round (the one before the open one), else None."""
+    prev = ledger.previous
+    if prev is None or prev.number != number:
+        return None
+    candidates = (prev.submissions.get(peer_id), prev.late.get(peer_id))
+    done = next((c for c in candidates if c is not None and c.round == number), None)
+    return done if done is not None and done.ref else None
+
+
 def reject(peer: PeerRecord, round_number: int, code: str, reason: str) -> Rejected:
     """Refuse a contribution at upload, counting the refusal on its peer."""
     peer.rejected += 1
@@ -194,6 +205,43 @@ class Verification:
         if claim is None:
             return []
         return self._refuse(peer, event.round, "claims", "bad_claim", claim, ledger, now)
+
+    def check_overlap(
+        self, peer: PeerRecord, event: ContributionSubmitted, ledger: Ledger, now: float
+    ) -> tuple[int, int, int] | list[Decision]:
+        """Stage (d) for the overlap claim: (overlap steps, overlap round, first batch) as the
+        coordinator derives them, or the refusal. Overlapped steps continue the order of the
+        round before (`overlap_round` = round − 1) from the batch after the ones that round's
+        contribution trained on its own order (`overlap_first_batch`), starting from its
+        payload: all three follow from what this peer sent for that round, so any other value
+        is a false claim (a strike), and overlapped steps without such a contribution cannot be
+        replayed or scored from public data (refused without a strike: an honest volunteer
+        whose previous upload was refused does not carry its overlap on). Only the number of
+        overlapped steps is the peer's to say, at most its steps."""
+        claimed = (event.overlap_steps, event.overlap_round, event.overlap_first_batch)
+        if not self.enabled:
+            return claimed
+        if event.overlap_steps <= 0:
+            return (0, -1, 0)
+        if event.overlap_steps > event.steps:
+            reason = f"it claims {event.overlap_steps} overlapped steps of {event.steps} in all"
+            return self._refuse(peer, event.round, "claims", "bad_claim", reason, ledger, now)
+        prior = prior_submission(event.peer_id, event.round - 1, ledger)
+        if prior is None:
+            reason = (
+                f"its overlapped steps continue no accepted contribution of round "
+                f"{event.round - 1} still known, so they cannot be replayed"
+            )
+            return [reject(peer, event.round, "unreplayable", reason)]
+        first = prior.steps - min(prior.overlap_steps, prior.steps)
+        if (event.overlap_round, event.overlap_first_batch) != (event.round - 1, first):
+            reason = (
+                f"its overlap claim (round {event.overlap_round}, from batch "
+                f"{event.overlap_first_batch}) does not continue its contribution to round "
+                f"{event.round - 1} (round {event.round - 1}, from batch {first})"
+            )
+            return self._refuse(peer, event.round, "claims", "bad_claim", reason, ledger, now)
+        return (event.overlap_steps, event.round - 1, first)
 
     def probation_factor(self, peer: PeerRecord) -> float:
         """The factor on an admitted contribution's sample weight (below 1 on probation)."""
@@ -322,15 +370,14 @@ class Verification:
         )
 
     def _candidate(self, s: Submission, ledger: Ledger) -> Candidate:
-        """SUB as the stages see it: an unreplayable one is scored first, as if its peer were
-        the least trusted."""
+        """SUB as the stages see it."""
         return Candidate(
             s.key,
             s.peer_id,
             s.delta,
             ledger.order_of(s),
             s.steps,
-            -1.0 if self._unreplayable(s, ledger) else ledger.peers[s.peer_id].standing.score,
+            ledger.peers[s.peer_id].standing.score,
             fresh_steps=s.steps - min(s.overlap_steps, s.steps),
         )
 
@@ -442,11 +489,6 @@ class Verification:
             )
             self.checks[order.check_id] = Check(order, sub.delta, sub.ref, number, sub.samples)
 
-    def _unreplayable(self, sub: Submission, ledger: Ledger) -> bool:
-        """A contribution no spot-check can replay (overlap without a known prior round): it
-        is scored first instead, as if its peer were the least trusted."""
-        return bool(sub.overlap_steps) and self._prior_of(sub, ledger) is None
-
     def _prior_of(self, sub: Submission, ledger: Ledger) -> PriorWork | None:
         """What a replay of overlapped SUB must redo first: the same peer's work of the round
         just before, trained on from the base minus the Δ it sent for that round. None (SUB
@@ -454,12 +496,10 @@ class Verification:
 
         The overlapped steps count towards SUB's steps, so a replay never runs more than those.
         """
-        prev = ledger.previous
-        if prev is None or sub.overlap_round != sub.round - 1 or prev.number != sub.overlap_round:
+        if sub.overlap_round != sub.round - 1:
             return None
-        candidates = (prev.submissions.get(sub.peer_id), prev.late.get(sub.peer_id))
-        done = next((c for c in candidates if c is not None and c.round == prev.number), None)
-        if done is None or not done.ref:
+        done = prior_submission(sub.peer_id, sub.overlap_round, ledger)
+        if done is None:
             return None
         work = ledger.order_of(done)
         return PriorWork(
