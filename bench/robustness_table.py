@@ -41,11 +41,16 @@ def main(path: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in doc["attacks"].values():
         defended = row["defended_eval_loss"]
+        plain = row["undefended_eval_loss"]
+        if row.get("undefended_diverged"):  # the plain run's training hit NaN and stopped
+            plain_cells = f"diverged ({plain:.4g}) | diverged"
+        else:
+            plain_cells = f"{plain:.4g} | {_relative(plain / doc['clean_plain_eval_loss'])}"
         print(
-            f"| {row['attack']} | {row['fraction']:.0%} | {defended:.4f} "
+            f"| {row['attack']} | {row['fraction']:.0%} | {defended:.4f}"
+            f"{' (diverged)' if row.get('defended_diverged') else ''} "
             f"| {defended / clean - 1:+.1%} | {defended / row['honest_only_eval_loss'] - 1:+.1%} "
-            f"| {row['undefended_eval_loss']:.4g} "
-            f"| {_relative(row['undefended_eval_loss'] / doc['clean_plain_eval_loss'])} "
+            f"| {plain_cells} "
             f"| {row['attackers_banned']}/{row['attackers_total']} "
             f"| {row['caught_in_round']:.0%} | {row['honest_flagged']} | {row['honest_banned']} |"
         )

@@ -298,6 +298,8 @@ def _simulate(
         f"eval loss {result.initial_eval_loss:.4f} -> {result.final_eval_loss:.4f} "
         f"after {len(result.rounds)} rounds"
     )
+    if result.diverged:
+        console.print(f"training diverged and the run stopped: {result.diverged}")
     if run.defence.enabled:
         banned = ", ".join(f"{p} ({why})" for p, why in result.banned.items()) or "none"
         console.print(f"flagged at least once: {', '.join(result.flagged) or 'none'}")

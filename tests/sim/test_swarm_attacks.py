@@ -177,3 +177,28 @@ def test_volunteers_score_contributions_and_catch_a_sign_flip(
     # from random weights even −Δ lowers the loss: only its first update may pass
     assert all(v["round"] == 0 for v in passed if v["peer_id"] == ATTACKER)
     assert not HONEST & set(result.banned) and not HONEST & set(result.flagged)
+
+
+def test_a_run_whose_training_diverges_stops_with_a_result(
+    corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When θ no longer trains (an undefended attack drove it to NaN) the simulation ends with
+    what it has and says why, instead of an internal error."""
+    from crowdtrain.train import LocalTrainer
+
+    real = LocalTrainer.train
+    calls = 0
+
+    def train(self: LocalTrainer, *args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls > PEERS:  # round 1's first step
+            raise FloatingPointError("training diverged: the loss became nan at step 20")
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(LocalTrainer, "train", train)
+    cfg = swarm_config(corpus_file, tmp_path / "data")
+    result = run_swarm(cfg, PEERS, eval_batch_count=2, eval_batch_size=8)
+    assert len(result.rounds) == 1 and result.diverged is not None
+    assert result.diverged.startswith("round 1: training diverged")
+    assert result.to_json()["diverged"] == result.diverged

@@ -147,6 +147,8 @@ def summarize(
         "fraction": k / peers,
         "defended_eval_loss": defended["final_eval_loss"],
         "undefended_eval_loss": plain["final_eval_loss"],
+        "undefended_diverged": plain.get("diverged"),  # why training stopped early, if it did
+        "defended_diverged": defended.get("diverged"),
         "honest_only_eval_loss": honest_only["final_eval_loss"],
         "attackers_banned": sum(p in bad for p in defended["banned"]),
         "attackers_total": k,

@@ -67,6 +67,7 @@ class SwarmResult:
     scored: int = 0
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     submissions: list[tuple[str, int]] = field(default_factory=list)  # (peer, round) uploads
+    diverged: str | None = None  # why training stopped early: θ no longer trains (NaN loss)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON document of `crowdtrain simulate --json`."""
@@ -82,6 +83,7 @@ class SwarmResult:
             "scored": self.scored,
             "verdicts": self.verdicts,
             "submissions": [list(s) for s in self.submissions],
+            "diverged": self.diverged,
         }
 
 
@@ -129,7 +131,11 @@ def run_swarm(
     result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
     for step in itertools.count():
         swarm.closed = None
-        swarm.round()
+        try:
+            swarm.round()
+        except FloatingPointError as exc:  # θ itself diverged (an undefended attack): the end
+            result.diverged = f"round {protocol.round}: {exc}"
+            break
         clock.now = float(step + 1)
         if swarm.closed is None:  # someone was refused or banned: the deadline closes it
             clock.now = max(clock.now, protocol.deadline)
@@ -159,7 +165,11 @@ def run_swarm(
             on_round(row)
         if swarm.finished:
             break
-    result.final_eval_loss = result.rounds[-1].eval_loss
+    result.final_eval_loss = (
+        evaluate(config.model, protocol.params, evals)
+        if result.diverged or not result.rounds
+        else result.rounds[-1].eval_loss
+    )
     result.attackers = [p.peer_id for p in swarm.peers if p.machine.attacker is not None]
     result.flagged = sorted(swarm.flagged)
     result.banned = dict(swarm.banned)
