@@ -312,6 +312,9 @@ class DefenceConfig(_Strict):
     trust_threshold: float = Field(0.5, ge=0.0, le=1.0)
     probation_rounds: int = Field(2, ge=0)
     probation_weight: float = Field(0.5, gt=0.0, le=1.0)
+    # The most of a round's aggregation weight that peers on probation hold together, however
+    # many they are (when the round has an established contribution): sybils cannot outweigh.
+    probation_share: float = Field(0.25, gt=0.0, lt=1.0)
     ban_strikes: float = Field(3.0, gt=0.0)
     strike_forgive: float = Field(0.25, ge=0.0)
     check_strikes: float = Field(3.0, gt=0.0)

@@ -44,6 +44,9 @@ class Candidate:
     # Steps trained on this order's own batches (its first ones): with overlap, the others
     # continued the previous round's order, so they are not the data to score on.
     fresh_steps: int | None = None
+    # Whether its peer is established (past probation with a clean record): the norm stage
+    # measures against the median of such peers' updates, which fresh identities cannot move.
+    established: bool = False
 
     @property
     def own_steps(self) -> int:
@@ -191,9 +194,9 @@ def screen(
     done = [known.get(c.key) or analyze(c, ctx) for c in candidates]
     flags: dict[str, tuple[str, str]] = {}
     norms = [a.norm for a in done]
-    for c, reason in zip(
-        candidates, screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high), strict=True
-    ):
+    marks = [c.established for c in candidates]
+    reasons = screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high, reference=marks)
+    for c, reason in zip(candidates, reasons, strict=True):
         if reason is not None:
             flags[c.key] = ("norm", reason)
     prints = [a.fingerprint for a in done]

@@ -71,6 +71,7 @@ from crowdtrain.robust.copies import fingerprint
 from crowdtrain.robust.reputation import (
     check_probability,
     is_trusted,
+    on_probation,
     record_check,
     record_failure,
     record_success,
@@ -349,6 +350,7 @@ class Verification:
             if record_failure(peer.standing, self.config.defence, 1.0, f"{stage}: {reason}"):
                 decisions.extend(self._ban(peer, number, ledger, now))
         subs[:] = [s for s in subs if s.key not in outcome.flags]
+        self._cap_probation(subs, ledger)
         self.fingerprints.update(outcome.fingerprints)
         keep = number - self.config.defence.copy_history_rounds
         for name in [n for n in self.fingerprints if int(n.split("/", 1)[0]) <= keep]:
@@ -356,6 +358,21 @@ class Verification:
         for s in subs:
             record_success(ledger.peers[s.peer_id].standing, self.config.defence)
         return decisions
+
+    def _cap_probation(self, subs: list[Submission], ledger: Ledger) -> None:
+        """Scale down the weights of contributions from peers on probation so that together
+        they hold at most `defence.probation_share` of the round's aggregation weight, however
+        many they are (a round without an established contribution is left as it is)."""
+        cfg = self.config.defence
+        fresh = [s for s in subs if on_probation(ledger.peers[s.peer_id].standing, cfg)]
+        settled = sum(s.weight for s in subs) - sum(s.weight for s in fresh)
+        held = sum(s.weight for s in fresh)
+        if settled <= 0 or held <= 0:
+            return
+        allowed = cfg.probation_share / (1.0 - cfg.probation_share) * settled
+        if held > allowed:
+            for s in fresh:
+                s.weight *= allowed / held
 
     def _context(self, number: int, ledger: Ledger) -> Context:
         """What round NUMBER's close screens with (`screening.Context`)."""
@@ -379,6 +396,7 @@ class Verification:
             s.steps,
             ledger.peers[s.peer_id].standing.score,
             fresh_steps=s.steps - min(s.overlap_steps, s.steps),
+            established=is_trusted(ledger.peers[s.peer_id].standing, self.config.defence),
         )
 
     def _aggregate_print(

@@ -19,19 +19,30 @@ from collections.abc import Sequence
 __all__ = ["screen_norms"]
 
 
-def screen_norms(norms: Sequence[float], *, low: float, high: float) -> list[str | None]:
-    """Screen each contribution's global norm against the median norm of its round.
+def screen_norms(
+    norms: Sequence[float],
+    *,
+    low: float,
+    high: float,
+    reference: Sequence[bool] | None = None,
+) -> list[str | None]:
+    """Screen each contribution's global norm against a median norm of its round.
 
-    Contribution i is flagged when ‖Δ_i‖ > ``high`` × median or ‖Δ_i‖ < ``low`` × median,
-    where the median is taken over all the given norms (the mean of the two middle ones for an
-    even count; a non-finite norm counts as larger than every finite one). A norm that is zero,
-    negative or not finite is always flagged. With a single contribution there is no round to
-    compare with, so only those invalid norms are flagged; likewise when the median itself is
-    zero or not finite (at least half of the round is invalid), only the invalid norms are.
+    Contribution i is flagged when ‖Δ_i‖ > ``high`` × median or ‖Δ_i‖ < ``low`` × median. The
+    median is taken over the norms marked in `reference` (the contributions of established
+    peers, which fresh identities cannot outvote) when at least two are marked, else over all
+    the given norms (the mean of the two middle ones for an even count; a non-finite norm
+    counts as larger than every finite one). A norm that is zero, negative or not finite is
+    always flagged. With a single norm to take the median of there is nothing to compare with,
+    so only those invalid norms are flagged; likewise when the median itself is zero or not
+    finite (at least half of it is invalid), only the invalid norms are.
 
-    Returns, in the order given, ``None`` for a norm that passes or a one-sentence reason
-    (``DefenceConfig.norm_low`` and ``norm_high`` are the usual ``low`` and ``high``).
-    Raises ValueError when the limits are not 0 ≤ low < 1 < high, both finite.
+    Returns, in the order given, ``None`` for a norm that passes or a one-sentence reason. The
+    reasons name the configured limits but not the median or the norm's ratio to it, which
+    would let a sender learn where the bar is (they are public: docs/SECURITY.md).
+    ``DefenceConfig.norm_low`` and ``norm_high`` are the usual ``low`` and ``high``.
+    Raises ValueError when the limits are not 0 ≤ low < 1 < high, both finite, or when
+    `reference` does not mark every norm.
     """
     if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low < 1.0 < high):
         raise ValueError(
@@ -39,10 +50,15 @@ def screen_norms(norms: Sequence[float], *, low: float, high: float) -> list[str
             "they must satisfy 0 <= low < 1 < high"
         )
     values = [float(n) for n in norms]
+    if reference is not None and len(reference) != len(values):
+        raise ValueError(f"{len(reference)} reference marks for {len(values)} norms")
     reasons: list[str | None] = [_invalid(n) for n in values]
-    if len(values) < 2:
+    marked = [n for n, m in zip(values, reference or [], strict=False) if m]
+    basis = marked if len(marked) >= 2 else values
+    whose = "established peers' updates" if basis is marked else "updates"
+    if len(basis) < 2:
         return reasons
-    median = statistics.median(n if math.isfinite(n) else math.inf for n in values)
+    median = statistics.median(n if math.isfinite(n) else math.inf for n in basis)
     if not (math.isfinite(median) and median > 0.0):
         return reasons
     for index, norm in enumerate(values):
@@ -51,13 +67,11 @@ def screen_norms(norms: Sequence[float], *, low: float, high: float) -> list[str
         ratio = norm / median
         if ratio > high:
             reasons[index] = (
-                f"the update's norm {norm:.4g} is {ratio:.4g}× the round's median {median:.4g}; "
-                f"the limit is {high:.4g}×"
+                f"the update's norm is more than {high:g}× the median norm of the round's {whose}"
             )
         elif ratio < low:
             reasons[index] = (
-                f"the update's norm {norm:.4g} is only {ratio:.4g}× the round's median "
-                f"{median:.4g}; the minimum is {low:.4g}×"
+                f"the update's norm is less than {low:g}× the median norm of the round's {whose}"
             )
     return reasons
 

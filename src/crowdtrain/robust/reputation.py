@@ -88,9 +88,14 @@ def record_check(st: Standing, cfg: DefenceConfig, passed: bool, reason: str) ->
     return record_failure(st, cfg, cfg.check_strikes, reason)
 
 
+def on_probation(st: Standing, cfg: DefenceConfig) -> bool:
+    """Whether the peer is still on probation (fewer accepted rounds than `probation_rounds`)."""
+    return st.rounds_ok < cfg.probation_rounds
+
+
 def weight_factor(st: Standing, cfg: DefenceConfig) -> float:
     """The factor on a contribution's sample weight: reduced while the peer is on probation."""
-    return cfg.probation_weight if st.rounds_ok < cfg.probation_rounds else 1.0
+    return cfg.probation_weight if on_probation(st, cfg) else 1.0
 
 
 def check_probability(st: Standing, cfg: DefenceConfig) -> float:
