@@ -610,6 +610,9 @@ def test_a_mismatching_replay_fails_voids_the_credit_and_can_ban(
 def test_a_banned_verifier_releases_its_check_to_another_trusted_peer() -> None:
     t = Trusted(("a", "b", "c"))
     p, deltas = t.p, t.deltas
+    of = {c.order.target: check_id for check_id, c in p.checks.items()}
+    p.checks[of["b"]].assigned["a"] = p.clock()  # a checks b, b checks a
+    p.checks[of["a"]].assigned["b"] = p.clock()
     (va,) = p.handle(WorkRequested("a"))
     (vb,) = p.handle(WorkRequested("b"))
     assert isinstance(va, VerifyOrder) and isinstance(vb, VerifyOrder)
@@ -620,8 +623,23 @@ def test_a_banned_verifier_releases_its_check_to_another_trusted_peer() -> None:
     assert not p.checks[vb.check_id].assigned
     (d,) = p.handle(VerificationSubmitted(vb.check_id, "b", DictSource(deltas["a"]), STEPS))
     assert isinstance(d, Unknown)
+    p.checks[of["c"]].assigned["a"] = p.clock()  # keep c's own check out of the way
     (vc,) = p.handle(WorkRequested("c"))
     assert isinstance(vc, VerifyOrder) and vc.check_id == vb.check_id and vc.peer_id == "c"
+
+
+def test_verifiers_get_pending_checks_in_their_own_secret_order() -> None:
+    """Whose work a verifier checks does not follow from when it asks: each peer sees the
+    pending checks in an order drawn from the coordinator's secret, its id and the check's."""
+    firsts = set()
+    for secret in range(8):
+        t = Trusted(("a", "b", "c", "d"))
+        p = t.p
+        p.verification.secret = secret
+        (v,) = p.handle(WorkRequested("a"))
+        assert isinstance(v, VerifyOrder) and v.target != "a"
+        firsts.add(v.target)
+    assert len(firsts) > 1
 
 
 def test_a_replay_with_a_different_step_count_fails_the_check() -> None:
@@ -663,8 +681,18 @@ def test_a_check_assigned_long_ago_is_handed_to_another_verifier() -> None:
     (v,) = p.handle(WorkRequested("a"))
     assert isinstance(v, VerifyOrder)
     clock.now += 61.0  # longer than the round deadline: a's assignment lapses
-    got = [p.handle(WorkRequested(peer))[0] for peer in ("b", "c")]
-    assert any(isinstance(g, VerifyOrder) and g.check_id == v.check_id for g in got)
+    handed = []
+    for peer in ("b", "c"):  # each takes, and answers, every check it may
+        got = p.handle(WorkRequested(peer))[0]
+        while isinstance(got, VerifyOrder):
+            handed.append(got.check_id)
+            if got.check_id == v.check_id:
+                break
+            p.handle(
+                VerificationSubmitted(got.check_id, peer, DictSource(t.deltas[got.target]), STEPS)
+            )
+            got = p.handle(WorkRequested(peer))[0]
+    assert v.check_id in handed
 
 
 # --- spot-checks, coordinator mode ------------------------------------------------------------

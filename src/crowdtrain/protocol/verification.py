@@ -550,7 +550,13 @@ class Verification:
         for check in self.checks.values():
             if peer.peer_id in check.assigned:
                 return replace(check.order, peer_id=peer.peer_id)
-        for check in self.checks.values():
+        # Each peer considers the pending checks in its own secret order, so a verifier cannot
+        # choose whose work it checks by when it asks.
+        def draw(check: Check) -> bytes:
+            text = f"assign\x00{self.secret}\x00{peer.peer_id}\x00{check.order.check_id}"
+            return hashlib.sha256(text.encode()).digest()
+
+        for check in sorted(self.checks.values(), key=draw):
             if check.order.target == peer.peer_id or peer.peer_id in check.reports:
                 continue
             if not replays and isinstance(check.order, VerifyOrder):
