@@ -550,6 +550,7 @@ class Verification:
         for check in self.checks.values():
             if peer.peer_id in check.assigned:
                 return replace(check.order, peer_id=peer.peer_id)
+
         # Each peer considers the pending checks in its own secret order, so a verifier cannot
         # choose whose work it checks by when it asks.
         def draw(check: Check) -> bytes:

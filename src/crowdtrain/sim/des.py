@@ -719,12 +719,7 @@ class _Sim:
             p.computing_since = now
             self.later(p, seconds, lambda q: self.evaluated(q, d), "compute")
         elif isinstance(d, ve.UploadScore):
-            event = pr.ScoreSubmitted(d.check.check_id, p.peer_id, d.score)
-            decisions = self.protocol.handle(event)
-            self.act([x for x in decisions if not isinstance(x, pr.Unknown)])
-            late = any(isinstance(x, pr.Unknown) for x in decisions)
-            self.late_checks += late
-            self.run(p, p.machine.handle(ve.Uploaded(not late)))
+            self.answered(p, pr.ScoreSubmitted(d.check.check_id, p.peer_id, d.score))
         elif isinstance(d, ve.Speculate):
             p.speculation = _VirtualSpeculation(d.segment, d.round, now)
         elif isinstance(d, ve.PauseSpeculation | ve.ResumeSpeculation):
@@ -887,9 +882,13 @@ class _Sim:
         event = pr.VerificationSubmitted(
             check.check_id, p.peer_id, DictSource(d.result.delta), d.result.steps
         )
+        self.answered(p, event)
+
+    def answered(self, p: _Peer, event: pr.VerificationSubmitted | pr.ScoreSubmitted) -> None:
+        """A replay or a score reaches the protocol (its upload costs no virtual time here).
+        One that took longer than the check's lapse comes back to a check that was handed to
+        another peer or is done: the coordinator turns it away, nothing more."""
         decisions = self.protocol.handle(event)
-        # A replay that took longer than the check's lapse comes back to a check that was
-        # handed to another peer or is done: the coordinator turns it away, nothing more.
         self.act([x for x in decisions if not isinstance(x, pr.Unknown)])
         late = any(isinstance(x, pr.Unknown) for x in decisions)
         self.late_checks += late
