@@ -10,6 +10,7 @@ import json
 from test_protocol_defence import (
     SHARDS,
     STEPS,
+    TRUST_FAST,
     Delta,
     Trusted,
     join,
@@ -31,6 +32,7 @@ from crowdtrain.protocol import (
     Flagged,
     PeerBanned,
     RoundProtocol,
+    RunFinished,
     ScoreOrder,
     ScoreSubmitted,
     Unknown,
@@ -377,3 +379,29 @@ def test_score_orders_and_reports_survive_a_snapshot_and_restore() -> None:
     assert q.checks[check_id].scores == p.checks[check_id].scores
     done, _flag = score_of(q, "c", check_id, BAD)
     assert isinstance(done, CheckDone) and not done.passed
+
+
+def test_checks_of_the_last_round_still_run_after_the_run_finished() -> None:
+    p, _ = make(
+        defence={
+            "spot_check": "peer",
+            "check_p_new": 1.0,
+            "check_p_min": 1.0,  # every contribution checked, passed checks or not
+            "check_fail_quorum": 1,
+            **TRUST_FAST,
+        },
+        rounds={"total": 2},
+    )
+    join(p, "a", "b")
+    play(p, {"a": rand(1), "b": rand(2)})
+    for v in [p.handle(WorkRequested(x))[0] for x in ("a", "b")]:  # round 0's checks
+        assert isinstance(v, VerifyOrder)
+        report(p, v.peer_id, v.check_id, rand(1 if v.target == "a" else 2))
+    last = {"a": rand(3), "b": rand(4)}
+    play(p, last)
+    assert p.finished and {c.order.round for c in p.checks.values()} == {1}
+    got = p.handle(WorkRequested("a"))[0]
+    assert isinstance(got, VerifyOrder) and got.target == "b" and got.round == 1
+    (done,) = report(p, "a", got.check_id, last["b"])
+    assert isinstance(done, CheckDone) and done.passed
+    assert isinstance(p.handle(WorkRequested("a"))[0], RunFinished)

@@ -385,8 +385,9 @@ class RoundProtocol:
         peer.online, peer.last_seen = True, now
         if peer.standing.banned:
             return [Banned(peer.peer_id, peer.standing.ban_reason)]
-        if self.state.finished:
-            return [RunFinished(self.version)]
+        if self.state.finished:  # training is over; the checks of its last rounds still run
+            check = self.verification.check_for(peer, False, now)
+            return [check] if check is not None else [RunFinished(self.version)]
         if self.state is RunState.PAUSED:
             return [Wait(event.peer_id, 2.0, "the run is paused by its organizer")]
         rnd = self._round
