@@ -62,10 +62,7 @@ def test_exact_copy_later_in_the_round_is_flagged_and_the_first_is_not() -> None
     a, b = randn(DIM, 0), randn(DIM, 1)
     reasons = detect([a, b, a.clone()])
     assert reasons[:2] == [None, None]
-    assert reasons[2] == (
-        "near-copy (cosine 1.0000) of contribution #0 submitted earlier in this round; "
-        "the copy threshold is 0.95"
-    )
+    assert reasons[2] == "a near-copy of contribution #0 submitted earlier in this round"
 
 
 @pytest.mark.parametrize("scale", [0.9, 1.1, 1e-3, 1e3])
@@ -119,11 +116,7 @@ def test_stale_replay_of_an_earlier_round_is_flagged() -> None:
     replay = old_round[2].clone()
     current = [*new_round[:2], replay, *new_round[2:]]
     reasons = detect(current, earlier=old_round)
-    threshold = copy_threshold(current, min_cos=MIN_COS, ratio=RATIO)
-    assert reasons[2] == (
-        "near-copy (cosine 1.0000) of a contribution accepted in an earlier round (a replay); "
-        f"the copy threshold is {threshold:.4g}"
-    )
+    assert reasons[2] == "a near-copy of a contribution accepted in an earlier round (a replay)"
     assert [i for i, r in enumerate(reasons) if r is not None] == [2]
 
 
@@ -158,7 +151,7 @@ def test_adaptive_threshold_when_honest_deltas_are_very_similar() -> None:
     # A copy with 1% noise (cosine ≈ 0.99995) is still caught.
     reasons = detect([*round_, noisy_copy(round_[4], 0.01, 99)])
     assert reasons[:12] == [None] * 12
-    assert reasons[12] is not None and "#4 " in reasons[12] and "0.995" in reasons[12]
+    assert reasons[12] is not None and "#4 " in reasons[12] and "0.995" not in reasons[12]
 
 
 def test_threshold_is_min_cos_with_fewer_than_three_usable_fingerprints() -> None:

@@ -172,9 +172,9 @@ def detect_copies(
             if j < count
             else "a contribution accepted in an earlier round (a replay)"
         )
-        reasons[i] = (
-            f"near-copy (cosine {cosine:.4f}) of {of}; the copy threshold is {threshold:.4g}"
-        )
+        # Neither the cosine nor the round's threshold is named: reasons are public, and
+        # they would tell a sender how far from a copy it has to move.
+        reasons[i] = f"a near-copy of {of}"
     return reasons
 
 
