@@ -61,7 +61,7 @@ from crowdtrain.train.moments import expand, first_moments
 
 log = logging.getLogger(__name__)
 
-Order = WorkOrderMsg | VerifyOrderMsg | ScoreOrderMsg
+Order = WorkOrderMsg | VerifyOrderMsg
 R = TypeVar("R")
 
 
@@ -440,9 +440,11 @@ class Volunteer:
         if isinstance(d, ve.Fetch):
             order = d.order
             assert isinstance(order, WorkOrderMsg | VerifyOrderMsg | ScoreOrderMsg)
+            if isinstance(order, ScoreOrderMsg):  # θ without the moments: nothing trains
+                self._shards(order.shard_ids)
+                theta = self._weights(order.weights, order.update)
+                return ve.InputsReady(theta, target=self._scored(order))
             base = self._prefetch(order)
-            if isinstance(order, ScoreOrderMsg):
-                return ve.InputsReady(base, target=self._scored(order))
             prior = self._prior(order) if isinstance(order, VerifyOrderMsg) else None
             return ve.InputsReady(base, prior)
         if isinstance(d, ve.Train):
