@@ -33,7 +33,7 @@ from crowdtrain.config import RunConfig
 from crowdtrain.data import ShardStore, ensure_packed_for
 from crowdtrain.models import initial_state
 from crowdtrain.protocol.broadcast import Broadcast, weights_bytes
-from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust.usefulness import Scorers
 from crowdtrain.server.manifest import build_manifest
 from crowdtrain.train.moments import EXP_AVG_SQ, factor, first_moments
 from crowdtrain_testing import tiny_config

@@ -40,8 +40,7 @@ from crowdtrain.client.work import (
     score_contribution,
 )
 from crowdtrain.config import RunConfig
-from crowdtrain.protocol.screening import Scorers
-from crowdtrain.robust.usefulness import Score
+from crowdtrain.robust.usefulness import Score, Scorers
 from crowdtrain.train import Contribution
 
 # --- events (driver -> machine) --------------------------------------------------------------

@@ -55,7 +55,7 @@ from crowdtrain.client.work import TrainFn, overlap_start
 from crowdtrain.config import RunConfig
 from crowdtrain.data.atomic import atomic_write_bytes
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
-from crowdtrain.protocol.screening import Scorers
+from crowdtrain.robust.usefulness import Scorers
 from crowdtrain.train import Contribution, LocalTrainer
 from crowdtrain.train.moments import expand, first_moments
 

@@ -27,9 +27,8 @@ import torch
 from crowdtrain.config import RunConfig
 from crowdtrain.data import BatchSampler
 from crowdtrain.data.probe import ShardProbe
-from crowdtrain.protocol.screening import Scorers
 from crowdtrain.robust import DictSource
-from crowdtrain.robust.usefulness import Score
+from crowdtrain.robust.usefulness import Score, Scorers
 from crowdtrain.train import Contribution
 from crowdtrain.train.moments import split_base
 

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import queue
 import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from crowdtrain.config import ModelConfig, RunConfig
+from crowdtrain.config import RunConfig
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.protocol.events import WorkOrder
 from crowdtrain.robust import DeltaSource, global_norms
 from crowdtrain.robust.copies import detect_copies, fingerprint
 from crowdtrain.robust.norms import screen_norms
-from crowdtrain.robust.usefulness import Batch, Score, Scorer, judge
+from crowdtrain.robust.usefulness import Score, Scorers, judge
 
 
 @dataclass(frozen=True)
@@ -62,28 +61,6 @@ class Screened:
     flags: dict[str, tuple[str, str]]
     fingerprints: dict[str, torch.Tensor]
     scored: int = 0
-
-
-class Scorers:
-    """Scoring models for any number of threads: each call takes one (building it the first
-    time it is needed), so concurrent analyses never share a model."""
-
-    def __init__(self, model: ModelConfig) -> None:
-        self.model = model
-        self._idle: queue.SimpleQueue[Scorer] = queue.SimpleQueue()
-
-    def score(
-        self, params: Mapping[str, torch.Tensor], delta: DeltaSource, assigned: Batch, held: Batch
-    ) -> Score:
-        """`Scorer.score` on a model no other thread is using."""
-        try:
-            scorer = self._idle.get_nowait()
-        except queue.Empty:
-            scorer = Scorer(self.model)
-        try:
-            return scorer.score(params, delta, assigned, held)
-        finally:
-            self._idle.put(scorer)
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,6 @@ from crowdtrain.protocol.screening import (
     Analysis,
     Candidate,
     Context,
-    Scorers,
     analyze,
     score,
     screen,
@@ -78,7 +77,7 @@ from crowdtrain.robust.reputation import (
     weight_factor,
 )
 from crowdtrain.robust.spotcheck import compare, mismatch
-from crowdtrain.robust.usefulness import Score, judge
+from crowdtrain.robust.usefulness import Score, Scorers, judge
 
 #: Pending spot-checks lapse after this many rounds without a verifier.
 CHECK_LIFETIME_ROUNDS = 3

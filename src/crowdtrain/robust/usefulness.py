@@ -18,6 +18,7 @@ extra copy of θ (the scorer's own model); the caller's ``params`` are never mod
 from __future__ import annotations
 
 import math
+import queue
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from crowdtrain.config import ModelConfig
 from crowdtrain.models import build_model, load_state
 from crowdtrain.robust.sources import DeltaSource
 
-__all__ = ["Score", "Scorer", "judge"]
+__all__ = ["Score", "Scorer", "Scorers", "judge"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -166,3 +167,25 @@ def judge(score: Score, *, min_gain: float, heldout_tol: float, z: float = 2.0) 
             f" ({worse:.1%} worse, tolerance {heldout_tol * 100:g}%)"
         )
     return None
+
+
+class Scorers:
+    """Scoring models for any number of threads: each call takes one (building it the first
+    time it is needed), so concurrent analyses never share a model."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self._idle: queue.SimpleQueue[Scorer] = queue.SimpleQueue()
+
+    def score(
+        self, params: Mapping[str, torch.Tensor], delta: DeltaSource, assigned: Batch, held: Batch
+    ) -> Score:
+        """`Scorer.score` on a model no other thread is using."""
+        try:
+            scorer = self._idle.get_nowait()
+        except queue.Empty:
+            scorer = Scorer(self.model)
+        try:
+            return scorer.score(params, delta, assigned, held)
+        finally:
+            self._idle.put(scorer)

@@ -81,8 +81,8 @@ from crowdtrain.client import machine as vm
 from crowdtrain.client.work import CheckLike, Params, ScoreLike, WorkLike
 from crowdtrain.config import CodecConfig, RunConfig, scores_on_peers
 from crowdtrain.models import initial_state
-from crowdtrain.protocol.screening import Scorers
 from crowdtrain.robust import DictSource, read_all
+from crowdtrain.robust.usefulness import Scorers
 from crowdtrain.sim.events import EventLoop, Handle
 from crowdtrain.sim.network import Link, Network
 from crowdtrain.sim.population import PeerSpec, flops_per_step, step_seconds

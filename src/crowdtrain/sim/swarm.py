@@ -35,8 +35,8 @@ from crowdtrain.config import ConfigError, RunConfig
 from crowdtrain.data import DataManifest, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.models import initial_state
-from crowdtrain.protocol.screening import Scorers
 from crowdtrain.robust import DictSource, read_all
+from crowdtrain.robust.usefulness import Scorers
 from crowdtrain.train import Contribution, LocalTrainer, evaluate
 
 
