@@ -77,6 +77,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     coord.store.set_banned(ids["carol"], True, "organizer")
     assert coord.protocol.version == 2
     manifest = coord.manifest
+    coord.settle()  # the versions' evaluations run after their commits, on worker threads
+    coord.shutdown()
     coord.store.close()
     return Run(
         config,

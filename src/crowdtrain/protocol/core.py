@@ -391,7 +391,10 @@ class RoundProtocol:
         if self.state is RunState.PAUSED:
             return [Wait(event.peer_id, 2.0, "the run is paused by its organizer")]
         rnd = self._round
-        check = self.verification.check_for(peer, peer.peer_id in rnd.orders, now)
+        # A peer owes this round its contribution until it sends it; once it has, it waits for
+        # the next round anyway, and a check then costs the round nothing.
+        busy = peer.peer_id in rnd.orders and peer.peer_id not in rnd.submissions
+        check = self.verification.check_for(peer, busy, now)
         if check is not None:
             return [check]
         if event.peer_id in rnd.submissions:
