@@ -144,16 +144,10 @@ class PriorMsg(_Msg):
     steps: int = Field(ge=1, le=1_000_000_000)
 
 
-class VerifyOrderMsg(_Msg):
-    """`POST /v1/work`: replay peer `target`'s work order exactly and upload Δ' (a spot-check).
+class _CheckMsg(_Msg):
+    """What a check of peer `target`'s work names: its order's round, base weights (as a work
+    order names them), shards, seed and step offset, and the check's id."""
 
-    Train exactly `steps` steps from weights `weights` on the batches that `target` was given
-    (the sampler is keyed by the target's peer id), then `PUT /v1/verifications/{check_id}`.
-    With `prior`, the first `prior.steps` of them are the previous round's overlapped work,
-    rebased onto `weights` (see PriorMsg and `Volunteer.replay`).
-    """
-
-    kind: Literal["verify"]
     check_id: CHECK_ID
     target: str = Field(min_length=1, max_length=128)
     round: int = Field(ge=0)
@@ -164,12 +158,24 @@ class VerifyOrderMsg(_Msg):
     shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
     seed: int = Field(ge=0)
     step_offset: int = Field(ge=0)
+
+
+class VerifyOrderMsg(_CheckMsg):
+    """`POST /v1/work`: replay peer `target`'s work order exactly and upload Δ' (a spot-check).
+
+    Train exactly `steps` steps from weights `weights` on the batches that `target` was given
+    (the sampler is keyed by the target's peer id), then `PUT /v1/verifications/{check_id}`.
+    With `prior`, the first `prior.steps` of them are the previous round's overlapped work,
+    rebased onto `weights` (see PriorMsg and `Volunteer.replay`).
+    """
+
+    kind: Literal["verify"]
     steps: int = Field(ge=1, le=1_000_000_000)
     max_payload_bytes: int = Field(ge=1, le=1 << 40)
     prior: PriorMsg | None = None
 
 
-class ScoreOrderMsg(_Msg):
+class ScoreOrderMsg(_CheckMsg):
     """`POST /v1/work`: score peer `target`'s contribution (payload blob `payload`) and submit
     the four losses (usefulness scoring on a volunteer, `defence.scoring = "peer"`).
 
@@ -180,16 +186,6 @@ class ScoreOrderMsg(_Msg):
     (`crowdtrain.client.work.score_contribution`)."""
 
     kind: Literal["score"]
-    check_id: CHECK_ID
-    target: str = Field(min_length=1, max_length=128)
-    round: int = Field(ge=0)
-    base_version: int = Field(ge=0)
-    weights: SHA256
-    update: UpdateMsg | None = None
-    moments: SHA256 | None = None
-    shard_ids: list[SHA256] = Field(min_length=1, max_length=100_000)
-    seed: int = Field(ge=0)
-    step_offset: int = Field(ge=0)
     assigned_batch: int = Field(ge=0, le=1_000_000_000)
     heldout_batch: int = Field(ge=0, le=1 << 30)
     payload: SHA256

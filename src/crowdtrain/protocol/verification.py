@@ -364,8 +364,8 @@ class Verification:
         many they are (a round without an established contribution is left as it is)."""
         cfg = self.config.defence
         fresh = [s for s in subs if on_probation(ledger.peers[s.peer_id].standing, cfg)]
-        settled = sum(s.weight for s in subs) - sum(s.weight for s in fresh)
         held = sum(s.weight for s in fresh)
+        settled = sum(s.weight for s in subs) - held
         if settled <= 0 or held <= 0:
             return
         allowed = cfg.probation_share / (1.0 - cfg.probation_share) * settled
@@ -454,10 +454,8 @@ class Verification:
             if s.overlap_steps and prior is None:
                 continue  # its start is private to the peer: no one can replay it
             work = ledger.order_of(s)
-            text = f"check\x00{s.peer_id}\x00{s.round}"
-            check_id = hashlib.sha256(text.encode()).hexdigest()
             order = VerifyOrder(
-                check_id=check_id[:24],
+                check_id=_check_id("check", s),
                 peer_id="",
                 target=s.peer_id,
                 round=work.round,
@@ -490,9 +488,8 @@ class Verification:
         for c in sorted(eligible, key=ctx.priority)[: cfg.score_per_round]:
             sub, work = by_key[c.key], c.order
             index, held = ctx.batches(c)
-            text = f"score\x00{sub.peer_id}\x00{sub.round}"
             order = ScoreOrder(
-                check_id=hashlib.sha256(text.encode()).hexdigest()[:24],
+                check_id=_check_id("score", sub),
                 peer_id="",
                 target=sub.peer_id,
                 round=work.round,
@@ -802,3 +799,9 @@ def _close(own: tuple[float, ...], others: list[tuple[float, ...]], tolerance: f
         if not abs(own[i] - median) <= tolerance * max(abs(median), 1e-6):
             return False
     return True
+
+
+def _check_id(kind: str, sub: Submission) -> str:
+    """The id of a check of KIND ("check": a replay, "score") of contribution SUB."""
+    text = f"{kind}\x00{sub.peer_id}\x00{sub.round}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -456,23 +456,17 @@ class Coordinator:
                 if isinstance(d, VerifyOrder):
                     return {
                         "kind": "verify",
-                        "check_id": d.check_id,
-                        "target": d.target,
-                        **self._work_json(d),
+                        **self._check_json(d),
                         "steps": d.steps,
                         "prior": self._prior_json(d.prior),
-                        "max_payload_bytes": self.max_payload_bytes,
                     }
                 if isinstance(d, ScoreOrder):
                     return {
                         "kind": "score",
-                        "check_id": d.check_id,
-                        "target": d.target,
-                        **self._work_json(d),
+                        **self._check_json(d),
                         "assigned_batch": d.assigned_batch,
                         "heldout_batch": d.heldout_batch,
                         "payload": d.payload_ref,
-                        "max_payload_bytes": self.max_payload_bytes,
                     }
                 if isinstance(d, Banned):
                     raise Problem(403, "banned", f"this peer is banned: {d.reason}")
@@ -483,6 +477,15 @@ class Coordinator:
                 if isinstance(d, Unknown):
                     raise Problem(401, "unknown_peer", d.reason)
         return {"kind": "wait", "retry_after": 1.0, "reason": "no work right now"}
+
+    def _check_json(self, check: VerifyOrder | ScoreOrder) -> dict[str, Any]:
+        """What a verify and a score message share: the check, its target and the order."""
+        return {
+            "check_id": check.check_id,
+            "target": check.target,
+            **self._work_json(check),
+            "max_payload_bytes": self.max_payload_bytes,
+        }
 
     def _work_json(self, work: WorkOrder | VerifyOrder | ScoreOrder | PriorWork) -> dict[str, Any]:
         """What names a stream of training batches and its start: round, base weights (by
