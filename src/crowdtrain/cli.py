@@ -580,6 +580,12 @@ def bench_algo(
     plot: Annotated[
         Path | None, typer.Option(help="With --frontier: write the frontier's PNG here.")
     ] = None,
+    inner_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--inner-steps", min=1, help="DiLoCo's H (inner steps per round); the setting's own."
+        ),
+    ] = None,
 ) -> None:
     """Single worker vs synchronous data-parallel vs DiLoCo (fp32, int8, top-k) on one corpus,
     each at its best inner learning rate, over several seeds."""
@@ -592,6 +598,8 @@ def bench_algo(
     with _friendly_errors():
         if plot is not None and not frontier:
             raise ConfigError("--plot draws the frontier: use it with --frontier")
+        if inner_steps is not None and frontier:
+            raise ConfigError("--inner-steps picks one H; the frontier runs every H")
         if frontier:
             doc = algo.run_frontier(quick=quick, jobs=jobs, log=log)
             console.print(algo.frontier_table(doc), highlight=False, markup=False)
@@ -602,7 +610,9 @@ def bench_algo(
                 except PlotUnavailable as exc:
                     console.print(f"[yellow]{exc}[/yellow]")
             return
-        doc = algo.run_algo_bench(quick=quick, jobs=jobs, log=log)
+        doc = algo.run_algo_bench(
+            setting=algo.setting(quick=quick, inner_steps=inner_steps), jobs=jobs, log=log
+        )
         table = Table(title="algorithm benchmark (each method at its best inner lr)")
         cols = ("method", "best lr", "eval loss (mean)", "spread", "÷ DDP", "bytes per worker")
         for col in cols:

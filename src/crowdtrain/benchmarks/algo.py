@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crowdtrain.config import RunConfig, parse_config
+from crowdtrain.config import ConfigError, RunConfig, parse_config
 from crowdtrain.data import DataManifest, ensure_packed_for, eval_batches
 from crowdtrain.models import count_params, initial_state
 from crowdtrain.sim.ddp import global_batches
@@ -104,6 +104,19 @@ FULL = AlgoSetting(
     seeds=(0, 1, 2),
 )
 FRONTIER_H = (5, 10, 25, 50, 100)
+
+
+def setting(quick: bool, inner_steps: int | None = None) -> AlgoSetting:
+    """The quick or full setting, with DiLoCo's H replaced when `inner_steps` is given; the
+    total steps stay the same, so H must divide them."""
+    s = QUICK if quick else FULL
+    if inner_steps is None:
+        return s
+    if s.total_steps % inner_steps:
+        raise ConfigError(
+            f"H = {inner_steps} does not divide the setting's {s.total_steps} steps per worker"
+        )
+    return dataclasses.replace(s, inner_steps=inner_steps)
 FRONTIER_CODECS = ("fp32", "int8", "int4", "topk2bit")
 
 
