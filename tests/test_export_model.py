@@ -55,7 +55,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("export-run")
     config = server_config(write_corpus(root / "corpus.py"), root / "data")
     coord = Coordinator(config, root / "state", clock=FakeClock(), eval_batch_count=1)
-    joined = {name: coord.register(name, None, {}) for name in [*SAMPLES, "carol"]}
+    joined = {name: coord.register(name, {}) for name in [*SAMPLES, "carol"]}
     ids = {name: doc["peer_id"] for name, doc in joined.items()}
     for rnd in range(2):
         for i, (name, samples) in enumerate(SAMPLES.items()):

@@ -422,6 +422,38 @@ def demo(
         raise typer.Exit(1)
 
 
+def _read_token(path: Path | None) -> str | None:
+    """The identity token in PATH (one line, at most 8 KB), or None without a path."""
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as f:
+            raw = f.read(8193)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the identity token {path}: {exc.strerror}") from None
+    token = raw.decode("utf-8", "replace").strip()
+    if not token or len(raw) > 8192 or any(c.isspace() for c in token):
+        raise ConfigError(f"{path} does not hold one identity token (one line, at most 8 KB)")
+    return token
+
+
+def _admission(**options: Any) -> Any:
+    """The serve options' AdmissionConfig, or ConfigError saying what is wrong."""
+    from pydantic import ValidationError
+
+    from crowdtrain.server.admission import AdmissionConfig
+
+    try:
+        door = AdmissionConfig(**options)
+    except ValidationError as exc:
+        raise ConfigError(
+            "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        ) from None
+    if door.identity_key is not None and not door.identity_key.is_file():
+        raise ConfigError(f"--identity-key: no file {door.identity_key}")
+    return door
+
+
 @app.command()
 def serve(
     config: Annotated[
@@ -435,6 +467,39 @@ def serve(
     invite: Annotated[
         str | None,
         typer.Option(help="Require this invite key to register.", envvar="CROWDTRAIN_INVITE"),
+    ] = None,
+    register_burst: Annotated[
+        int,
+        typer.Option(min=0, help="Registrations one address may make at once (0: no limit)."),
+    ] = 32,
+    register_per_hour: Annotated[
+        float, typer.Option(min=0.0, help="Then this many per hour from one address.")
+    ] = 60.0,
+    admit_burst: Annotated[
+        int,
+        typer.Option(min=0, help="New volunteers admitted at once, all addresses (0: no limit)."),
+    ] = 200,
+    admit_per_minute: Annotated[
+        float, typer.Option(min=0.0, help="Then this many per minute, all addresses.")
+    ] = 120.0,
+    pow_bits: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Ask each new volunteer for a hashcash proof of work of this many bits "
+            "(20: about a second of one core; 0: none).",
+        ),
+    ] = 0,
+    identity_key: Annotated[
+        Path | None,
+        typer.Option(help="Admit only holders of a JWT signed by this PEM public key."),
+    ] = None,
+    identity_issuer: Annotated[
+        str | None, typer.Option(help="The identity tokens' issuer (iss).")
+    ] = None,
+    identity_audience: Annotated[
+        str | None, typer.Option(help="The identity tokens' audience (aud).")
     ] = None,
     admin_token: Annotated[
         str | None,
@@ -462,6 +527,17 @@ def serve(
 
     with _friendly_errors():
         cfg = load_config(config)
+        door = _admission(
+            invite=invite,
+            address_burst=register_burst,
+            address_per_hour=register_per_hour,
+            global_burst=admit_burst,
+            global_per_minute=admit_per_minute,
+            pow_bits=pow_bits,
+            identity_key=identity_key,
+            identity_issuer=identity_issuer,
+            identity_audience=identity_audience,
+        )
         trackers = open_trackers(
             wandb=wandb,
             tensorboard=tensorboard,
@@ -474,7 +550,7 @@ def serve(
                 state,
                 host=host,
                 port=port,
-                invite=invite,
+                admission=door,
                 admin=admin_token,
                 trackers=trackers,
                 announce=console.print,
@@ -494,6 +570,13 @@ def join(
         float | None, typer.Option(min=0.01, help="Cap your upload rate (Mbit/s).")
     ] = None,
     invite: Annotated[str | None, typer.Option(help="Invite key, if the run needs one.")] = None,
+    identity_token: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding your token from the run's identity provider, if it uses one.",
+            envvar="CROWDTRAIN_IDENTITY_TOKEN_FILE",
+        ),
+    ] = None,
     max_rounds: Annotated[
         int | None, typer.Option(min=1, help="Leave after this many rounds.")
     ] = None,
@@ -527,6 +610,7 @@ def join(
                 threads=threads,
                 max_upload_mbps=max_upload_mbps,
                 invite=invite,
+                identity=_read_token(identity_token),
                 max_rounds=max_rounds,
                 summary=summary,
                 quiet=quiet,

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from server_helpers import FakeClock, Peer, assert_error, make_payload, register, upload, work
 
 from crowdtrain.config import RunConfig
+from crowdtrain.server.admission import AdmissionConfig
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator, token_hash
 
@@ -54,7 +55,11 @@ def test_tokens_are_stored_hashed(client: TestClient, coordinator: Coordinator) 
 
 def test_invite_mode(config: RunConfig, tmp_path: Path, clock: FakeClock) -> None:
     coordinator = Coordinator(
-        config, tmp_path / "state", clock=clock, invite="s3cret", eval_batch_count=1
+        config,
+        tmp_path / "state",
+        clock=clock,
+        admission=AdmissionConfig(invite="s3cret"),
+        eval_batch_count=1,
     )
     with TestClient(create_app(coordinator), raise_server_exceptions=False) as client:
         device = {"kind": "cpu", "threads": 1, "name": "t"}

@@ -234,8 +234,8 @@ def test_the_coordinator_replays_spot_checks_itself_when_configured(
 ) -> None:
     cfg = defended(config, spot_check="coordinator", check_p_new=1.0)
     coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1)
-    honest = coord.register("honest", None, {})["peer_id"]
-    cheat = coord.register("cheat", None, {})["peer_id"]
+    honest = coord.register("honest", {})["peer_id"]
+    cheat = coord.register("cheat", {})["peer_id"]
     torch.set_num_threads(1)
     honest_upload(coord, cfg, honest, flip=False)
     honest_upload(coord, cfg, cheat, flip=True)  # passes screening, fails the replay
@@ -264,7 +264,7 @@ def test_work_on_arrival_in_worker_threads_screens_the_round(
     cfg = cfg.model_copy(update={"rounds": cfg.rounds.model_copy(update={"quorum": 4})})
     torch.set_num_threads(1)
     coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1, workers=workers)
-    peers = [coord.register(f"p{i}", None, {})["peer_id"] for i in range(4)]
+    peers = [coord.register(f"p{i}", {})["peer_id"] for i in range(4)]
     for i, peer in enumerate(peers):
         honest_upload(coord, cfg, peer, flip=i == 3)
         if i < 3:

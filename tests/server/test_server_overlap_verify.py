@@ -181,7 +181,7 @@ def test_the_coordinator_replays_an_overlapped_contribution_and_it_passes(
     `steps`, from θ_0 − decode(payload_0)), rebased onto θ_1, then the rest; b flips its Δ."""
     cfg = defended(config, spot_check="coordinator", check_p_new=1.0, check_p_min=1.0)
     coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1)
-    peers = [coord.register(name, None, {})["peer_id"] for name in ("a", "b")]
+    peers = [coord.register(name, {})["peer_id"] for name in ("a", "b")]
     torch.set_num_threads(1)
     steps = cfg.inner.steps
     first: dict[str, dict[str, Any]] = {}

@@ -155,6 +155,37 @@ def test_duplicate_peer_id_or_token_is_refused(state: StateStore) -> None:
     assert state.list_peers() == [peer(1)]
 
 
+def test_names_are_unique_by_their_key(state: StateStore) -> None:
+    state.add_peer(peer(1, name="Alice"))
+    for clash in ("alice", "ALICE", " Alice ", "\uff21lice", "Alice\u3000"):
+        with pytest.raises(AlreadyExists):
+            state.add_peer(peer(2, name=clash))
+        assert state.peer_by_name(clash) == peer(1, name="Alice")
+    assert state.peer_by_name("Bob") is None
+    state.add_peer(peer(2, name="Alice B"))
+    assert [p.peer_id for p in state.list_peers()] == ["p1", "p2"]
+
+
+def test_subjects_are_unique_and_tokens_replaceable(state: StateStore) -> None:
+    state.add_peer(peer(1, subject="https://id.example#42"))
+    state.add_peer(peer(2))  # no subject: any number of those
+    state.add_peer(peer(3))
+    with pytest.raises(AlreadyExists):
+        state.add_peer(peer(4, subject="https://id.example#42"))
+    assert state.peer_by_subject("https://id.example#42") == peer(
+        1, subject="https://id.example#42"
+    )
+    assert state.peer_by_subject("https://id.example#43") is None
+    state.replace_token("p1", sha(b"new"))
+    assert state.peer_by_token_hash(peer(1).token_hash) is None
+    row = state.peer_by_token_hash(sha(b"new"))
+    assert row is not None and row.peer_id == "p1"
+    with pytest.raises(AlreadyExists):  # another peer's token
+        state.replace_token("p2", sha(b"new"))
+    with pytest.raises(PeerNotFound):
+        state.replace_token("nobody", sha(b"x"))
+
+
 def test_touch_peer_only_moves_forward(state: StateStore) -> None:
     state.add_peer(peer(1))
     state.touch_peer("p1", 150.5)

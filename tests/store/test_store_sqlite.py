@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from crowdtrain.store import PeerRow, SchemaVersionError, SqliteStateStore, StoreError
+from crowdtrain.store import (
+    AlreadyExists,
+    PeerRow,
+    SchemaVersionError,
+    SqliteStateStore,
+    StoreError,
+)
 from crowdtrain.store.schema import SCHEMA_VERSION
 
 
@@ -57,6 +63,37 @@ def test_older_schema_without_migration_is_refused(tmp_path: Path) -> None:
         SqliteStateStore(path)
 
 
+def test_version_1_store_is_migrated_keeping_the_first_of_each_name(tmp_path: Path) -> None:
+    """A store written before unique names (schema 1) opens; namesakes it already holds stay,
+    the first keeps the name, and no newcomer can take it."""
+    path = tmp_path / "s.sqlite"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        conn.execute(
+            """CREATE TABLE peers (peer_id TEXT PRIMARY KEY, name TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE, device TEXT NOT NULL, created_at REAL NOT NULL,
+            last_seen REAL NOT NULL, banned INTEGER NOT NULL, ban_reason TEXT)"""
+        )
+        for n, name in enumerate(["vol", "Vol", "other"]):
+            conn.execute(
+                "INSERT INTO peers VALUES (?, ?, ?, '{}', ?, ?, 0, NULL)",
+                (f"p{n}", name, f"h{n}", float(n), float(n)),
+            )
+    conn.close()
+    with SqliteStateStore(path) as store:
+        assert [p.name for p in store.list_peers()] == ["vol", "Vol", "other"]
+        first = store.peer_by_name("VOL")
+        assert first is not None and first.peer_id == "p0"
+        with pytest.raises(AlreadyExists):
+            store.add_peer(PeerRow("p9", "vol", "h9", {}, 9.0, 9.0))
+        store.add_peer(PeerRow("p9", "new", "h9", {}, 9.0, 9.0, subject="idp#1"))
+    with SqliteStateStore(path) as store:
+        row = store.peer_by_subject("idp#1")
+        assert row is not None and row.peer_id == "p9"
+
+
 def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.sqlite"
     conn = sqlite3.connect(path)
@@ -100,7 +137,7 @@ CRASH_WRITER = textwrap.dedent(
     store = SqliteStateStore(sys.argv[1])
     for n in range(5):
         with store.transaction():
-            store.add_peer(PeerRow(f"p{n}", "v", f"h{n}", {"kind": "cpu"}, 1.0, 1.0))
+            store.add_peer(PeerRow(f"p{n}", f"v{n}", f"h{n}", {"kind": "cpu"}, 1.0, 1.0))
             store.record_contribution(ContributionRow(
                 f"p{n}", 0, f"receipt{n}", None, 8, 64, 2, 1.5, 1.0, 99, 2.0, "accepted"))
     store.add_version(VersionRow(1, 0, "w" * 64, None, None, 3.0, {"contributors": 5}))

@@ -117,6 +117,8 @@ def setting(quick: bool, inner_steps: int | None = None) -> AlgoSetting:
             f"H = {inner_steps} does not divide the setting's {s.total_steps} steps per worker"
         )
     return dataclasses.replace(s, inner_steps=inner_steps)
+
+
 FRONTIER_CODECS = ("fp32", "int8", "int4", "topk2bit")
 
 

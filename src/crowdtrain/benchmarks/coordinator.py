@@ -50,6 +50,7 @@ import torch
 from crowdtrain import codec
 from crowdtrain.config import RunConfig, parse_config
 from crowdtrain.models import count_params, param_shapes
+from crowdtrain.server.admission import AdmissionConfig
 from crowdtrain.server.coordinator import ContributionMeta, Coordinator
 
 #: The model sizes, as (width, depth, heads) of the byte-level GPT with context 128.
@@ -188,8 +189,9 @@ def run_coordinator_bench(
                 clock=_Clock(),
                 eval_batch_count=2,
                 workers=workers,
+                admission=AdmissionConfig(address_burst=0, global_burst=0),  # no rate limits
             )
-            peers = [coord.register(f"peer-{i}", None, {})["peer_id"] for i in range(contributions)]
+            peers = [coord.register(f"peer-{i}", {})["peer_id"] for i in range(contributions)]
             for r in range(rounds):
                 rows.append(_round(coord, peers, r, shapes, numel, gen, rss, log))
             coord.shutdown()

@@ -10,6 +10,7 @@ The round protocol it drives is DiLoCo's (Douillard et al. 2023, arXiv:2311.0810
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal, TypedDict, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from crowdtrain import hashcash
 from crowdtrain.client.identity import MAX_MANIFEST_DOC_BYTES, normalize_url
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import (
@@ -29,6 +31,7 @@ from crowdtrain.client.transfer import (
     Progress,
     RetryPolicy,
     Sleep,
+    Stopped,
     api_error,
     download_blob,
     interruptible_sleep,
@@ -38,6 +41,8 @@ from crowdtrain.client.transfer import (
 )
 from crowdtrain.config import canonical_json
 from crowdtrain.robust.usefulness import Score
+
+log = logging.getLogger(__name__)
 
 SHA256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 CHECK_ID = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]  # goes into a URL path
@@ -218,6 +223,18 @@ class RegisterMsg(_Msg):
     token: str = Field(min_length=1, max_length=512, pattern=r"^[\x21-\x7e]+$")
 
 
+class ChallengeMsg(_Msg):
+    """`GET /v1/register/challenge`: a proof-of-work challenge and its difficulty."""
+
+    challenge: str = Field(min_length=1, max_length=200)
+    bits: int = Field(ge=0, le=hashcash.MAX_BITS)
+    expires_in: float = Field(ge=0.0, le=86_400.0, allow_inf_nan=False)
+
+
+# Registration refusals that a (new) solved challenge answers.
+_POW_CODES = frozenset({"pow_required", "pow_expired", "pow_spent", "bad_pow"})
+
+
 class HeartbeatMsg(_Msg):
     """`POST /v1/heartbeat`: the current round, model version and time left in the round."""
 
@@ -374,18 +391,46 @@ class CoordinatorApi:
             raise _banned_or(exc) from None
 
     def register(
-        self, name: str, invite: str | None, device: DeviceInfo | Mapping[str, Any]
+        self,
+        name: str,
+        invite: str | None,
+        device: DeviceInfo | Mapping[str, Any],
+        *,
+        identity: str | None = None,
     ) -> tuple[str, str]:
-        """`POST /v1/register`; returns (peer_id, token) and keeps the token for later calls."""
+        """`POST /v1/register`; returns (peer_id, token) and keeps the token for later calls.
+
+        When the run asks for a proof of work, fetches a challenge, solves it (stopping when
+        the stop event is set) and registers again; an expired or spent challenge is replaced
+        once more."""
         if not 1 <= len(name) <= 64:
             raise ClientError(f"the volunteer name must be 1 to 64 characters, not {len(name)}")
         dev = device.to_json() if isinstance(device, DeviceInfo) else dict(device)
-        reply = self._json(
-            "POST", "/v1/register", body={"name": name, "invite": invite, "device": dev}
-        )
+        body: dict[str, Any] = {"name": name, "invite": invite, "device": dev}
+        if identity is not None:
+            body["identity"] = identity
+        for attempt in range(3):
+            try:
+                reply = self._json("POST", "/v1/register", body=body)
+                break
+            except ApiError as exc:
+                if exc.code not in _POW_CODES or attempt == 2:
+                    raise
+            body["pow"] = self._solve_challenge()
         msg = _validate(TypeAdapter(RegisterMsg), reply, "POST /v1/register")
         self.token = msg.token
         return msg.peer_id, msg.token
+
+    def _solve_challenge(self) -> dict[str, str]:
+        """`GET /v1/register/challenge`, solved: the `pow` member of a registration."""
+        reply = self._json("GET", "/v1/register/challenge")
+        msg = _validate(TypeAdapter(ChallengeMsg), reply, "GET /v1/register/challenge")
+        log.info("solving the run's proof of work (%d bits)", msg.bits)
+        try:
+            nonce = hashcash.solve(msg.challenge, msg.bits, self.stop)
+        except hashcash.Stopped:
+            raise Stopped("stopped while solving the registration's proof of work") from None
+        return {"challenge": msg.challenge, "nonce": nonce}
 
     def manifest(self) -> dict[str, Any]:
         """`GET /v1/manifest`: the signed manifest document (check it with `verify_manifest`)."""

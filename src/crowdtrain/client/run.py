@@ -8,6 +8,7 @@ the coordinator's one-sentence reason (`PeerBanned`), without retrying.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import threading
 from pathlib import Path
@@ -50,6 +51,7 @@ def run_volunteer(
     max_upload_mbps: float | None,
     invite: str | None,
     max_rounds: int | None,
+    identity: str | None = None,
     summary: Path | None,
     quiet: bool,
     slowdown: float,
@@ -68,10 +70,12 @@ def run_volunteer(
     info = probe_device(device, threads)
     options = JoinOptions(
         url=url.rstrip("/"),
-        name=name or f"{info.kind}-volunteer",
+        # names are unique in a run: a default one gets a random suffix
+        name=name or f"{info.kind}-volunteer-{secrets.token_hex(3)}",
         device=info,
         cache_dir=cache_dir or Path(platformdirs.user_cache_dir("crowdtrain")) / "blobs",
         invite=invite,
+        identity=identity,
         max_upload_mbps=max_upload_mbps,
         slowdown=slowdown,
         attack=attack,

@@ -129,6 +129,7 @@ class JoinOptions:
     cache_dir: Path
     config_dir: Path | None = None
     invite: str | None = None
+    identity: str | None = None  # a token from the run's identity provider, if it uses one
     max_upload_mbps: float | None = None
     slowdown: float = 1.0  # >1 emulates a slower machine (sleeps (slowdown-1)× each step)
     attack: str | None = None  # for testing defences: an attack from crowdtrain.adversary
@@ -171,7 +172,10 @@ class Volunteer:
         state = load_state(self.options.url, self.options.config_dir)
         if state is None:
             peer_id, token = self.api.register(
-                self.options.name, self.options.invite, self.options.device.to_json()
+                self.options.name,
+                self.options.invite,
+                self.options.device.to_json(),
+                identity=self.options.identity,
             )
             state = ClientState(url=self.options.url, peer_id=peer_id, token=token)
             save_state(state, self.options.config_dir)

@@ -64,6 +64,12 @@ from crowdtrain.protocol import (
 from crowdtrain.protocol.events import PriorWork
 from crowdtrain.robust import DeltaSource, DictSource
 from crowdtrain.robust.usefulness import Score
+from crowdtrain.server.admission import (
+    Admission,
+    AdmissionConfig,
+    AdmissionRefused,
+    name_is_printable,
+)
 from crowdtrain.server.dashboard import (
     SampleCache,
     Timeline,
@@ -76,6 +82,7 @@ from crowdtrain.server.manifest import build_manifest
 from crowdtrain.server.metrics import RunMetrics
 from crowdtrain.server.tracking import MultiTracker, Tracker
 from crowdtrain.store import (
+    AlreadyExists,
     BlobTooLarge,
     ContributionRow,
     DirBlobStore,
@@ -96,9 +103,12 @@ AdminEvent = PeerBanned | PeerUnbanned | RunPaused | RunResumed | DeadlineChange
 class Problem(Exception):
     """A request the coordinator refuses: HTTP status, machine code and one sentence."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 and 503)
 
 
 @dataclass(frozen=True)
@@ -190,7 +200,7 @@ class Coordinator:
         config: RunConfig,
         state_dir: Path,
         *,
-        invite: str | None = None,
+        admission: AdmissionConfig | None = None,
         admin_token: str | None = None,
         clock: Callable[[], float] = time.time,
         eval_batch_count: int = 4,
@@ -199,7 +209,7 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.state_dir = state_dir
-        self.invite = invite
+        self.admission_config = admission if admission is not None else AdmissionConfig()
         self.admin_token = admin_token
         self.clock = clock
         self.lock = threading.RLock()
@@ -241,6 +251,7 @@ class Coordinator:
         self.shard_store = shards
         self.probe = ShardProbe.of_run(shards.load, self.data.val_ids, config)
         self.secret = self._secret()
+        self.admission = Admission(self.admission_config, self._admission_secret())
         self.evals = eval_batches(
             val,
             self.data.val_ids,
@@ -285,6 +296,16 @@ class Coordinator:
             with self.store.transaction():
                 self.store.put_json("fingerprint_secret", stored)
         return int(stored)
+
+    def _admission_secret(self) -> bytes:
+        """The key that signs proof-of-work challenges: random per run, kept across restarts
+        so that a challenge issued before one still admits after it."""
+        stored = self.store.get_json("admission_secret")
+        if not isinstance(stored, str):
+            stored = secrets.token_hex(32)
+            with self.store.transaction():
+                self.store.put_json("admission_secret", stored)
+        return bytes.fromhex(stored)
 
     def _new_protocol(self, params: Mapping[str, torch.Tensor]) -> RoundProtocol:
         return RoundProtocol(
@@ -405,21 +426,64 @@ class Coordinator:
             self._closing = {"aggregation_s": time.perf_counter() - t0, "opened_at": opened_at}
         return decisions
 
-    def register(self, name: str, invite: str | None, device: Mapping[str, Any]) -> dict[str, str]:
-        """Admit a volunteer; return its id and bearer token (stored hashed)."""
-        if self.invite is not None and not (
-            invite is not None and secrets.compare_digest(invite, self.invite)
-        ):
-            raise Problem(401, "bad_invite", "this run needs a valid invite key to join")
-        peer_id = "p-" + secrets.token_hex(8)
+    def register_challenge(self) -> dict[str, Any]:
+        """A proof-of-work challenge for `register` (docs/API.md); 404 when the run needs none."""
+        if not self.admission_config.pow_bits:
+            raise Problem(404, "no_pow", "this run needs no proof of work to register")
+        return self.admission.challenges.issue(self.clock())
+
+    def register(
+        self,
+        name: str,
+        device: Mapping[str, Any],
+        *,
+        host: str | None = None,
+        invite: str | None = None,
+        pow_challenge: str | None = None,
+        pow_nonce: str | None = None,
+        identity: str | None = None,
+    ) -> dict[str, str]:
+        """Admit a volunteer through the door (``server.admission``); return its id and bearer
+        token (stored hashed). Display names are unique (`name_key`); with an identity provider,
+        a known account gets its own peer back with a new token, unless it is banned."""
+        if not name_is_printable(name):
+            raise Problem(400, "bad_name", "a volunteer name must be printable text")
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        row = PeerRow(peer_id, name, token_hash(token), dict(device), now, now, False, None)
         with self.lock:
-            with self.store.transaction():
-                self.store.add_peer(row)
+            try:
+                subject = self.admission.check(
+                    host,
+                    now,
+                    invite=invite,
+                    pow_challenge=pow_challenge,
+                    pow_nonce=pow_nonce,
+                    identity=identity,
+                )
+            except AdmissionRefused as exc:
+                raise Problem(exc.status, exc.code, exc.detail, exc.retry_after) from None
+            known = self.store.peer_by_subject(subject) if subject is not None else None
+            if known is not None:
+                if known.banned:
+                    reason = known.ban_reason or "no reason"
+                    raise Problem(403, "banned", f"this account's peer is banned: {reason}")
+                with self.store.transaction():
+                    self.store.replace_token(known.peer_id, token_hash(token))
+                return {"peer_id": known.peer_id, "token": token}
+            if self.store.peer_by_name(name) is not None:
+                raise Problem(409, "name_taken", "another volunteer has this name; pick another")
+            peer_id = "p-" + secrets.token_hex(8)
+            row = PeerRow(peer_id, name, token_hash(token), dict(device), now, now, subject=subject)
+            try:
+                with self.store.transaction():
+                    self.store.add_peer(row)
+            except AlreadyExists:
+                raise Problem(409, "name_taken", "another volunteer has this name") from None
+            self.admission.admitted(now)
+            # The row above is durable; the protocol learns of the peer now, and again from
+            # the row at its first authenticated call if a restart comes before the next
+            # snapshot (so registering costs one row, not a rewrite of the whole snapshot).
             self._handle(PeerJoined(peer_id, name))
-            self._persist_snapshot()
         return {"peer_id": peer_id, "token": token}
 
     def authenticate(self, token: str | None) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from crowdtrain.config import RunConfig
+from crowdtrain.server.admission import AdmissionConfig
 from crowdtrain.server.app import create_app
 from crowdtrain.server.coordinator import Coordinator
 from crowdtrain.server.tracking import Tracker
@@ -55,7 +56,7 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    invite: str | None = None,
+    admission: AdmissionConfig | None = None,
     admin: str | None = None,
     trackers: list[Tracker] | None = None,
     announce: Callable[[str], None] = print,
@@ -67,7 +68,12 @@ def serve(
     state_dir.mkdir(parents=True, exist_ok=True)
     token = admin_token(state_dir, admin)
     coordinator = Coordinator(
-        config, state_dir, invite=invite, admin_token=token, trackers=trackers, workers=workers
+        config,
+        state_dir,
+        admission=admission,
+        admin_token=token,
+        trackers=trackers,
+        workers=workers,
     )
     sock = bind(host, port)
     bound = sock.getsockname()[1]
@@ -77,6 +83,7 @@ def serve(
     tmp.write_text(json.dumps(info))
     os.replace(tmp, state_dir / "server.json")
     announce(f"coordinator for run '{config.name}' listening on {url} (state in {state_dir})")
+    announce(coordinator.admission_config.describe())
     held = "your --admin-token" if admin else f"the token in {state_dir / 'admin.token'}"
     announce(f"dashboard at {url}/ (admin view: {url}/#admin=<{held}>)")
     server = uvicorn.Server(

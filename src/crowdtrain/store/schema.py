@@ -10,7 +10,7 @@ No paper is implemented here.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TABLES: tuple[str, ...] = (
     """CREATE TABLE meta (
@@ -25,8 +25,13 @@ TABLES: tuple[str, ...] = (
         created_at REAL NOT NULL,
         last_seen REAL NOT NULL,
         banned INTEGER NOT NULL CHECK (banned IN (0, 1)),
-        ban_reason TEXT
+        ban_reason TEXT,
+        name_key TEXT,
+        subject TEXT
     )""",
+    # Unique display names (by state.name_key) and one peer per identity-provider account.
+    "CREATE UNIQUE INDEX peers_by_name ON peers (name_key)",
+    "CREATE UNIQUE INDEX peers_by_subject ON peers (subject)",
     # train_loss and weight are NULL when the value is NaN.
     """CREATE TABLE contributions (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,4 +68,16 @@ TABLES: tuple[str, ...] = (
 )
 
 # MIGRATIONS[n] holds the statements that upgrade a store from version n to n + 1.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 1 -> 2: unique names and identity subjects. Names registered before stay as they are;
+    # the first peer of each (lower-cased) name keeps it, later namesakes get no key (NULLs
+    # do not collide), so none of them can be taken by a newcomer but the first.
+    1: (
+        "ALTER TABLE peers ADD COLUMN name_key TEXT",
+        "ALTER TABLE peers ADD COLUMN subject TEXT",
+        """UPDATE peers SET name_key = lower(trim(name)) WHERE rowid IN
+            (SELECT min(rowid) FROM peers GROUP BY lower(trim(name)))""",
+        "CREATE UNIQUE INDEX peers_by_name ON peers (name_key)",
+        "CREATE UNIQUE INDEX peers_by_subject ON peers (subject)",
+    ),
+}

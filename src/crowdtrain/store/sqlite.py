@@ -23,11 +23,19 @@ from typing import Any
 
 from crowdtrain.store.errors import AlreadyExists, PeerNotFound, SchemaVersionError, StoreError
 from crowdtrain.store.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
-from crowdtrain.store.state import ContributionRow, ContributionStatus, PeerRow, VersionRow
+from crowdtrain.store.state import (
+    ContributionRow,
+    ContributionStatus,
+    PeerRow,
+    VersionRow,
+    name_key,
+)
 
 log = logging.getLogger(__name__)
 
-_PEER_COLUMNS = "peer_id, name, token_hash, device, created_at, last_seen, banned, ban_reason"
+_PEER_COLUMNS = (
+    "peer_id, name, token_hash, device, created_at, last_seen, banned, ban_reason, subject"
+)
 _CONTRIBUTION_COLUMNS = (
     "peer_id, round, receipt, blob_sha, samples, tokens, steps, train_loss, weight, "
     "payload_bytes, received_at, status, reason"
@@ -54,6 +62,7 @@ def _peer(row: Sequence[Any]) -> PeerRow:
         last_seen=row[5],
         banned=bool(row[6]),
         ban_reason=row[7],
+        subject=row[8],
     )
 
 
@@ -240,7 +249,7 @@ class SqliteStateStore:
 
     def add_peer(self, peer: PeerRow) -> None:
         self._write(
-            f"INSERT INTO peers ({_PEER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO peers ({_PEER_COLUMNS}, name_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 peer.peer_id,
                 peer.name,
@@ -250,8 +259,10 @@ class SqliteStateStore:
                 peer.last_seen,
                 int(peer.banned),
                 peer.ban_reason,
+                peer.subject,
+                name_key(peer.name),
             ),
-            f"A peer with id {peer.peer_id!r} or the same token",
+            f"A peer with id {peer.peer_id!r}, the same token, name or subject",
         )
 
     def get_peer(self, peer_id: str) -> PeerRow | None:
@@ -261,6 +272,25 @@ class SqliteStateStore:
     def peer_by_token_hash(self, token_hash: str) -> PeerRow | None:
         rows = self._read(f"SELECT {_PEER_COLUMNS} FROM peers WHERE token_hash = ?", (token_hash,))
         return _peer(rows[0]) if rows else None
+
+    def peer_by_name(self, name: str) -> PeerRow | None:
+        rows = self._read(
+            f"SELECT {_PEER_COLUMNS} FROM peers WHERE name_key = ?", (name_key(name),)
+        )
+        return _peer(rows[0]) if rows else None
+
+    def peer_by_subject(self, subject: str) -> PeerRow | None:
+        rows = self._read(f"SELECT {_PEER_COLUMNS} FROM peers WHERE subject = ?", (subject,))
+        return _peer(rows[0]) if rows else None
+
+    def replace_token(self, peer_id: str, token_hash: str) -> None:
+        changed = self._write(
+            "UPDATE peers SET token_hash = ? WHERE peer_id = ?",
+            (token_hash, peer_id),
+            "The new token",
+        )
+        if changed == 0:
+            raise PeerNotFound(f"No peer {peer_id!r} is registered.")
 
     def touch_peer(self, peer_id: str, now: float) -> None:
         changed = self._write(

@@ -14,6 +14,7 @@ never reads a clock: every timestamp is a float (seconds) passed in by the calle
 
 from __future__ import annotations
 
+import unicodedata
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -22,9 +23,17 @@ ContributionStatus = Literal["accepted", "rejected"]
 STATUSES: tuple[ContributionStatus, ...] = ("accepted", "rejected")
 
 
+def name_key(name: str) -> str:
+    """The form of a display name that must be unique in a run: NFKC, case-folded, with runs
+    of white space as one space, so "Alice", "ALICE" and "Ａｌｉｃｅ" are one name."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
 @dataclass(frozen=True)
 class PeerRow:
-    """A registered volunteer. `token_hash` is the sha256 hex of its bearer token."""
+    """A registered volunteer. `token_hash` is the sha256 hex of its bearer token; `subject`
+    the identity provider's account it registered with (unique), if the run uses one. Display
+    names are unique by `name_key`."""
 
     peer_id: str
     name: str
@@ -34,6 +43,7 @@ class PeerRow:
     last_seen: float
     banned: bool = False
     ban_reason: str | None = None
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,8 @@ class StateStore(Protocol):
     # --- peers ---------------------------------------------------------------------------------
 
     def add_peer(self, peer: PeerRow) -> None:
-        """Add a new peer; `AlreadyExists` if its id or token hash is taken."""
+        """Add a new peer; `AlreadyExists` if its id, token hash, name (by `name_key`) or
+        subject is taken."""
         ...
 
     def get_peer(self, peer_id: str) -> PeerRow | None:
@@ -116,6 +127,18 @@ class StateStore(Protocol):
 
     def peer_by_token_hash(self, token_hash: str) -> PeerRow | None:
         """The peer whose token hashes to `token_hash`, or None."""
+        ...
+
+    def peer_by_name(self, name: str) -> PeerRow | None:
+        """The peer whose display name has the same `name_key` as NAME."""
+        ...
+
+    def peer_by_subject(self, subject: str) -> PeerRow | None:
+        """The peer registered with the identity-provider account SUBJECT."""
+        ...
+
+    def replace_token(self, peer_id: str, token_hash: str) -> None:
+        """Give a peer a new bearer token (its old one stops working); PeerNotFound if none."""
         ...
 
     def touch_peer(self, peer_id: str, now: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from crowdtrain.server.routes.deps import CoordinatorDep, Peer
@@ -27,6 +27,15 @@ class DeviceInfo(BaseModel):
     name: str = Field("", max_length=200)
 
 
+class ProofOfWork(BaseModel):
+    """A solved challenge from GET /v1/register/challenge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    challenge: str = Field(min_length=1, max_length=200)
+    nonce: str = Field(min_length=1, max_length=20, pattern=r"^[0-9]+$")
+
+
 class RegisterBody(BaseModel):
     """Body of POST /v1/register."""
 
@@ -35,14 +44,29 @@ class RegisterBody(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     invite: str | None = Field(None, max_length=256)
     device: DeviceInfo = DeviceInfo()
+    pow: ProofOfWork | None = None
+    identity: str | None = Field(None, min_length=1, max_length=8192)
 
 
 # Route functions carry no docstrings: FastAPI would publish them as OpenAPI descriptions.
 
 
+@router.get("/v1/register/challenge")
+def register_challenge(coordinator: CoordinatorDep) -> dict[str, Any]:
+    return coordinator.register_challenge()
+
+
 @router.post("/v1/register")
-def register(body: RegisterBody, coordinator: CoordinatorDep) -> dict[str, str]:
-    return coordinator.register(body.name, body.invite, body.device.model_dump())
+def register(body: RegisterBody, request: Request, coordinator: CoordinatorDep) -> dict[str, str]:
+    return coordinator.register(
+        body.name,
+        body.device.model_dump(),
+        host=request.client.host if request.client else None,
+        invite=body.invite,
+        pow_challenge=body.pow.challenge if body.pow else None,
+        pow_nonce=body.pow.nonce if body.pow else None,
+        identity=body.identity,
+    )
 
 
 @router.get("/v1/manifest")
