@@ -32,6 +32,11 @@ The attacks and where they come from:
   Aggregation in Federated Learning" (AISTATS, arXiv:2006.11901; disguised free-riders).
   ``free_rider`` sends zeros or tiny noise, ``copycat`` a disguised copy of another peer's Δ,
   ``stale`` the Δ of its first round again and again.
+- ``minmax``, ``minsum`` and ``edge``: adaptive attacks that read the honest updates and the
+  public defence settings (`_adaptive`): Shejwalkar and Houmansadr 2021, "Manipulating the
+  Byzantine: Optimizing Model Poisoning Attacks and Defenses for Federated Learning" (NDSS),
+  and −mean(honest) just under the norm screening limit. Each colluder turns the shared
+  direction by its own random spread, so they are not copies of each other.
 - ``inflate``: an honest Δ with samples and tokens claimed ×100, aimed at sample-weighted
   averaging (FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
   from Decentralized Data", AISTATS, arXiv:1602.05629).
@@ -67,6 +72,9 @@ ATTACKS: tuple[str, ...] = (
     "stale",
     "nan",
     "inflate",
+    "minmax",
+    "minsum",
+    "edge",
 )
 
 #: ‖noise‖ / ‖Δ‖ of the `noise` attack.
@@ -80,6 +88,13 @@ COPYCAT_NOISE = 0.01
 #: The `inflate` attack multiplies the claimed samples and tokens by this.
 INFLATE_FACTOR = 100
 
+#: How far each adaptive colluder (`minmax`, `minsum`, `edge`) turns its direction from the
+#: coalition's shared one, so that copy detection does not see them as copies of each other
+#: (relative norm of a random direction added before normalising: pairwise cosine ≈ 0.94).
+ADAPTIVE_SPREAD = 0.25
+#: `edge` sends −mean(honest) at this multiple of the honest peers' median norm: just under
+#: the default norm screening limit of 4 (`defence.norm_high`, public in the manifest).
+EDGE_RATIO = 3.6
 _SCALES = {"scale100": 100.0, "scale1000": 1000.0}
 _IPM_EPSILON = {"ipm0.1": 0.1, "ipm100": 100.0}
 
@@ -173,7 +188,7 @@ class Attacker:
         self.name = name
         self.peer_id = peer_id
         self.seed = seed
-        self.needs_honest = name in ("alie", *_IPM_EPSILON)
+        self.needs_honest = name in ("alie", "minmax", "minsum", "edge", *_IPM_EPSILON)
         self.needs_others = name == "copycat"
         self.trains = name != "free_rider"
         self._kept: tuple[int, Delta] | None = None
@@ -232,6 +247,8 @@ class Attacker:
                 self._kept = (view.round, _clone(honest))
             kept_round, kept = self._kept
             return _clone(kept if view.round > kept_round else honest)
+        if name in ("minmax", "minsum", "edge"):
+            return _adaptive(name, honest, view, self._rng(view))
         if name == "nan":
             return _with_nonfinite(honest)
         return _clone(honest)  # poison (Δ of poisoned training) and inflate (honest Δ)
@@ -397,6 +414,52 @@ def _alie(honest: Mapping[str, torch.Tensor], view: RoundView) -> Delta:
         sigma, mu = torch.std_mean(torch.stack([d[k] for d in checked]), dim=0, correction=1)
         out[k] = mu - z * sigma
     return out
+
+
+def _adaptive(
+    name: str, honest: Mapping[str, torch.Tensor], view: RoundView, rng: torch.Generator
+) -> Delta:
+    """The attacks that adapt to the defence (Shejwalkar and Houmansadr 2021, "Manipulating the
+    Byzantine: Optimizing Model Poisoning Attacks and Defenses for Federated Learning", NDSS):
+    μ + γ·p, with μ the honest mean and p the inverse unit vector −μ/‖μ‖ turned by this
+    attacker's own random spread. `minmax`: the largest γ whose distance to every honest Δ is
+    at most the largest distance between two honest Δs; `minsum`: the largest γ whose summed
+    squared distances to the honest Δs are at most the largest such sum of an honest Δ (both
+    in closed form: the distances are quadratic in γ). `edge`: γ puts the whole update at
+    EDGE_RATIO × the honest median norm, just inside norm screening. Own Δ when the coalition
+    sees fewer than two honest deltas."""
+    if len(view.honest) < 2:
+        return _clone(honest)
+    names = list(honest)
+    checked = [_like(d, honest, "RoundView.honest") for d in view.honest]
+    flat = torch.stack(
+        [torch.cat([d[k].detach().reshape(-1).cpu().double() for k in names]) for d in checked]
+    )
+    mu = flat.mean(dim=0)
+    spread = torch.randn(mu.shape, generator=rng, dtype=torch.float64)
+    p = -mu / mu.norm().clamp_min(1e-30) + ADAPTIVE_SPREAD * spread / spread.norm()
+    p = p / p.norm()
+    if name == "edge":
+        median = float(flat.norm(dim=1).median())
+        out = p * (EDGE_RATIO * median)
+    else:
+        dev = mu - flat  # n × P
+        a = (dev * dev).sum(dim=1)  # ‖μ − h_i‖²
+        b = dev @ p  # ⟨μ − h_i, p⟩; ‖μ + γp − h_i‖² = a_i + 2γb_i + γ²
+        d2 = torch.cdist(flat, flat).square()
+        if name == "minmax":
+            gamma = float((-b + (b * b - (a - d2.max())).clamp_min(0).sqrt()).min())
+        else:  # Σ_i b_i = ⟨Σ(μ − h_i), p⟩ = 0, so the sum is Σa_i + nγ²
+            gamma = math.sqrt(max(0.0, float(d2.sum(dim=1).max() - a.sum()) / len(checked)))
+        out = mu + max(0.0, gamma) * p
+    result: Delta = {}
+    offset = 0
+    for k in names:
+        t = honest[k]
+        n = t.numel()
+        result[k] = out[offset : offset + n].reshape(t.shape).to(t.dtype).to(t.device)
+        offset += n
+    return result
 
 
 def _with_nonfinite(honest: Mapping[str, torch.Tensor]) -> Delta:

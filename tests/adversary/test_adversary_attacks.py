@@ -333,3 +333,54 @@ def test_attacks_on_two_steps_of_the_tiny_gpt(corpus_file: Path, tmp_path: Path)
                 codec.validate(blob, shapes)
         else:
             assert codec.decode(blob, shapes).keys() == base.keys()
+
+
+def _honest_flat(view: RoundView) -> torch.Tensor:
+    return torch.stack([flat(d) for d in view.honest])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_minmax_sits_on_the_honest_spread(seed: int) -> None:
+    """min-max (Shejwalkar and Houmansadr 2021): no honest Δ is farther from the forgery than
+    the two farthest honest Δs are from each other, with equality for the largest γ."""
+    view = make_view(peers=8, attackers=2)
+    h = _honest_flat(view)
+    bound = torch.cdist(h, h).max()
+    out = flat(forge("minmax", make_delta(1), view, seed).delta)
+    far = (h - out).norm(dim=1).max()
+    assert float(far) == pytest.approx(float(bound), rel=1e-4)
+    mean = h.mean(dim=0)
+    assert float(torch.dot(out - mean, mean)) < 0  # pushed against the honest mean
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_minsum_sits_on_the_largest_honest_sum(seed: int) -> None:
+    view = make_view(peers=8, attackers=2)
+    h = _honest_flat(view)
+    bound = torch.cdist(h, h).square().sum(dim=1).max()
+    out = flat(forge("minsum", make_delta(1), view, seed).delta)
+    assert float((h - out).square().sum()) == pytest.approx(float(bound), rel=1e-4)
+
+
+def test_edge_is_against_the_mean_just_inside_the_norm_limit() -> None:
+    view = make_view(peers=8, attackers=2)
+    h = _honest_flat(view)
+    out = flat(forge("edge", make_delta(1), view).delta)
+    assert norm_of(out) == pytest.approx(3.6 * float(h.norm(dim=1).median()), rel=1e-5)
+    cos = torch.nn.functional.cosine_similarity(out, h.mean(dim=0), dim=0)
+    assert float(cos) < -0.9
+
+
+@pytest.mark.parametrize("name", ["minmax", "minsum", "edge"])
+def test_adaptive_colluders_are_not_copies_of_each_other(name: str) -> None:
+    view = make_view(peers=8, attackers=2)
+    a = flat(Attacker(name, "peer-a", 1).forge(make_delta(1), CLAIM, view).delta)
+    b = flat(Attacker(name, "peer-b", 1).forge(make_delta(1), CLAIM, view).delta)
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    assert 0.5 < cos < 0.99  # the same intent, under copy detection's 0.99
+    lone = RoundView(0, 3, 1, honest=[make_delta(5)])
+    assert equal(forge(name, make_delta(1), lone).delta, make_delta(1))
+
+
+def norm_of(t: torch.Tensor) -> float:
+    return float(t.norm())
