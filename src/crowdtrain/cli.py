@@ -751,9 +751,10 @@ def bench_robustness(
         for col in cols:
             table.add_column(col, justify="right")
         for row in doc["attacks"].values():
+            sybils = row.get("sybils_per_honest")
             table.add_row(
-                row["attack"],
-                f"{row['fraction']:.0%}",
+                row["attack"] if sybils is None else f"{row['attack']} (sybils)",
+                f"{row['fraction']:.0%}" if sybils is None else f"{sybils}× honest",
                 f"{row['defended_eval_loss']:.4f}",
                 f"{row['defended_eval_loss'] / clean - 1:+.1%}",
                 f"{row['undefended_eval_loss']:.4f}",

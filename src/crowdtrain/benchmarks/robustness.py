@@ -49,7 +49,13 @@ FULL = RobustSetting(peers=10, rounds=10, steps=20, width=64, depth=2, context=6
 
 #: Attacks run at 20% attackers (all of them), and those also run at 40%.
 AT_20 = ATTACKS
-AT_40 = ("alie", "ipm0.1", "ipm100")
+AT_40 = ("alie", "ipm0.1", "ipm100", "minmax", "minsum", "edge")
+#: Sybil floods: this many fresh identities per honest peer join the honest peers of the
+#: setting (who stay as many as in the clean run), sending tiny updates (`free_rider`: they
+#: pull the round's median norm down, so honest updates look too large) or a coordinated
+#: −mean just under the norm limit (`edge`).
+SYBIL_MULTIPLES = (1, 2, 10)
+SYBIL_ATTACKS = ("free_rider", "edge")
 
 
 def scenario(
@@ -206,6 +212,11 @@ def run_robustness_bench(
     for attack, k in cases:
         runs.append((f"{attack}-{k}-defended", defended, attack, k))
         runs.append((f"{attack}-{k}-plain", plain, attack, k))
+    sybils = [(a, m * s.peers) for a in SYBIL_ATTACKS for m in SYBIL_MULTIPLES]
+    for attack, k in sybils:
+        for tag, on in (("defended", True), ("plain", False)):
+            doc = scenario(s, on, data_dir, peers=s.peers + k)
+            runs.append((f"sybil-{attack}-{k}-{tag}", doc, attack, k))
     # Pack the corpus once, before the parallel runs race to do it.
     ensure_packed_for(parse_config(defended["run"]).data)
     with tempfile.TemporaryDirectory(prefix="crowdtrain-robust-") as tmp:
@@ -235,6 +246,16 @@ def run_robustness_bench(
         )
         for attack, k in cases
     }
+    for attack, k in sybils:
+        row = summarize(
+            attack,
+            k,
+            s.peers + k,
+            results[f"sybil-{attack}-{k}-defended"],
+            results[f"sybil-{attack}-{k}-plain"],
+            clean,  # the honest peers alone: as many as in the clean run
+        )
+        attacks[f"{attack} sybils x{k // s.peers}"] = {**row, "sybils_per_honest": k // s.peers}
     defended_overheads = [overhead(results[f"{a}-{k}-defended"]) for a, k in cases]
     return {
         "setting": {**s.__dict__, "quick": quick},
