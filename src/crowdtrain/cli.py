@@ -270,6 +270,11 @@ def _simulate(
         check_attack(attack, attackers, scenario.swarm.peers)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if scenario.swarm.seeds > scenario.swarm.peers - attackers:
+        raise ConfigError(
+            f"swarm.seeds ({scenario.swarm.seeds}) must be honest volunteers: at most "
+            f"{scenario.swarm.peers - attackers}"
+        )
     if attack:
         console.print(f"attack [bold]{attack}[/bold] by {attackers} of the volunteers")
     console.print(
@@ -290,6 +295,7 @@ def _simulate(
             scenario.swarm.peers,
             attack=attack,
             attackers=attackers,
+            seeds=scenario.swarm.seeds,
             eval_batch_count=scenario.swarm.eval_batches,
             eval_batch_size=scenario.swarm.eval_batch_size,
             on_round=show,
@@ -468,6 +474,14 @@ def serve(
         str | None,
         typer.Option(help="Require this invite key to register.", envvar="CROWDTRAIN_INVITE"),
     ] = None,
+    seed_invite: Annotated[
+        str | None,
+        typer.Option(
+            help="Volunteers who register with this key (16+ characters) start established: "
+            "the organizer's own machines, a reference sybils cannot outvote.",
+            envvar="CROWDTRAIN_SEED_INVITE",
+        ),
+    ] = None,
     register_burst: Annotated[
         int,
         typer.Option(min=0, help="Registrations one address may make at once (0: no limit)."),
@@ -529,6 +543,7 @@ def serve(
         cfg = load_config(config)
         door = _admission(
             invite=invite,
+            seed_invite=seed_invite,
             address_burst=register_burst,
             address_per_hour=register_per_hour,
             global_burst=admit_burst,

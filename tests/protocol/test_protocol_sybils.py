@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from test_protocol_defence import TRUST_FAST, closed_of, join, make, order, play, rand, submit
 
-from crowdtrain.protocol import Flagged, RoundProtocol
+from crowdtrain.protocol import Flagged, PeerJoined, RoundProtocol
 from crowdtrain.robust.reputation import is_trusted
 
 HONEST = ("a", "b", "c")
@@ -63,3 +63,47 @@ def test_a_round_of_newcomers_only_keeps_its_weights() -> None:
     join(p, *HONEST)
     closed = closed_of(play(p, {x: rand(i + 1) for i, x in enumerate(HONEST)}))
     assert len(set(closed.weights)) == 1 and closed.weights[0] > 0
+
+
+def test_seed_volunteers_hold_the_reference_from_round_zero() -> None:
+    """Sybils present from the first round outvote fresh honest peers' norms; two seed
+    volunteers (the organizer vouches for them) are established from the start, so the
+    round-0 median is theirs and the sybils' tiny updates are the ones refused."""
+    p, _ = make(
+        defence={"spot_check": "off", "score_per_round": 0, **TRUST_FAST},
+        rounds={"quorum": 3},
+    )
+    p.handle(PeerJoined("a", "a", seed=True))
+    p.handle(PeerJoined("b", "b", seed=True))
+    join(p, "c")
+    assert is_trusted(p.peers["a"].standing, p.config.defence)
+    assert not is_trusted(p.peers["c"].standing, p.config.defence)
+    sybils = [f"s{i}" for i in range(8)]
+    join(p, *sybils)
+    order(p, *HONEST, *sybils)
+    decisions = []
+    for i, x in enumerate(sybils):
+        decisions += submit(p, x, rand(50 + i, norm=1e-3))
+    for i, x in enumerate(HONEST):
+        decisions += submit(p, x, rand(10 + i))
+    closed = closed_of(decisions)
+    assert set(closed.contributors) == set(HONEST)
+    flagged = {d.peer_id for d in decisions if isinstance(d, Flagged)}
+    assert flagged == set(sybils)
+    # the same round without seeds: the sybils' median makes every honest update too large
+    q, _ = make(
+        defence={"spot_check": "off", "score_per_round": 0, **TRUST_FAST},
+        rounds={"quorum": 1},
+    )
+    join(q, *HONEST, *sybils)
+    order(q, *HONEST, *sybils)
+    decisions = []
+    for i, x in enumerate(sybils):
+        decisions += submit(q, x, rand(50 + i, norm=1e-3))
+    for i, x in enumerate(HONEST):
+        decisions += submit(q, x, rand(10 + i))
+    assert {d.peer_id for d in decisions if isinstance(d, Flagged)} == set(HONEST)
+    # a seed joining again keeps its standing; an ordinary re-join does not promote anyone
+    join(p, "d")
+    p.handle(PeerJoined("d", "d", seed=True))
+    assert not is_trusted(p.peers["d"].standing, p.config.defence)

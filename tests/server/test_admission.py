@@ -19,6 +19,7 @@ from crowdtrain import hashcash
 from crowdtrain.client.api import CoordinatorApi
 from crowdtrain.client.transfer import ApiError, RetryPolicy
 from crowdtrain.config import RunConfig
+from crowdtrain.robust.reputation import is_trusted
 from crowdtrain.server.admission import (
     AdmissionConfig,
     Challenges,
@@ -325,3 +326,22 @@ def test_client_retries_after_a_rate_limit(
         clock.advance(1)
         with pytest.raises(ApiError, match="name_taken"):
             api.register("A", None, DEVICE)
+
+
+def test_seed_invite_starts_established(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    key = "organizer-seed-key-0123"
+    coordinator, client = door(config, tmp_path, clock, invite="open", seed_invite=key)
+    with client:
+        seed = register(client, "seed", invite=key)
+        plain = register(client, "plain", invite="open")
+        assert_error(post(client, "x", invite="seed"), 401)
+    defence = coordinator.config.defence
+    assert is_trusted(coordinator.protocol.peers[seed.peer_id].standing, defence)
+    assert not is_trusted(coordinator.protocol.peers[plain.peer_id].standing, defence)
+    coordinator.shutdown()
+    again, _ = door(config, tmp_path, clock)  # the seed's standing survives a restart
+    assert is_trusted(again.protocol.peers[seed.peer_id].standing, defence)
+    with pytest.raises(ValueError):
+        AdmissionConfig(seed_invite="short")

@@ -78,7 +78,7 @@ from crowdtrain.protocol.verification import (
     secret_seed,
 )
 from crowdtrain.robust import DeltaSource, aggregate
-from crowdtrain.robust.reputation import new_standing
+from crowdtrain.robust.reputation import new_standing, seed_standing
 from crowdtrain.train.moments import drift, publish
 
 __all__ = [
@@ -335,7 +335,8 @@ class RoundProtocol:
     def _on_joined(self, event: PeerJoined, now: float) -> list[Decision]:
         peer = self.peers.get(event.peer_id)
         if peer is None:
-            standing = new_standing(self.config.defence)
+            make = seed_standing if event.seed else new_standing
+            standing = make(self.config.defence)
             self.peers[event.peer_id] = PeerRecord(
                 event.peer_id, event.name, now, now, standing=standing
             )

@@ -18,10 +18,13 @@ from crowdtrain.robust.usefulness import Score
 
 @dataclass(frozen=True)
 class PeerJoined:
-    """A volunteer registered (or re-registered) under `peer_id`."""
+    """A volunteer registered (or re-registered) under `peer_id`. `seed`: the organizer
+    vouches for it (a seed volunteer, e.g. the organizer's own machine): it starts established,
+    so that a run has a reference fresh identities cannot outvote from its first round."""
 
     peer_id: str
     name: str = ""
+    seed: bool = False
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,14 @@ def new_standing(cfg: DefenceConfig) -> Standing:
     return Standing(score=cfg.reputation_initial)
 
 
+def seed_standing(cfg: DefenceConfig) -> Standing:
+    """A seed volunteer's standing (one the organizer vouches for): past probation and trusted
+    from the start; it loses that as any peer does, by strikes and failed checks."""
+    return Standing(
+        score=max(cfg.reputation_initial, cfg.trust_threshold), rounds_ok=cfg.probation_rounds
+    )
+
+
 def record_success(st: Standing, cfg: DefenceConfig) -> None:
     """A contribution passed every screening stage and entered the aggregate."""
     st.rounds_ok += 1

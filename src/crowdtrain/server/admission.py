@@ -8,7 +8,9 @@ costs here, each optional and combinable, checked in this order:
 - **per-address rate limit** (token bucket: `address_burst` at once, `address_per_hour`
   after; an IPv6 address counts by its /`ipv6_prefix`, since one host gets a whole /64).
   Every attempt counts, refused ones too (it also bounds guessing invite keys);
-- **invite key** (one shared secret, as before);
+- **invite key** (one shared secret, as before); a registration with the *seed* invite key
+  (`seed_invite`, the organizer's own machines) passes the invite check and starts
+  established (`PeerJoined.seed`);
 - **proof of work** (hashcash, ``crowdtrain.hashcash``): `pow_bits` zero bits of a
   challenge the coordinator signed (HMAC) and that expires; each challenge admits once;
 - **identity-provider token**: a JWT (RFC 7519) signed by a provider the organizer trusts
@@ -73,6 +75,9 @@ class AdmissionConfig(BaseModel):
     pow_bits: int = Field(0, ge=0, le=hashcash.MAX_BITS)
     challenge_ttl_s: float = Field(600.0, gt=0.0, le=86_400.0)
     invite: str | None = Field(None, min_length=1, max_length=256)
+    # Volunteers who register with this key are seed volunteers (the organizer vouches for
+    # them): established from the start, so sybils cannot outvote them in the first rounds.
+    seed_invite: str | None = Field(None, min_length=16, max_length=256)
     identity_key: Path | None = None  # PEM public key of the identity provider
     identity_issuer: str | None = None
     identity_audience: str | None = None
@@ -100,6 +105,8 @@ class AdmissionConfig(BaseModel):
             parts.append(f"{self.global_burst} then {self.global_per_minute:g}/minute in all")
         if self.invite is not None:
             parts.append("invite key")
+        if self.seed_invite is not None:
+            parts.append("seed invite key")
         if self.pow_bits:
             parts.append(f"proof of work ({self.pow_bits} bits)")
         if self.identity_key is not None:
@@ -261,11 +268,11 @@ class Admission:
         pow_challenge: str | None,
         pow_nonce: str | None,
         identity: str | None,
-    ) -> str | None:
+    ) -> tuple[str | None, bool]:
         """Every cost of the module's order (the global limit only looked at, so that a
         refusal after a solved proof of work does not spend it); returns the identity subject
-        (None without a provider) or raises AdmissionRefused. `admitted` takes the global
-        token once the peer is created."""
+        (None without a provider) and whether it is a seed volunteer, or raises
+        AdmissionRefused. `admitted` takes the global token once the peer is created."""
         c = self.config
         if c.address_burst:
             wait = self._by_address.take(address_key(host, c.ipv6_prefix), now)
@@ -275,8 +282,15 @@ class Admission:
                 )
         if c.global_burst and (wait := self._global.wait("all", now)):
             raise AdmissionRefused(429, "busy", "the run admits no more volunteers now", wait)
-        if c.invite is not None and not (
-            invite is not None and secrets.compare_digest(invite, c.invite)
+        seed = (
+            c.seed_invite is not None
+            and invite is not None
+            and secrets.compare_digest(invite, c.seed_invite)
+        )
+        if (
+            not seed
+            and c.invite is not None
+            and not (invite is not None and secrets.compare_digest(invite, c.invite))
         ):
             raise AdmissionRefused(401, "bad_invite", "this run needs a valid invite key to join")
         if c.pow_bits:
@@ -289,12 +303,12 @@ class Admission:
                 )
             self.challenges.spend(pow_challenge, pow_nonce, now)
         if self.identity is None:
-            return None
+            return None, seed
         if identity is None:
             raise AdmissionRefused(
                 401, "identity_required", "this run admits volunteers with an identity token"
             )
-        return self.identity.subject(identity)
+        return self.identity.subject(identity), seed
 
     def admitted(self, now: float) -> None:
         """Count one admitted identity against the run's rate (`check` saw a token there)."""

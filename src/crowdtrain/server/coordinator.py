@@ -452,7 +452,7 @@ class Coordinator:
         now = self.clock()
         with self.lock:
             try:
-                subject = self.admission.check(
+                subject, seed = self.admission.check(
                     host,
                     now,
                     invite=invite,
@@ -483,7 +483,9 @@ class Coordinator:
             # The row above is durable; the protocol learns of the peer now, and again from
             # the row at its first authenticated call if a restart comes before the next
             # snapshot (so registering costs one row, not a rewrite of the whole snapshot).
-            self._handle(PeerJoined(peer_id, name))
+            self._handle(PeerJoined(peer_id, name, seed=seed))
+            if seed:  # a seed's standing is not in its row: keep it across a restart
+                self._persist_snapshot()
         return {"peer_id": peer_id, "token": token}
 
     def authenticate(self, token: str | None) -> str:

@@ -59,6 +59,8 @@ class SwarmConfig(BaseModel):
     eval_batch_size: int = Field(16, ge=1, le=65_536)
     attack: str | None = None
     attackers: int = Field(0, ge=0, le=100_000)
+    # seed volunteers: the first peers, vouched for by the organizer (established from the start)
+    seeds: int = Field(0, ge=0, le=100_000)
 
     @model_validator(mode="after")
     def _attack_is_known(self) -> SwarmConfig:

@@ -93,6 +93,7 @@ def run_swarm(
     *,
     attack: str | None = None,
     attackers: int = 0,
+    seeds: int = 0,
     eval_batch_count: int = 8,
     eval_batch_size: int = 16,
     eval_every: int = 1,
@@ -105,11 +106,14 @@ def run_swarm(
 
     With `attack`, the last `attackers` of them run that attack (crowdtrain.adversary); they ask
     for work after the honest ones, so colluding attacks see the honest updates (worst case).
+    The first `seeds` join as seed volunteers (`PeerJoined.seed`: established from the start).
     """
     if eval_every < 1:
         raise ValueError(f"eval_every must be at least 1, not {eval_every}")
     if attack is not None and not 0 < attackers < peers:
         raise ValueError(f"--attackers must be between 1 and {peers - 1} (the peers less one)")
+    if not 0 <= seeds <= peers - attackers:
+        raise ValueError(f"seeds must be honest peers: 0 to {peers - attackers}, not {seeds}")
     data = RunData.load(config, eval_batch_count, eval_batch_size)
     manifest, shards, evals, probe = data.manifest, data.shards, data.evals, data.probe
     clock = _CounterClock()
@@ -127,7 +131,7 @@ def run_swarm(
         peer = SimPeer(f"peer-{i}", machine, trainer_for(config, shared))
         peer.feed(ve.Start())
         swarm.peers.append(peer)
-        protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id))
+        protocol.handle(pr.PeerJoined(peer.peer_id, peer.peer_id, seed=i < seeds))
     result = SwarmResult(initial_eval_loss=evaluate(config.model, protocol.params, evals))
     for step in itertools.count():
         swarm.closed = None
