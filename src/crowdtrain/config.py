@@ -285,6 +285,10 @@ class DefenceConfig(_Strict):
     fingerprint_block_len: int = Field(64, ge=1, le=1 << 16)
     claims_slack: float = Field(2.0, ge=1.0)
     score_per_round: int = Field(4, ge=0, le=100_000)
+    # Also score every eligible contribution of a peer that is not established (newcomers on
+    # probation, peers with a failed check): risk first, so that a flood of fresh identities
+    # is scored in full, not 4 a round (usefulness's absolute test needs no majority).
+    score_newcomers: bool = True
     score_min_steps: int = Field(5, ge=1)
     score_batch_size: int = Field(16, ge=1, le=65536)
     score_min_gain: float = Field(0.0)

@@ -1110,13 +1110,16 @@ def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> No
 # --- work on arrival: the close reuses what was computed as contributions came in -------------
 
 
-def test_work_done_on_arrival_changes_nothing_the_close_decides() -> None:
+@pytest.mark.parametrize("newcomers", [False, True])
+def test_work_done_on_arrival_changes_nothing_the_close_decides(newcomers: bool) -> None:
     """Each accepted contribution's norm, fingerprint and (when it ranks among the first to be
     scored) usefulness score may be computed as it arrives (`analysis_job`); the close then
-    decides exactly what it decides without them, and scores only what was left."""
+    decides exactly what it decides without them, and scores only what was left. With
+    `score_newcomers` every newcomer's contribution is scored, at once on arrival."""
 
     def run(on_arrival: bool) -> tuple[RoundProtocol, SpyProbe, list[Decision], int]:
-        cfg = config(model=MODEL, defence={"score_batch_size": 8, "score_per_round": 2})
+        defence = {"score_batch_size": 8, "score_per_round": 2, "score_newcomers": newcomers}
+        cfg = config(model=MODEL, defence=defence)
         shards = corpus()
         probe = SpyProbe(shards, cfg)
         p = RoundProtocol(cfg, initial_state(cfg.model), SHARDS, FakeClock(), probe=probe)
@@ -1138,7 +1141,8 @@ def test_work_done_on_arrival_changes_nothing_the_close_decides() -> None:
     eager, eager_probe, eager_decisions, at_close = run(True)
     lazy, lazy_probe, lazy_decisions, _ = run(False)
     assert eager_decisions == lazy_decisions
-    assert verdicts(eager) == verdicts(lazy) and eager.scored == lazy.scored == 2
+    assert verdicts(eager) == verdicts(lazy)
+    assert eager.scored == lazy.scored == (5 if newcomers else 2)
     assert all(torch.equal(eager.params[k], lazy.params[k]) for k in lazy.params)
     # the close's choices were scored on the same batches, all but perhaps the last one before
     # the close (some that ranked among the first two when they came were scored in vain)

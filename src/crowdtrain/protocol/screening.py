@@ -30,6 +30,13 @@ from crowdtrain.robust.norms import screen_norms
 from crowdtrain.robust.usefulness import Score, Scorers, judge
 
 
+#: An update is "shown useful" (the norm reference of a round without established peers) when
+#: its assigned gain is beyond its noise and at least this fraction of the loss: a tiny random
+#: update moves the loss by float rounding, which can look significant when every sequence
+#: rounds the same way.
+USEFUL_MIN_GAIN = 1e-3
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One accepted contribution as the screening stages see it."""
@@ -132,21 +139,36 @@ def analyze(c: Candidate, ctx: Context) -> Analysis:
     return Analysis(norm, _fingerprint(c.delta, ctx))
 
 
+def chosen(ranked: Sequence[Candidate], ctx: Context) -> list[Candidate]:
+    """Which of the eligible contributions RANKED (by `Context.priority`) are scored: with
+    `score_newcomers`, every one whose peer is not established, and `score_per_round` of the
+    others; otherwise the first `score_per_round`."""
+    cfg = ctx.config.defence
+    if not cfg.score_newcomers:
+        return list(ranked[: cfg.score_per_round])
+    rest = [c for c in ranked if c.established][: cfg.score_per_round]
+    return [c for c in ranked if not c.established or c in rest]
+
+
 def to_score(
     arrived: Sequence[Candidate], ctx: Context, *, expected: int, done: Collection[str]
 ) -> list[Candidate]:
     """Which of the contributions ARRIVED so far to score now, before the close: those not
-    DONE (scored or being scored) among the first `score_per_round` eligible ones by
-    priority, once at least half of the EXPECTED contributions are in. Every contribution the
+    DONE (scored or being scored) that `chosen` picks among the eligible ones, once at least
+    half of the EXPECTED contributions are in; a contribution of a peer that is not
+    established is always chosen (with `score_newcomers`), so it is scored at once. Every
+    contribution the
     close scores ranks among the first when it arrives (or when half are in), unless one
     ahead of it is excluded by a stage that needs the whole round (norms, copies), which the
     close then scores itself; waiting for half the round keeps the scores spent on
     contributions that later arrivals push out of the first to about score_per_round × ln 2
     (instead of score_per_round × ln(expected / score_per_round))."""
-    if 2 * len(arrived) < expected:
-        return []
     ranked = sorted((c for c in arrived if ctx.eligible(c)), key=ctx.priority)
-    return [c for c in ranked[: ctx.config.defence.score_per_round] if c.key not in done]
+    picked = chosen(ranked, ctx)
+    if 2 * len(arrived) < expected:
+        newcomers = ctx.config.defence.score_newcomers
+        picked = [c for c in picked if newcomers and not c.established]
+    return [c for c in picked if c.key not in done]
 
 
 def screen(
@@ -171,8 +193,29 @@ def screen(
     done = [known.get(c.key) or analyze(c, ctx) for c in candidates]
     flags: dict[str, tuple[str, str]] = {}
     norms = [a.norm for a in done]
-    marks = [c.established for c in candidates]
-    reasons = screen_norms(norms, low=cfg.norm_low, high=cfg.norm_high, reference=marks)
+    marks, whom = [c.established for c in candidates], "established peers' updates"
+    eligible = sorted((c for c in candidates if ctx.eligible(c)), key=ctx.priority)
+    scores = {c.key: a.score for c, a in zip(candidates, done, strict=True) if a.score}
+    if sum(marks) < 2 and cfg.score_newcomers and eligible:
+        # No established reference yet (a run's first rounds): the updates whose scores show
+        # a gain beyond their noise are the reference instead, so fresh identities sending
+        # tiny updates cannot pull the median under the honest ones. Those scores are due
+        # anyway (`chosen` picks every newcomer), so nothing extra is computed.
+        for c in chosen(eligible, ctx):
+            if c.key not in scores:
+                scores[c.key] = score(c, ctx)
+        useful = [
+            (s := scores.get(c.key)) is not None
+            and s.is_finite()
+            and s.assigned_gain - cfg.score_z * s.assigned_se > cfg.score_min_gain
+            and s.assigned_gain > USEFUL_MIN_GAIN * abs(s.assigned_before)
+            for c in candidates
+        ]
+        if sum(useful) >= 2:
+            marks, whom = useful, "updates shown useful"
+    reasons = screen_norms(
+        norms, low=cfg.norm_low, high=cfg.norm_high, reference=marks, reference_name=whom
+    )
     for c, reason in zip(candidates, reasons, strict=True):
         if reason is not None:
             flags[c.key] = ("norm", reason)
@@ -191,14 +234,18 @@ def screen(
     for c, reason in zip(candidates, copies, strict=True):
         if reason is not None and c.key not in flags:
             flags[c.key] = ("copy", reason)
-    scored = 0
+    # scores taken for the reference of contributions the norm or copy stage then excluded
+    scored = sum(k in flags for k in scores)
     survivors = [(c, a) for c, a in zip(candidates, done, strict=True) if c.key not in flags]
     ranked = sorted(
         [(c, a) for c, a in survivors if ctx.eligible(c)], key=lambda ca: ctx.priority(ca[0])
     )
     gains: dict[str, tuple[float, float, int]] = {}
-    for c, a in ranked[: cfg.score_per_round]:
-        result = a.score if a.score is not None else score(c, ctx)
+    picked = {c.key for c in chosen([c for c, _ in ranked], ctx)}
+    for c, _ in ranked:
+        if c.key not in picked:
+            continue
+        result = scores.get(c.key) or score(c, ctx)
         reason = judge(
             result, min_gain=cfg.score_min_gain, heldout_tol=cfg.score_heldout_tol, z=cfg.score_z
         )

@@ -60,6 +60,7 @@ from crowdtrain.protocol.screening import (
     Candidate,
     Context,
     analyze,
+    chosen,
     score,
     screen,
     to_score,
@@ -474,9 +475,9 @@ class Verification:
     def _score_orders(
         self, number: int, version: int, subs: list[Submission], ledger: Ledger
     ) -> None:
-        """Score orders for the contributions the coordinator would have scored: the first
-        `score_per_round` eligible ones by the same secret priority, on the same secret
-        batches (`screening.Context`)."""
+        """Score orders for the contributions the coordinator would have scored
+        (`screening.chosen` by the same secret priority), on the same secret batches
+        (`screening.Context`)."""
         cfg = self.config.defence
         ctx = self._context(number, ledger)
         by_key = {s.key: s for s in subs}
@@ -485,7 +486,7 @@ class Verification:
             for c in (self._candidate(s, ledger) for s in subs)
             if c.own_steps >= cfg.score_min_steps
         ]
-        for c in sorted(eligible, key=ctx.priority)[: cfg.score_per_round]:
+        for c in chosen(sorted(eligible, key=ctx.priority), ctx):
             sub, work = by_key[c.key], c.order
             index, held = ctx.batches(c)
             order = ScoreOrder(

@@ -25,12 +25,14 @@ def screen_norms(
     low: float,
     high: float,
     reference: Sequence[bool] | None = None,
+    reference_name: str = "established peers' updates",
 ) -> list[str | None]:
     """Screen each contribution's global norm against a median norm of its round.
 
     Contribution i is flagged when ‖Δ_i‖ > ``high`` × median or ‖Δ_i‖ < ``low`` × median. The
     median is taken over the norms marked in `reference` (the contributions of established
-    peers, which fresh identities cannot outvote) when at least two are marked, else over all
+    peers, which fresh identities cannot outvote; `reference_name` names them in the reasons)
+    when at least two are marked, else over all
     the given norms (the mean of the two middle ones for an even count; a non-finite norm
     counts as larger than every finite one). A norm that is zero, negative or not finite is
     always flagged. With a single norm to take the median of there is nothing to compare with,
@@ -55,7 +57,7 @@ def screen_norms(
     reasons: list[str | None] = [_invalid(n) for n in values]
     marked = [n for n, m in zip(values, reference or [], strict=False) if m]
     basis = marked if len(marked) >= 2 else values
-    whose = "established peers' updates" if basis is marked else "updates"
+    whose = reference_name if basis is marked else "updates"
     if len(basis) < 2:
         return reasons
     median = statistics.median(n if math.isfinite(n) else math.inf for n in basis)
