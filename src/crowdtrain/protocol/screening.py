@@ -29,7 +29,6 @@ from crowdtrain.robust.copies import detect_copies, fingerprint
 from crowdtrain.robust.norms import screen_norms
 from crowdtrain.robust.usefulness import Score, Scorers, judge
 
-
 #: An update is "shown useful" (the norm reference of a round without established peers) when
 #: its assigned gain is beyond its noise and at least this fraction of the loss: a tiny random
 #: update moves the loss by float rounding, which can look significant when every sequence
