@@ -1165,3 +1165,36 @@ def test_an_analysis_of_an_older_theta_is_not_used() -> None:
     for x in ("a", "b"):
         submit(p, x, trained(p, orders[x], shards, lr=0.5))
     assert p.round == 2 and p.verification._analyses == {}
+
+
+# --- sybils from the first round: scores give the reference no majority can move ------------
+
+
+@pytest.mark.parametrize("newcomers", [True, False])
+def test_round_zero_sybils_cannot_pull_the_norm_reference(newcomers: bool) -> None:
+    """Before anyone is established, the norm stage measures against the updates whose scores
+    show a real gain (every newcomer is scored), so twice as many fresh identities sending tiny
+    updates are the ones refused; without scoring newcomers, their median made every honest
+    update look too large."""
+    defence = {"score_batch_size": 8, "score_per_round": 2, "score_newcomers": newcomers}
+    cfg = config(model=MODEL, defence=defence)
+    shards = corpus()
+    p = RoundProtocol(
+        cfg, initial_state(cfg.model), SHARDS, FakeClock(), probe=SpyProbe(shards, cfg)
+    )
+    honest, sybils = ["a", "b", "c"], [f"s{i}" for i in range(6)]
+    join(p, *honest, *sybils)
+    orders = order(p, *honest, *sybils)
+    decisions: list[Decision] = []
+    for i, x in enumerate(sybils):
+        g = torch.Generator().manual_seed(40 + i)
+        tiny = {k: 1e-6 * torch.randn(v.shape, generator=g) for k, v in p.params.items()}
+        decisions += submit(p, x, tiny)
+    for x in honest:
+        decisions += submit(p, x, trained(p, orders[x], shards, lr=0.5))
+    flagged = {d.peer_id: d.reason for d in decisions if isinstance(d, Flagged)}
+    if newcomers:
+        assert set(flagged) == set(sybils)
+        assert all("updates shown useful" in r for r in flagged.values())
+    else:
+        assert set(honest) <= set(flagged)
