@@ -37,6 +37,11 @@ The attacks and where they come from:
   Byzantine: Optimizing Model Poisoning Attacks and Defenses for Federated Learning" (NDSS),
   and −mean(honest) just under the norm screening limit. Each colluder turns the shared
   direction by its own random spread, so they are not copies of each other.
+- ``drift``: an honest Δ plus one fixed random direction, the same in every round and for
+  every colluder, at half the Δ's norm: the slow, hidden push of a model-replacement or
+  backdoor campaign spread over many rounds (Bhagoji et al. 2019, "Analyzing Federated
+  Learning through an Adversarial Lens", ICML, arXiv:1811.12470, explicit boosting and
+  stealth), which no single round's screening sees.
 - ``inflate``: an honest Δ with samples and tokens claimed ×100, aimed at sample-weighted
   averaging (FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
   from Decentralized Data", AISTATS, arXiv:1602.05629).
@@ -75,6 +80,7 @@ ATTACKS: tuple[str, ...] = (
     "minmax",
     "minsum",
     "edge",
+    "drift",
 )
 
 #: ‖noise‖ / ‖Δ‖ of the `noise` attack.
@@ -95,6 +101,9 @@ ADAPTIVE_SPREAD = 0.25
 #: `edge` sends −mean(honest) at this multiple of the honest peers' median norm: just under
 #: the default norm screening limit of 4 (`defence.norm_high`, public in the manifest).
 EDGE_RATIO = 3.6
+#: `drift` adds to its honest Δ one fixed direction (the same every round, shared by the
+#: coalition) of this norm relative to its Δ: a slow push that no single round shows.
+DRIFT_RATIO = 0.5
 _SCALES = {"scale100": 100.0, "scale1000": 1000.0}
 _IPM_EPSILON = {"ipm0.1": 0.1, "ipm100": 100.0}
 
@@ -247,6 +256,10 @@ class Attacker:
                 self._kept = (view.round, _clone(honest))
             kept_round, kept = self._kept
             return _clone(kept if view.round > kept_round else honest)
+        if name == "drift":
+            direction = _gaussian(honest, _generator("drift", self.seed, "", 0))
+            push = _scaled_to(direction, DRIFT_RATIO * _norm(honest))
+            return {k: honest[k].detach() + push[k] for k in honest}
         if name in ("minmax", "minsum", "edge"):
             return _adaptive(name, honest, view, self._rng(view))
         if name == "nan":

@@ -384,3 +384,15 @@ def test_adaptive_colluders_are_not_copies_of_each_other(name: str) -> None:
 
 def norm_of(t: torch.Tensor) -> float:
     return float(t.norm())
+
+
+def test_drift_pushes_one_fixed_direction_every_round() -> None:
+    honest = [make_delta(1), make_delta(2)]
+    pushes = [
+        flat(Attacker("drift", peer, 5).forge(h, CLAIM, make_view(round=r)).delta) - flat(h)
+        for r, (peer, h) in enumerate([("a", honest[0]), ("b", honest[1]), ("a", honest[1])])
+    ]
+    for push, h in zip(pushes, [honest[0], honest[1], honest[1]], strict=True):
+        assert norm_of(push) == pytest.approx(0.5 * norm_of(flat(h)), rel=1e-5)
+    unit = [p / p.norm() for p in pushes]
+    assert all(float(torch.dot(unit[0], u)) == pytest.approx(1.0, abs=1e-6) for u in unit)
