@@ -42,6 +42,12 @@ The attacks and where they come from:
   backdoor campaign spread over many rounds (Bhagoji et al. 2019, "Analyzing Federated
   Learning through an Adversarial Lens", ICML, arXiv:1811.12470, explicit boosting and
   stealth), which no single round's screening sees.
+- ``collude``: a coalition past probation that verifies for the run: each member free-rides
+  (sends the mean of the honest updates it sees plus its own spread, which only a replay can
+  tell from work),
+  clears its accomplices' spot-checks by uploading their own submissions as its replays, and
+  frames honest peers by uploading its replay turned around: the colluding verifiers of the
+  threat model (docs/SECURITY.md, "A malicious verifier").
 - ``inflate``: an honest Δ with samples and tokens claimed ×100, aimed at sample-weighted
   averaging (FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
   from Decentralized Data", AISTATS, arXiv:1602.05629).
@@ -81,6 +87,7 @@ ATTACKS: tuple[str, ...] = (
     "minsum",
     "edge",
     "drift",
+    "collude",
 )
 
 #: ‖noise‖ / ‖Δ‖ of the `noise` attack.
@@ -132,6 +139,10 @@ class RoundView:
     honest: Sequence[Mapping[str, torch.Tensor]] = field(default=())
     #: deltas other peers already submitted this round, in order (for copycat)
     others: Sequence[Mapping[str, torch.Tensor]] = field(default=())
+    #: the coalition's peer ids, and what each of them submitted in this round (a colluding
+    #: verifier's side channel; empty for a networked attacker, which has none)
+    coalition: frozenset[str] = frozenset()
+    accomplices: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.round < 0:
@@ -197,9 +208,11 @@ class Attacker:
         self.name = name
         self.peer_id = peer_id
         self.seed = seed
-        self.needs_honest = name in ("alie", "minmax", "minsum", "edge", *_IPM_EPSILON)
+        self.needs_honest = name in ("alie", "minmax", "minsum", "edge", "collude", *_IPM_EPSILON)
         self.needs_others = name == "copycat"
-        self.trains = name != "free_rider"
+        self.trains = name not in ("free_rider", "collude")
+        #: whether it lies when it verifies (`forge_replay`)
+        self.lies_as_verifier = name == "collude"
         self._kept: tuple[int, Delta] | None = None
 
     def __repr__(self) -> str:
@@ -226,6 +239,20 @@ class Attacker:
                 tokens=claim.tokens * INFLATE_FACTOR,
             )
         return Forgery(delta=delta, claim=claim)
+
+    def forge_replay(
+        self, target: str, replay: Mapping[str, torch.Tensor], view: RoundView
+    ) -> Delta:
+        """What a colluding verifier uploads as its replay of TARGET's work: the accomplice's
+        own submission when TARGET is in the coalition and the side channel has it (the check
+        passes), else its honest replay turned around (a mismatch: it frames an honest peer).
+        An honest verifier's replay comes back unchanged."""
+        if not self.lies_as_verifier:
+            return _clone(replay)
+        if target in view.coalition:
+            submitted = view.accomplices.get(target)
+            return _clone(replay) if submitted is None else _like(submitted, replay, "accomplice")
+        return {k: -t.detach() for k, t in replay.items()}
 
     def _rng(self, view: RoundView) -> torch.Generator:
         return _generator(self.name, self.seed, self.peer_id, view.round)
@@ -256,6 +283,12 @@ class Attacker:
                 self._kept = (view.round, _clone(honest))
             kept_round, kept = self._kept
             return _clone(kept if view.round > kept_round else honest)
+        if name == "collude":  # the honest mean, turned by its own spread (not a copy)
+            if not view.honest:
+                return _clone(honest)
+            mean = _mean(view.honest, honest, "RoundView.honest")
+            spread = _scaled_to(_gaussian(honest, self._rng(view)), ADAPTIVE_SPREAD * _norm(mean))
+            return {k: mean[k] + spread[k] for k in honest}
         if name == "drift":
             direction = _gaussian(honest, _generator("drift", self.seed, "", 0))
             push = _scaled_to(direction, DRIFT_RATIO * _norm(honest))

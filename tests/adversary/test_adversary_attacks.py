@@ -396,3 +396,22 @@ def test_drift_pushes_one_fixed_direction_every_round() -> None:
         assert norm_of(push) == pytest.approx(0.5 * norm_of(flat(h)), rel=1e-5)
     unit = [p / p.norm() for p in pushes]
     assert all(float(torch.dot(unit[0], u)) == pytest.approx(1.0, abs=1e-6) for u in unit)
+
+
+def test_colluding_verifiers_clear_accomplices_and_frame_the_honest() -> None:
+    replay, mine = make_delta(1), make_delta(2)
+    view = RoundView(
+        3, 5, 2, honest=[make_delta(3)], coalition=frozenset({"a", "b"}), accomplices={"b": mine}
+    )
+    liar = Attacker("collude", "a", 0)
+    assert liar.lies_as_verifier and not liar.trains
+    assert equal(liar.forge_replay("b", replay, view), mine)  # clears its accomplice
+    framed = liar.forge_replay("honest", replay, view)
+    assert equal(framed, {k: -t for k, t in replay.items()})  # a mismatch for an honest peer
+    quiet = RoundView(3, 5, 2, coalition=frozenset({"a", "b"}))
+    assert equal(liar.forge_replay("b", replay, quiet), replay)  # no side channel: honest
+    assert equal(Attacker("sign_flip", "a", 0).forge_replay("x", replay, view), replay)
+    # its contribution is a free ride on the honest mean, turned by its own spread
+    sent = flat(liar.forge(make_delta(9), CLAIM, view).delta)
+    mean = flat(make_delta(3))
+    assert norm_of(sent - mean) == pytest.approx(0.25 * norm_of(mean), rel=1e-5)

@@ -49,7 +49,7 @@ FULL = RobustSetting(peers=10, rounds=10, steps=20, width=64, depth=2, context=6
 
 #: Attacks run at 20% attackers (all of them), and those also run at 40%.
 AT_20 = ATTACKS
-AT_40 = ("alie", "ipm0.1", "ipm100", "minmax", "minsum", "edge")
+AT_40 = ("alie", "ipm0.1", "ipm100", "minmax", "minsum", "edge", "drift", "collude")
 #: Sybil floods: this many fresh identities per honest peer join the honest peers of the
 #: setting (who stay as many as in the clean run), sending tiny updates (`free_rider`: they
 #: pull the round's median norm down, so honest updates look too large) or a coordinated

@@ -290,8 +290,14 @@ class VolunteerMachine:
     def _on_trained(self, event: Trained) -> list[Decision]:
         if self.check is not None:
             self.state = State.UPLOADING
-            payload = codec.encode(event.result.delta, self.config.codec)
-            return [UploadReplay(self.check, payload, event.result)]
+            result = event.result
+            if self.attacker is not None and self.attacker.lies_as_verifier:
+                check = self.check
+                view = self.view(check.round, result.delta)
+                lie = self.attacker.forge_replay(check.target, result.delta, view)
+                result = replace(result, delta=lie)
+            payload = codec.encode(result.delta, self.config.codec)
+            return [UploadReplay(self.check, payload, result)]
         carried = self.carried
         result = event.result if carried is None else merge(carried[0], event.result)
         return self._finish(result)

@@ -315,19 +315,25 @@ class _Swarm:
     banned: dict[str, str] = field(default_factory=dict)
     submissions: list[tuple[str, int]] = field(default_factory=list)
     honest: list[Mapping[str, torch.Tensor]] = field(default_factory=list)
+    # what each attacker submitted, by (peer, round), for the coalition's side channel
+    forged: dict[tuple[str, int], Mapping[str, torch.Tensor]] = field(default_factory=dict)
     attackers: int = 0
     scores: int = 0  # score orders answered by volunteers
     closed: pr.RoundClosed | None = None
     finished: bool = False
 
     def view(self, round: int, own: Mapping[str, torch.Tensor]) -> RoundView:
-        """What the attacker coalition sees: every honest Δ of the round so far (omniscient)."""
+        """What the attacker coalition sees: every honest Δ of the round so far (omniscient),
+        and its own members' submissions of ROUND."""
+        coalition = frozenset(p.peer_id for p in self.peers if p.machine.attacker is not None)
         return RoundView(
             round=round,
             peers=len(self.peers),
             attackers=self.attackers,
             honest=self.honest,
             others=self.honest,
+            coalition=coalition,
+            accomplices={peer: d for (peer, r), d in self.forged.items() if r == round},
         )
 
     def act(self, decisions: list[pr.Decision]) -> None:
@@ -452,6 +458,14 @@ class _Swarm:
         else:
             self.train_steps += d.claim.steps if attacker.trains else 0
         event = decode_submission(p.peer_id, order, d.payload, d.claim, self.protocol.shapes)
+        if (
+            attacker is not None
+            and attacker.lies_as_verifier
+            and isinstance(event, pr.ContributionSubmitted)
+        ):
+            self.forged[(p.peer_id, order.round)] = read_all(event.delta, self.protocol.shapes)
+            for key in [k for k in self.forged if k[1] < order.round - 4]:
+                del self.forged[key]
         self.submissions.append((p.peer_id, order.round))
         decisions = self.protocol.handle(event)
         self.act(decisions)
