@@ -310,6 +310,11 @@ class DefenceConfig(_Strict):
     # verifier cannot clear a cheat either, at twice the replays). A split asks for more.
     check_fail_quorum: int = Field(2, ge=1, le=8)
     check_pass_quorum: int = Field(1, ge=1, le=8)
+    # Whether the coordinator replays a check itself before the verifiers' agreed mismatch
+    # counts (it then decides, and overrules the verifiers it disagrees with), so colluding
+    # verifiers cannot frame an honest peer however many they are: a replay per failure, paid
+    # only when one is reported. "auto": where the coordinator scores (`scores_on_peers`).
+    check_confirm: Literal["auto", "coordinator", "off"] = "auto"
     reputation_initial: float = Field(0.3, ge=0.0, le=1.0)
     reputation_gain: float = Field(0.2, gt=0.0, le=1.0)
     reputation_slash: float = Field(0.5, ge=0.0, lt=1.0)
@@ -522,6 +527,14 @@ def scores_on_peers(defence: DefenceConfig, params: int) -> bool:
     if defence.scoring == "auto":
         return params > SCORING_ON_COORDINATOR_MAX_PARAMS
     return defence.scoring == "peer"
+
+
+def confirms_on_coordinator(defence: DefenceConfig, params: int) -> bool:
+    """Whether the coordinator replays a check that verifiers agreed failed before it counts
+    (`DefenceConfig.check_confirm`; "auto": where the coordinator also scores)."""
+    if defence.check_confirm == "auto":
+        return not scores_on_peers(defence, params)
+    return defence.check_confirm == "coordinator"
 
 
 def derived_settings(raw: Mapping[str, Any]) -> list[str]:

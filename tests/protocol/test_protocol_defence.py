@@ -76,7 +76,7 @@ def config(
     **sections: Mapping[str, object],
 ) -> RunConfig:
     """θ ← θ − mean(Δ) (Nesterov, lr 1, no momentum, θ broadcast exactly), defended,
-    spot-checks off by default."""
+    spot-checks off and no coordinator confirmation of failed checks by default."""
     raw: dict[str, dict[str, object]] = {
         "model": {"context": CONTEXT},
         "data": {"batch_size": BATCH, "shards_per_peer": 2},
@@ -85,7 +85,8 @@ def config(
         "outer": {"optimizer": "nesterov", "lr": 1.0, "momentum": 0.0},
         "broadcast": {"codec": "fp32"},
         "aggregation": {"method": "mean", "bucket_size": 1},
-        "defence": {"spot_check": "off"},
+        # the verifiers' agreement decides (the coordinator's confirmation has its own tests)
+        "defence": {"spot_check": "off", "check_confirm": "off"},
     }
     raw["defence"].update(defence or {})
     raw["rounds"].update(rounds or {})

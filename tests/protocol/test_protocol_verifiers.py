@@ -41,6 +41,7 @@ from crowdtrain.protocol import (
     WorkRequested,
 )
 from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS
+from crowdtrain.protocol.snapshot import check_from_json, check_to_json
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.usefulness import Score
 
@@ -405,3 +406,54 @@ def test_checks_of_the_last_round_still_run_after_the_run_finished() -> None:
     (done,) = report(p, "a", got.check_id, last["b"])
     assert isinstance(done, CheckDone) and done.passed
     assert isinstance(p.handle(WorkRequested("a"))[0], RunFinished)
+
+
+# --- the coordinator confirms what verifiers agree failed (`defence.check_confirm`) ------------
+
+
+def test_two_colluding_verifiers_cannot_frame_when_the_coordinator_confirms() -> None:
+    """Two verifiers agree b's honest work differs: with `check_confirm`, that only asks the
+    coordinator to replay it; its replay matches, b keeps its credit and the two liars are
+    overruled (banned at the defaults)."""
+    t = two(check_confirm="coordinator")
+    p = t.p
+    check_id = check_of(p, "b")
+    samples = p.peers["b"].samples
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    lie = scaled(t.deltas["b"], -1.0)
+    assert report(p, "a", check_id, lie) == [CheckReported(check_id, "b", 0, "a")]
+    reported, ask = report(p, "c", check_id, lie)
+    assert reported == CheckReported(check_id, "b", 0, "c")
+    assert isinstance(ask, VerifyOrder) and ask.peer_id == "" and ask.check_id == check_id
+    assert p.checks[check_id].confirming and p.peers["b"].standing.strikes == 0
+    got = p.handle(WorkRequested("d"))[0]  # no verifier is asked any more
+    assert not (isinstance(got, VerifyOrder) and got.check_id == check_id)
+    # a restart keeps the check waiting on the coordinator
+    doc = json.loads(json.dumps(check_to_json(p.checks[check_id])))
+    assert check_from_json(doc, lambda ref: p.checks[check_id].delta).confirming
+    decisions = report(p, "", check_id, t.deltas["b"])  # the coordinator's replay matches
+    done = decisions[0]
+    assert isinstance(done, CheckDone) and done.passed
+    assert p.peers["b"].samples == samples and p.peers["b"].standing.strikes == 0
+    banned = {d.peer_id for d in decisions if isinstance(d, Banned)}
+    assert banned == {"a", "c"}
+    overruled = [v for v in p.verdicts if v.outcome == "verifier_overruled"]
+    assert {v.peer_id for v in overruled} == {"a", "c"}
+    assert all("the coordinator's replay" in v.reason for v in overruled)
+
+
+def test_a_cheat_fails_once_the_coordinator_confirms_and_its_verifiers_stay_clean() -> None:
+    t = two(check_confirm="coordinator")
+    p = t.p
+    check_id = check_of(p, "b")
+    assign(p, "a", check_id)
+    assign(p, "c", check_id)
+    honest_replay = rand(90)  # b's contribution was not this work
+    report(p, "a", check_id, honest_replay)
+    report(p, "c", check_id, honest_replay)
+    decisions = report(p, "", check_id, honest_replay)
+    done = decisions[0]
+    assert isinstance(done, CheckDone) and not done.passed
+    assert any(isinstance(d, Flagged) and d.peer_id == "b" for d in decisions)
+    assert p.peers["a"].standing.strikes == 0 and p.peers["c"].standing.strikes == 0

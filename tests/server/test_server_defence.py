@@ -34,7 +34,13 @@ from crowdtrain.train import LocalTrainer
 def defended(config: RunConfig, **defence: Any) -> RunConfig:
     """The server tests' config with the verification stages on (scoring off: random deltas)."""
     doc = config.model_dump()
-    doc["defence"] = {**doc["defence"], "enabled": True, "score_per_round": 0, **defence}
+    doc["defence"] = {
+        **doc["defence"],
+        "enabled": True,
+        "score_per_round": 0,
+        "check_confirm": "off",
+        **defence,
+    }
     return RunConfig.model_validate(doc)
 
 

@@ -80,6 +80,8 @@ class Check:
     assigned: dict[str, float] = field(default_factory=dict)
     reports: dict[str, str] = field(default_factory=dict)
     scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # the verifiers agreed it failed, and the coordinator's own replay now decides
+    confirming: bool = False
 
     def tally(self) -> tuple[int, int]:
         """(matching replays, mismatching replays) reported so far."""

@@ -169,6 +169,7 @@ def check_to_json(check: Check) -> dict[str, Any]:
         "assigned": dict(check.assigned),
         "reports": dict(check.reports),
         "scores": {k: list(v) for k, v in check.scores.items()},
+        "confirming": check.confirming,
     }
 
 
@@ -193,6 +194,7 @@ def check_from_json(doc: Mapping[str, Any], source: Source) -> Check:
         {str(k): float(v) for k, v in assigned.items()},
         {str(k): str(v) for k, v in doc.get("reports", {}).items()},
         {str(k): tuple(float(x) for x in v) for k, v in doc.get("scores", {}).items()},
+        bool(doc.get("confirming", False)),
     )
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from crowdtrain.config import RunConfig, scores_on_peers
+from crowdtrain.config import RunConfig, confirms_on_coordinator, scores_on_peers
 from crowdtrain.data.probe import ShardProbe
 from crowdtrain.protocol.events import (
     Banned,
@@ -164,6 +164,7 @@ class Verification:
         # models, by volunteers as score orders (`schedule`).
         params = sum(math.prod(shape) for shape in shapes.values())
         self.peer_scoring = scores_on_peers(config.defence, params)
+        self.confirms = confirms_on_coordinator(config.defence, params)
         self._scorers = None if self.peer_scoring else Scorers(config.model)
         # Analyses and scores computed as contributions arrived, by (key, version of θ,
         # closing round), and the keys whose scores are done or under way.
@@ -557,6 +558,8 @@ class Verification:
         for check in sorted(self.checks.values(), key=draw):
             if check.order.target == peer.peer_id or peer.peer_id in check.reports:
                 continue
+            if check.confirming:  # the coordinator's replay decides it now
+                continue
             if not replays and isinstance(check.order, VerifyOrder):
                 continue
             live = {v: at for v, at in check.assigned.items() if now - at <= lapse}
@@ -604,9 +607,18 @@ class Verification:
         )
         if verdict is None and event.steps != order.steps:
             verdict = f"the replay ran {event.steps} steps, not the {order.steps} claimed"
-        if not event.peer_id:  # the coordinator's own replay
+        if not event.peer_id:  # the coordinator's own replay decides, over any verifiers
             del self.checks[event.check_id]
-            return self._decide(check, "", verdict, ledger, now)
+            decisions = self._decide(check, "", verdict, ledger, now)
+            for other, said in check.reports.items():
+                if bool(said) != (verdict is not None) and other in ledger.peers:
+                    peer = ledger.peers[other]
+                    decisions.extend(
+                        self._overruled(
+                            peer, check, said, ledger, now, by="the coordinator's replay"
+                        )
+                    )
+            return decisions
         return self._report(check, event.peer_id, verdict, ledger, now)
 
     def judge_score(self, event: ScoreSubmitted, ledger: Ledger, now: float) -> list[Decision]:
@@ -651,8 +663,14 @@ class Verification:
         if verifier in ledger.peers:
             ledger.peers[verifier].standing.verified += 1
         outcome = self._outcome(check)
+        reported = CheckReported(order.check_id, order.target, order.round, verifier)
         if outcome is None:
-            return [CheckReported(order.check_id, order.target, order.round, verifier)]
+            return [reported]
+        if outcome is False and self.confirms and isinstance(order, VerifyOrder):
+            # verifiers agree the replay differs: the coordinator replays it before that counts
+            check.confirming = True
+            check.assigned.clear()
+            return [reported, replace(order, peer_id="")]
         del self.checks[order.check_id]
         agreed = [v for v, said in check.reports.items() if (not said) == outcome]
         reason = None if outcome else check.reports[agreed[0]]
@@ -698,7 +716,13 @@ class Verification:
         return decisions
 
     def _overruled(
-        self, verifier: PeerRecord, check: Check, said: str, ledger: Ledger, now: float
+        self,
+        verifier: PeerRecord,
+        check: Check,
+        said: str,
+        ledger: Ledger,
+        now: float,
+        by: str = "the verifiers who agreed",
     ) -> list[Decision]:
         """VERIFIER's report on CHECK disagreed with the verifiers who decided it. A score
         near the bar may fall either side on two honest machines, so a score report costs
@@ -719,7 +743,7 @@ class Verification:
         else:
             claim = f"a mismatch ({said})" if said else "a match"
             what, honest = f"its replay of {order.target}'s round {order.round}", False
-        reason = f"{what} reported {claim}, against the verifiers who agreed"
+        reason = f"{what} reported {claim}, against {by}"
         self._record(now, verifier.peer_id, order.round, "spot_check", "verifier_overruled", reason)
         if honest:
             return []

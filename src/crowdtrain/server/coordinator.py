@@ -261,6 +261,12 @@ class Coordinator:
             seed=config.data.seed,
         )
         self.protocol = self._load_protocol()
+        # replays the coordinator owed before a restart (checks it confirms) are owed again
+        self._replays = [
+            replace(c.order, peer_id="")
+            for c in self.protocol.checks.values()
+            if c.confirming and isinstance(c.order, VerifyOrder)
+        ]
         latest = self.store.latest_version()
         if latest is not None and latest.metrics.get("eval_loss", 0.0) is None:
             # stopped between storing a version and evaluating it
