@@ -16,6 +16,7 @@ from crowdtrain.config import (
     RunConfig,
     allowed_values,
     config_hash,
+    confirms_on_coordinator,
     derived_settings,
     load_config,
     parse_config,
@@ -108,7 +109,7 @@ def test_adam_settings_stay_out_of_other_configs_and_their_hash() -> None:
 
 
 #: Scoring placed explicitly, so that it is not among the derived settings.
-SCORED_HERE = {"defence": {"scoring": "coordinator"}}
+SCORED_HERE = {"defence": {"scoring": "coordinator", "check_confirm": "coordinator"}}
 
 
 def test_where_scoring_runs_is_derived_from_the_model_size_unless_set() -> None:
@@ -124,6 +125,17 @@ def test_where_scoring_runs_is_derived_from_the_model_size_unless_set() -> None:
     peer = parse_config({"defence": {"scoring": "peer"}}).defence
     assert scores_on_peers(peer, 1)
     assert not scores_on_peers(parse_config(SCORED_HERE).defence, 10**12)
+
+
+def test_check_confirmation_is_derived_where_the_coordinator_scores() -> None:
+    small = derived_settings({"defence": {"scoring": "peer"}})
+    assert any(line.startswith("defence.check_confirm = off (derived") for line in small)
+    here = derived_settings({})
+    assert any(line.startswith("defence.check_confirm = coordinator (derived") for line in here)
+    assert confirms_on_coordinator(parse_config({}).defence, 10**6)
+    assert not confirms_on_coordinator(parse_config({}).defence, 10**12)
+    off = parse_config({"defence": {"check_confirm": "off"}}).defence
+    assert not confirms_on_coordinator(off, 1)
 
 
 def test_outer_settings_are_derived_unless_set_and_show_says_which() -> None:

@@ -562,16 +562,28 @@ def derived_settings(raw: Mapping[str, Any]) -> list[str]:
             "one more contribution); set a fraction of the round in [rounds] to override"
         )
     defence = raw.get("defence", {})
-    if not isinstance(defence, dict) or defence.get("scoring", "auto") == "auto":
+    defence = defence if isinstance(defence, dict) else {}
+    scoring_auto = defence.get("scoring", "auto") == "auto"
+    confirm_auto = defence.get("check_confirm", "auto") == "auto"
+    if scoring_auto or confirm_auto:
         from crowdtrain.models import count_params  # the models import this module
 
         params = count_params(ModelConfig.model_validate(raw.get("model", {})))
-        where = "peer" if params > SCORING_ON_COORDINATOR_MAX_PARAMS else "coordinator"
-        side = "above" if where == "peer" else "at most"
-        lines.append(
-            f"defence.scoring = {where} (derived: the model has {params:,} parameters, {side} "
-            f"{SCORING_ON_COORDINATOR_MAX_PARAMS:,}; set it in [defence] to override)"
-        )
+        dcfg = DefenceConfig.model_validate(defence)
+        on_peers = scores_on_peers(dcfg, params)
+        if scoring_auto:
+            side = "above" if on_peers else "at most"
+            lines.append(
+                f"defence.scoring = {'peer' if on_peers else 'coordinator'} (derived: the model "
+                f"has {params:,} parameters, {side} {SCORING_ON_COORDINATOR_MAX_PARAMS:,}; set "
+                "it in [defence] to override)"
+            )
+        if confirm_auto:
+            how = "off" if not confirms_on_coordinator(dcfg, params) else "coordinator"
+            lines.append(
+                f"defence.check_confirm = {how} (derived: the coordinator replays a check that "
+                "verifiers agree failed where it also scores; set it in [defence] to override)"
+            )
     return lines
 
 
