@@ -46,8 +46,10 @@ def main(path: str) -> None:
             plain_cells = f"diverged ({plain:.4g}) | diverged"
         else:
             plain_cells = f"{plain:.4g} | {_relative(plain / doc['clean_plain_eval_loss'])}"
+        sybils = row.get("sybils_per_honest")
+        who = f"{row['fraction']:.0%}" if sybils is None else f"{sybils}× sybils"
         print(
-            f"| {row['attack']} | {row['fraction']:.0%} | {defended:.4f}"
+            f"| {row['attack']} | {who} | {defended:.4f}"
             f"{' (diverged)' if row.get('defended_diverged') else ''} "
             f"| {defended / clean - 1:+.1%} | {defended / row['honest_only_eval_loss'] - 1:+.1%} "
             f"| {plain_cells} "
