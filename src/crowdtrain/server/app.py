@@ -2,7 +2,8 @@
 
 ``create_app`` builds the application around one ``Coordinator``: the routers of
 ``crowdtrain.server.routes`` (volunteers, dashboard, admin, blobs), the exception handlers that
-turn every failure into ``{"error": code, "detail": ...}``, the byte-counting middleware, the
+turn every failure into ``{"error": code, "detail": ...}``, the body-bounding
+(``server.limits``) and byte-counting middleware, the
 dashboard's static files, and a lifespan task that ticks the coordinator so rounds close at
 their deadlines. Handlers reach the coordinator through a dependency on ``app.state``.
 """
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from crowdtrain.server.coordinator import Coordinator, Problem
+from crowdtrain.server.limits import BodyLimit, BodyTimeout
 from crowdtrain.server.metrics import ByteCounter
 from crowdtrain.server.routes import ROUTERS
 from crowdtrain.server.routes.dashboard import STATIC
@@ -42,6 +44,12 @@ def _add_exception_handlers(app: FastAPI) -> None:
         response = _problem(exc.status, exc.code, exc.detail)
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
+
+    @app.exception_handler(BodyTimeout)
+    async def on_stall(request: Request, exc: BodyTimeout) -> JSONResponse:
+        response = _problem(408, "body_timeout", str(exc))
+        response.headers["Connection"] = "close"
         return response
 
     @app.exception_handler(StarletteHTTPException)
@@ -98,6 +106,7 @@ def create_app(coordinator: Coordinator, *, tick_interval: float = 0.5) -> FastA
         lifespan=lifespan,
     )
     app.state.coordinator = coordinator
+    app.add_middleware(BodyLimit)
     app.add_middleware(ByteCounter, metrics=coordinator.metrics)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_exception_handlers(app)
