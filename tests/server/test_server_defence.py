@@ -200,8 +200,12 @@ def test_verifications_for_unknown_or_foreign_checks_are_refused(
     checking: TestClient, config: RunConfig
 ) -> None:
     a, b, payload_b = close_round_zero(checking, config)
-    doc = assert_error(put_verification(checking, a, "ab" * 12, payload_b), 409)
+    coordinator = checking.app.state.coordinator  # type: ignore[attr-defined]
+    stored = set(coordinator.blobs.root.rglob("*"))
+    other = make_payload(config, seed=99)  # bytes the coordinator holds nowhere
+    doc = assert_error(put_verification(checking, a, "ab" * 12, other), 409)
     assert doc["error"] == "no_check"
+    assert set(coordinator.blobs.root.rglob("*")) == stored  # refused before it was read
     order = work(checking, a)
     assert order["kind"] == "verify"
     doc = assert_error(put_verification(checking, b, order["check_id"], payload_b), 409)

@@ -694,6 +694,16 @@ class Coordinator:
                 raise Problem(401, "unknown_peer", d.reason)
         raise Problem(500, "internal", "the protocol gave no decision for this contribution")
 
+    def expect_verification(self, peer_id: str, check_id: str) -> None:
+        """Problem(409) unless CHECK_ID is an open spot-check assigned to PEER_ID: asked before
+        a replay's body is read, so an upload for no check stores nothing."""
+        with self.lock:
+            check = self.protocol.checks.get(check_id)
+            if check is None or not isinstance(check.order, VerifyOrder):
+                raise Problem(409, "no_check", f"no open spot-check has id {check_id}")
+            if peer_id not in check.assigned:
+                raise Problem(409, "no_check", "this check is not assigned to this peer")
+
     def verification(
         self, peer_id: str, check_id: str, steps: int, payload_sha: str, size: int
     ) -> dict[str, Any]:
@@ -709,7 +719,7 @@ class Coordinator:
             decisions = self._handle(event)
             self._persist(decisions)
         for d in decisions:
-            if isinstance(d, Unknown):
+            if isinstance(d, Unknown):  # (blobs are content-addressed: another may share it)
                 raise Problem(409, "no_check", d.reason)
         return {"check_id": check_id, "received": True}
 

@@ -181,6 +181,7 @@ async def verification(
     content_length: Annotated[int | None, Header(ge=0)] = None,
 ) -> dict[str, Any]:
     meta, length = upload_headers(coordinator, x_crowdtrain_meta, content_length, VerifyMetaHeader)
+    coordinator.expect_verification(peer_id, check_id)
     sha, size = await upload_body(coordinator, request, length)
     return await run_in_threadpool(
         coordinator.verification, peer_id, check_id, meta.steps, sha, size
