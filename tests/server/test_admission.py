@@ -345,3 +345,13 @@ def test_seed_invite_starts_established(
     assert is_trusted(again.protocol.peers[seed.peer_id].standing, defence)
     with pytest.raises(ValueError):
         AdmissionConfig(seed_invite="short")
+
+
+def test_the_state_is_private_to_the_coordinators_user(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    coordinator, _ = door(config, tmp_path, clock)
+    state = tmp_path / "state"
+    assert state.stat().st_mode & 0o777 == 0o700
+    assert (state / "state.sqlite").stat().st_mode & 0o077 == 0
+    coordinator.shutdown()

@@ -236,8 +236,14 @@ class Coordinator:
         # Writing a close's blobs: mostly waiting on the disk, so threads beyond the workers.
         self._persisting = ThreadPoolExecutor(min(4, max(1, workers)), "crowdtrain-persist")
         state_dir.mkdir(parents=True, exist_ok=True)
+        # The state holds token hashes, the fingerprint and admission secrets and every
+        # volunteer's payload: only the coordinator's user may enter it.
+        state_dir.chmod(0o700)
         self.blobs = DirBlobStore(state_dir / "blobs")
         self.store = SqliteStateStore(state_dir / "state.sqlite")
+        for name in ("state.sqlite", "state.sqlite-wal", "state.sqlite-shm"):
+            if (state_dir / name).exists():
+                (state_dir / name).chmod(0o600)
         self._check_config()
         self.shapes = param_shapes(config.model)
         self.max_payload_bytes = codec.max_payload_bytes(self.shapes, config.codec)
