@@ -235,6 +235,15 @@ def test_one_accepted_contribution_per_peer_and_round(state: StateStore) -> None
     assert state.contributions_for_round(3) == [contribution("p1", 3)]
 
 
+def test_blob_accepted_says_whether_an_accepted_payload_is_that_blob(state: StateStore) -> None:
+    state.add_peer(peer(1))
+    state.add_peer(peer(2))
+    state.record_contribution(contribution("p1", 0, blob_sha=sha(b"x"), status="rejected"))
+    assert not state.blob_accepted(sha(b"x"))
+    state.record_contribution(contribution("p2", 0, blob_sha=sha(b"x")))
+    assert state.blob_accepted(sha(b"x")) and not state.blob_accepted(sha(b"y"))
+
+
 def test_rejected_contributions_may_repeat(state: StateStore) -> None:
     state.add_peer(peer(1))
     bad1 = contribution("p1", 0, status="rejected", reason="norm too large", weight=0.0)

@@ -76,6 +76,7 @@ def test_version_1_store_is_migrated_keeping_the_first_of_each_name(tmp_path: Pa
             token_hash TEXT NOT NULL UNIQUE, device TEXT NOT NULL, created_at REAL NOT NULL,
             last_seen REAL NOT NULL, banned INTEGER NOT NULL, ban_reason TEXT)"""
         )
+        conn.execute("CREATE TABLE contributions (id INTEGER PRIMARY KEY, blob_sha TEXT)")
         for n, name in enumerate(["vol", "Vol", "other"]):
             conn.execute(
                 "INSERT INTO peers VALUES (?, ?, ?, '{}', ?, ?, 0, NULL)",

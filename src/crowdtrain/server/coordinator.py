@@ -68,6 +68,7 @@ from crowdtrain.server.admission import (
     Admission,
     AdmissionConfig,
     AdmissionRefused,
+    RateLimiter,
     name_is_printable,
 )
 from crowdtrain.server.dashboard import (
@@ -83,6 +84,7 @@ from crowdtrain.server.metrics import RunMetrics
 from crowdtrain.server.tracking import MultiTracker, Tracker
 from crowdtrain.store import (
     AlreadyExists,
+    BlobNotFound,
     BlobTooLarge,
     ContributionRow,
     DirBlobStore,
@@ -98,6 +100,11 @@ log = logging.getLogger(__name__)
 
 MAX_META_BYTES = 4096
 AdminEvent = PeerBanned | PeerUnbanned | RunPaused | RunResumed | DeadlineChanged
+
+
+#: Refused uploads a peer may make at once, and then one per this many seconds.
+REFUSALS_BURST = 8
+REFUSAL_EVERY_S = 60.0
 
 
 class Problem(Exception):
@@ -258,6 +265,9 @@ class Coordinator:
         self.probe = ShardProbe.of_run(shards.load, self.data.val_ids, config)
         self.secret = self._secret()
         self.admission = Admission(self.admission_config, self._admission_secret())
+        # Refused uploads a peer may make: REFUSALS_BURST, then one a REFUSAL_EVERY_S; beyond
+        # that its uploads get 429 before their bodies are read.
+        self._refusals = RateLimiter(REFUSALS_BURST, 1.0 / REFUSAL_EVERY_S)
         self.evals = eval_batches(
             val,
             self.data.val_ids,
@@ -633,10 +643,13 @@ class Coordinator:
         try:
             payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
             header = codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
+        except BlobNotFound:  # the same bytes, refused for another peer meanwhile, were dropped
+            raise Problem(503, "retry", "the upload was lost; send it again", 1.0) from None
         except (codec.PayloadError, BlobTooLarge) as exc:
             with self.lock:
                 self._persist(self._handle(ContributionMalformed(peer_id, round_number, str(exc))))
             self._record_rejection(peer_id, round_number, meta, payload_sha, size, str(exc))
+            self._refused(peer_id, payload_sha)
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
         event = ContributionSubmitted(
@@ -692,6 +705,7 @@ class Coordinator:
                 if d.code == "closed" and round_number > current and not finished:
                     reason = f"round {round_number} has not opened yet; the open round is {current}"
                 self._record_rejection(peer_id, round_number, meta, payload_sha, size, reason)
+                self._refused(peer_id, payload_sha)
                 status = 409 if d.code in ("closed", "no_order", "bad_base") else 400
                 raise Problem(status, d.code, reason)
             if isinstance(d, Banned):
@@ -699,6 +713,26 @@ class Coordinator:
             if isinstance(d, Unknown):
                 raise Problem(401, "unknown_peer", d.reason)
         raise Problem(500, "internal", "the protocol gave no decision for this contribution")
+
+    def expect_upload(self, peer_id: str) -> None:
+        """Problem(429) when PEER_ID has had too many uploads refused lately: asked before an
+        upload's body is read, so a peer that floods refused uploads is slowed before it can
+        fill the disk or the link (honest volunteers see a refusal a run, if any)."""
+        with self.lock:
+            wait = self._refusals.wait(peer_id, self.clock())
+        if wait:
+            raise Problem(
+                429, "too_many_refusals", "too many of this peer's uploads were refused", wait
+            )
+
+    def _refused(self, peer_id: str, payload_sha: str) -> None:
+        """Count a refused upload against PEER_ID, and keep its bytes only if an accepted
+        contribution is the same blob (blobs are content-addressed); the row keeps the hash
+        and the reason as evidence."""
+        with self.lock:
+            self._refusals.take(peer_id, self.clock())
+            if not self.store.blob_accepted(payload_sha):
+                self.blobs.delete(payload_sha)
 
     def expect_verification(self, peer_id: str, check_id: str) -> None:
         """Problem(409) unless CHECK_ID is an open spot-check assigned to PEER_ID: asked before
@@ -718,6 +752,7 @@ class Coordinator:
             payload = self.blobs.read(payload_sha, max_bytes=self.max_payload_bytes)
             header = codec.validate(payload, self.shapes, max_bytes=self.max_payload_bytes)
         except (codec.PayloadError, BlobTooLarge) as exc:
+            self._refused(peer_id, payload_sha)
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
         event = VerificationSubmitted(check_id, peer_id, self._source(payload_sha, header), steps)
@@ -725,7 +760,8 @@ class Coordinator:
             decisions = self._handle(event)
             self._persist(decisions)
         for d in decisions:
-            if isinstance(d, Unknown):  # (blobs are content-addressed: another may share it)
+            if isinstance(d, Unknown):  # the check ended while the body came
+                self._refused(peer_id, payload_sha)
                 raise Problem(409, "no_check", d.reason)
         return {"check_id": check_id, "received": True}
 

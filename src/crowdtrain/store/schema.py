@@ -52,6 +52,7 @@ TABLES: tuple[str, ...] = (
     """CREATE UNIQUE INDEX contributions_accepted_once
         ON contributions (peer_id, round) WHERE status = 'accepted'""",
     "CREATE INDEX contributions_by_round ON contributions (round, id)",
+    "CREATE INDEX contributions_by_blob ON contributions (blob_sha)",
     """CREATE TABLE versions (
         version INTEGER PRIMARY KEY,
         round INTEGER NOT NULL,
@@ -79,5 +80,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             (SELECT min(rowid) FROM peers GROUP BY lower(trim(name)))""",
         "CREATE UNIQUE INDEX peers_by_name ON peers (name_key)",
         "CREATE UNIQUE INDEX peers_by_subject ON peers (subject)",
+        "CREATE INDEX contributions_by_blob ON contributions (blob_sha)",
     ),
 }

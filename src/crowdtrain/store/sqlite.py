@@ -338,6 +338,13 @@ class SqliteStateStore:
             f"An accepted contribution of peer {row.peer_id!r} for round {row.round}",
         )
 
+    def blob_accepted(self, sha: str) -> bool:
+        rows = self._read(
+            "SELECT 1 FROM contributions WHERE blob_sha = ? AND status = 'accepted' LIMIT 1",
+            (sha,),
+        )
+        return bool(rows)
+
     def get_contribution(self, peer_id: str, round: int) -> ContributionRow | None:
         rows = self._read(
             f"SELECT {_CONTRIBUTION_COLUMNS} FROM contributions WHERE peer_id = ? AND round = ? "

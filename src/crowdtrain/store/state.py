@@ -159,6 +159,10 @@ class StateStore(Protocol):
         """Store a contribution; `AlreadyExists` for a second accepted row of a (peer, round)."""
         ...
 
+    def blob_accepted(self, sha: str) -> bool:
+        """Whether an accepted contribution's payload is the blob SHA."""
+        ...
+
     def get_contribution(self, peer_id: str, round: int) -> ContributionRow | None:
         """The accepted contribution of the peer for the round; failing that the latest
         rejected one; failing that None."""

@@ -160,6 +160,7 @@ async def contribute(
     done = coordinator.existing_receipt(peer_id, round_number)
     if done is not None:
         return done
+    coordinator.expect_upload(peer_id)
     sha, size = await upload_body(coordinator, request, length)
     return await run_in_threadpool(
         coordinator.submit,
@@ -181,6 +182,7 @@ async def verification(
     content_length: Annotated[int | None, Header(ge=0)] = None,
 ) -> dict[str, Any]:
     meta, length = upload_headers(coordinator, x_crowdtrain_meta, content_length, VerifyMetaHeader)
+    coordinator.expect_upload(peer_id)
     coordinator.expect_verification(peer_id, check_id)
     sha, size = await upload_body(coordinator, request, length)
     return await run_in_threadpool(
