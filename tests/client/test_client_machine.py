@@ -356,3 +356,29 @@ def test_error_feedback_keeps_its_residual_across_a_reset() -> None:
     m.reset()
     assert m.state is vm.State.IDLE and m.residual is kept
     assert m.handle(ve.Start()) == [ve.AskForWork()]
+
+
+def test_a_colluding_verifier_uploads_its_lie_as_its_replay() -> None:
+    """The `collude` attack lies where an honest verifier replays: its upload (payload and
+    result alike) is its accomplice's own submission, or its replay turned around."""
+    from crowdtrain.adversary import RoundView
+
+    mine = params(0.75)
+
+    def view(round: int, own: dict[str, torch.Tensor]) -> RoundView:
+        coalition = frozenset({"peer-a", "peer-b"})
+        return RoundView(round, 5, 2, coalition=coalition, accomplices={"peer-b": mine})
+
+    for target, expected in (("peer-b", mine), ("peer-c", params(-0.25))):
+        m = vm.VolunteerMachine(
+            "peer-a", config(), SHAPES, attacker=Attacker("collude", "peer-a", 0), view=view
+        )
+        m.handle(ve.Start())
+        check = CheckOrder(target=target)
+        m.handle(ve.GotCheck(check))
+        m.handle(ve.InputsReady(params(2.0)))
+        upload = one(m.handle(ve.Trained(result(4))))
+        assert isinstance(upload, ve.UploadReplay)
+        assert all(torch.equal(upload.result.delta[k], expected[k]) for k in SHAPES)
+        decoded = codec.decode(upload.payload, SHAPES)
+        assert all(torch.allclose(decoded[k], expected[k], atol=0.01) for k in SHAPES)
