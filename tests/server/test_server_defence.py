@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -330,7 +331,7 @@ def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
     order = work(client, a)
     assert order["kind"] == "score" and order["target"] != a.peer_id
     msg = ScoreOrderMsg.model_validate(order)  # what the client reads, as the API documents it
-    assert client.get(f"/v1/blobs/{msg.payload}").status_code == 200
+    assert client.get(f"/v1/blobs/{msg.payload}", headers=a.auth).status_code == 200  # scorer
     # refused unread or unparsed: too long, not JSON, a missing field; a check not ours
     too_long = {**GOOD_SCORE, "pad": "x" * 5000}
     assert assert_error(put_score(client, a, msg.check_id, too_long), 413)["error"] == "too_large"
@@ -356,3 +357,38 @@ def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
     assert entry["flagged"] == 1 and entry["samples"] == 0
     verdicts = client.get("/v1/status").json()["verdicts"]
     assert any(v["stage"] == "usefulness" and v["outcome"] == "flagged" for v in verdicts)
+
+
+def test_a_contribution_payload_is_private_to_its_author_its_verifiers_and_the_admin(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    cfg = defended(
+        config,
+        check_p_new=1.0,
+        probation_rounds=0,
+        reputation_initial=1.0,
+        trust_threshold=0.0,
+        check_fail_quorum=1,
+    )
+    coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1, admin_token="adm")
+    with TestClient(create_app(coord), raise_server_exceptions=False) as client:
+        a, b, payload_b = close_round_zero(client, config)
+        c = register(client, "c")
+        sha_b = hashlib.sha256(payload_b).hexdigest()
+
+        def get(headers: dict[str, str]) -> Any:
+            return client.get(f"/v1/blobs/{sha_b}", headers=headers)
+
+        assert get(b.auth).content == payload_b  # its author
+        assert get({"Authorization": "Bearer adm"}).status_code == 200  # the admin
+        for who in ({}, c.auth, {"Authorization": "Bearer not-a-token"}):
+            assert assert_error(get(who), 403)["error"] == "private_blob"
+        # a verifier assigned to check it may read it
+        order = work(client, a)
+        assert order["kind"] == "verify"
+        assert order["target"] == b.peer_id  # a cannot check itself
+        assert get(a.auth).content == payload_b
+        # weights and data shards stay public
+        weights = coord.store.get_version(1)
+        assert weights is not None
+        assert client.get(f"/v1/blobs/{weights.weights_sha}").status_code == 200

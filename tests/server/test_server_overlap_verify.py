@@ -112,7 +112,7 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
         "first_batch": 2,
         "steps": 1,
     }
-    blob = checking.get(f"/v1/blobs/{check['prior']['payload']}")
+    blob = checking.get(f"/v1/blobs/{check['prior']['payload']}", headers=b.auth)  # its verifier
     assert blob.status_code == 200 and blob.content == round0[a.peer_id]
 
 

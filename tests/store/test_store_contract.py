@@ -242,6 +242,7 @@ def test_blob_accepted_says_whether_an_accepted_payload_is_that_blob(state: Stat
     assert not state.blob_accepted(sha(b"x"))
     state.record_contribution(contribution("p2", 0, blob_sha=sha(b"x")))
     assert state.blob_accepted(sha(b"x")) and not state.blob_accepted(sha(b"y"))
+    assert state.blob_authors(sha(b"x")) == {"p1", "p2"} and state.blob_authors(sha(b"y")) == set()
 
 
 def test_rejected_contributions_may_repeat(state: StateStore) -> None:

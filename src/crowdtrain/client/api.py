@@ -331,7 +331,7 @@ class CoordinatorApi:
         stop: threading.Event | None = None,
     ) -> None:
         self.base_url = normalize_url(base_url)
-        self.token = token
+        self._token: str | None = None
         self.policy = policy if policy is not None else RetryPolicy()
         self.stop = stop
         if sleep is None:
@@ -344,6 +344,21 @@ class CoordinatorApi:
             follow_redirects=False,
             headers={"User-Agent": _user_agent(), "Accept-Encoding": "identity"},
         )
+        self.token = token
+
+    @property
+    def token(self) -> str | None:
+        """The bearer token; once set, every request carries it (downloads of payloads that
+        are private to this volunteer or the checks it is assigned need it)."""
+        return self._token
+
+    @token.setter
+    def token(self, value: str | None) -> None:
+        self._token = value
+        if value:
+            self._client.headers["Authorization"] = f"Bearer {value}"
+        else:
+            self._client.headers.pop("Authorization", None)
 
     def close(self) -> None:
         self._client.close()

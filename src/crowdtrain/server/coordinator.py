@@ -714,6 +714,37 @@ class Coordinator:
                 raise Problem(401, "unknown_peer", d.reason)
         raise Problem(500, "internal", "the protocol gave no decision for this contribution")
 
+    def check_blob_access(self, sha: str, token: str | None) -> None:
+        """Problem(403) unless the blob SHA is public or TOKEN may read it. A volunteer's
+        contribution payload is readable only by its author, the verifiers assigned to check
+        or score it (its payload, or the prior payload of an overlapped replay) and the admin;
+        weights, moments, updates, data shards and replays are public."""
+        authors = self.store.blob_authors(sha)
+        if not authors:
+            return
+        if token and self.admin_token and secrets.compare_digest(token, self.admin_token):
+            return
+        row = self.store.peer_by_token_hash(token_hash(token)) if token else None
+        if row is not None and not row.banned:
+            if row.peer_id in authors:
+                return
+            with self.lock:
+                for check in self.protocol.checks.values():
+                    prior = getattr(check.order, "prior", None)
+                    refs = {
+                        check.ref,
+                        getattr(check.order, "payload_ref", ""),  # a score order's target
+                        prior.payload_ref if prior is not None else "",
+                    }
+                    if row.peer_id in check.assigned and sha in refs:
+                        return
+        raise Problem(
+            403,
+            "private_blob",
+            "this blob is a volunteer's contribution: only its author, the verifiers assigned "
+            "to it and the admin may read it (send the bearer token)",
+        )
+
     def expect_upload(self, peer_id: str) -> None:
         """Problem(429) when PEER_ID has had too many uploads refused lately: asked before an
         upload's body is read, so a peer that floods refused uploads is slowed before it can

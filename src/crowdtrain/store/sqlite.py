@@ -345,6 +345,10 @@ class SqliteStateStore:
         )
         return bool(rows)
 
+    def blob_authors(self, sha: str) -> set[str]:
+        rows = self._read("SELECT DISTINCT peer_id FROM contributions WHERE blob_sha = ?", (sha,))
+        return {str(row[0]) for row in rows}
+
     def get_contribution(self, peer_id: str, round: int) -> ContributionRow | None:
         rows = self._read(
             f"SELECT {_CONTRIBUTION_COLUMNS} FROM contributions WHERE peer_id = ? AND round = ? "

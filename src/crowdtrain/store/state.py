@@ -163,6 +163,10 @@ class StateStore(Protocol):
         """Whether an accepted contribution's payload is the blob SHA."""
         ...
 
+    def blob_authors(self, sha: str) -> set[str]:
+        """The peers whose contributions (accepted or refused) uploaded the blob SHA."""
+        ...
+
     def get_contribution(self, peer_id: str, round: int) -> ContributionRow | None:
         """The accepted contribution of the peer for the round; failing that the latest
         rejected one; failing that None."""

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from crowdtrain.server.coordinator import Problem
-from crowdtrain.server.routes.deps import CoordinatorDep
+from crowdtrain.server.routes.deps import CoordinatorDep, bearer
 from crowdtrain.store import BlobNotFound
 
 router = APIRouter()
@@ -42,12 +42,16 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 # No docstring: FastAPI would publish it as the route's OpenAPI description.
 @router.get("/v1/blobs/{sha}", response_model=None)
 def blob(
-    sha: str, coordinator: CoordinatorDep, range: Annotated[str | None, Header()] = None
+    sha: str,
+    coordinator: CoordinatorDep,
+    range: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     try:
         size = coordinator.blobs.size(sha)
     except (BlobNotFound, ValueError):
         raise Problem(404, "no_blob", f"no blob {sha[:64]!r} on this coordinator") from None
+    coordinator.check_blob_access(sha, bearer(authorization))
     headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
     if range is None:
         headers["Content-Length"] = str(size)

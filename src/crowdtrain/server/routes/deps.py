@@ -28,7 +28,7 @@ async def get_coordinator(request: Request) -> Coordinator:
 CoordinatorDep = Annotated[Coordinator, Depends(get_coordinator)]
 
 
-def _bearer(authorization: str | None) -> str | None:
+def bearer(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None."""
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
@@ -39,7 +39,7 @@ def authenticate_peer(
     coordinator: CoordinatorDep, authorization: Annotated[str | None, Header()] = None
 ) -> str:
     """FastAPI dependency: the peer id behind the request's bearer token (else 401)."""
-    return coordinator.authenticate(_bearer(authorization))
+    return coordinator.authenticate(bearer(authorization))
 
 
 Peer = Annotated[str, Depends(authenticate_peer)]
@@ -51,6 +51,6 @@ def require_admin(
     """FastAPI dependency: the request carries the coordinator's admin token (else 401/403)."""
     if coordinator.admin_token is None:
         raise Problem(403, "no_admin", "this coordinator was started without an admin token")
-    token = _bearer(authorization) or ""
+    token = bearer(authorization) or ""
     if not secrets.compare_digest(token.encode(), coordinator.admin_token.encode()):
         raise Problem(401, "bad_admin_token", "this call needs the run's admin token")
