@@ -48,6 +48,9 @@ The attacks and where they come from:
   clears its accomplices' spot-checks by uploading their own submissions as its replays, and
   frames honest peers by uploading its replay turned around: the colluding verifiers of the
   threat model (docs/SECURITY.md, "A malicious verifier").
+- ``wrong_data``: an honest update trained on other data than assigned (its assigned text read
+  backwards: same tokens, another distribution), the defences issue's "training on data other
+  than assigned": only usefulness on the *assigned* batches and replays can tell.
 - ``inflate``: an honest Δ with samples and tokens claimed ×100, aimed at sample-weighted
   averaging (FedAvg, McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks
   from Decentralized Data", AISTATS, arXiv:1602.05629).
@@ -88,6 +91,7 @@ ATTACKS: tuple[str, ...] = (
     "edge",
     "drift",
     "collude",
+    "wrong_data",
 )
 
 #: ‖noise‖ / ‖Δ‖ of the `noise` attack.
@@ -220,7 +224,11 @@ class Attacker:
 
     def poison(self, batches: Iterator[Batch], vocab_size: int) -> Iterator[Batch]:
         """The batches to train on: unchanged, except for `poison`, which maps every target
-        y through `target_permutation(seed, vocab_size)` and leaves the inputs x as they are."""
+        y through `target_permutation(seed, vocab_size)` and leaves the inputs x as they are,
+        and `wrong_data`, which trains on other text than it was assigned: each sequence read
+        backwards (the same tokens, another distribution)."""
+        if self.name == "wrong_data":
+            return _reversed(batches)
         if self.name != "poison":
             return batches
         return _relabel(batches, target_permutation(self.seed, vocab_size))
@@ -381,6 +389,13 @@ def _corrupt(
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A 1-D CPU tensor's raw (little-endian) bytes, as the digest reads them."""
     return t.contiguous().view(torch.uint8).numpy().data
+
+
+def _reversed(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Each window read backwards: x and y (x shifted by one) rebuilt from the reversed text."""
+    for x, y in batches:
+        text = torch.cat([x[:, :1], y], dim=1).flip(dims=[1])
+        yield text[:, :-1].contiguous(), text[:, 1:].contiguous()
 
 
 def _relabel(batches: Iterator[Batch], perm: torch.Tensor) -> Iterator[Batch]:

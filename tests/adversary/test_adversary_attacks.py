@@ -415,3 +415,13 @@ def test_colluding_verifiers_clear_accomplices_and_frame_the_honest() -> None:
     sent = flat(liar.forge(make_delta(9), CLAIM, view).delta)
     mean = flat(make_delta(3))
     assert norm_of(sent - mean) == pytest.approx(0.25 * norm_of(mean), rel=1e-5)
+
+
+def test_wrong_data_trains_on_its_text_read_backwards() -> None:
+    x = torch.tensor([[1, 2, 3, 4]])
+    y = torch.tensor([[2, 3, 4, 5]])
+    ((rx, ry),) = list(Attacker("wrong_data", "p", 0).poison(iter([(x, y)]), 256))
+    assert rx.tolist() == [[5, 4, 3, 2]] and ry.tolist() == [[4, 3, 2, 1]]
+    assert torch.equal(rx[:, 1:], ry[:, :-1])  # still next-token pairs
+    ((sx, sy),) = list(Attacker("sign_flip", "p", 0).poison(iter([(x, y)]), 256))
+    assert torch.equal(sx, x) and torch.equal(sy, y)
