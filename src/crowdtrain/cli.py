@@ -742,6 +742,10 @@ def bench_robustness(
     runs: Annotated[
         Path | None, typer.Option(help="Keep every run's JSON (with its verdicts) here.")
     ] = None,
+    attacks: Annotated[
+        str | None,
+        typer.Option(help="Only these attacks (comma-separated), with the clean references."),
+    ] = None,
 ) -> None:
     """Every attack with the defences on and with a plain mean, against the clean run."""
     from crowdtrain.benchmarks.robustness import run_robustness_bench
@@ -752,6 +756,7 @@ def bench_robustness(
             jobs=jobs,
             runs_dir=runs,
             log=lambda line: console.print(line, highlight=False),
+            attacks=None if attacks is None else [a.strip() for a in attacks.split(",") if a],
         )
         clean = doc["clean_eval_loss"]
         table = Table(title=f"robustness (clean run: eval loss {clean:.4f})")

@@ -78,3 +78,15 @@ def test_simulate_refuses_a_bad_attack_in_one_sentence() -> None:
     assert "unknown attack 'gremlins'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["simulate", "--attack", "noise", "--attackers", "4"])
     assert result.exit_code != 0 and "between 1 and 3" in result.output
+
+
+def test_the_attacks_option_refuses_unknown_or_no_attacks() -> None:
+    import pytest
+
+    from crowdtrain.benchmarks.robustness import run_robustness_bench
+    from crowdtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown attack 'nope'"):
+        run_robustness_bench(quick=True, attacks=["sign_flip", "nope"])
+    with pytest.raises(ConfigError, match="names no attack"):
+        run_robustness_bench(quick=True, attacks=[])

@@ -20,14 +20,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from crowdtrain.adversary import ATTACKS
-from crowdtrain.config import parse_config
+from crowdtrain.config import ConfigError, parse_config
 from crowdtrain.data import ensure_packed_for
 
 
@@ -183,8 +183,10 @@ def run_robustness_bench(
     jobs: int = 2,
     runs_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    attacks: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Run the clean, defended and undefended swarms; return the benchmark's JSON document.
+    `attacks` keeps only those attacks' rows (at every fraction, and their sybil floods).
 
     Besides one defended and one plain run per attack, it runs: the clean run with the
     defences on and with a plain mean; the honest peers alone (what perfect exclusion of the
@@ -196,7 +198,14 @@ def run_robustness_bench(
     s = QUICK if quick else FULL
     k20 = max(1, round(0.2 * s.peers))
     k40 = max(1, round(0.4 * s.peers))
-    cases = [(a, k20) for a in AT_20] + [(a, k40) for a in AT_40]
+    if attacks is not None and not attacks:
+        raise ConfigError("--attacks names no attack; leave it out to run them all")
+    if attacks is not None and (unknown := set(attacks) - set(ATTACKS)):
+        raise ConfigError(
+            f"unknown attack {sorted(unknown)[0]!r}; the attacks are {', '.join(ATTACKS)}"
+        )
+    keep = set(ATTACKS if attacks is None else attacks)
+    cases = [(a, k20) for a in AT_20 if a in keep] + [(a, k40) for a in AT_40 if a in keep]
     data_dir = str(Path("data/stdlib").resolve())
     defended, plain = scenario(s, True, data_dir), scenario(s, False, data_dir)
     long = replace(s, rounds=s.rounds * LONG_ROUNDS_FACTOR)
@@ -212,7 +221,7 @@ def run_robustness_bench(
     for attack, k in cases:
         runs.append((f"{attack}-{k}-defended", defended, attack, k))
         runs.append((f"{attack}-{k}-plain", plain, attack, k))
-    sybils = [(a, m * s.peers) for a in SYBIL_ATTACKS for m in SYBIL_MULTIPLES]
+    sybils = [(a, m * s.peers) for a in SYBIL_ATTACKS if a in keep for m in SYBIL_MULTIPLES]
     for attack, k in sybils:
         for tag, on in (("defended", True), ("plain", False)):
             doc = scenario(s, on, data_dir, peers=s.peers + k)
