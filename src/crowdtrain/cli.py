@@ -735,7 +735,10 @@ def bench_algo(
 @bench_app.command("robustness")
 def bench_robustness(
     quick: Annotated[
-        bool, typer.Option(help="The small setting (71 runs, about 35 min on 2 cores).")
+        bool,
+        typer.Option(
+            help="The small setting (73 runs, about 35 min on 2 cores; --attacks picks fewer)."
+        ),
     ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
     jobs: Annotated[int, typer.Option(min=1, max=64, help="Runs at a time.")] = 2,
