@@ -29,6 +29,7 @@ from crowdtrain.config import (
     load_config,
     load_raw,
 )
+from crowdtrain.server.admission import AdmissionConfig
 
 if TYPE_CHECKING:
     from crowdtrain.sim.scenario import Scenario
@@ -443,11 +444,9 @@ def _read_token(path: Path | None) -> str | None:
     return token
 
 
-def _admission(**options: Any) -> Any:
+def _admission(**options: Any) -> AdmissionConfig:
     """The serve options' AdmissionConfig, or ConfigError saying what is wrong."""
     from pydantic import ValidationError
-
-    from crowdtrain.server.admission import AdmissionConfig
 
     try:
         door = AdmissionConfig(**options)
@@ -458,6 +457,10 @@ def _admission(**options: Any) -> Any:
     if door.identity_key is not None and not door.identity_key.is_file():
         raise ConfigError(f"--identity-key: no file {door.identity_key}")
     return door
+
+
+#: The coordinator's admission defaults (`serve`'s door options show and override them).
+_DOOR = AdmissionConfig()
 
 
 @app.command()
@@ -485,17 +488,17 @@ def serve(
     register_burst: Annotated[
         int,
         typer.Option(min=0, help="Registrations one address may make at once (0: no limit)."),
-    ] = 32,
+    ] = _DOOR.address_burst,
     register_per_hour: Annotated[
         float, typer.Option(min=0.0, help="Then this many per hour from one address.")
-    ] = 60.0,
+    ] = _DOOR.address_per_hour,
     admit_burst: Annotated[
         int,
         typer.Option(min=0, help="New volunteers admitted at once, all addresses (0: no limit)."),
-    ] = 200,
+    ] = _DOOR.global_burst,
     admit_per_minute: Annotated[
         float, typer.Option(min=0.0, help="Then this many per minute, all addresses.")
-    ] = 120.0,
+    ] = _DOOR.global_per_minute,
     pow_bits: Annotated[
         int,
         typer.Option(
@@ -737,7 +740,7 @@ def bench_robustness(
     quick: Annotated[
         bool,
         typer.Option(
-            help="The small setting (73 runs, about 35 min on 2 cores; --attacks picks fewer)."
+            help="The small setting (71 runs took 34 min on 2 cores; --attacks picks fewer)."
         ),
     ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from test_protocol_defence import TRUST_FAST, closed_of, join, make, order, play, rand, submit
 
-from crowdtrain.protocol import Flagged, PeerJoined, RoundProtocol
+from crowdtrain.protocol import Decision, Flagged, PeerJoined, RoundProtocol
 from crowdtrain.robust.reputation import is_trusted
 
 HONEST = ("a", "b", "c")
@@ -24,16 +24,25 @@ def established(**defence: object) -> RoundProtocol:
     return p
 
 
-def test_sybils_sending_tiny_updates_cannot_make_established_peers_look_too_large() -> None:
-    p = established()
-    sybils = [f"s{i}" for i in range(6)]  # twice the honest peers
-    join(p, *sybils)
+def flood_round(
+    p: RoundProtocol, sybils: list[str], joined: tuple[str, ...] = ()
+) -> list[Decision]:
+    """The SYBILS (and JOINED) join; everyone takes an order; the sybils send tiny random
+    updates, then the honest peers their own."""
+    join(p, *joined, *sybils)
     order(p, *HONEST, *sybils)
-    decisions = []
+    decisions: list[Decision] = []
     for i, x in enumerate(sybils):
         decisions += submit(p, x, rand(50 + i, norm=1e-3))
     for i, x in enumerate(HONEST):
         decisions += submit(p, x, rand(10 + i))
+    return decisions
+
+
+def test_sybils_sending_tiny_updates_cannot_make_established_peers_look_too_large() -> None:
+    p = established()
+    sybils = [f"s{i}" for i in range(6)]  # twice the honest peers
+    decisions = flood_round(p, sybils)
     closed = closed_of(decisions)
     assert set(closed.contributors) == set(HONEST)
     flagged = {d.peer_id: d for d in decisions if isinstance(d, Flagged)}
@@ -79,13 +88,7 @@ def test_seed_volunteers_hold_the_reference_from_round_zero() -> None:
     assert is_trusted(p.peers["a"].standing, p.config.defence)
     assert not is_trusted(p.peers["c"].standing, p.config.defence)
     sybils = [f"s{i}" for i in range(8)]
-    join(p, *sybils)
-    order(p, *HONEST, *sybils)
-    decisions = []
-    for i, x in enumerate(sybils):
-        decisions += submit(p, x, rand(50 + i, norm=1e-3))
-    for i, x in enumerate(HONEST):
-        decisions += submit(p, x, rand(10 + i))
+    decisions = flood_round(p, sybils)
     closed = closed_of(decisions)
     assert set(closed.contributors) == set(HONEST)
     flagged = {d.peer_id for d in decisions if isinstance(d, Flagged)}
@@ -95,13 +98,7 @@ def test_seed_volunteers_hold_the_reference_from_round_zero() -> None:
         defence={"spot_check": "off", "score_per_round": 0, **TRUST_FAST},
         rounds={"quorum": 1},
     )
-    join(q, *HONEST, *sybils)
-    order(q, *HONEST, *sybils)
-    decisions = []
-    for i, x in enumerate(sybils):
-        decisions += submit(q, x, rand(50 + i, norm=1e-3))
-    for i, x in enumerate(HONEST):
-        decisions += submit(q, x, rand(10 + i))
+    decisions = flood_round(q, sybils, joined=HONEST)
     assert {d.peer_id for d in decisions if isinstance(d, Flagged)} == set(HONEST)
     # a seed joining again keeps its standing; an ordinary re-join does not promote anyone
     join(p, "d")

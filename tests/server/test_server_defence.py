@@ -61,7 +61,12 @@ def strict(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[Test
 def checking(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[TestClient]:
     """Every contribution is spot-checked and every peer may verify at once; one verifier's
     report decides (two peers leave no second verifier for either's work)."""
-    cfg = defended(
+    yield from serve(checking_config(config), tmp_path, clock)
+
+
+def checking_config(config: RunConfig) -> RunConfig:
+    """`checking`'s run: every contribution checked, every peer a verifier, one report decides."""
+    return defended(
         config,
         check_p_new=1.0,
         probation_rounds=0,
@@ -69,7 +74,6 @@ def checking(config: RunConfig, tmp_path: Path, clock: FakeClock) -> Iterator[Te
         trust_threshold=0.0,
         check_fail_quorum=1,
     )
-    yield from serve(cfg, tmp_path, clock)
 
 
 @pytest.fixture
@@ -362,14 +366,7 @@ def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
 def test_a_contribution_payload_is_private_to_its_author_its_verifiers_and_the_admin(
     config: RunConfig, tmp_path: Path, clock: FakeClock
 ) -> None:
-    cfg = defended(
-        config,
-        check_p_new=1.0,
-        probation_rounds=0,
-        reputation_initial=1.0,
-        trust_threshold=0.0,
-        check_fail_quorum=1,
-    )
+    cfg = checking_config(config)
     coord = Coordinator(cfg, tmp_path / "state", clock=clock, eval_batch_count=1, admin_token="adm")
     with TestClient(create_app(coord), raise_server_exceptions=False) as client:
         a, b, payload_b = close_round_zero(client, config)

@@ -125,25 +125,25 @@ class RateLimiter:
 
     def wait(self, key: str, now: float) -> float:
         """Seconds until `key` has a token (0: it has one now); takes nothing."""
-        tokens, _ = self._level(key, now)
+        tokens = self._level(key, now)
         if tokens >= 1.0:
             return 0.0
         return math.inf if self.per_s <= 0 else (1.0 - tokens) / self.per_s
 
     def take(self, key: str, now: float) -> float:
         """Take a token for `key` and return 0, or return the seconds until one is there."""
-        tokens, _ = self._level(key, now)
-        if tokens < 1.0:
-            return math.inf if self.per_s <= 0 else (1.0 - tokens) / self.per_s
-        self._buckets[key] = (tokens - 1.0, now)
+        if wait := self.wait(key, now):
+            return wait
+        self._buckets[key] = (self._level(key, now) - 1.0, now)
         self._buckets.move_to_end(key)
         while len(self._buckets) > self.max_keys:
             self._buckets.popitem(last=False)
         return 0.0
 
-    def _level(self, key: str, now: float) -> tuple[float, float]:
+    def _level(self, key: str, now: float) -> float:
+        """The tokens `key` has at NOW (a bucket it never used is full)."""
         tokens, at = self._buckets.get(key, (self.burst, now))
-        return min(self.burst, tokens + max(0.0, now - at) * self.per_s), at
+        return min(self.burst, tokens + max(0.0, now - at) * self.per_s)
 
     def __len__(self) -> int:
         return len(self._buckets)

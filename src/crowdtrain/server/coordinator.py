@@ -310,24 +310,23 @@ class Coordinator:
                 f"{str(stored)[:12]}, not {wanted[:12]}; use the original config or a new --state"
             )
 
+    def _stored_secret(self, key: str, make: Callable[[], Any]) -> Any:
+        """The run's secret KEY: made once by MAKE, kept in the store across restarts."""
+        stored = self.store.get_json(key)
+        if stored is None:
+            stored = make()
+            with self.store.transaction():
+                self.store.put_json(key, stored)
+        return stored
+
     def _secret(self) -> int:
         """The key of copy-detection fingerprints: random per run, never shown to peers."""
-        stored = self.store.get_json("fingerprint_secret")
-        if stored is None:
-            stored = secrets.randbits(62)
-            with self.store.transaction():
-                self.store.put_json("fingerprint_secret", stored)
-        return int(stored)
+        return int(self._stored_secret("fingerprint_secret", lambda: secrets.randbits(62)))
 
     def _admission_secret(self) -> bytes:
         """The key that signs proof-of-work challenges: random per run, kept across restarts
         so that a challenge issued before one still admits after it."""
-        stored = self.store.get_json("admission_secret")
-        if not isinstance(stored, str):
-            stored = secrets.token_hex(32)
-            with self.store.transaction():
-                self.store.put_json("admission_secret", stored)
-        return bytes.fromhex(stored)
+        return bytes.fromhex(self._stored_secret("admission_secret", lambda: secrets.token_hex(32)))
 
     def _new_protocol(self, params: Mapping[str, torch.Tensor]) -> RoundProtocol:
         return RoundProtocol(
@@ -730,12 +729,11 @@ class Coordinator:
                 return
             with self.lock:
                 for check in self.protocol.checks.values():
-                    prior = getattr(check.order, "prior", None)
-                    refs = {
-                        check.ref,
-                        getattr(check.order, "payload_ref", ""),  # a score order's target
-                        prior.payload_ref if prior is not None else "",
-                    }
+                    order, refs = check.order, {check.ref}
+                    if isinstance(order, ScoreOrder):
+                        refs.add(order.payload_ref)
+                    elif order.prior is not None:  # an overlapped replay starts from it
+                        refs.add(order.prior.payload_ref)
                     if row.peer_id in check.assigned and sha in refs:
                         return
         raise Problem(
