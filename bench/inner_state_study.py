@@ -32,6 +32,7 @@ ran; the config's default is now 0.99). Prints: variant, final eval loss, wall s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -94,12 +95,19 @@ def run(v: dict[str, Any]) -> float:
         for w in range(s.workers)
     ]
     probe_stream = global_batches(cfg, 1, shards, manifest.train_ids, rank_prefix="probe-")
+    own_probes = [
+        global_batches(cfg, 1, shards, manifest.train_ids, rank_prefix=f"probe-{w}-")
+        for w in range(s.workers)
+    ]
+    own: list[dict[str, torch.Tensor]] | None = None
     trainers = [LocalTrainer(cfg.model, cfg.inner) for _ in range(s.workers)]
     published: dict[str, torch.Tensor] | None = None
     for r in range(s.total_steps // s.inner_steps):
         deltas, ends = [], []
         for w in range(s.workers):
             start = theta if published is None else {**theta, **published}
+            if own is not None:
+                start = {**theta, **own[w]}
             c = trainers[w].train(
                 start, streams[w], step_offset=r * s.inner_steps, max_steps=s.inner_steps
             )
@@ -124,6 +132,32 @@ def run(v: dict[str, Any]) -> float:
             else:
                 workers = s.workers if v.get("v_of") == "workers" else 1
                 published = factor(second_moment(cfg.model, cfg.inner, at, probe, workers=workers))
+            derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
+        elif mode == "self_v_derived_m":
+            # Each worker's own v at the new θ from one batch split into k micro-batches: the
+            # mean of W workers' batches is the mean of k·W micro-batches.
+            k = int(v.get("micro", 4))
+            own = []
+            for w in range(s.workers):
+                if v.get("first_batch", False):  # the batch the worker's round starts with
+                    x, y = next(streams[w])
+                    streams[w] = itertools.chain([(x, y)], streams[w])
+                else:
+                    x, y = next(own_probes[w])
+                micro = list(zip(x.chunk(k), y.chunk(k), strict=True))
+                est = second_moment(cfg.model, cfg.inner, theta, micro, workers=k * s.workers)
+                mine = factor(est) if v.get("factored", True) else dict(est)
+                derive_m(mine, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
+                own.append(mine)
+        elif mode == "probe_v_derived_m" and v.get("probe_at") == "partial":
+            # The coordinator's v at θ stepped by the mean of the first half of the round's
+            # contributions (what it can compute before the last one arrives).
+            half = max(1, s.workers // 2)
+            partial = {k: torch.stack([d[k] for d in deltas[:half]]).mean(dim=0) for k in theta}
+            guess = {k: t.clone() for k, t in before.items()}
+            TorchOuter("sgd", lr=lr, momentum=0.0).step(guess, partial)
+            probe = [next(probe_stream) for _ in range(int(v.get("probe", 4)))]
+            published = factor(second_moment(cfg.model, cfg.inner, guess, probe, workers=s.workers))
             derive_m(published, before, theta, r, s, cfg, float(v.get("m_scale", 1.0)))
         elif mode.startswith("factored"):
             published = mean_moments([factor(e, first=mode == "factored_mv") for e in ends])
