@@ -27,10 +27,10 @@ from crowdtrain.config import (
 def test_defaults_follow_design() -> None:
     cfg = RunConfig()
     assert (cfg.inner.beta1, cfg.inner.beta2, cfg.inner.weight_decay) == (0.9, 0.99, 0.1)
-    # Outer lr and momentum are derived (published inner moments, 20 rounds: momentum 0.5).
+    # Outer lr and momentum are derived (derived inner moments, 20 rounds: momentum 0.5).
     assert (cfg.outer.optimizer, cfg.outer.lr, cfg.outer.momentum) == ("nesterov", 0.7, 0.5)
     assert cfg.broadcast.codec == "int8"
-    assert cfg.inner.optimizer_state == "published"
+    assert cfg.inner.optimizer_state == "derived"
     assert cfg.codec.name == "int8"
     assert cfg.aggregation.method == "centered_clip" and cfg.aggregation.bucket_size > 1
 

@@ -41,7 +41,7 @@ CodecName = Literal["fp32", "fp16", "bf16", "int8", "int4", "topk2bit"]
 AggregatorName = Literal["mean", "median", "trimmed_mean", "centered_clip"]
 OuterName = Literal["nesterov", "sgd", "adam", "error_feedback"]
 StalePolicy = Literal["reject", "accept"]
-InnerState = Literal["fresh", "kept", "published"]
+InnerState = Literal["fresh", "kept", "published", "derived"]
 SpotCheckMode = Literal["off", "peer", "coordinator"]
 ScoringMode = Literal["auto", "coordinator", "peer"]
 
@@ -83,18 +83,24 @@ class InnerConfig(_Strict):
 
     ``optimizer_state`` is where each round's AdamW moments start (``train/moments.py``):
 
-    - ``"published"`` (default): from the moments the coordinator publishes with θ, derived from
-      public data only (the outer update and gradients at θ on its own batches), so a round stays
-      a pure function of public inputs and any verifier can replay it.
+    - ``"derived"`` (default): each volunteer derives them at its round's first step from
+      public data and its own assigned batch: the first moment from the outer update the
+      coordinator publishes as mean steps, the second from the spread of that batch's gradient
+      over ``moment_batches`` micro-batches, for the mean of as many gradients as the round
+      before averaged contributions. A round stays a pure function of public inputs and its
+      batches, so any verifier can replay it, and the coordinator runs no model pass.
+    - ``"published"``: from the moments the coordinator publishes with θ, derived from public
+      data only (the outer update and gradients at the new θ on ``moment_batches`` batches of
+      its own), so rounds are replayable too; the gradients are a model pass in every close.
     - ``"fresh"``: from zeros every round (replayable; the first steps of each round are
       sign-like).
     - ``"kept"``: each volunteer keeps its own moments across rounds, as in the DiLoCo paper;
       nobody else knows them, so its rounds cannot be replayed and spot-checks are off.
 
-    ``moment_batches`` is how many batches of gradients the coordinator averages for the
-    published second moments; from them it estimates the second moment of the *mean* of the
-    round's contributions' gradients, the one data-parallel AdamW on that many workers divides
-    by (``train.moments.second_moment``). ``beta2`` defaults to 0.99 rather than GPT-3's 0.95:
+    ``moment_batches`` is how many micro-batches (derived) or batches (published) the second
+    moment is estimated from; from them comes the second moment of the *mean* of the round's
+    contributions' gradients, the one data-parallel AdamW on that many workers divides by
+    (``train.moments.second_moment``). ``beta2`` defaults to 0.99 rather than GPT-3's 0.95:
     a round then keeps most of that published estimate through its inner steps (0.99²⁵ ≈ 0.78),
     and on the quick benchmark setting 0.99 was the best of 0.95 / 0.99 / 0.999 for
     data-parallel training and for DiLoCo alike (docs/BENCHMARKS.md). The older
@@ -113,7 +119,7 @@ class InnerConfig(_Strict):
     steps: int = Field(50, ge=1, le=1_000_000)
     seconds: float = Field(30.0, gt=0.0, le=86_400.0)
     threads: int = Field(1, ge=1, le=1024)
-    optimizer_state: InnerState = "published"
+    optimizer_state: InnerState = "derived"
     moment_batches: int = Field(4, ge=1, le=1024)
     overlap: bool = True
     # "muon": Muon (orthogonalized momentum, Jordan et al. 2024; torch.optim.Muon) for the
@@ -124,10 +130,10 @@ class InnerConfig(_Strict):
 
     @model_validator(mode="after")
     def _muon_state(self) -> InnerConfig:
-        if self.optimizer == "muon" and self.optimizer_state == "published":
+        if self.optimizer == "muon" and self.optimizer_state in ("published", "derived"):
             raise ValueError(
-                'inner.optimizer = "muon" has no published moments: set inner.optimizer_state '
-                'to "fresh" (replayable) or "kept"'
+                'inner.optimizer = "muon" has no published or derived moments: set '
+                'inner.optimizer_state to "fresh" (replayable) or "kept"'
             )
         return self
 
@@ -145,6 +151,11 @@ class InnerConfig(_Strict):
                 )
             data["optimizer_state"] = "kept" if keep else "fresh"
         return data
+
+    @property
+    def base_moments(self) -> bool:
+        """Whether each round's base carries moments (published or the mean steps of derived)."""
+        return self.optimizer_state in ("published", "derived")
 
     @property
     def keep_optimizer_state(self) -> bool:

@@ -46,7 +46,7 @@ from crowdtrain.protocol import (
 from crowdtrain.protocol.core import CHECK_LIFETIME_ROUNDS, MOMENTS_PEER
 from crowdtrain.robust import DictSource
 from crowdtrain.robust.reputation import is_trusted
-from crowdtrain.train.moments import expand, split_base
+from crowdtrain.train.moments import WORKERS, split_base, validate
 
 SHARDS = [f"{i:064x}" for i in range(10)]
 BATCH, CONTEXT, STEPS = 2, 8, 5
@@ -968,6 +968,7 @@ class SpyProbe(ShardProbe):
     batches of the published moments, drawn for the pseudo-peer MOMENTS_PEER)."""
 
     def __init__(self, shards: Mapping[str, npt.NDArray[np.uint8]], cfg: RunConfig) -> None:
+        self.moment_calls = 0
         super().__init__(
             shards,
             VAL,
@@ -983,11 +984,15 @@ class SpyProbe(ShardProbe):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if peer != MOMENTS_PEER:
             self.calls.append((peer, round, tuple(shard_ids)))
+        else:
+            self.moment_calls += 1
         return super().assigned(shard_ids, seed=seed, round=round, peer=peer, index=index)
 
 
-def scored_protocol() -> tuple[RoundProtocol, SpyProbe, dict[str, npt.NDArray[np.uint8]]]:
-    cfg = config(model=MODEL, defence={"score_batch_size": 8, "score_per_round": 8})
+def scored_protocol(
+    **extra: Any,
+) -> tuple[RoundProtocol, SpyProbe, dict[str, npt.NDArray[np.uint8]]]:
+    cfg = config(model=MODEL, defence={"score_batch_size": 8, "score_per_round": 8}, **extra)
     shards = corpus()
     probe = SpyProbe(shards, cfg)
     p = RoundProtocol(cfg, initial_state(cfg.model), SHARDS, FakeClock(), probe=probe)
@@ -1073,9 +1078,10 @@ def test_overlapped_steps_are_not_scored_on_the_new_orders_data() -> None:
     assert p.scored - scored == 3 and {peer for peer, _, _ in probe.calls} == {"a", "b", "c"}
 
 
-def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> None:
-    p, _, shards = scored_protocol()
-    assert p.config.inner.optimizer_state == "published" and p.moments == {}
+@pytest.mark.parametrize("state", ["published", "derived"])
+def test_published_moments_come_with_the_next_base_and_survive_a_restore(state: str) -> None:
+    p, probe, shards = scored_protocol(inner={"optimizer_state": state})
+    assert p.config.inner.optimizer_state == state and p.moments == {}
     assert set(p.base()) == set(p.params)  # round 0 starts from zeros
     peers = ["a", "b", "c"]
     join(p, *peers)
@@ -1086,7 +1092,11 @@ def test_published_moments_come_with_the_next_base_and_survive_a_restore() -> No
     base = p.base()
     params, moments = split_base(base)
     assert set(params) == set(p.params) and set(moments) == set(p.moments)
-    expand(moments, p.shapes)  # they fit the model and are finite
+    validate(moments, p.shapes)  # they fit the model and are finite
+    if state == "derived":  # the mean steps and the round's contributions, no model pass
+        assert float(moments[WORKERS]) == 3 and probe.moment_calls == 0
+    else:
+        assert probe.moment_calls == p.config.inner.moment_batches
     tensors = {k: dict(v) for k, v in p.tensors().items()}
     q = RoundProtocol.restore(
         p.config, p.snapshot(), tensors, SHARDS, FakeClock(), lambda ref: None, probe=p.probe

@@ -15,7 +15,8 @@ from crowdtrain.sim.scenario import CoordinatorConfig
 
 
 def test_the_close_grows_with_contributions_and_shrinks_with_workers() -> None:
-    run = parse_config({})  # centered clipping, one iteration: 2 passes + the last's norm
+    # Centered clipping, one iteration: 2 passes + the last's norm; published moments' passes.
+    run = parse_config({"inner": {"optimizer_state": "published"}})
     one = close_cost(run, 10**9, 32768, workers=1, flops=66e12)
     two = close_cost(run, 10**9, 32768, workers=2, flops=66e12)
     assert one.seconds(8) > one.seconds(4) > one.seconds(0)
@@ -28,6 +29,8 @@ def test_the_close_grows_with_contributions_and_shrinks_with_workers() -> None:
 
 
 def test_no_published_moments_no_model_passes_and_the_cpu_by_default() -> None:
+    derived = close_cost(parse_config({}), 10**9, 32768, workers=1, flops=66e12)
+    assert derived.moment_flop == 0  # the default: volunteers derive the second moments
     fresh = parse_config({"inner": {"optimizer_state": "fresh"}, "aggregation": {"method": "mean"}})
     cost = close_cost(fresh, 10**6, 1000, workers=4, flops=None)
     assert cost.moment_flop == 0 and cost.passes == 1

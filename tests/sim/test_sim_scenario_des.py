@@ -59,7 +59,7 @@ def test_a_scenario_with_population_and_target_is_discrete_event() -> None:
     assert target.bytes_per_param_down == 4.0 and target.steps_per_proxy_step == 1.0
     # A run that publishes AdamW moments sends m in bf16 with every θ.
     assert s.target.target(s.run.codec, moments=True).bytes_per_param_down == 6.0
-    assert s.run.inner.optimizer_state == "published"
+    assert s.run.inner.optimizer_state == "derived"
     assert des_setup(s).target.bytes_per_param_down == 6.0
     # A compressed broadcast: returning peers download its update, measured on its codec.
     assert target.bytes_per_param_update is None

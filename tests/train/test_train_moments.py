@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from crowdtrain.config import InnerConfig, ModelConfig
-from crowdtrain.models import initial_state
+from crowdtrain.models import build_model, initial_state, lm_loss
 from crowdtrain.train import LocalTrainer
 from crowdtrain.train.moments import (
     COL,
+    EPS,
     EXP_AVG,
     EXP_AVG_SQ,
+    MEAN_STEP,
     ROW,
+    WORKERS,
+    derive_first,
+    drift,
     expand,
     factor,
+    mean_gradient_moment,
     mean_moments,
     publish,
+    publish_derived,
     second_moment,
+    second_only,
     split_base,
+    validate,
 )
+from crowdtrain.train.schedule import lr_at
 
 CFG = ModelConfig(arch="gpt", vocab_size=32, context=8, width=16, depth=1, heads=2)
 INNER = InnerConfig(lr=3e-3, warmup_steps=2, total_steps=100, steps=4, optimizer_state="fresh")
@@ -156,3 +168,120 @@ def test_publish_derives_the_first_moment_from_the_outer_update() -> None:
         assert m.dtype == torch.bfloat16 and bool((m >= 0).all())
         assert whole[EXP_AVG_SQ + name].shape == before[name].shape
     assert any(ROW + k in out for k in before)  # matrices travel factored
+
+
+# --- derived moments: the volunteer estimates v from its first batch ---------------------------
+
+DERIVED = INNER.model_copy(update={"optimizer_state": "derived", "moment_batches": 4})
+
+
+def derived_base(workers: int = 4) -> dict[str, torch.Tensor]:
+    before = initial_state(CFG)
+    after = {k: t - 0.01 * torch.sign(torch.randn_like(t)) for k, t in before.items()}
+    moments = publish_derived(DERIVED, before, after, round_steps=range(0, 4), workers=workers)
+    validate(moments, SHAPES)
+    return {**after, **moments}
+
+
+def test_publish_derived_carries_mean_steps_and_the_capped_workers() -> None:
+    before = initial_state(CFG)
+    after = {k: t - 0.01 for k, t in before.items()}
+    steps = range(4, 8)
+    out = publish_derived(DERIVED, before, after, round_steps=steps, workers=1000)
+    assert float(out[WORKERS]) == round(1 / (1 - DERIVED.beta2))  # capped
+    lr_sum = sum(lr_at(s, DERIVED) for s in steps)
+    for name in before:
+        step = out[MEAN_STEP + name]
+        assert step.dtype == torch.bfloat16
+        torch.testing.assert_close(
+            step.float(), torch.full_like(before[name], 0.01 / lr_sum), rtol=1e-2, atol=0
+        )
+    # a volunteer holding both θs computes the same bits, and drift is the mean step scaled
+    assert all(
+        torch.equal(t, derive_first(DERIVED, before, after, second_only(out), round_steps=steps)[k])
+        for k, t in out.items()
+        if k != WORKERS
+    )
+    assert set(second_only(out)) == {WORKERS}
+    shift = drift(out, DERIVED, SHAPES, steps)
+    name = next(iter(before))
+    assert float(shift[name].flatten()[0]) > 0
+    nan = {k: t + float("nan") for k, t in after.items()}
+    assert publish_derived(DERIVED, before, nan, round_steps=steps, workers=2) == {}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.pop(WORKERS),  # then it reads as published moments, which these are not
+        lambda m: m.__setitem__(WORKERS, torch.tensor([0.0])),
+        lambda m: m.__setitem__(WORKERS, torch.tensor([2.0, 2.0])),
+        lambda m: m.pop(next(k for k in m if k.startswith(MEAN_STEP))),
+        lambda m: m.__setitem__(MEAN_STEP + "nope", torch.ones(1)),
+        lambda m: m.__setitem__(next(k for k in m if k.startswith(MEAN_STEP)), torch.ones(1)),
+        lambda m: m.__setitem__(
+            next(k for k in m if k.startswith(MEAN_STEP)),
+            torch.full(
+                SHAPES[next(k for k in m if k.startswith(MEAN_STEP)).removeprefix(MEAN_STEP)],
+                float("inf"),
+            ),
+        ),
+    ],
+)
+def test_validate_refuses_a_derived_base_that_does_not_fit(change: Any) -> None:
+    _, moments = split_base(derived_base())
+    moments = dict(moments)
+    change(moments)
+    with pytest.raises(ValueError):
+        validate(moments, SHAPES)
+
+
+def test_a_round_from_a_derived_base_replays_exactly_and_uses_the_moments() -> None:
+    base = derived_base()
+    a = LocalTrainer(CFG, DERIVED).train(base, iter(batches(4, 1)), step_offset=4)
+    b = LocalTrainer(CFG, DERIVED).train(base, iter(batches(4, 1)), step_offset=4)
+    assert set(a.delta) == set(SHAPES)
+    assert all(torch.equal(a.delta[k], b.delta[k]) for k in SHAPES)
+    theta, _ = split_base(base)
+    fresh = LocalTrainer(CFG, INNER).train(dict(theta), iter(batches(4, 1)), step_offset=4)
+    assert any(not torch.equal(a.delta[k], fresh.delta[k]) for k in SHAPES)
+    # the micro-batches cost no extra step: the same batches, steps and samples
+    assert (a.steps, a.samples) == (fresh.steps, fresh.samples) == (4, 16)
+    torch.testing.assert_close(a.loss_first, fresh.loss_first, rtol=1e-5, atol=0)
+
+
+def test_the_derived_first_step_is_adamw_from_the_moments_of_the_first_batch() -> None:
+    """One step from a derived base equals AdamW started (by hand) from m = mean step·(√v + ε)
+    and the v of the first batch's micro-batches, stepped with the batch's gradient."""
+    base = derived_base(workers=2)
+    theta, moments = split_base(base)
+    ((x, y),) = batches(1, 3)
+    inner = DERIVED.model_copy(update={"grad_clip": 1e9})  # unclipped: the sums are plain
+    got = LocalTrainer(CFG, inner).train(base, iter([(x, y)]), step_offset=4, max_steps=1)
+
+    model = build_model(CFG, dict(theta))
+    named = dict(model.named_parameters())
+    total = {k: torch.zeros_like(p) for k, p in named.items()}
+    squares = {k: torch.zeros_like(p) for k, p in named.items()}
+    for xi, yi in zip(x.chunk(4), y.chunk(4), strict=True):
+        model.zero_grad(set_to_none=True)
+        lm_loss(model, xi, yi).backward()
+        for k, p in named.items():
+            total[k] += p.grad
+            squares[k] += p.grad**2
+    k = 4
+    expected_v = {n: mean_gradient_moment(total[n], squares[n], k, k * 2) for n in named}
+    model.zero_grad(set_to_none=True)
+    lm_loss(model, x, y).backward()
+    lr = lr_at(4, inner)
+    for n, p in named.items():
+        v = expected_v[n]
+        m = moments[MEAN_STEP + n].float() * (v.sqrt() + EPS)
+        g = p.grad
+        m1 = inner.beta1 * m + (1 - inner.beta1) * g
+        v1 = inner.beta2 * v + (1 - inner.beta2) * g * g
+        t = 5  # AdamW's step count: step_offset 4, then this step
+        m_hat, v_hat = m1 / (1 - inner.beta1**t), v1 / (1 - inner.beta2**t)
+        decay = inner.weight_decay if p.dim() >= 2 else 0.0
+        new = theta[n] * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + EPS)
+        torch.testing.assert_close(got.delta[n], theta[n] - new, rtol=1e-3, atol=1e-7)

@@ -57,7 +57,7 @@ from crowdtrain.data.atomic import atomic_write_bytes
 from crowdtrain.protocol.broadcast import apply_update, weights_bytes
 from crowdtrain.robust.usefulness import Scorers
 from crowdtrain.train import Contribution, LocalTrainer
-from crowdtrain.train.moments import expand, first_moments
+from crowdtrain.train.moments import derive_first, validate
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class Volunteer:
         steps = range(update.round * inner.steps, (update.round + 1) * inner.steps)
         before = load_safetensors((self.cache / update.base).read_bytes())
         second = dict(load_safetensors(self._fetch(update.second_moments, self._blob_limit)))
-        first = first_moments(inner, before, theta, second, round_steps=steps)
+        first = derive_first(inner, before, theta, second, round_steps=steps)
         return weights_bytes({**second, **first})
 
     def _can_rebuild(self, sha: str, update: UpdateMsg | None) -> bool:
@@ -288,7 +288,7 @@ class Volunteer:
             self._rebuild(sha, "moments", lambda: self._derived_moments(update, theta))
         tensors = load_safetensors(self._fetch(sha, self._blob_limit))
         try:
-            expand(tensors, self.shapes)
+            validate(tensors, self.shapes)
         except ValueError as exc:
             raise ClientError(f"the moments blob {sha[:12]} is bad: {exc}") from None
         return dict(tensors)

@@ -79,7 +79,7 @@ from crowdtrain.protocol.verification import (
 )
 from crowdtrain.robust import DeltaSource, aggregate
 from crowdtrain.robust.reputation import new_standing, seed_standing
-from crowdtrain.train.moments import drift, publish
+from crowdtrain.train.moments import drift, publish, publish_derived
 
 __all__ = [
     "CHECK_LIFETIME_ROUNDS",
@@ -622,7 +622,8 @@ class RoundProtocol:
         return decisions
 
     def _publishes(self) -> bool:
-        return self.config.inner.optimizer_state == "published" and self.probe is not None
+        state = self.config.inner.optimizer_state
+        return state == "derived" or (state == "published" and self.probe is not None)
 
     def _published_moments(
         self, number: int, before: Mapping[str, torch.Tensor], workers: int
@@ -630,9 +631,15 @@ class RoundProtocol:
         """The moments round NUMBER + 1 starts from (``train.moments.publish``): gradients on
         batches drawn like a work order's for the pseudo-peer ``MOMENTS_PEER``, public data;
         the second moment is that of the mean of `workers` (the contributions round NUMBER
-        averaged) workers' gradients."""
-        assert self.probe is not None
+        averaged) workers' gradients. A derived base (``inner.optimizer_state = "derived"``)
+        carries only the round's mean steps and `workers` (``train.moments.publish_derived``):
+        no model pass."""
         cfg = self.config
+        if cfg.inner.optimizer_state == "derived":
+            return publish_derived(
+                cfg.inner, before, self.params, round_steps=self._steps_of(number), workers=workers
+            )
+        assert self.probe is not None
         shards = assign_shards(
             self.train_shards,
             seed=cfg.data.seed,

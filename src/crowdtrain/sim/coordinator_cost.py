@@ -5,12 +5,13 @@ new base goes out (`sim.des`, `sim.analytic`). The real coordinator (`server.coo
 does, in that window, only what needs the last contribution (docs/BENCHMARKS.md, "Coordinator
 cost per round"): the norm and fingerprint of the last upload and the robust aggregation's
 passes over every int8 payload (fragments spread over ``workers`` threads), the outer step,
-the compressed broadcast and persisting θ (per parameter, once), and the gradients of the
-published AdamW moments at the new θ (``inner.moment_batches`` batches of the target's
-tokens: model passes, 6·P FLOPs per token forward and backward, Kaplan et al. 2020, at the
-coordinator's ``flops``). Usefulness scoring runs as contributions arrive (or on volunteers,
-as score orders, above 50M parameters) and the evaluation after the commit, both off this
-window, so they are not charged here.
+the compressed broadcast and persisting θ (per parameter, once), and, with
+``inner.optimizer_state = "published"``, the gradients of the published AdamW moments at the
+new θ (``inner.moment_batches`` batches of the target's tokens: model passes, 6·P FLOPs per
+token forward and backward, Kaplan et al. 2020, at the coordinator's ``flops``); derived
+moments (the default) need no model pass on the coordinator. Usefulness scoring runs as
+contributions arrive (or on volunteers, as score orders, above 50M parameters) and the
+evaluation after the commit, both off this window, so they are not charged here.
 
     close_s(K) = (aggregation passes + 1) · K · P · a / workers + P · b + 6 · P · T / flops
 

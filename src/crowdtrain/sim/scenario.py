@@ -85,7 +85,8 @@ class TargetConfig(BaseModel):
 
     ``bytes_per_param_up`` defaults to what the run's codec puts on the wire per parameter;
     ``bytes_per_param_down`` to 4 (the weights in fp32), plus the published AdamW moments'
-    ``train.moments.BYTES_PER_PARAM`` when the run publishes them. With a compressed
+    ``train.moments.BYTES_PER_PARAM`` when its bases carry them (published, or derived: the
+    mean steps). With a compressed
     ``broadcast``, a peer that holds the previous version downloads the update instead (its
     codec's bytes per parameter, measured; the second moments it also needs are a few bytes
     per row and the first moments it derives, ``protocol.broadcast``).
@@ -368,7 +369,7 @@ def des_setup(scenario: Scenario, run: RunConfig | None = None) -> DesSetup:
     run = scenario.run if run is None else run
     peers = draw_population(scenario.population, run.seed)
     target = scenario.target.target(
-        run.codec, moments=run.inner.optimizer_state == "published", broadcast=run.broadcast
+        run.codec, moments=run.inner.base_moments, broadcast=run.broadcast
     )
     churn = scenario.churn
     if not churn.enabled:

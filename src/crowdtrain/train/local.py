@@ -35,7 +35,7 @@ from torch import nn
 
 from crowdtrain.config import InnerConfig, ModelConfig
 from crowdtrain.models import build_model, lm_loss, load_state
-from crowdtrain.train.moments import load_moments, read_moments, split_base
+from crowdtrain.train.moments import WORKERS, load_moments, own_moments, read_moments, split_base
 from crowdtrain.train.schedule import lr_at
 
 
@@ -167,7 +167,8 @@ class LocalTrainer:
         optimizer = (
             self._optimizer if self._optimizer is not None else _optimizer(self.model, self.inner)
         )
-        if moments:
+        derived = WORKERS in moments
+        if moments and not derived:
             load_moments(optimizer, self._named, moments, step_offset, self.device)
         self._last_optimizer = optimizer
         self.model.train()
@@ -181,15 +182,13 @@ class LocalTrainer:
             lr = lr_at(step, self.inner)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = lm_loss(self.model, x, y)
-            value = loss.item()
-            if not math.isfinite(value):  # checked before the update touches any state
-                raise FloatingPointError(
-                    f"training diverged: the loss became {value} at step {step}; "
-                    "lower inner.lr or inner.grad_clip"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            if derived and steps == 0:
+                value = self._derived_start(optimizer, moments, x, y, step)
+            else:
+                loss = lm_loss(self.model, x, y)
+                value = _finite(loss.item(), step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
             nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
             optimizer.step()
 
@@ -228,6 +227,47 @@ class LocalTrainer:
             seconds=seconds,
         )
 
+    def _derived_start(
+        self,
+        optimizer: torch.optim.Optimizer,
+        moments: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        step: int,
+    ) -> float:
+        """The first step of a round from a derived base (``train.moments.own_moments``): the
+        batch's gradient as `inner.moment_batches` micro-batches, whose weighted mean is left
+        in the parameters' ``.grad`` (the batch's gradient) and whose clipped spread gives the
+        second moment the optimizer starts from, with m = mean step · (√v + ε). The same
+        compute as one step; returns the batch's loss."""
+        k = self.inner.moment_batches
+        pieces = list(zip(x.chunk(k), y.chunk(k), strict=True))
+        full = {name: torch.zeros_like(p) for name, p in self._named.items()}
+        total = {name: torch.zeros_like(p) for name, p in self._named.items()}
+        squares = {name: torch.zeros_like(p) for name, p in self._named.items()}
+        value, seen = 0.0, set[str]()
+        for xi, yi in pieces:
+            share = xi.shape[0] / x.shape[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss = lm_loss(self.model, xi, yi)
+            value += _finite(loss.item(), step) * share
+            loss.backward()  # type: ignore[no-untyped-call]
+            for name, p in self._named.items():
+                if p.grad is not None:
+                    full[name] += p.grad * share
+                    seen.add(name)
+            nn.utils.clip_grad_norm_(self._params, self.inner.grad_clip)
+            for name, p in self._named.items():
+                if p.grad is not None:
+                    total[name] += p.grad
+                    squares[name] += p.grad**2
+        workers = int(float(moments[WORKERS].reshape(())))
+        start = own_moments(moments, workers, total, squares, len(pieces))
+        load_moments(optimizer, self._named, start, step, self.device)
+        for name, p in self._named.items():
+            p.grad = full[name] if name in seen else None
+        return value
+
     def end_moments(self) -> dict[str, torch.Tensor]:
         """AdamW's moments after the last ``train`` call (``exp_avg::NAME``, ``exp_avg_sq::NAME``;
         float32 CPU copies); empty before the first call."""
@@ -241,6 +281,16 @@ class LocalTrainer:
             name: t.detach().to(device="cpu", dtype=torch.float32, copy=True)
             for name, t in self.model.state_dict().items()
         }
+
+
+def _finite(value: float, step: int) -> float:
+    """`value`, a step's loss, checked before the update touches any state."""
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"training diverged: the loss became {value} at step {step}; "
+            "lower inner.lr or inner.grad_clip"
+        )
+    return value
 
 
 def evaluate(

@@ -18,10 +18,23 @@ only (``publish``), so no volunteer can steer them:
 - the first moment m from the outer update U = θ_before − θ_after read as the round's mean
   Adam step: U ≈ Σₜ lrₜ·m/√v, so m = U / Σₜ lrₜ · (√v̂ + ε), rounded to bfloat16.
 
+With ``inner.optimizer_state = "derived"`` (the default) the coordinator computes no gradient:
+it publishes only the round's mean step U / Σₜ lrₜ (``mean_steps``, bfloat16) and the number W
+of contributions the round averaged, and each volunteer derives the rest at the start of its
+round from its own first batch (``own_moments``): that batch's gradient taken as
+`inner.moment_batches` micro-batches gives both the first step's gradient (their weighted mean)
+and, from their spread, the second moment of a W-worker mean gradient, whole rather than
+factored (nothing travels); then m = mean step · (√v̂ + ε). Still a pure function of public
+inputs and the volunteer's assigned batches, so replays recompute it; no model pass is left in
+the coordinator's close, and on the quick setting it beat the coordinator's estimate in all
+four runs measured (0.6–1.1%, docs/BENCHMARKS.md, "The second moment from the volunteer's own
+first batch").
+
 A base with moments is θ's tensors plus these, under names with ``::`` that no parameter has:
 ``exp_avg::P``, ``exp_avg_sq::P`` (whole), ``exp_avg_sq.row::P`` and ``exp_avg_sq.col::P``
-(factored), for parameter ``P``; ``split_base`` separates them. bench/inner_state_study.py
-measures the choices (docs/BENCHMARKS.md, "Replayable inner state").
+(factored), ``mean_step::P`` (derived), for parameter ``P``, and ``mean_step.workers::``;
+``split_base`` separates them. bench/inner_state_study.py measures the choices
+(docs/BENCHMARKS.md, "Replayable inner state").
 """
 
 from __future__ import annotations
@@ -39,6 +52,9 @@ EXP_AVG = "exp_avg::"
 EXP_AVG_SQ = "exp_avg_sq::"
 ROW = "exp_avg_sq.row::"
 COL = "exp_avg_sq.col::"
+MEAN_STEP = "mean_step::"
+#: The number of contributions the round averaged, a one-element tensor in a derived base.
+WORKERS = "mean_step.workers::"
 
 
 #: AdamW's ε, in the denominators that turn a step back into a first moment and back.
@@ -132,6 +148,26 @@ def expand(
     return out
 
 
+def validate(moments: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ValueError unless `moments` is a base's moments for parameter `shapes`: a derived
+    base's (a finite mean step of each parameter's shape, one worker count ≥ 1), or published
+    moments (``expand``)."""
+    if WORKERS not in moments:
+        expand(moments, shapes)
+        return
+    workers = moments[WORKERS]
+    if workers.numel() != 1 or not float(workers.reshape(())) >= 1:
+        raise ValueError(f"{WORKERS!r} must be one number of at least 1")
+    expected = {MEAN_STEP + name for name in shapes} | {WORKERS}
+    if set(moments) != expected:
+        odd = sorted(set(moments) ^ expected)[:3]
+        raise ValueError(f"a derived base needs a mean step per parameter; names differ: {odd}")
+    for name, shape in shapes.items():
+        t = moments[MEAN_STEP + name]
+        if tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"mean step {name!r} is not finite or has the wrong shape")
+
+
 def mean_moments(reports: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The element-wise mean of several reports of the same form (keys every report has)."""
     if not reports:
@@ -182,17 +218,30 @@ def second_moment(
             if p.grad is not None:
                 total[name] += p.grad.detach()
                 sq[name] += p.grad.detach() ** 2
-    k = len(batches)
-    out: dict[str, torch.Tensor] = {}
-    for name in named:
-        a = sq[name] / k
-        if k < 2 or workers == 1:
-            out[EXP_AVG_SQ + name] = a
-            continue
-        c = (total[name] / k) ** 2
-        v = c + (a - c) * ((k / workers - 1) / (k - 1))
-        out[EXP_AVG_SQ + name] = torch.maximum(v, c * min(1.0, k / workers))
-    return out
+    return {
+        EXP_AVG_SQ + n: mean_gradient_moment(total[n], sq[n], len(batches), workers) for n in named
+    }
+
+
+def mean_gradient_moment(
+    total: torch.Tensor, squares: torch.Tensor, k: int, workers: int
+) -> torch.Tensor:
+    """The second moment of a `workers`-batch mean gradient from the sum `total` and the sum of
+    `squares` of k batches' gradients (``second_moment``'s estimate)."""
+    a = squares / k
+    if k < 2 or workers == 1:
+        return a
+    c = (total / k) ** 2
+    v = c + (a - c) * ((k / workers - 1) / (k - 1))
+    return torch.maximum(v, c * min(1.0, k / workers))
+
+
+def capped_workers(inner: InnerConfig, workers: int) -> int:
+    """`workers` between 1 and 1/(1 − β₂): past that, one inner step's own g² (weight 1 − β₂)
+    already outweighs the noise left in the starting v, so a larger W would only make first
+    steps noisier; the cap also bounds what extra (sybil) contributions can do to everyone's
+    first steps."""
+    return max(1, min(workers, round(1 / (1 - inner.beta2))))
 
 
 def publish(
@@ -211,10 +260,7 @@ def publish(
     indices).
     Empty (the next round starts from zeros) when the weights or their gradients are not
     finite: a diverged run publishes nothing it could not train from."""
-    # Past W = 1/(1 − β₂) one inner step's own g² (weight 1 − β₂) already outweighs the noise
-    # left in the published v, so a larger W would only make first steps noisier; the cap also
-    # bounds what extra (sybil) contributions can do to everyone's first steps.
-    workers = max(1, min(workers, round(1 / (1 - inner.beta2))))
+    workers = capped_workers(inner, workers)
     published = factor(second_moment(model_cfg, inner, after, batches, workers=workers))
     if not all(bool(torch.isfinite(t).all()) for t in published.values()):
         return {}
@@ -245,10 +291,84 @@ def first_moments(
     return out
 
 
+def mean_steps(
+    inner: InnerConfig,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    *,
+    round_steps: range,
+) -> dict[str, torch.Tensor]:
+    """The outer update `before` − `after` per unit of the round's summed learning rate,
+    U / Σₜ lrₜ over the inner steps `round_steps`, in bfloat16: the mean Adam step m/(√v̂ + ε)
+    that a derived base starts its first moment from (``own_moments``)."""
+    lr_sum = sum(lr_at(step, inner) for step in round_steps)
+    return {
+        MEAN_STEP + name: ((before[name] - after[name]) / lr_sum).to(torch.bfloat16)
+        for name in after
+    }
+
+
+def publish_derived(
+    inner: InnerConfig,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    *,
+    round_steps: range,
+    workers: int,
+) -> dict[str, torch.Tensor]:
+    """What a derived base carries (``inner.optimizer_state = "derived"``): the round's mean
+    steps and the number of workers (capped, ``capped_workers``) the next round's second
+    moments are estimated for. No model pass. Empty when the update is not finite."""
+    out = mean_steps(inner, before, after, round_steps=round_steps)
+    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+        return {}
+    out[WORKERS] = torch.tensor([float(capped_workers(inner, workers))])
+    return out
+
+
+def derive_first(
+    inner: InnerConfig,
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    second: Mapping[str, torch.Tensor],
+    *,
+    round_steps: range,
+) -> dict[str, torch.Tensor]:
+    """The part of a round's published moments a volunteer holding both θs computes itself:
+    the mean steps of a derived base (`second` carries ``WORKERS``), else the first moments
+    (``first_moments``)."""
+    if WORKERS in second:
+        return mean_steps(inner, before, after, round_steps=round_steps)
+    return first_moments(inner, before, after, second, round_steps=round_steps)
+
+
+def own_moments(
+    mean_step: Mapping[str, torch.Tensor],
+    workers: int,
+    total: Mapping[str, torch.Tensor],
+    squares: Mapping[str, torch.Tensor],
+    k: int,
+) -> dict[str, torch.Tensor]:
+    """A derived base's starting moments for one volunteer: v from the sum `total` and sum of
+    `squares` of its first batch's k clipped micro-batch gradients, for the mean of `workers`
+    full batches (= k·`workers` micro-batches, ``mean_gradient_moment``), whole; and
+    m = mean step · (√v + ε) (names without prefix in `total`, `squares`; `mean_step` keyed
+    ``mean_step::P``)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in total.items():
+        v = mean_gradient_moment(t, squares[name], k, k * workers)
+        step = mean_step[MEAN_STEP + name].to(v.device, torch.float32)
+        out[EXP_AVG_SQ + name] = v
+        out[EXP_AVG + name] = step * (v.sqrt() + EPS)
+    return out
+
+
 def second_only(moments: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The published moments without the first moments: what a volunteer that derives m
-    itself (``first_moments``) downloads, a few bytes per row."""
-    return {k: t for k, t in moments.items() if not k.startswith(EXP_AVG)}
+    """The published moments without what a volunteer holding both θs derives itself
+    (``derive_first``): a few bytes per row, or one number for a derived base."""
+    return {
+        k: t for k, t in moments.items() if not k.startswith((EXP_AVG, MEAN_STEP)) or k == WORKERS
+    }
 
 
 def drift(
@@ -263,8 +383,12 @@ def drift(
     Empty when `moments` has no first moment."""
     if not moments:
         return {}
-    whole = expand(moments, shapes)
     scale = sum(lr_at(s, inner) * inner.beta1 ** (i + 1) for i, s in enumerate(round_steps))
+    if WORKERS in moments:  # m / (√v̂ + ε) is the mean step itself, whatever v̂ a volunteer has
+        return {
+            n: scale * moments[MEAN_STEP + n].float() for n in shapes if MEAN_STEP + n in moments
+        }
+    whole = expand(moments, shapes)
     return {
         name: scale * whole[EXP_AVG + name].float() / (whole[EXP_AVG_SQ + name].sqrt() + EPS)
         for name in shapes
