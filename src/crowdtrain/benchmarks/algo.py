@@ -131,7 +131,7 @@ class Method:
     name: str
     kind: str  # "single" (one worker), "ddp" (every-step all-reduce) or "diloco"
     codec: str = "fp32"
-    state: str = "published"  # inner.optimizer_state of a DiLoCo method
+    state: str = "derived"  # inner.optimizer_state of a DiLoCo method
 
     @property
     def outer(self) -> str:
@@ -147,6 +147,7 @@ METHODS = (
     Method("diloco_topk", "diloco", "topk2bit"),
 )
 STATE_METHODS = (
+    Method("diloco_int8_published_state", "diloco", "int8", "published"),
     Method("diloco_int8_kept_state", "diloco", "int8", "kept"),
     Method("diloco_int8_fresh_state", "diloco", "int8", "fresh"),
 )
@@ -156,15 +157,16 @@ def bench_config(
     s: AlgoSetting,
     codec: str = "fp32",
     outer: str = "nesterov",
-    state: str = "published",
+    state: str = "derived",
     *,
     lr: float | None = None,
     seed: int = 0,
 ) -> RunConfig:
     """The run config of one DiLoCo method at setting `s` (plain mean: no attackers here).
 
-    `state` is ``inner.optimizer_state``: crowdtrain's default ``"published"`` (replayable),
-    DiLoCo's own ``"kept"``, or ``"fresh"``. The outer lr and momentum are the ones the run
+    `state` is ``inner.optimizer_state``: crowdtrain's default ``"derived"`` (replayable),
+    ``"published"`` (replayable, the coordinator's second moments), DiLoCo's own ``"kept"``,
+    or ``"fresh"``. The outer lr and momentum are the ones the run
     derives (``config.outer_rule``); the top-k codec is paired with SparseLoCo's outer step
     (plain SGD, lr 1, error feedback with decay 0.95 on the workers), as in that paper. `lr`
     (the inner peak learning rate) defaults to the config's; `seed` sets the initial weights,
