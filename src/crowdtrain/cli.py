@@ -838,6 +838,13 @@ def bench_coordinator(
         ),
     ] = 1,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to time.")] = 3,
+    state: Annotated[
+        str,
+        typer.Option(
+            help="inner.optimizer_state: derived (the default, no model pass in the close) or "
+            "published (the coordinator's gradients at the new θ).",
+        ),
+    ] = "derived",
 ) -> None:
     """Coordinator cost per round, phase by phase, for int8 contributions, against the floor
     of reading every payload once (docs/BENCHMARKS.md)."""
@@ -850,6 +857,7 @@ def bench_coordinator(
             workers=workers,
             rounds=rounds,
             log=lambda line: console.print(line, highlight=False),
+            state=state,
         )
         _write_json(json_path, doc)
 

@@ -14,7 +14,8 @@ contributions of a GPT of about 10M, 100M or 1B parameters per round, and times 
 - **close**: what needs the last contribution: the rest of the screening, robust aggregation
   (centered clipping with bucketing, Karimireddy et al. 2021/2022, two passes over the int8
   payloads, fragments on `workers` threads), the outer step, the compressed weight broadcast
-  and the published AdamW moments (gradients at the new θ on the coordinator's own batches),
+  and the moments of the next base (derived, the default: the round's mean steps, no model
+  pass; with ``--state published``: gradients at the new θ on the coordinator's own batches),
   each timed (`RoundProtocol.close_timing`);
 - **persist**: writing θ, the outer state, the aggregate, moments and broadcast as blobs
   (part of the close: the version is committed after it);
@@ -108,8 +109,15 @@ class _Rss:
         self._thread.join()
 
 
-def bench_config(params: str, contributions: int, rounds: int, defended: bool = True) -> RunConfig:
-    """The run the benchmark drives: the default pipeline on a GPT of size PARAMS."""
+def bench_config(
+    params: str,
+    contributions: int,
+    rounds: int,
+    defended: bool = True,
+    state: str = "derived",
+) -> RunConfig:
+    """The run the benchmark drives: the default pipeline on a GPT of size PARAMS, its bases'
+    moments `state` (``inner.optimizer_state``)."""
     width, depth, heads = SIZES[params]
     # Random deltas carry no signal, so usefulness scoring runs (its cost is measured) but may
     # not refuse them. Spot-checks are replayed by volunteers; here they would only turn work
@@ -125,7 +133,7 @@ def bench_config(params: str, contributions: int, rounds: int, defended: bool = 
                 "context": 128,
             },
             "codec": {"name": "int8"},
-            "inner": {"steps": 8},
+            "inner": {"steps": 8, "optimizer_state": state},
             "rounds": {
                 "total": rounds + 1,
                 "quorum": contributions,
@@ -169,13 +177,15 @@ def run_coordinator_bench(
     workers: int = 1,
     rounds: int = 3,
     log: Callable[[str], None] = print,
+    state: str = "derived",
 ) -> dict[str, Any]:
     """Time `rounds` rounds of `contributions` int8 uploads of a PARAMS model with the full
-    verification pipeline; the benchmark's JSON (medians over the rounds)."""
+    verification pipeline, bases carrying `state` moments; the benchmark's JSON (medians over
+    the rounds)."""
     if params not in SIZES:
         raise ValueError(f"--params must be one of {', '.join(SIZES)}, not {params!r}")
     torch.set_num_threads(max(1, workers))  # model passes (scoring, moments, eval) too
-    config = bench_config(params, contributions, rounds)
+    config = bench_config(params, contributions, rounds, state=state)
     shapes = param_shapes(config.model)
     numel = count_params(config.model)
     gen = torch.Generator().manual_seed(0)
@@ -214,6 +224,7 @@ def run_coordinator_bench(
         "size": params,
         "contributions": contributions,
         "workers": workers,
+        "optimizer_state": state,
         "rounds": rows,
         "phases": phases,
         "close_steps": {k[5:]: round(v, 4) for k, v in med.items() if k.startswith("step_")},
