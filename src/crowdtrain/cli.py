@@ -536,13 +536,22 @@ def serve(
             "scores) and for the close's aggregation.",
         ),
     ] = 1,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="Serve HTTPS with this PEM certificate (chain); needs --tls-key."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(help="The unencrypted PEM private key of --tls-cert."),
+    ] = None,
 ) -> None:
     """Run the coordinator: the HTTP API over the round protocol, the dashboard at / and
-    Prometheus metrics at /metrics, with state under --state."""
-    from crowdtrain.server.serve import serve as run_server
+    Prometheus metrics at /metrics, with state under --state (HTTPS with --tls-cert/--tls-key)."""
+    from crowdtrain.server.serve import listen, tls_files
     from crowdtrain.server.tracking import open_trackers
 
     with _friendly_errors():
+        tls = tls_files(tls_cert, tls_key)
         cfg = load_config(config)
         door = _admission(
             invite=invite,
@@ -563,7 +572,7 @@ def serve(
             config=cfg.model_dump(mode="json"),
         )
         try:
-            run_server(
+            listening = listen(
                 cfg,
                 state,
                 host=host,
@@ -573,14 +582,18 @@ def serve(
                 trackers=trackers,
                 announce=console.print,
                 workers=workers,
+                tls=tls,
             )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        listening.run()
 
 
 @app.command()
 def join(
-    url: Annotated[str, typer.Argument(help="The coordinator's URL, e.g. http://127.0.0.1:8000")],
+    url: Annotated[
+        str, typer.Argument(help="The coordinator's URL, e.g. https://organizer.example:8000")
+    ],
     name: Annotated[str | None, typer.Option(help="Your name on the leaderboard.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for training.")] = None,
@@ -613,6 +626,20 @@ def join(
             "(seeing only its own update: ALIE and IPM use it, copycat sends it)."
         ),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            help="Allow plain http:// to another machine (your token and the model then "
+            "travel unprotected); loopback needs no flag."
+        ),
+    ] = False,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also trust the certificate authorities in this PEM file (a coordinator "
+            "with its own or a self-signed certificate)."
+        ),
+    ] = None,
 ) -> None:
     """Donate compute: join a run and train until it ends (Ctrl-C stops cleanly)."""
     from crowdtrain.client.api import PeerBanned
@@ -636,6 +663,8 @@ def join(
                 cache_dir=cache_dir,
                 console=console,
                 attack=attack,
+                insecure=insecure,
+                ca_cert=ca_cert,
             )
         except PeerBanned as exc:
             banned = exc

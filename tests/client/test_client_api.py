@@ -97,6 +97,7 @@ class Fake:
     def api(self, **kw: Any) -> CoordinatorApi:
         kw.setdefault("policy", RetryPolicy(base=0.01, max_delay=0.02, max_tries=3, seed=0))
         kw.setdefault("sleep", lambda s: None)
+        kw.setdefault("insecure", True)  # a mock transport: nothing leaves the process
         return CoordinatorApi("http://coordinator:8000", transport=httpx.MockTransport(self), **kw)
 
 
@@ -262,7 +263,10 @@ def test_download_fetches_and_verifies_a_blob(fake: Fake, tmp_path: Path) -> Non
 
 def test_a_base_url_with_a_path_prefix_is_kept(fake: Fake) -> None:
     api = CoordinatorApi(
-        "http://coordinator:8000/prefix/", transport=httpx.MockTransport(fake), token="t"
+        "http://coordinator:8000/prefix/",
+        transport=httpx.MockTransport(fake),
+        token="t",
+        insecure=True,
     )
     api.work()
     assert fake.requests[0].url.path == "/prefix/v1/work"
@@ -279,7 +283,7 @@ def test_a_stop_event_interrupts_a_waiting_call(fake: Fake) -> None:
     fake.reply["/v1/work"] = busy
     with (
         CoordinatorApi(
-            "http://c", transport=httpx.MockTransport(fake), token="t", stop=stop
+            "http://c", transport=httpx.MockTransport(fake), token="t", stop=stop, insecure=True
         ) as api,
         pytest.raises(Stopped),
     ):

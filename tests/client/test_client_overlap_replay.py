@@ -142,6 +142,7 @@ def volunteer(
         transport=httpx.MockTransport(fake),
         policy=RetryPolicy(base=0.01, max_delay=0.02, max_tries=2, seed=0),
         sleep=lambda s: None,
+        insecure=True,
     )
     v = Volunteer(options, api, on_update=on_update)
     v.join()

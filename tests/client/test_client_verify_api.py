@@ -55,6 +55,7 @@ class Fake:
         return CoordinatorApi(
             "http://coordinator",
             transport=httpx.MockTransport(self),
+            insecure=True,
             token="tok",
             policy=RetryPolicy(base=0.01, max_delay=0.02, max_tries=3, seed=0),
             sleep=lambda s: None,

@@ -174,6 +174,7 @@ def volunteer(fake: Coordinator, tmp: Path, attack: str | None = None) -> Volunt
         transport=fake.transport(),
         policy=RetryPolicy(base=0.01, max_delay=0.02, max_tries=2, seed=0),
         sleep=lambda s: None,
+        insecure=True,
     )
     v = Volunteer(options, api)
     v.join()
@@ -315,7 +316,8 @@ def test_crowdtrain_join_stops_a_banned_volunteer_with_one_sentence(
     monkeypatch.setattr(client_run, "CoordinatorApi", api)
     monkeypatch.setenv("CROWDTRAIN_CONFIG_DIR", str(tmp_path / "config"))
     summary = tmp_path / "summary.json"
-    args = ["join", "http://coordinator", "--name", "a", "--device", "cpu", "--threads", "1"]
+    args = ["join", "http://coordinator", "--insecure", "--name", "a", "--device", "cpu"]
+    args += ["--threads", "1"]
     args += ["--quiet", "--cache-dir", str(tmp_path / "cache"), "--summary", str(summary)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1

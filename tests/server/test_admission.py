@@ -194,7 +194,7 @@ def test_proof_of_work_flow(config: RunConfig, tmp_path: Path, clock: FakeClock)
         for bad in ({"challenge": doc["challenge"]}, {"challenge": "", "nonce": "1"}):
             assert_error(post(client, "b", pow=bad), 400)
         # the volunteer's client fetches and solves a challenge by itself
-        api = CoordinatorApi("http://testserver", transport=client._transport)
+        api = CoordinatorApi("http://testserver", transport=client._transport, insecure=True)
         peer_id, _ = api.register("b", None, DEVICE)
         assert {p.peer_id for p in coordinator.store.list_peers()} >= {peer_id}
     _, client2 = door(config, tmp_path / "off", clock)
@@ -318,6 +318,7 @@ def test_client_retries_after_a_rate_limit(
         api = CoordinatorApi(
             "http://testserver",
             transport=client._transport,
+            insecure=True,
             policy=RetryPolicy(max_tries=3),
             sleep=sleep,
         )

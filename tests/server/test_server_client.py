@@ -21,7 +21,7 @@ from crowdtrain.server.coordinator import Coordinator
 
 
 def api(client: TestClient) -> CoordinatorApi:
-    return CoordinatorApi("http://testserver", transport=client._transport)
+    return CoordinatorApi("http://testserver", transport=client._transport, insecure=True)
 
 
 def test_client_runs_a_whole_round_trip(

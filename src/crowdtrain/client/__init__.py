@@ -24,10 +24,13 @@ from crowdtrain.client.api import (
 )
 from crowdtrain.client.identity import (
     ClientState,
+    InsecureUrl,
     ManifestError,
     VerifiedManifest,
     config_dir,
+    coordinator_url,
     forget_state,
+    is_loopback,
     load_state,
     normalize_url,
     parse_manifest_doc,
@@ -46,6 +49,7 @@ from crowdtrain.client.signing import (
 )
 from crowdtrain.client.transfer import (
     ApiError,
+    CertificateError,
     ClientError,
     ManifestChanged,
     RetryPolicy,
@@ -53,11 +57,13 @@ from crowdtrain.client.transfer import (
     TransferError,
     download_blob,
     request_json,
+    tls_context,
     upload_payload,
 )
 
 __all__ = [
     "ApiError",
+    "CertificateError",
     "ClientError",
     "ClientState",
     "ContributionMeta",
@@ -65,6 +71,7 @@ __all__ = [
     "DeviceInfo",
     "FinishedMsg",
     "HeartbeatMsg",
+    "InsecureUrl",
     "ManifestChanged",
     "ManifestError",
     "PeerBanned",
@@ -82,8 +89,10 @@ __all__ = [
     "WorkOrderMsg",
     "WorkReply",
     "config_dir",
+    "coordinator_url",
     "download_blob",
     "forget_state",
+    "is_loopback",
     "load_or_create_signing_key",
     "load_state",
     "manifest_hash",
@@ -96,6 +105,7 @@ __all__ = [
     "sign_manifest",
     "signature_is_valid",
     "state_path",
+    "tls_context",
     "upload_payload",
     "verify_manifest",
 ]

@@ -23,7 +23,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from crowdtrain import hashcash
-from crowdtrain.client.identity import MAX_MANIFEST_DOC_BYTES, normalize_url
+from crowdtrain.client.identity import MAX_MANIFEST_DOC_BYTES, coordinator_url
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import (
     ApiError,
@@ -37,6 +37,7 @@ from crowdtrain.client.transfer import (
     interruptible_sleep,
     loads_json,
     request_json,
+    tls_context,
     upload_payload,
 )
 from crowdtrain.config import canonical_json
@@ -316,7 +317,8 @@ class CoordinatorApi:
 
     Every call retries by POLICY, sleeping with SLEEP (by default `time.sleep`, or a wait on
     STOP when given). Once STOP is set, a call that would wait or is moving bytes raises
-    `Stopped` instead.
+    `Stopped` instead. BASE_URL must be https:// unless it is this machine or INSECURE is set
+    (`coordinator_url`); HTTPS trusts the system's certificate authorities and CA_CERT's.
     """
 
     def __init__(
@@ -329,8 +331,10 @@ class CoordinatorApi:
         sleep: Sleep | None = None,
         timeout: float = 30.0,
         stop: threading.Event | None = None,
+        insecure: bool = False,
+        ca_cert: Path | None = None,
     ) -> None:
-        self.base_url = normalize_url(base_url)
+        self.base_url = coordinator_url(base_url, insecure=insecure)
         self._token: str | None = None
         self.policy = policy if policy is not None else RetryPolicy()
         self.stop = stop
@@ -340,6 +344,7 @@ class CoordinatorApi:
         self._client = httpx.Client(
             base_url=self.base_url,
             transport=transport,
+            verify=tls_context(ca_cert),
             timeout=httpx.Timeout(timeout),
             follow_redirects=False,
             headers={"User-Agent": _user_agent(), "Accept-Encoding": "identity"},

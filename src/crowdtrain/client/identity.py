@@ -16,6 +16,7 @@ on the same data from the same initial weights.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -65,6 +66,10 @@ _MANIFEST_KEYS = frozenset(
 )
 _STATE_KEYS = frozenset({"url", "peer_id", "token", "manifest_hash", "public_key"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class InsecureUrl(ClientError):
+    """A plain http:// coordinator URL for another machine, refused without `insecure`."""
 
 
 class ManifestError(ClientError):
@@ -131,6 +136,37 @@ def normalize_url(url: str) -> str:
     host = f"[{u.host}]" if ":" in u.host else u.host
     port = "" if u.port in (None, _DEFAULT_PORTS[u.scheme]) else f":{u.port}"
     return f"{u.scheme}://{host.lower()}{port}{u.path.rstrip('/')}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether HOST names this machine: `localhost`, 127.0.0.0/8 or ::1 (brackets allowed)."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def coordinator_url(url: str, *, insecure: bool = False) -> str:
+    """`normalize_url(url)`, refusing plain http:// to any host but this machine.
+
+    Over plain HTTP anyone on the path between volunteer and coordinator can read the bearer
+    token and change the weights, data and manifest in flight (the manifest's signature is
+    pinned only from the first, possibly tampered, join). Loopback traffic never leaves the
+    machine, so it is allowed; anything else needs https:// or INSECURE (`join --insecure`).
+    Raises InsecureUrl for a refused URL, ClientError for one that is not a coordinator URL.
+    """
+    canonical = normalize_url(url)
+    parsed = httpx.URL(canonical)
+    if parsed.scheme == "http" and not insecure and not is_loopback(parsed.host):
+        raise InsecureUrl(
+            f"refusing plain http:// to {parsed.host}, another machine: anyone on the way could "
+            "read your token and alter the model you train; use the coordinator's https:// "
+            "URL, or pass --insecure if you accept that (e.g. on a network you trust)"
+        )
+    return canonical
 
 
 def _resolve_dir(override: Path | None = None) -> Path:

@@ -58,15 +58,22 @@ def run_volunteer(
     console: Console,
     cache_dir: Path | None = None,
     attack: str | None = None,
+    insecure: bool = False,
+    ca_cert: Path | None = None,
 ) -> VolunteerStats:
     """Join the run at `url` and work until it finishes or the user stops it.
 
     ATTACK (for testing defences) makes this volunteer behave as that attack of
-    `crowdtrain.adversary`. Raises PeerBanned if the coordinator bans this volunteer (the
-    summary is written first).
+    `crowdtrain.adversary`. INSECURE allows plain http:// to another machine; CA_CERT is a
+    PEM file of extra certificate authorities to trust (see `CoordinatorApi`). Raises
+    PeerBanned if the coordinator bans this volunteer (the summary is written first).
     """
     if attack is not None and attack not in ATTACKS:
         raise ClientError(f"unknown attack {attack!r}; the attacks are {', '.join(ATTACKS)}")
+    stop = threading.Event()
+    api = CoordinatorApi(  # checks the URL and the CA file before anything else
+        url, policy=RetryPolicy(max_delay=10.0), stop=stop, insecure=insecure, ca_cert=ca_cert
+    )
     info = probe_device(device, threads)
     options = JoinOptions(
         url=url.rstrip("/"),
@@ -80,13 +87,11 @@ def run_volunteer(
         slowdown=slowdown,
         attack=attack,
     )
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    api = CoordinatorApi(options.url, policy=RetryPolicy(max_delay=10.0), stop=stop)
     volunteer = Volunteer(options, api)
     try:
         volunteer.join()

@@ -7,7 +7,8 @@ server's `Retry-After`. Downloads resume where they stopped with HTTP range requ
 (RFC 9110 §14) and are verified against their sha256 content address before they are used.
 Uploads are plain repeated PUTs, which is safe because the coordinator is idempotent per
 (peer, round). Every size is bounded before it is read; replies are JSON or raw bytes, never
-pickles.
+pickles. HTTPS connections always verify the coordinator's certificate (`tls_context`); a
+certificate that fails verification is not retried (`CertificateError`).
 
 The errors raised here (`ClientError` and its subclasses) carry one sentence for a person.
 """
@@ -23,6 +24,7 @@ import math
 import os
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -68,6 +70,10 @@ class ApiError(ClientError):
         self.code = code
         self.detail = detail
         super().__init__(f"the coordinator refused the request ({status} {code}): {detail}")
+
+
+class CertificateError(ClientError):
+    """The coordinator's TLS certificate failed verification: retrying cannot help."""
 
 
 class Stopped(ClientError):
@@ -141,6 +147,47 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def tls_context(ca_cert: Path | None = None) -> ssl.SSLContext:
+    """The TLS settings for talking to a coordinator: the system's trust store, plus the CA
+    certificates in the PEM file CA_CERT when given (a run with its own, e.g. self-signed,
+    certificate authority). Certificates and host names are always verified."""
+    context = ssl.create_default_context()
+    if ca_cert is None:
+        return context
+    try:
+        context.load_verify_locations(cafile=ca_cert)
+    except ssl.SSLError:
+        raise ClientError(f"--ca-cert: {ca_cert} holds no PEM CA certificate") from None
+    except OSError as exc:
+        raise ClientError(f"--ca-cert: cannot read {ca_cert}: {exc.strerror or exc}") from None
+    return context
+
+
+def _cert_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind EXC (httpx wraps it twice), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _retry_cause(exc: httpx.TransportError) -> str:
+    """Why a try failed, to retry it; raises CertificateError instead for a certificate that
+    failed verification, which no retry fixes."""
+    failure = _cert_failure(exc)
+    if failure is not None:
+        why = failure.verify_message or failure.reason or str(failure)
+        raise CertificateError(
+            f"the coordinator's TLS certificate failed verification ({why}); if the run uses "
+            "its own certificate authority, pass its certificate with --ca-cert FILE"
+        )
+    return _describe(exc)
 
 
 def _check_stop(stop: threading.Event | None) -> None:
@@ -332,7 +379,7 @@ def upload_payload(
                 what=f"uploading to {path_or_url}",
             )
         except httpx.TransportError as exc:
-            backoff.wait(_describe(exc))
+            backoff.wait(_retry_cause(exc))
             continue
         if not _is_retryable(r.status_code):
             return r
@@ -381,7 +428,7 @@ def request_json(
         try:
             r = _send(client, method, url, max_bytes=max_bytes, what=what, **kwargs)
         except httpx.TransportError as exc:
-            backoff.wait(_describe(exc))
+            backoff.wait(_retry_cause(exc))
             continue
         if _is_retryable(r.status_code):
             backoff.wait(_status_cause(r), parse_retry_after(r.headers.get("retry-after")))
@@ -482,7 +529,7 @@ def download_blob(
                 _unlink(part)
                 cause = str(exc)
             except httpx.TransportError as exc:
-                cause = _describe(exc)
+                cause = _retry_cause(exc)
             except _Retry as exc:
                 cause, retry_after = exc.cause, exc.retry_after
         if complete:
