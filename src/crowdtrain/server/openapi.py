@@ -7,6 +7,12 @@ middleware). `ROUTE_ERRORS` lists them per route; `truthful_openapi` replaces 42
 each with the error body `{"error": code, "detail": sentence}`, and drops `Content-Length`,
 which FastAPI lists as an ordinary header parameter of the upload routes. A test keeps
 `ROUTE_ERRORS` complete: a route missing from it fails the suite.
+
+FastAPI cannot see the bytes a route reads or sends itself either: `ROUTE_BYTES` lists the
+routes that answer raw bytes (with their success statuses: a blob answers a byte range 206),
+and `UPLOAD_BODIES` the request body of the routes that stream it (`routes.uploads`).
+`bench/fuzz_api.py` and tests/server/test_server_fuzz.py send generated requests to every route
+and check each answer against this document.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from crowdtrain.server.routes.uploads import ScoreBody
+
 #: What each status means, as docs/API.md says.
 STATUS_TEXT = {
+    200: "the whole blob",
+    206: "the requested byte range (`Content-Range` says which)",
     400: "malformed request or payload; `detail` names the problem",
     401: "missing or wrong token, invite key, proof of work or identity token",
     403: "banned peer, a private blob, or no admin token configured",
@@ -58,6 +68,23 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("put", "/v1/scores/{check_id}"): (*_UPLOAD,),
 }
 
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+#: (method, path) -> the success statuses of a route that answers raw bytes, not JSON.
+ROUTE_BYTES: dict[tuple[str, str], tuple[int, ...]] = {
+    ("get", "/v1/blobs/{sha}"): (200, 206),
+}
+
+#: (method, path) -> the request body of a route whose handler streams it itself.
+UPLOAD_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("put", "/v1/contributions/{round_number}"): {"required": True, "content": _BINARY},
+    ("put", "/v1/verifications/{check_id}"): {"required": True, "content": _BINARY},
+    ("put", "/v1/scores/{check_id}"): {
+        "required": True,
+        "content": {"application/json": {"schema": ScoreBody.model_json_schema()}},
+    },
+}
+
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error", "detail"],
@@ -86,6 +113,10 @@ def truthful_openapi(app: FastAPI) -> dict[str, Any]:
             statuses = sorted({*ROUTE_ERRORS.get((method, path), ()), 408, 413, 500})
             for status in statuses:
                 responses[str(status)] = {"description": STATUS_TEXT[status], **ref}
+            for status in ROUTE_BYTES.get((method, path), ()):
+                responses[str(status)] = {"description": STATUS_TEXT[status], "content": _BINARY}
+            if (method, path) in UPLOAD_BODIES:
+                op["requestBody"] = UPLOAD_BODIES[(method, path)]
             params = [
                 p for p in op.get("parameters", []) if p.get("name", "").lower() != "content-length"
             ]

@@ -18,6 +18,10 @@ from crowdtrain.store import BlobNotFound
 
 router = APIRouter()
 
+#: The form of Range header served, as the OpenAPI document gives it (`parse_range` answers
+#: 400 to one it cannot parse).
+RANGE_PATTERN = r"^bytes=([0-9]+-[0-9]*|-[0-9]+)$"
+
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """`bytes=a-b` / `bytes=a-` / `bytes=-n` → (start, stop) half-open, or None if unsatisfiable."""
@@ -44,7 +48,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 def blob(
     sha: str,
     coordinator: CoordinatorDep,
-    range: Annotated[str | None, Header()] = None,
+    range: Annotated[str | None, Header(json_schema_extra={"pattern": RANGE_PATTERN})] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
     try:
