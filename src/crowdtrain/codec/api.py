@@ -57,7 +57,9 @@ def _accumulate(
                     f"residual[{name!r}] has shape {tuple(r.shape)} but delta[{name!r}] has "
                     f"shape {tuple(t.shape)}; reset the residual when the model changes"
                 )
-            acc = spec.ef_decay * r.detach().to(device="cpu", dtype=torch.float32) + acc
+            r = r.detach().to(device="cpu", dtype=torch.float32)
+            # 1.0 * r is r exactly: skip a pass over the model when the residual is not decayed.
+            acc = (r if spec.ef_decay == 1.0 else spec.ef_decay * r) + acc
         low, high = value_range(acc)
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"delta[{name!r}] contains NaN or Inf; refusing to encode it")

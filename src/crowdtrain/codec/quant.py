@@ -177,7 +177,11 @@ class Fp16Codec:
 
 def block_scales(blocks: torch.Tensor, qmax: int) -> torch.Tensor:
     """Per-row float32 scale = max|row| / qmax, rounded up so that |x / scale| <= qmax."""
-    absmax = blocks.abs().amax(dim=1).double()
+    absmax = torch.empty(blocks.shape[0], dtype=blocks.dtype)
+    step = max(1, CHUNK // max(1, blocks.shape[1]))
+    for start in range(0, blocks.shape[0], step):  # |x| a slice at a time, within the caches
+        absmax[start : start + step] = blocks[start : start + step].abs().amax(dim=1)
+    absmax = absmax.double()
     scale = (absmax / qmax).to(torch.float32)
     too_small = scale.double() * qmax < absmax  # exact: 24-bit scale times 7-bit qmax
     return torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
