@@ -32,7 +32,8 @@ for name in ("int8", "int4"):
             d = {k: torch.randn(s, generator=g) * 10 ** (-r) for k, s in shapes.items()}
             p = codec.encode(d, spec, residual=res)
             rb = b"".join(res[k].numpy().tobytes() for k in sorted(res))
-            digests.append(hashlib.sha256(p).hexdigest()[:12] + ":" + hashlib.sha256(rb).hexdigest()[:12])
+            pair = (hashlib.sha256(p).hexdigest()[:12], hashlib.sha256(rb).hexdigest()[:12])
+            digests.append(":".join(pair))
 n = 20_000_000
 step = {"w": torch.randn(n // 1000, 1000, generator=g) * 1e-3}
 res = {"w": torch.zeros(n // 1000, 1000)}
