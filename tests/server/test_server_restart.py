@@ -213,3 +213,35 @@ def test_a_restart_keeps_the_compressed_broadcast_exact(
     assert b_coord.protocol.version == 1
     got = b_coord.protocol.broadcast.residual
     assert set(got) == set(residual) and all(torch.equal(got[k], residual[k]) for k in residual)
+
+
+def test_a_wait_rewrites_no_snapshot_and_a_restart_loses_nothing(
+    config: RunConfig, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting volunteers poll POST /v1/work every 0.25 s; a wait changes nothing durable, so
+    it must not rewrite the protocol snapshot (O(peers) under the lock: 40 ms a poll at 1,000
+    peers, bench/load_volunteers.py). New orders are still persisted."""
+    state = tmp_path / "state"
+    a_coord = start(config, state, clock)
+    writes: list[str] = []
+    put_json = a_coord.store.put_json
+
+    def counting(key: str, value: object) -> None:
+        writes.append(key)
+        put_json(key, value)
+
+    monkeypatch.setattr(a_coord.store, "put_json", counting)
+    with TestClient(create_app(a_coord), raise_server_exceptions=False) as a_client:
+        p1, p2 = register(a_client, "one"), register(a_client, "two")
+        assert work(a_client, p1)["kind"] == "work"
+        assert upload(a_client, p1, 0, make_payload(config, 1)).status_code == 200
+        writes.clear()
+        for _ in range(3):  # its contribution is in; the quorum (2) is not
+            assert work(a_client, p1)["kind"] == "wait"
+        assert writes == []
+        order2 = work(a_client, p2)
+        assert order2["kind"] == "work"
+        assert writes == ["protocol"]
+    b_coord = start(config, state, clock)
+    assert b_coord.protocol.submitted() == (p1.peer_id,)
+    assert set(b_coord.protocol.assigned()) == {p1.peer_id, p2.peer_id}
