@@ -874,6 +874,13 @@ def bench_coordinator(
             "published (the coordinator's gradients at the new θ).",
         ),
     ] = "derived",
+    established: Annotated[
+        bool,
+        typer.Option(
+            help="Every peer in good standing from the start (a run's steady state); by "
+            "default all are newcomers, whose contributions are all scored.",
+        ),
+    ] = False,
 ) -> None:
     """Coordinator cost per round, phase by phase, for int8 contributions, against the floor
     of reading every payload once (docs/BENCHMARKS.md)."""
@@ -887,6 +894,7 @@ def bench_coordinator(
             rounds=rounds,
             log=lambda line: console.print(line, highlight=False),
             state=state,
+            established=established,
         )
         _write_json(json_path, doc)
 

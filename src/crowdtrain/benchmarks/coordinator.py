@@ -54,11 +54,16 @@ from crowdtrain.models import count_params, param_shapes
 from crowdtrain.server.admission import AdmissionConfig
 from crowdtrain.server.coordinator import ContributionMeta, Coordinator
 
+#: The benchmark's seed invite key (``--established``): registering with it starts a peer
+#: established.
+SEED_KEY = "bench-coordinator-seed-key"
+
 #: The model sizes, as (width, depth, heads) of the byte-level GPT with context 128.
 SIZES: dict[str, tuple[int, int, int]] = {
     "10m": (464, 4, 8),  # 10.66M parameters
     "100m": (768, 14, 12),  # 99.6M
     "1b": (2048, 20, 16),  # 1.01B
+    "tiny": (32, 1, 2),  # 0.03M: the benchmark's own test
 }
 PHASES = ("receive", "accept", "arrival", "close", "persist", "eval")
 
@@ -178,10 +183,13 @@ def run_coordinator_bench(
     rounds: int = 3,
     log: Callable[[str], None] = print,
     state: str = "derived",
+    established: bool = False,
 ) -> dict[str, Any]:
     """Time `rounds` rounds of `contributions` int8 uploads of a PARAMS model with the full
     verification pipeline, bases carrying `state` moments; the benchmark's JSON (medians over
-    the rounds)."""
+    the rounds). With `established` every peer registers as a seed volunteer, in good standing
+    from its first round (a run's steady state); else all are newcomers, whose contributions
+    are all scored (``defence.score_newcomers``) until they are established."""
     if params not in SIZES:
         raise ValueError(f"--params must be one of {', '.join(SIZES)}, not {params!r}")
     torch.set_num_threads(max(1, workers))  # model passes (scoring, moments, eval) too
@@ -199,9 +207,14 @@ def run_coordinator_bench(
                 clock=_Clock(),
                 eval_batch_count=2,
                 workers=workers,
-                admission=AdmissionConfig(address_burst=0, global_burst=0),  # no rate limits
+                # no rate limits; the seed key makes registered peers established
+                admission=AdmissionConfig(address_burst=0, global_burst=0, seed_invite=SEED_KEY),
             )
-            peers = [coord.register(f"peer-{i}", {})["peer_id"] for i in range(contributions)]
+            invite = SEED_KEY if established else None
+            peers = [
+                coord.register(f"peer-{i}", {}, invite=invite)["peer_id"]
+                for i in range(contributions)
+            ]
             for r in range(rounds):
                 rows.append(_round(coord, peers, r, shapes, numel, gen, rss, log))
             coord.shutdown()
@@ -225,6 +238,7 @@ def run_coordinator_bench(
         "contributions": contributions,
         "workers": workers,
         "optimizer_state": state,
+        "established": established,
         "rounds": rows,
         "phases": phases,
         "close_steps": {k[5:]: round(v, 4) for k, v in med.items() if k.startswith("step_")},
