@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -31,6 +32,29 @@ from crowdtrain.server.routes import ROUTERS
 from crowdtrain.server.routes.dashboard import STATIC
 
 log = logging.getLogger(__name__)
+
+
+#: What a write that found the state disk full answers (503 `disk_full`), and when to retry.
+DISK_FULL = (
+    "the coordinator's state disk is full, so nothing was stored; send it again later "
+    "(the organizer has been told in the log)"
+)
+DISK_FULL_RETRY_S = 30
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether EXC, or an exception it was raised from or during, is a write that found no
+    space: an OSError ENOSPC or EDQUOT (a blob), or SQLite's SQLITE_FULL (the state database)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(current, "sqlite_errorname", None) == "SQLITE_FULL":
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _problem(status: int, code: str, detail: str) -> JSONResponse:
@@ -68,6 +92,11 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):  # nothing was acknowledged: the last committed state stands
+            log.error("%s %s: the state disk is full", request.method, request.url.path)
+            response = _problem(503, "disk_full", DISK_FULL)
+            response.headers["Retry-After"] = str(DISK_FULL_RETRY_S)
+            return response
         # Logged with its traceback here; the volunteer gets one sentence only.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _problem(500, "internal", "the coordinator failed to handle this request")
