@@ -191,6 +191,9 @@ class Driver:
     errors: list[str] = field(default_factory=list)  # every 5xx and unexpected answer
     refusals: list[str] = field(default_factory=list)  # 4xx answers to uploads, for the record
     bases: list[tuple[int, str]] = field(default_factory=list)  # (base_version, weights) seen
+    #: peer name -> (round, base version) of an upload whose answer never came: sent again
+    #: first when the run goes on, as `crowdtrain join` retries a transfer that failed
+    pending: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def connect(self, url: str) -> None:
         if self.client is not None:
@@ -220,6 +223,19 @@ class Driver:
             for k, shape in param_shapes(self.config.model).items()
         }
         return codec.encode(delta, self.config.codec)
+
+    def meta(self, base: int) -> dict[str, Any]:
+        """The X-Crowdtrain-Meta of a contribution from version BASE (claims that match the
+        work order, so that the claims check passes)."""
+        steps = self.config.inner.steps
+        samples = steps * self.config.data.batch_size
+        return {
+            "base_version": base,
+            "samples": samples,
+            "tokens": samples * self.config.model.context,
+            "steps": steps,
+            "train_loss": 5.0,
+        }
 
     def register(self, name: str) -> Peer:
         """Register NAME; a name taken by an earlier try whose reply the crash ate is retried
@@ -257,15 +273,12 @@ class Driver:
             return False
         rnd, base = int(doc["round"]), int(doc["base_version"])
         self.bases.append((base, str(doc["weights"])))
-        steps = self.config.inner.steps
-        samples = steps * self.config.data.batch_size
-        meta = {
-            "base_version": base,
-            "samples": samples,
-            "tokens": samples * self.config.model.context,
-            "steps": steps,
-            "train_loss": 5.0,
-        }
+        return self.upload(peer, rnd, base)
+
+    def upload(self, peer: Peer, rnd: int, base: int) -> bool:
+        """PEER's contribution to round RND from version BASE; True when it got a receipt."""
+        self.pending[peer.name] = (rnd, base)
+        meta = self.meta(base)
         up = self._call(
             "PUT",
             f"/v1/contributions/{rnd}",
@@ -276,6 +289,7 @@ class Driver:
                 "X-Crowdtrain-Meta": json.dumps(meta),
             },
         )
+        del self.pending[peer.name]
         if up.status_code == 200:
             receipt = up.json()["receipt"]
             before = self.receipts.get((peer.name, rnd))
@@ -291,6 +305,8 @@ class Driver:
         for name in self.names:
             if name not in self.peers:
                 self.register(name)
+        for name, (rnd, base) in list(self.pending.items()):
+            self.upload(self.peers[name], rnd, base)
         end = time.monotonic() + timeout
         while not all(p.finished for p in self.peers.values()):
             assert time.monotonic() < end, f"the run did not finish: {self.errors}"

@@ -49,13 +49,11 @@ POINTS: list[tuple[str, int]] = [
     ("blob.before_rename", 1),  # the payload fsynced in its temp file, not yet renamed
     ("blob.after_rename", 5),  # a blob of round 0's close renamed, its directory not fsynced
     ("upload.after_blob", 3),
-    ("submit.after_validate", 3),
     ("receipt.in_transaction", 3),  # contribution row and snapshot written, not committed
     ("receipt.after_commit", 3),  # the receipt is durable; the reply never left
     ("arrival.analysis", 2),  # on-arrival screening of an accepted contribution
     ("close.before_aggregate", 2),
     ("close.after_outer_step", 2),
-    ("close.aggregated", 2),  # the protocol closed the round in memory, nothing persisted
     *[
         (f"close.{when}_blob.{group}", 2)
         for group in ("weights", "outer", "aggregate", "moments", "residual", "update")
@@ -65,7 +63,6 @@ POINTS: list[tuple[str, int]] = [
     ("close.after_commit", 2),
     ("eval.before_commit", 1),  # the new version's held-out loss computed, not stored
     ("sqlite.before_commit", 4),  # the COMMIT of round 0's first receipt
-    ("snapshot.written", 5),  # the snapshot of a work order written, not committed
 ]
 
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import math
+import sqlite3
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -90,13 +91,27 @@ def _add_exception_handlers(app: FastAPI) -> None:
             response.headers.update(exc.headers)
         return response
 
+    def on_full(request: Request) -> JSONResponse:
+        # Nothing was acknowledged: the last committed state stands, and the call may be sent
+        # again once there is space (docs/API.md, 503 `disk_full`).
+        log.error("%s %s: the state disk is full", request.method, request.url.path)
+        response = _problem(503, "disk_full", DISK_FULL)
+        response.headers["Retry-After"] = str(DISK_FULL_RETRY_S)
+        return response
+
+    # Handled here, inside the app, so that the connection stays usable; anything else goes on
+    # to `on_error` (a 500).
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.OperationalError)
+    async def on_store_error(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):
+            return on_full(request)
+        raise exc
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        if disk_full(exc):  # nothing was acknowledged: the last committed state stands
-            log.error("%s %s: the state disk is full", request.method, request.url.path)
-            response = _problem(503, "disk_full", DISK_FULL)
-            response.headers["Retry-After"] = str(DISK_FULL_RETRY_S)
-            return response
+        if disk_full(exc):  # raised as, or during, another error
+            return on_full(request)
         # Logged with its traceback here; the volunteer gets one sentence only.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _problem(500, "internal", "the coordinator failed to handle this request")
