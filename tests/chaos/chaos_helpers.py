@@ -325,3 +325,139 @@ def status(url: str) -> dict[str, Any]:
 
 def load(path: Path) -> RunConfig:
     return load_config(path)
+
+
+class Volunteers:
+    """`crowdtrain join` processes, each with its own home (identity, cache), killed at the end."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts: dict[str, int] = {}
+
+    def start(self, url: str, name: str) -> subprocess.Popen[bytes]:
+        """Start (or start again, with the identity kept in its home) volunteer NAME."""
+        home = self.tmp / name
+        home.mkdir(exist_ok=True)
+        self.starts[name] = self.starts.get(name, 0) + 1
+        env = {**os.environ, "CROWDTRAIN_CONFIG_DIR": str(home / "config")}
+        env.pop("CROWDTRAIN_CRASH_AT", None)
+        with (home / f"log-{self.starts[name]}").open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "crowdtrain.cli",
+                    "join",
+                    url,
+                    "--name",
+                    name,
+                    "--threads",
+                    "1",
+                    "--quiet",
+                    "--summary",
+                    str(home / "summary.json"),
+                    "--cache-dir",
+                    str(home / "cache"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def wait(self, name: str, timeout: float = 180.0) -> int:
+        return self.procs[name].wait(timeout=timeout)
+
+    def summary(self, name: str) -> dict[str, Any]:
+        return dict(json.loads((self.tmp / name / "summary.json").read_text()))
+
+    def logs(self, name: str) -> str:
+        return "\n".join(
+            (self.tmp / name / f"log-{i}").read_text(errors="replace")
+            for i in range(1, self.starts.get(name, 0) + 1)
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def wait_until(what: str, check: Any, timeout: float = 120.0, every: float = 0.05) -> Any:
+    """Poll CHECK until it returns something true; return that."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def snapshot(state: Path) -> dict[str, Any]:
+    """The protocol snapshot last committed in STATE ({} before the first)."""
+    store = SqliteStateStore(state / "state.sqlite")
+    try:
+        return dict(store.get_json("protocol") or {})
+    finally:
+        store.close()
+
+
+def holds_order(state: Path, name: str) -> tuple[str, int] | None:
+    """(peer id, round) when volunteer NAME holds a work order in the open round and has not
+    contributed to it yet."""
+    snap = snapshot(state)
+    if not snap:
+        return None
+    ids = {p["peer_id"] for p in snap["peers"] if p["name"] == name}
+    rnd = snap["round"]
+    orders = {o["peer_id"] for o in rnd["orders"]}
+    held = ids & orders
+    if not held:
+        return None
+    peer_id = held.pop()
+    store = SqliteStateStore(state / "state.sqlite")
+    try:
+        if store.get_contribution(peer_id, int(rnd["number"])) is not None:
+            return None
+    finally:
+        store.close()
+    return peer_id, int(rnd["number"])
+
+
+def slow_upload(state: Path, seen: dict[str, int]) -> bool:
+    """Whether an upload body has been arriving for two polls in a row (a temp file of
+    the blob store that is still there and has grown: the slow volunteer's, not a fast one's)."""
+    now = {}
+    for part in (state / "blobs" / "tmp").glob("put-*.part"):
+        try:
+            now[part.name] = part.stat().st_size
+        except FileNotFoundError:
+            continue
+    slow = any(name in seen and size > seen[name] for name, size in now.items())
+    seen.clear()
+    seen.update(now)
+    return slow
+
+
+def accepted(state: Path) -> dict[tuple[str, int], str]:
+    """(peer id, round) -> receipt of every accepted contribution in the store."""
+    store = SqliteStateStore(state / "state.sqlite")
+    try:
+        rows = {}
+        for v in range(0, 64):
+            for c in store.contributions_for_round(v):
+                if c.status == "accepted":
+                    assert (c.peer_id, c.round) not in rows, "a contribution counted twice"
+                    rows[(c.peer_id, c.round)] = c.receipt
+        return rows
+    finally:
+        store.close()
