@@ -300,7 +300,7 @@ class Driver:
         self.refusals.append(f"upload {peer.name} round {rnd}: {up.status_code} {up.text}")
         return False
 
-    def run(self, timeout: float = 120.0) -> None:
+    def run(self, timeout: float = 60.0) -> None:
         """Register what is missing, then step the peers in turn until the run finishes."""
         for name in self.names:
             if name not in self.peers:

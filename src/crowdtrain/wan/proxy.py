@@ -27,7 +27,7 @@ What is emulated, per direction ("up" is client → target, "down" is target →
 Faults, for the chaos tests (tests/chaos): ``stall(seconds)`` holds every byte in both
 directions, and every new connection, for that long (a link that goes silent: the sockets stay
 open and nothing moves), and ``drop(seconds)`` resets every open connection and every new one
-for that long (a link that goes down).
+for that long (a link that goes down); ``heal()`` ends both at once.
 
 Not emulated: loss, jitter, reordering, TCP slow start and congestion control (the loopback
 TCP underneath never loses a packet). Half-closes are forwarded after the data before them;
@@ -361,6 +361,10 @@ class WanProxy:
         self._down_until = max(self._down_until, time.monotonic() + seconds)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._drop_open)
+
+    def heal(self) -> None:
+        """End a stall and a drop now: held bytes move on, new connections are proxied."""
+        self._stalled_until = self._down_until = 0.0
 
     def _drop_open(self) -> None:
         for writers in self._writers.values():
