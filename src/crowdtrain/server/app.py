@@ -115,7 +115,7 @@ def _add_exception_handlers(app: FastAPI) -> None:
         # answer, and it is not the coordinator's failure (it was logged as a 500 with a
         # traceback until the chaos suite's dropped links showed it).
         log.info("%s %s: the client went away mid-body", request.method, request.url.path)
-        return _problem(400, "disconnected", "the request body ended before its end")
+        return _problem(400, "disconnected", "the client went away before the body ended")
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
