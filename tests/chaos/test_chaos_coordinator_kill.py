@@ -52,11 +52,12 @@ POINTS: list[tuple[str, int]] = [
     ("receipt.after_commit", 3),  # the receipt is durable; the reply never left
     ("arrival.analysis", 2),  # on-arrival screening of an accepted contribution
     ("close.after_outer_step", 2),
-    *[
-        (f"close.{when}_blob.{group}", 2)
-        for group in ("weights", "outer", "aggregate", "moments")
-        for when in ("before", "after")
-    ],
+    # the close's blobs (written concurrently): each group once, θ on both sides
+    ("close.before_blob.weights", 2),
+    ("close.after_blob.weights", 2),
+    ("close.before_blob.outer", 2),
+    ("close.after_blob.aggregate", 2),
+    ("close.after_blob.moments", 2),
     ("close.before_blob.residual", 2),  # the compressed broadcast's residual and update
     ("close.before_blob.update", 2),
     ("close.in_transaction", 2),  # the version row and snapshot written, not committed
