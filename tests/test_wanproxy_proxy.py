@@ -456,3 +456,35 @@ def test_start_reports_a_port_in_use_and_refuses_a_second_start() -> None:
         pytest.raises(RuntimeError, match="already running"),
     ):
         proxy.start()
+
+
+def test_stall_holds_every_byte_until_healed_then_delivers_them(echo_port: int) -> None:
+    with (
+        WanProxy("127.0.0.1", echo_port, up_mbps=None, down_mbps=None, latency_ms=0) as proxy,
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock,
+    ):
+        sock.sendall(b"before")
+        assert _recv_exactly(sock, 6) == b"before"
+        proxy.stall(TIMEOUT)
+        sock.sendall(b"during")
+        sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):  # nothing comes back while the link is silent
+            sock.recv(6)
+        sock.settimeout(TIMEOUT)
+        proxy.heal()
+        assert _recv_exactly(sock, 6) == b"during"  # late, but whole
+
+
+def test_drop_resets_open_connections_and_refuses_new_ones_until_healed(echo_port: int) -> None:
+    with WanProxy("127.0.0.1", echo_port, up_mbps=None, down_mbps=None, latency_ms=0) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"x")
+            assert _recv_exactly(sock, 1) == b"x"
+            proxy.drop(TIMEOUT)
+            _, reset = _read_until_reset(sock)
+            assert reset
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as sock:
+            _, reset = _read_until_reset(sock)  # the link is still down
+            assert reset
+        proxy.heal()
+        assert _roundtrip(proxy.port, b"back") == b"back" + TRAILER

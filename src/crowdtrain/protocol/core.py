@@ -32,6 +32,7 @@ import torch
 from crowdtrain.config import RunConfig
 from crowdtrain.data import assign_shards
 from crowdtrain.data.probe import ShardProbe
+from crowdtrain.faults import crash_point
 from crowdtrain.outer import OuterOptimizer, build_outer
 from crowdtrain.protocol.broadcast import Broadcast
 from crowdtrain.protocol.events import (
@@ -565,6 +566,7 @@ class RoundProtocol:
             )
             lap("screen_s")
         if subs:
+            crash_point("close.before_aggregate")
             result = aggregate(
                 [s.delta for s in subs],
                 [s.weight for s in subs],
@@ -580,6 +582,7 @@ class RoundProtocol:
             before = self.params
             self.params = {k: t.clone() for k, t in before.items()}
             self.outer.step(self.params, result.delta)
+            crash_point("close.after_outer_step")
             lap("outer_s")
             self.broadcast.publish(before, self.params)
             lap("broadcast_s")

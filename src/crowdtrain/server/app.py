@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
+import sqlite3
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from crowdtrain.server.coordinator import Coordinator, Problem
 from crowdtrain.server.limits import BodyLimit, BodyTimeout
@@ -31,6 +34,29 @@ from crowdtrain.server.routes import ROUTERS
 from crowdtrain.server.routes.dashboard import STATIC
 
 log = logging.getLogger(__name__)
+
+
+#: What a write that found the state disk full answers (503 `disk_full`), and when to retry.
+DISK_FULL = (
+    "the coordinator's state disk is full, so nothing was stored; send it again later "
+    "(the organizer has been told in the log)"
+)
+DISK_FULL_RETRY_S = 30
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether EXC, or an exception it was raised from or during, is a write that found no
+    space: an OSError ENOSPC or EDQUOT (a blob), or SQLite's SQLITE_FULL (the state database)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(current, "sqlite_errorname", None) == "SQLITE_FULL":
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _problem(status: int, code: str, detail: str) -> JSONResponse:
@@ -66,8 +92,35 @@ def _add_exception_handlers(app: FastAPI) -> None:
             response.headers.update(exc.headers)
         return response
 
+    def on_full(request: Request) -> JSONResponse:
+        # Nothing was acknowledged: the last committed state stands, and the call may be sent
+        # again once there is space (docs/API.md, 503 `disk_full`).
+        log.error("%s %s: the state disk is full", request.method, request.url.path)
+        response = _problem(503, "disk_full", DISK_FULL)
+        response.headers["Retry-After"] = str(DISK_FULL_RETRY_S)
+        return response
+
+    # Handled here, inside the app, so that the connection stays usable; anything else goes on
+    # to `on_error` (a 500).
+    @app.exception_handler(OSError)
+    @app.exception_handler(sqlite3.OperationalError)
+    async def on_store_error(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):
+            return on_full(request)
+        raise exc
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The volunteer (or its link) went away in the middle of a body: no one reads this
+        # answer, and it is not the coordinator's failure (it was logged as a 500 with a
+        # traceback until the chaos suite's dropped links showed it).
+        log.info("%s %s: the client went away mid-body", request.method, request.url.path)
+        return _problem(400, "disconnected", "the client went away before the body ended")
+
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
+        if disk_full(exc):  # raised as, or during, another error
+            return on_full(request)
         # Logged with its traceback here; the volunteer gets one sentence only.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _problem(500, "internal", "the coordinator failed to handle this request")

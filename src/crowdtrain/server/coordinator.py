@@ -30,6 +30,7 @@ from crowdtrain.client.work import overlap_start, replay_check
 from crowdtrain.config import ConfigError, RunConfig, config_hash
 from crowdtrain.data import Shard, ShardStore, ensure_packed_for, eval_batches
 from crowdtrain.data.probe import ShardProbe
+from crowdtrain.faults import crash_point
 from crowdtrain.models import initial_state, param_shapes
 from crowdtrain.protocol import (
     Accepted,
@@ -148,6 +149,14 @@ def put_tensors(blobs: DirBlobStore, group: Mapping[str, torch.Tensor] | bytes) 
     return blobs.put_stream(file.chunks(), max_bytes=file.size)[0]
 
 
+def _put_group(blobs: DirBlobStore, name: str, group: Mapping[str, torch.Tensor] | bytes) -> str:
+    """`put_tensors` for one group of a close, with the chaos suite's kill points around it."""
+    crash_point(f"close.before_blob.{name}")
+    sha = put_tensors(blobs, group)
+    crash_point(f"close.after_blob.{name}")
+    return sha
+
+
 def _peer_json(p: PeerRecord) -> dict[str, Any]:
     """What the status document and the dashboard both show of a peer."""
     return {
@@ -238,6 +247,11 @@ class Coordinator:
         self._arrival_lock = threading.Lock()
         self.arrival_s = 0.0  # seconds of on-arrival work done so far, all threads together
         self._arrivals = ThreadPoolExecutor(self.workers, "crowdtrain-arrival")
+        # New versions' evaluations run apart from the on-arrival work: an evaluation takes the
+        # lock to store its loss, and an event that may close a round waits, under the lock,
+        # for the on-arrival work; queued behind an evaluation, that work would never start
+        # (the deadlock the chaos suite found: tests/chaos, a restart with a version to evaluate).
+        self._evaluating = ThreadPoolExecutor(1, "crowdtrain-eval")
         self._pending: list[Future[None]] = []
         self._evals: list[Future[None]] = []  # new versions' evaluations, after their commit
         # Writing a close's blobs: mostly waiting on the disk, so threads beyond the workers.
@@ -286,7 +300,9 @@ class Coordinator:
         latest = self.store.latest_version()
         if latest is not None and latest.metrics.get("eval_loss", 0.0) is None:
             # stopped between storing a version and evaluating it
-            self._evals.append(self._arrivals.submit(self._evaluate, latest, self.protocol.params))
+            self._evals.append(
+                self._evaluating.submit(self._evaluate, latest, self.protocol.params)
+            )
         key = load_or_create_signing_key(state_dir / "coordinator.key")
         initial = self.store.get_version(0)
         assert initial is not None
@@ -368,6 +384,7 @@ class Coordinator:
             theta0 = initial_state(self.config.model)
             sha = put_tensors(self.blobs, theta0)
             metrics = {"eval_loss": evaluate(self.config.model, theta0, self.evals)}
+            crash_point("start.before_version0")
             with self.store.transaction():
                 self.store.add_version(VersionRow(0, -1, sha, None, None, self.clock(), metrics))
             return self._new_protocol(theta0)
@@ -405,10 +422,12 @@ class Coordinator:
         """Stop the on-arrival workers (what they were doing is recomputed at the close)."""
         self._arrivals.shutdown(wait=True, cancel_futures=True)
         self._persisting.shutdown(wait=True, cancel_futures=True)
+        self._evaluating.shutdown(wait=True, cancel_futures=True)
 
     def _timed(self, job: Callable[[], None]) -> None:
         t0 = time.perf_counter()
         try:
+            crash_point("arrival.analysis")
             job()
         finally:
             with self._arrival_lock:
@@ -498,6 +517,8 @@ class Coordinator:
             try:
                 with self.store.transaction():
                     self.store.add_peer(row)
+                    crash_point("register.in_transaction")
+                crash_point("register.after_commit")
             except AlreadyExists:
                 raise Problem(409, "name_taken", "another volunteer has this name") from None
             self.admission.admitted(now)
@@ -536,6 +557,7 @@ class Coordinator:
             now = self.clock()
             for d in decisions:
                 if isinstance(d, WorkOrder):
+                    crash_point("work.after_order")
                     return {
                         "kind": "work",
                         **self._work_json(d),
@@ -656,6 +678,7 @@ class Coordinator:
             self._refused(peer_id, payload_sha)
             raise Problem(400, "bad_payload", str(exc)) from None
         del payload
+        crash_point("submit.after_validate")
         event = ContributionSubmitted(
             peer_id=peer_id,
             round=round_number,
@@ -925,6 +948,7 @@ class Coordinator:
 
     def _persist_snapshot(self) -> None:
         self.store.put_json("protocol", self.protocol.snapshot())
+        crash_point("snapshot.written")
 
     def _persist(self, decisions: list[Decision], accepted: ContributionRow | None = None) -> None:
         """Commit what `decisions` changed in one transaction: the accepted contribution's row
@@ -949,6 +973,14 @@ class Coordinator:
                     if isinstance(d, Banned):
                         self.store.set_banned(d.peer_id, True, d.reason)
                 self._persist_snapshot()
+                if new:
+                    crash_point("receipt.in_transaction")
+                if versions:
+                    crash_point("close.in_transaction")
+            if new:
+                crash_point("receipt.after_commit")
+            if versions:
+                crash_point("close.after_commit")
         except Exception:
             # The protocol moved on in memory but not on disk: return to what the store holds,
             # so that a retry (or the next tick) starts from the durable state.
@@ -957,7 +989,7 @@ class Coordinator:
         for version in versions:
             if version.metrics["eval_loss"] is None:
                 params = self.protocol.params  # replaced at the next close, never changed
-                self._evals.append(self._arrivals.submit(self._evaluate, version, params))
+                self._evals.append(self._evaluating.submit(self._evaluate, version, params))
             else:
                 self._report_close(version)
         for d in decisions:
@@ -979,9 +1011,11 @@ class Coordinator:
         t0 = time.perf_counter()
         loss = evaluate(self.config.model, params, self.evals)
         metrics = {**version.metrics, "eval_loss": loss}
+        crash_point("eval.before_commit")
         with self.lock:
             with self.store.transaction():
                 self.store.set_version_metrics(version.version, metrics)
+            crash_point("eval.after_commit")
             self.last_close_timing["eval_s"] = time.perf_counter() - t0
         self._report_close(replace(version, metrics=metrics))
 
@@ -1014,6 +1048,7 @@ class Coordinator:
 
     def _close_version(self, closed: RoundClosed) -> VersionRow:
         """Write a closed round's weights, optimizer state and aggregate; return its version row."""
+        crash_point("close.aggregated")
         tensors = self.protocol.tensors()
         t0 = time.perf_counter()
         # What a restart needs, stored as blobs at once (`_put_blobs`); empty state is not stored.
@@ -1076,7 +1111,7 @@ class Coordinator:
         writes and fsync, and tensors are streamed (`TensorFile`), never copied into one
         ``bytes`` first: at a close this is θ, the aggregate, the moments and the residual."""
         futures = {
-            name: self._persisting.submit(put_tensors, self.blobs, group)
+            name: self._persisting.submit(_put_group, self.blobs, name, group)
             for name, group in groups.items()
         }
         return {name: future.result() for name, future in futures.items()}

@@ -40,30 +40,32 @@ STATUS_TEXT = {
     416: "a byte range outside the blob",
     429: "too many registrations or refused uploads; see Retry-After",
     500: "a bug (the server logs it)",
-    503: "send it again (see Retry-After)",
+    503: "send it again (see Retry-After): the upload was lost, or the state disk is full "
+    "(`disk_full`)",
 }
 
 _BODY = (400, 408, 413)  # every route with a body: malformed, stalled, too large
 _PEER = (401, 403)  # bearer-token routes
-_UPLOAD = (*_BODY, *_PEER, 409, 411, 429)
+_UPLOAD = (*_BODY, *_PEER, 409, 411, 429, 503)
+_FULL = 503  # `disk_full`: a route that writes to the state found the disk full
 
 #: (method, path) -> the statuses besides 200, 408, 413 and 500 that the route can send.
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/register/challenge"): (404,),
-    ("post", "/v1/register"): (*_BODY, 401, 403, 409, 429),
+    ("post", "/v1/register"): (*_BODY, 401, 403, 409, 429, _FULL),
     ("get", "/v1/manifest"): (),
-    ("post", "/v1/work"): (*_BODY, *_PEER),
-    ("post", "/v1/heartbeat"): (*_BODY, *_PEER),
+    ("post", "/v1/work"): (*_BODY, *_PEER, _FULL),
+    ("post", "/v1/heartbeat"): (*_BODY, *_PEER, _FULL),
     ("get", "/v1/status"): (),
     ("get", "/v1/dashboard"): (400,),
     ("get", "/v1/admin/check"): _PEER,
-    ("post", "/v1/admin/pause"): (*_BODY, *_PEER),
-    ("post", "/v1/admin/resume"): (*_BODY, *_PEER),
-    ("post", "/v1/admin/peers/{peer_id}/ban"): (*_BODY, *_PEER, 404),
-    ("post", "/v1/admin/peers/{peer_id}/unban"): (*_BODY, *_PEER, 404),
-    ("post", "/v1/admin/deadline"): (*_BODY, *_PEER),
+    ("post", "/v1/admin/pause"): (*_BODY, *_PEER, _FULL),
+    ("post", "/v1/admin/resume"): (*_BODY, *_PEER, _FULL),
+    ("post", "/v1/admin/peers/{peer_id}/ban"): (*_BODY, *_PEER, 404, _FULL),
+    ("post", "/v1/admin/peers/{peer_id}/unban"): (*_BODY, *_PEER, 404, _FULL),
+    ("post", "/v1/admin/deadline"): (*_BODY, *_PEER, _FULL),
     ("get", "/v1/blobs/{sha}"): (400, 403, 404, 416),
-    ("put", "/v1/contributions/{round_number}"): (*_UPLOAD, 503),
+    ("put", "/v1/contributions/{round_number}"): _UPLOAD,
     ("put", "/v1/verifications/{check_id}"): _UPLOAD,
     ("put", "/v1/scores/{check_id}"): (*_UPLOAD,),
 }

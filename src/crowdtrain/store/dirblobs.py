@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from crowdtrain.faults import crash_point
 from crowdtrain.store.blobs import check_blob_id, is_blob_id
 from crowdtrain.store.errors import BlobMismatch, BlobNotFound, BlobTooLarge, StoreError
 
@@ -59,8 +60,15 @@ class _Incoming:
         self.size += n
 
     def discard(self) -> None:
-        self.file.close()
-        self.path.unlink(missing_ok=True)
+        """Remove the temp file, even when closing it fails: a write that failed for want of
+        space leaves buffered bytes that `close` cannot flush (ENOSPC again), and a temp file
+        left behind would keep holding the space of a full disk."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        finally:
+            self.path.unlink(missing_ok=True)
 
 
 class DirBlobStore:
@@ -110,7 +118,9 @@ class DirBlobStore:
                 os.fsync(incoming.file.fileno())
             incoming.file.close()
             self._ensure_fanout(final.parent)
+            crash_point("blob.before_rename")
             os.replace(incoming.path, final)
+            crash_point("blob.after_rename")
             if self._fsync:
                 fsync_dir(final.parent)
             return sha, incoming.size
@@ -170,6 +180,7 @@ class DirBlobStore:
         except BaseException:
             incoming.discard()
             raise
+        crash_point("blob.received")
         return await asyncio.to_thread(self._commit, incoming, expected_sha)
 
     def delete(self, sha: str) -> None:

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from crowdtrain.faults import crash_point
 from crowdtrain.store.errors import AlreadyExists, PeerNotFound, SchemaVersionError, StoreError
 from crowdtrain.store.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
 from crowdtrain.store.state import (
@@ -212,12 +213,14 @@ class SqliteStateStore:
             if depth > 0:
                 conn.execute(f"RELEASE {savepoint}")
                 return
+            crash_point("sqlite.before_commit")
             try:
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            crash_point("sqlite.after_commit")
 
     def _write(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one write statement in its own (or the caller's) transaction; return rowcount.

@@ -24,6 +24,11 @@ What is emulated, per direction ("up" is client → target, "down" is target →
   beyond that the proxy stops reading, so TCP flow control pushes back on the sender and memory
   stays bounded.
 
+Faults, for the chaos tests (tests/chaos): ``stall(seconds)`` holds every byte in both
+directions, and every new connection, for that long (a link that goes silent: the sockets stay
+open and nothing moves), and ``drop(seconds)`` resets every open connection and every new one
+for that long (a link that goes down); ``heal()`` ends both at once.
+
 Not emulated: loss, jitter, reordering, TCP slow start and congestion control (the loopback
 TCP underneath never loses a packet). Half-closes are forwarded after the data before them;
 a failure on either side (a reset, a broken pipe) resets both connections, so neither peer can
@@ -45,8 +50,9 @@ import math
 import socket
 import struct
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from crowdtrain.wan.shaper import LinkShaper
@@ -106,7 +112,9 @@ class _Direction:
         link: LinkShaper,
         queue_bytes: int,
         on_delivered: Callable[[int], None],
+        hold: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._hold = hold
         self._reader = reader
         self._writer = writer
         self._link = link
@@ -144,6 +152,8 @@ class _Direction:
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if self._hold is not None:
+                await self._hold()
             if not data:
                 if self._writer.can_write_eof():
                     self._writer.write_eof()
@@ -229,6 +239,9 @@ class WanProxy:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stalled_until = 0.0  # time.monotonic(): nothing moves before it
+        self._down_until = 0.0  # time.monotonic(): connections are reset before it
+        self._writers: dict[asyncio.Task[None], list[asyncio.StreamWriter]] = {}
 
     @classmethod
     def from_links(
@@ -335,6 +348,33 @@ class WanProxy:
     ) -> None:
         await self.aclose()
 
+    # -- faults (tests/chaos) ----------------------------------------------------------------
+
+    def stall(self, seconds: float) -> None:
+        """For SECONDS from now, forward nothing: bytes in either direction and new connections
+        wait (their sockets stay open), then everything continues where it stopped."""
+        self._stalled_until = max(self._stalled_until, time.monotonic() + seconds)
+
+    def drop(self, seconds: float = 0.0) -> None:
+        """Reset every open connection (both sides see a TCP reset), and every connection
+        made in the next SECONDS. Call it from another thread than the proxy's (`start`)."""
+        self._down_until = max(self._down_until, time.monotonic() + seconds)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._drop_open)
+
+    def heal(self) -> None:
+        """End a stall and a drop now: held bytes move on, new connections are proxied."""
+        self._stalled_until = self._down_until = 0.0
+
+    def _drop_open(self) -> None:
+        for writers in self._writers.values():
+            for writer in writers:
+                _abort(writer)
+
+    async def _hold(self) -> None:
+        while (wait := self._stalled_until - time.monotonic()) > 0:
+            await asyncio.sleep(min(wait, 0.05))
+
     # -- sync API ---------------------------------------------------------------------------
 
     def start(self) -> int:
@@ -398,12 +438,14 @@ class WanProxy:
     # -- connections ------------------------------------------------------------------------
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._closing:
+        if self._closing or time.monotonic() < self._down_until:
             _abort(writer)
             return
         task = asyncio.get_running_loop().create_task(self._proxy(reader, writer))
         self._tasks.add(task)
+        self._writers[task] = [writer]
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._writers.pop(t, None))
 
     def _count_up(self, nbytes: int) -> None:
         self._bytes_up += nbytes
@@ -425,6 +467,7 @@ class WanProxy:
         try:
             if self.emulate_handshake:  # the SYN reaches the target one up-latency later
                 await asyncio.sleep(self.up_link.latency_s)
+            await self._hold()
             try:
                 target_reader, connected = await asyncio.wait_for(
                     asyncio.open_connection(self.target_host, self.target_port),
@@ -438,6 +481,9 @@ class WanProxy:
                 clean = True
                 return
             target_writer = connected
+            task = asyncio.current_task()
+            if task in self._writers:
+                self._writers[task].append(connected)
             if self.emulate_handshake:  # ... and the SYN-ACK is back one down-latency later
                 handshake_done = accepted + self.up_link.latency_s + self.down_link.latency_s
                 await asyncio.sleep(max(0.0, handshake_done - loop.time()))
@@ -461,10 +507,15 @@ class WanProxy:
     ) -> bool:
         """Run both directions until both have forwarded EOF (True) or one side fails (False)."""
         up = _Direction(
-            client_reader, target_writer, self.up_link, self.queue_bytes, self._count_up
+            client_reader, target_writer, self.up_link, self.queue_bytes, self._count_up, self._hold
         )
         down = _Direction(
-            target_reader, client_writer, self.down_link, self.queue_bytes, self._count_down
+            target_reader,
+            client_writer,
+            self.down_link,
+            self.queue_bytes,
+            self._count_down,
+            self._hold,
         )
         failed = False
         try:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Path, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from crowdtrain.faults import crash_point
 from crowdtrain.robust.usefulness import Score
 from crowdtrain.server.coordinator import MAX_META_BYTES, ContributionMeta, Coordinator, Problem
 from crowdtrain.server.routes.deps import MAX_ROUND, CoordinatorDep, Peer
@@ -161,7 +162,9 @@ async def contribute(
     if done is not None:
         return done
     coordinator.expect_upload(peer_id)
+    crash_point("upload.before_body")
     sha, size = await upload_body(coordinator, request, length)
+    crash_point("upload.after_blob")
     return await run_in_threadpool(
         coordinator.submit,
         peer_id,
@@ -185,6 +188,7 @@ async def verification(
     coordinator.expect_upload(peer_id)
     coordinator.expect_verification(peer_id, check_id)
     sha, size = await upload_body(coordinator, request, length)
+    crash_point("verification.after_blob")
     return await run_in_threadpool(
         coordinator.verification, peer_id, check_id, meta.steps, sha, size
     )
