@@ -31,12 +31,14 @@ from crowdtrain.config import RunConfig
 #: on one thread (decode, bucket mean, distance or update): 1.21 ns measured with 32
 #: contributions of 10.7M parameters (`bench/results/coordinator-10m-w1.json`).
 AGGREGATE_S_PER_ELEMENT = 1.2e-9
-#: Seconds per parameter, once per close: the outer step, encoding the compressed broadcast
-#: and writing θ, the outer state, the aggregate, moments and residual to disk with fsync:
-#: 5.7e-8 measured at 99.6M parameters with 2 threads (0.11 + 2.62 + 2.98 s,
-#: `bench/results/coordinator-100m-w2-persist.json`; 7.4e-8 before the writes were streamed on
-#: parallel threads and the int8 encode sliced; 3.2e-8 at 10.7M, where more fits in caches).
-THETA_S_PER_PARAM = 5.7e-8
+#: Seconds per parameter, once per close: the outer step, encoding the compressed broadcast,
+#: the next base's moments (derived: the mean steps) and writing θ, the outer state, the
+#: aggregate, moments and residual to disk with fsync: 4.3e-8 measured at 99.7M parameters
+#: with 2 threads (0.16 + 1.25 + 0.31 + 2.59 s,
+#: `bench/results/session-derived/coordinator-100m-w2.json`); 5.7e-8 before the int8 encode's
+#: per-block |x| was sliced (`bench/results/coordinator-100m-w2-persist.json`), 7.4e-8 before
+#: the writes were streamed on parallel threads.
+THETA_S_PER_PARAM = 4.3e-8
 #: FLOP/s of one CPU thread of the reference machine on the model's forward and backward
 #: passes: 8.2e10 measured on the moments' gradients (the same file).
 CPU_FLOPS_PER_THREAD = 8.2e10
