@@ -550,8 +550,8 @@ class Coordinator:
             decisions = self._handle(WorkRequested(peer_id))
             # A wait (or the run's end) changes nothing durable: only the peer's online flag
             # and last_seen, which a heartbeat does not persist either. Rewriting the protocol
-            # snapshot for it cost O(peers) under the lock on every poll (40 ms at 1,000 peers,
-            # where waiting volunteers poll every 0.25 s: bench/load_volunteers.py).
+            # snapshot for it cost O(peers) under the lock on every poll, and waiting volunteers
+            # poll every 0.25 s (bench/load_volunteers.py).
             if not all(isinstance(d, (Wait, RunFinished, Unknown)) for d in decisions):
                 self._persist(decisions)
             now = self.clock()
