@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import tomli_w
 
 from crowdtrain.config import RunConfig, parse_config
 
@@ -73,3 +76,27 @@ quorum = 2
 [run.defence]
 enabled = false
 {extra}"""
+
+
+def write_e2e_config(
+    path: Path, corpus: Path, data_dir: Path, name: str, **sections: dict[str, Any]
+) -> Path:
+    """The networked tests' tiny run, written as TOML to `path`: a 1-layer GPT, rounds of 6
+    steps, 3 rounds with a quorum of 2 and a 20 s deadline; each of `sections` updates its
+    section key by key."""
+    cfg: dict[str, dict[str, Any]] = {
+        "model": {"arch": "gpt", "width": 32, "depth": 1, "heads": 2, "context": 32},
+        "data": {
+            "source": str(corpus),
+            "dir": str(data_dir),
+            "shard_bytes": 8192,
+            "val_fraction": 0.1,
+            "batch_size": 8,
+        },
+        "inner": {"steps": 6, "total_steps": 60, "warmup_steps": 2, "threads": 1, "overlap": False},
+        "rounds": {"total": 3, "quorum": 2, "deadline_s": 20.0},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path.write_text(tomli_w.dumps({"name": name, **cfg}))
+    return path

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import tomli_w
 import torch
 
 from crowdtrain import codec
 from crowdtrain.config import RunConfig, load_config
 from crowdtrain.models import param_shapes
 from crowdtrain.store import SqliteStateStore, VersionRow
+from crowdtrain_testing import write_e2e_config
 
 #: `crowdtrain serve` as `python -m crowdtrain.cli` would run it, with SIGUSR1 dumping every
 #: thread's stack into its log (`Coordinator.dump_stacks`: what a hung coordinator was doing).
@@ -49,22 +49,12 @@ GONE = (httpx.TransportError,)
 def write_config(path: Path, corpus: Path, data: Path, **sections: dict[str, Any]) -> Path:
     """The e2e tests' tiny run (a 1-layer GPT, 3 rounds, quorum 2), with no deadline closes."""
     cfg: dict[str, dict[str, Any]] = {
-        "model": {"arch": "gpt", "width": 32, "depth": 1, "heads": 2, "context": 32},
-        "data": {
-            "source": str(corpus),
-            "dir": str(data),
-            "shard_bytes": 8192,
-            "val_fraction": 0.1,
-            "batch_size": 8,
-        },
-        "inner": {"steps": 6, "total_steps": 60, "warmup_steps": 2, "threads": 1, "overlap": False},
-        "rounds": {"total": 3, "quorum": 2, "deadline_s": 600.0},
+        "rounds": {"deadline_s": 600.0},
         "defence": {"spot_check": "off", "scoring": "coordinator", "score_per_round": 0},
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
-    path.write_text(tomli_w.dumps({"name": "chaos", **cfg}))
-    return path
+    return write_e2e_config(path, corpus, data, "chaos", **cfg)
 
 
 def sha256_file(path: Path) -> str:

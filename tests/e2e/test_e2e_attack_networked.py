@@ -16,30 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-import tomli_w
 from typer.testing import CliRunner
 
 from crowdtrain.cli import app
+from crowdtrain_testing import write_e2e_config
 
 CLI = [sys.executable, "-m", "crowdtrain.cli"]
 
 
 def _config(path: Path, corpus: Path, data: Path) -> Path:
-    cfg = {
-        "name": "e2e-attack",
-        "model": {"arch": "gpt", "width": 32, "depth": 1, "heads": 2, "context": 32},
-        "data": {
-            "source": str(corpus),
-            "dir": str(data),
-            "shard_bytes": 8192,
-            "val_fraction": 0.1,
-            "batch_size": 8,
-        },
-        "inner": {"steps": 6, "total_steps": 60, "warmup_steps": 2, "threads": 1, "overlap": False},
-        "rounds": {"total": 5, "quorum": 2, "deadline_s": 20.0},
-    }
-    path.write_text(tomli_w.dumps(cfg))
-    return path
+    return write_e2e_config(path, corpus, data, "e2e-attack", rounds={"total": 5})
 
 
 @pytest.mark.parametrize(
