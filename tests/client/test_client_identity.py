@@ -13,9 +13,11 @@ from crowdtrain.client.identity import (
     ENV_CONFIG_DIR,
     ClientState,
     config_dir,
+    forget_key,
     forget_state,
     load_state,
     normalize_url,
+    registration_key,
     save_state,
     state_path,
 )
@@ -158,3 +160,16 @@ def test_saving_twice_replaces_the_file(tmp_path: Path) -> None:
     save_state(pinned, tmp_path)
     assert load_state(URL, tmp_path) == pinned
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_the_registration_key_is_kept_until_forgotten(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:8000"
+    key = registration_key(url, tmp_path)
+    assert len(key) >= 32 and registration_key(url, tmp_path) == key  # the same on a retry
+    path = state_path(url, tmp_path).with_suffix(".key")
+    assert path.read_text() == key and (path.stat().st_mode & 0o777) == 0o600
+    assert registration_key("http://127.0.0.1:9000", tmp_path) != key  # one per coordinator
+    forget_key(url, tmp_path)
+    assert not path.exists() and registration_key(url, tmp_path) != key
+    path.write_text("not a key!")  # a damaged file is replaced, not sent
+    assert registration_key(url, tmp_path) != "not a key!"

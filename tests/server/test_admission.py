@@ -356,3 +356,33 @@ def test_the_state_is_private_to_the_coordinators_user(
     assert state.stat().st_mode & 0o777 == 0o700
     assert (state / "state.sqlite").stat().st_mode & 0o077 == 0
     coordinator.shutdown()
+
+
+def test_a_registration_key_gets_the_same_peer_back_after_a_lost_answer(
+    config: RunConfig, tmp_path: Path, clock: FakeClock
+) -> None:
+    """A client that registered but lost the answer (a crash, a dropped connection) registers
+    again with its key: the same peer with a new token, where the name alone gets 409."""
+    coordinator, client = door(config, tmp_path, clock)
+    key, other = "k" * 40, "z" * 40
+    with client:
+        first = post(client, "Alice", key=key)
+        assert first.status_code == 200
+        again = post(client, "Alice", key=key)
+        assert again.status_code == 200
+        assert again.json()["peer_id"] == first.json()["peer_id"]
+        assert again.json()["token"] != first.json()["token"]
+        old = {"Authorization": f"Bearer {first.json()['token']}"}
+        assert assert_error(client.post("/v1/work", headers=old), 401)["error"] == "bad_token"
+        new = {"Authorization": f"Bearer {again.json()['token']}"}
+        assert client.post("/v1/work", headers=new).status_code == 200
+        assert assert_error(post(client, "Alice", key=other), 409)["error"] == "name_taken"
+        assert assert_error(post(client, "Alice"), 409)["error"] == "name_taken"
+        for bad in ("short", "k" * 200, "k" * 39 + "!"):
+            assert post(client, "Bob", key=bad).status_code == 400
+    assert [p.name for p in coordinator.store.list_peers()] == ["Alice"]
+    # the key survives a restart: it is stored with the peer (hashed), not in memory
+    coordinator.shutdown()
+    _, client = door(config, tmp_path, clock)
+    with client:
+        assert post(client, "Alice", key=key).json()["peer_id"] == first.json()["peer_id"]

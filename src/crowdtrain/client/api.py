@@ -417,8 +417,11 @@ class CoordinatorApi:
         device: DeviceInfo | Mapping[str, Any],
         *,
         identity: str | None = None,
+        key: str | None = None,
     ) -> tuple[str, str]:
         """`POST /v1/register`; returns (peer_id, token) and keeps the token for later calls.
+        With `key` (``identity.registration_key``) a retry after a lost answer gets the same
+        peer back.
 
         When the run asks for a proof of work, fetches a challenge, solves it (stopping when
         the stop event is set) and registers again; an expired or spent challenge is replaced
@@ -429,6 +432,8 @@ class CoordinatorApi:
         body: dict[str, Any] = {"name": name, "invite": invite, "device": dev}
         if identity is not None:
             body["identity"] = identity
+        if key is not None:
+            body["key"] = key
         for attempt in range(3):
             try:
                 reply = self._json("POST", "/v1/register", body=body)

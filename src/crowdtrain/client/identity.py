@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -268,6 +269,34 @@ def save_state(state: ClientState, config_dir: Path | None = None) -> Path:
     atomic_write_bytes(path, data)  # a mkstemp file: mode 0600 from its creation
     fsync_dir(directory)
     return path
+
+
+def registration_key(url: str, config_dir: Path | None = None) -> str:
+    """The secret this client registers with at coordinator URL, created (mode 0600, durable)
+    before its first registration and kept until the answer is saved (``forget_key``): a
+    registration whose answer was lost is retried with the same key, and the coordinator
+    returns the same peer instead of refusing the name as taken."""
+    path = state_path(url, config_dir).with_suffix(".key")
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise ClientError(f"cannot read the registration key {path}: {exc}") from None
+    if re.fullmatch(r"[A-Za-z0-9_-]{32,128}", key):
+        return key
+    key = secrets.token_urlsafe(32)
+    directory = path.parent
+    if not directory.is_dir():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write_bytes(path, key.encode())  # a mkstemp file: mode 0600 from its creation
+    fsync_dir(directory)
+    return key
+
+
+def forget_key(url: str, config_dir: Path | None = None) -> None:
+    """Delete the registration key once the registration's answer is saved."""
+    state_path(url, config_dir).with_suffix(".key").unlink(missing_ok=True)
 
 
 def forget_state(url: str, config_dir: Path | None = None) -> bool:

@@ -47,7 +47,14 @@ from crowdtrain.client.api import (
     WaitMsg,
     WorkOrderMsg,
 )
-from crowdtrain.client.identity import ClientState, load_state, save_state, verify_manifest
+from crowdtrain.client.identity import (
+    ClientState,
+    forget_key,
+    load_state,
+    registration_key,
+    save_state,
+    verify_manifest,
+)
 from crowdtrain.client.machine import VolunteerMachine, heartbeat_interval
 from crowdtrain.client.probe import DeviceInfo
 from crowdtrain.client.transfer import ApiError, ClientError
@@ -176,9 +183,11 @@ class Volunteer:
                 self.options.invite,
                 self.options.device.to_json(),
                 identity=self.options.identity,
+                key=registration_key(self.options.url, self.options.config_dir),
             )
             state = ClientState(url=self.options.url, peer_id=peer_id, token=token)
             save_state(state, self.options.config_dir)
+            forget_key(self.options.url, self.options.config_dir)
         self.api.token = state.token
         verified = verify_manifest(self.api.manifest(), state)
         save_state(state.pin(verified), self.options.config_dir)

@@ -103,6 +103,10 @@ MAX_META_BYTES = 4096
 AdminEvent = PeerBanned | PeerUnbanned | RunPaused | RunResumed | DeadlineChanged
 
 
+#: The subject a client's registration key is stored under (its sha256 after this prefix),
+#: beside identity providers' ``iss#sub`` subjects.
+KEY_SUBJECT = "key:"
+
 #: Refused uploads a peer may make at once, and then one per this many seconds.
 REFUSALS_BURST = 8
 REFUSAL_EVERY_S = 60.0
@@ -482,10 +486,13 @@ class Coordinator:
         pow_challenge: str | None = None,
         pow_nonce: str | None = None,
         identity: str | None = None,
+        key: str | None = None,
     ) -> dict[str, str]:
         """Admit a volunteer through the door (``server.admission``); return its id and bearer
         token (stored hashed). Display names are unique (`name_key`); with an identity provider,
-        a known account gets its own peer back with a new token, unless it is banned."""
+        a known account gets its own peer back with a new token, unless it is banned. Without
+        one, a client's registration `key` does the same: registering again with it (after an
+        answer lost to a crash) returns the same peer, whatever the name."""
         if not name_is_printable(name):
             raise Problem(400, "bad_name", "a volunteer name must be printable text")
         token = secrets.token_urlsafe(32)
@@ -502,6 +509,8 @@ class Coordinator:
                 )
             except AdmissionRefused as exc:
                 raise Problem(exc.status, exc.code, exc.detail, exc.retry_after) from None
+            if subject is None and key is not None:  # the client's own registration key
+                subject = KEY_SUBJECT + hashlib.sha256(key.encode()).hexdigest()
             known = self.store.peer_by_subject(subject) if subject is not None else None
             if known is not None:
                 if known.banned:

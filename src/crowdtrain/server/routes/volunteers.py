@@ -46,6 +46,10 @@ class RegisterBody(BaseModel):
     device: DeviceInfo = DeviceInfo()
     pow: ProofOfWork | None = None
     identity: str | None = Field(None, min_length=1, max_length=8192)
+    # A secret the client chose and keeps until it has saved the answer: registering again with
+    # the same key (after an answer lost to a crash or a dropped connection) returns the same
+    # peer with a new token instead of name_taken.
+    key: str | None = Field(None, min_length=32, max_length=128, pattern=r"^[A-Za-z0-9_-]+$")
 
 
 # Route functions carry no docstrings: FastAPI would publish them as OpenAPI descriptions.
@@ -66,6 +70,7 @@ def register(body: RegisterBody, request: Request, coordinator: CoordinatorDep) 
         pow_challenge=body.pow.challenge if body.pow else None,
         pow_nonce=body.pow.nonce if body.pow else None,
         identity=body.identity,
+        key=body.key,
     )
 
 
