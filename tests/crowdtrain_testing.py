@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +11,43 @@ import tomli_w
 from crowdtrain.config import RunConfig, parse_config
 
 
+def tiny_data(corpus: Path, data_dir: Path) -> dict[str, Any]:
+    """The tests' data section: the test corpus in 8 KB shards, 10% held out, batches of 8."""
+    return {
+        "source": str(corpus),
+        "dir": str(data_dir),
+        "shard_bytes": 8192,
+        "val_fraction": 0.1,
+        "batch_size": 8,
+    }
+
+
+def join_command(url: str, name: str, home: Path) -> list[str]:
+    """`crowdtrain join` for a test volunteer named NAME with its files under HOME (run with
+    ``CROWDTRAIN_CONFIG_DIR`` in HOME too): one thread, quiet, a summary and its own cache."""
+    return [
+        sys.executable,
+        "-m",
+        "crowdtrain.cli",
+        "join",
+        url,
+        "--name",
+        name,
+        "--threads",
+        "1",
+        "--quiet",
+        "--summary",
+        str(home / "summary.json"),
+        "--cache-dir",
+        str(home / "cache"),
+    ]
+
+
 def tiny_config(corpus: Path, data_dir: Path, **overrides: dict[str, object]) -> RunConfig:
     """A run config small enough for a unit test: a 2-layer GPT on the test corpus."""
     raw: dict[str, dict[str, object]] = {
         "model": {"arch": "gpt", "width": 32, "depth": 2, "heads": 2, "context": 32},
-        "data": {
-            "source": str(corpus),
-            "dir": str(data_dir),
-            "shard_bytes": 8192,
-            "val_fraction": 0.1,
-            "batch_size": 8,
-            "shards_per_peer": 2,
-        },
+        "data": {**tiny_data(corpus, data_dir), "shards_per_peer": 2},
         "inner": {"steps": 8, "total_steps": 64, "warmup_steps": 2, "lr": 3e-3},
         "rounds": {"total": 4, "quorum": 3},
         "aggregation": {"method": "mean", "bucket_size": 1},
@@ -86,13 +112,7 @@ def write_e2e_config(
     section key by key."""
     cfg: dict[str, dict[str, Any]] = {
         "model": {"arch": "gpt", "width": 32, "depth": 1, "heads": 2, "context": 32},
-        "data": {
-            "source": str(corpus),
-            "dir": str(data_dir),
-            "shard_bytes": 8192,
-            "val_fraction": 0.1,
-            "batch_size": 8,
-        },
+        "data": tiny_data(corpus, data_dir),
         "inner": {"steps": 6, "total_steps": 60, "warmup_steps": 2, "threads": 1, "overlap": False},
         "rounds": {"total": 3, "quorum": 2, "deadline_s": 20.0},
     }

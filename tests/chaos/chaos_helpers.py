@@ -32,7 +32,7 @@ from crowdtrain import codec
 from crowdtrain.config import RunConfig, load_config
 from crowdtrain.models import param_shapes
 from crowdtrain.store import SqliteStateStore, VersionRow
-from crowdtrain_testing import write_e2e_config
+from crowdtrain_testing import join_command, write_e2e_config
 
 #: `crowdtrain serve` as `python -m crowdtrain.cli` would run it, with SIGUSR1 dumping every
 #: thread's stack into its log (`Coordinator.dump_stacks`: what a hung coordinator was doing).
@@ -332,22 +332,7 @@ class Volunteers:
         env.pop("CROWDTRAIN_CRASH_AT", None)
         with (home / f"log-{self.starts[name]}").open("wb") as log:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "crowdtrain.cli",
-                    "join",
-                    url,
-                    "--name",
-                    name,
-                    "--threads",
-                    "1",
-                    "--quiet",
-                    "--summary",
-                    str(home / "summary.json"),
-                    "--cache-dir",
-                    str(home / "cache"),
-                ],
+                join_command(url, name, home),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from crowdtrain.store import SqliteStateStore
-from crowdtrain_testing import write_e2e_config
+from crowdtrain_testing import join_command, write_e2e_config
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "crowdtrain.cli"]
@@ -74,20 +74,7 @@ class Run:
         home.mkdir(exist_ok=True)
         env = {**os.environ, "CROWDTRAIN_CONFIG_DIR": str(home / "config")}
         proc = subprocess.Popen(
-            [
-                *CLI,
-                "join",
-                url,
-                "--name",
-                name,
-                "--threads",
-                "1",
-                "--quiet",
-                "--summary",
-                str(home / "summary.json"),
-                "--cache-dir",
-                str(home / "cache"),
-            ],
+            join_command(url, name, home),
             stdout=(home / "log").open("wb"),
             stderr=subprocess.STDOUT,
             env=env,

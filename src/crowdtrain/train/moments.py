@@ -244,6 +244,16 @@ def capped_workers(inner: InnerConfig, workers: int) -> int:
     return max(1, min(workers, round(1 / (1 - inner.beta2))))
 
 
+def _finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+def _lr_sum(inner: InnerConfig, round_steps: range) -> float:
+    """Σₜ lrₜ over the inner steps `round_steps` (global indices)."""
+    return sum(lr_at(step, inner) for step in round_steps)
+
+
 def publish(
     model_cfg: ModelConfig,
     inner: InnerConfig,
@@ -262,10 +272,10 @@ def publish(
     finite: a diverged run publishes nothing it could not train from."""
     workers = capped_workers(inner, workers)
     published = factor(second_moment(model_cfg, inner, after, batches, workers=workers))
-    if not all(bool(torch.isfinite(t).all()) for t in published.values()):
+    if not _finite(published):
         return {}
     published.update(first_moments(inner, before, after, published, round_steps=round_steps))
-    if not all(bool(torch.isfinite(t).all()) for t in published.values()):
+    if not _finite(published):
         return {}
     return published
 
@@ -283,7 +293,7 @@ def first_moments(
     (factored) second moments `second`, in bfloat16. Public inputs only, so a volunteer that
     holds both θs and the second moments computes the same bits (``protocol.broadcast``)."""
     whole = expand(second, {k: tuple(t.shape) for k, t in after.items()})
-    lr_sum = sum(lr_at(step, inner) for step in round_steps)
+    lr_sum = _lr_sum(inner, round_steps)
     out: dict[str, torch.Tensor] = {}
     for name in after:
         root = whole[EXP_AVG_SQ + name].sqrt() + EPS
@@ -301,7 +311,7 @@ def mean_steps(
     """The outer update `before` − `after` per unit of the round's summed learning rate,
     U / Σₜ lrₜ over the inner steps `round_steps`, in bfloat16: the mean Adam step m/(√v̂ + ε)
     that a derived base starts its first moment from (``own_moments``)."""
-    lr_sum = sum(lr_at(step, inner) for step in round_steps)
+    lr_sum = _lr_sum(inner, round_steps)
     return {
         MEAN_STEP + name: ((before[name] - after[name]) / lr_sum).to(torch.bfloat16)
         for name in after
@@ -320,7 +330,7 @@ def publish_derived(
     steps and the number of workers (capped, ``capped_workers``) the next round's second
     moments are estimated for. No model pass. Empty when the update is not finite."""
     out = mean_steps(inner, before, after, round_steps=round_steps)
-    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+    if not _finite(out):
         return {}
     out[WORKERS] = torch.tensor([float(capped_workers(inner, workers))])
     return out
@@ -366,9 +376,7 @@ def own_moments(
 def second_only(moments: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The published moments without what a volunteer holding both θs derives itself
     (``derive_first``): a few bytes per row, or one number for a derived base."""
-    return {
-        k: t for k, t in moments.items() if not k.startswith((EXP_AVG, MEAN_STEP)) or k == WORKERS
-    }
+    return {k: t for k, t in moments.items() if not k.startswith((EXP_AVG, MEAN_STEP))}
 
 
 def drift(
