@@ -270,6 +270,10 @@ class RoundsConfig(_Strict):
     # The fraction of the round after which a newcomer waits for the next round (the quorum
     # reached); None: derived per round by `RunConfig.join_window_s`.
     join_window: float | None = Field(None, gt=0.0, le=1.0)
+    # A peer asking after the join window (the quorum reached, a seconds budget) gets an order
+    # for the round's remaining work time, if at least this fraction of `inner.seconds` is
+    # left; otherwise it waits for the next round (1: never, as with a steps budget).
+    late_order_min: float = Field(0.25, gt=0.0, le=1.0)
     peer_timeout_s: float = Field(60.0, gt=0.0)
     max_peers_per_round: int = Field(64, ge=1, le=1_000_000)
     late: StalePolicy = "reject"
@@ -389,6 +393,17 @@ class RunConfig(_Strict):
             return self.rounds.join_window * round_seconds
         work = self.inner.seconds if self.inner.budget == "seconds" else round_seconds
         return min(round_seconds, work) / max(1, orders)
+
+    def late_order_s(self, since_open: float) -> float | None:
+        """The work seconds of an order handed out `since_open` seconds into a round, past its
+        join window: what is left of the round's `inner.seconds`, so that the late peer ends
+        about when the others do and holds no close; None (it waits for the next round) for
+        a steps budget or when less than `rounds.late_order_min` of the round's work is left.
+        The late contribution is weighted by the samples it trained, as every other is."""
+        if self.inner.budget != "seconds":
+            return None
+        left = self.inner.seconds - max(0.0, since_open)
+        return left if left >= self.rounds.late_order_min * self.inner.seconds else None
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,10 @@ class VolunteerMachine:
         spec, self.speculation = self.speculation, None
         assert spec is not None
         orphaned, self.orphaned = self.orphaned, False
-        if event.result is not None and event.result.steps > 0 and not orphaned:
+        # Overlap continues round r's upload into round r + 1 only: the coordinator replays
+        # (and so accepts) no other. A volunteer that sat out a round (a check, a wait) drops it.
+        follows = self._work().round == spec.round + 1
+        if event.result is not None and event.result.steps > 0 and not orphaned and follows:
             self.carried = (event.result, replace(spec, steps=event.result.steps))
         return self._begin()
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from enum import Enum
 from typing import Any, ClassVar, get_args
 
@@ -404,17 +405,31 @@ class RoundProtocol:
         order = rnd.orders.get(event.peer_id)
         if order is not None:
             return [order]
-        if len(rnd.orders) >= self.config.rounds.max_peers_per_round:
-            return [Wait(event.peer_id, 1.0, "this round has all the peers it can take")]
-        window_end = rnd.opened_at + self.config.join_window_s(self.round_seconds, len(rnd.orders))
-        if window_end < now < rnd.deadline and len(rnd.orders) >= self.config.rounds.quorum:
-            # An open round past its deadline still lacks its quorum, so it takes anyone.
-            retry = max(0.5, min(5.0, rnd.deadline - now))
-            reason = "this round is past its join window; your work starts with the next round"
-            return [Wait(event.peer_id, retry, reason)]
+        late = self._cannot_join(rnd, now)
+        if isinstance(late, Wait):
+            return [replace(late, peer_id=event.peer_id)]
         order = self._make_order(event.peer_id, rnd)
+        if late is not None:  # past the join window: what is left of the round's work
+            order = replace(order, max_seconds=late)
         rnd.orders[event.peer_id] = order
         return [order]
+
+    def _cannot_join(self, rnd: Round, now: float) -> Wait | float | None:
+        """Why a peer without an order cannot have a full one in RND now: a Wait (for the
+        next round; its peer id left empty), the work seconds of a shortened late order
+        (`RunConfig.late_order_s`), or None (it can)."""
+        cfg = self.config
+        if len(rnd.orders) >= cfg.rounds.max_peers_per_round:
+            return Wait("", 1.0, "this round has all the peers it can take")
+        window_end = rnd.opened_at + cfg.join_window_s(self.round_seconds, len(rnd.orders))
+        if not (window_end < now < rnd.deadline and len(rnd.orders) >= cfg.rounds.quorum):
+            return None  # in its window, or a round still short of its quorum takes anyone
+        late = cfg.late_order_s(now - rnd.opened_at)
+        if late is not None:
+            return late
+        retry = max(0.5, min(5.0, rnd.deadline - now))
+        reason = "this round is past its join window; your work starts with the next round"
+        return Wait("", retry, reason)
 
     def _make_order(self, peer_id: str, rnd: Round) -> WorkOrder:
         """PEER's work order in RND: a pure function of the two, so anyone can replay it."""
