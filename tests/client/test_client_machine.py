@@ -204,6 +204,20 @@ def test_overlap_that_continues_a_refused_upload_is_dropped() -> None:
     assert isinstance(upload, ve.Upload) and upload.overlap is None
 
 
+def test_overlap_is_dropped_when_the_next_order_is_not_for_the_next_round() -> None:
+    """A volunteer that sat out round 1 (a check, a wait) gets round 2's order: its overlap
+    continued round 0's upload, which the coordinator replays only into round 1."""
+    m = machine()
+    overlapped_round(m)
+    m.handle(ve.GotWork(Order(round=2, base_version=2, step_offset=8)))
+    assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
+    train = one(m.handle(ve.SpeculationEnded(result(3, value=0.5))))
+    assert isinstance(train, ve.Train) and train.segment.start is None
+    assert train.segment.max_steps == 4
+    _, upload = m.handle(ve.Trained(result(4)))
+    assert isinstance(upload, ve.Upload) and upload.overlap is None
+
+
 def test_a_spot_check_pauses_overlapped_training_and_resumes_it() -> None:
     m = machine()
     overlapped_round(m)

@@ -38,10 +38,12 @@ def make(
     rounds: dict[str, object] | None = None,
     outer: dict[str, object] | None = None,
     aggregation: str = "mean",
+    inner: dict[str, object] | None = None,
 ) -> tuple[RoundProtocol, FakeClock]:
     cfg = parse_config(
         {
             "rounds": {"total": 3, "quorum": 2, "deadline_s": 60.0, **(rounds or {})},
+            "inner": inner or {},
             "outer": {"optimizer": "error_feedback", "lr": 1.0, **(outer or {})},
             "aggregation": {"method": aggregation, "bucket_size": 1},
             "data": {"shards_per_peer": 2},
@@ -299,6 +301,31 @@ def test_the_derived_join_window_is_the_rounds_work_shared_among_its_orders() ->
     p.handle(PeerJoined("e"))
     (d,) = p.handle(WorkRequested("e"))
     assert isinstance(d, Wait) and "next round" in d.reason
+
+
+def test_a_late_peer_gets_what_is_left_of_a_seconds_budget() -> None:
+    # Past the join window with the quorum in, a seconds budget hands the late peer the rest
+    # of the round's work time, so it ends about when the others do and holds no close; with
+    # less than rounds.late_order_min of it left, the peer waits for the next round.
+    seconds = {"budget": "seconds", "seconds": 40.0}
+    p, clock = make(rounds={"quorum": 2, "deadline_s": 60.0}, inner=seconds)
+    first = join_and_order(p, "a", "b", "c", "d")  # the window: 40 s / 4 orders = 10 s
+    assert {o.max_seconds for o in first.values()} == {40.0}
+    clock.now += 12.0
+    late = join_and_order(p, "e")["e"]
+    assert late.max_seconds == pytest.approx(28.0) and late.round == 0
+    assert p.handle(WorkRequested("e")) == [late]  # the order it holds, unchanged
+    clock.now += 20.0  # 32 s in: 8 s left, under a quarter of 40 s
+    p.handle(PeerJoined("f", "f"))
+    (wait,) = p.handle(WorkRequested("f"))
+    assert isinstance(wait, Wait) and wait.peer_id == "f" and "next round" in wait.reason
+    assert "f" not in p.assigned()
+    q, clock2 = make(rounds={"quorum": 2, "late_order_min": 1.0}, inner=seconds)
+    join_and_order(q, "a", "b", "c", "d")
+    clock2.now += 12.0
+    q.handle(PeerJoined("e", "e"))
+    (wait,) = q.handle(WorkRequested("e"))  # late orders off: as with a steps budget
+    assert isinstance(wait, Wait)
 
 
 def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:
