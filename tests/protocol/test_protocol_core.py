@@ -11,6 +11,7 @@ from crowdtrain.protocol import (
     ContributionSubmitted,
     PeerJoined,
     PeerLeft,
+    PeerSeen,
     Rejected,
     RoundClosed,
     RoundProtocol,
@@ -343,11 +344,21 @@ def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:
     clock2.now += 59.0
     join_and_order(q, "b")  # the round still needs peers for its quorum, so b gets work
     clock2.now += 2.0
-    join_and_order(q, "c")  # past the deadline without a quorum: anyone is welcome
+    # Past the deadline the round closes as soon as its quorum is in: with orders out for the
+    # whole quorum, a newcomer's work would be refused, so it waits for the next round ...
+    q.handle(PeerJoined("c", "c"))
+    (wait,) = q.handle(WorkRequested("c"))
+    assert isinstance(wait, Wait) and "past its deadline" in wait.reason
+    # ... unless an order lapsed (its peer went silent): then the quorum needs it.
+    clock2.now += q.config.rounds.peer_timeout_s + 1.0
+    q.handle(PeerSeen("a"))
+    q.handle(Tick())
+    assert set(q.assigned()) == {"a"}
+    (order,) = q.handle(WorkRequested("c"))
+    assert isinstance(order, WorkOrder) and order.round == 0
 
 
 def test_silent_peer_times_out_and_heartbeats_keep_it() -> None:
-    from crowdtrain.protocol import PeerSeen
 
     p, clock = make(rounds={"peer_timeout_s": 10.0, "deadline_s": 1000.0})
     join_and_order(p, "a", "b", "c")

@@ -421,9 +421,14 @@ class RoundProtocol:
         cfg = self.config
         if len(rnd.orders) >= cfg.rounds.max_peers_per_round:
             return Wait("", 1.0, "this round has all the peers it can take")
-        window_end = rnd.opened_at + cfg.join_window_s(self.round_seconds, len(rnd.orders))
-        if not (window_end < now < rnd.deadline and len(rnd.orders) >= cfg.rounds.quorum):
-            return None  # in its window, or a round still short of its quorum takes anyone
+        if len(rnd.orders) < cfg.rounds.quorum:
+            return None  # a round still short of its quorum's orders takes anyone
+        if now >= rnd.deadline:
+            # It closes as soon as its quorum of contributions is in: new work would be refused.
+            reason = "this round is past its deadline; your work starts with the next round"
+            return Wait("", 1.0, reason)
+        if now <= rnd.opened_at + cfg.join_window_s(self.round_seconds, len(rnd.orders)):
+            return None
         late = cfg.late_order_s(now - rnd.opened_at)
         if late is not None:
             return late
