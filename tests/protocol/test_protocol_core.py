@@ -305,28 +305,48 @@ def test_the_derived_join_window_is_the_rounds_work_shared_among_its_orders() ->
 
 
 def test_a_late_peer_gets_what_is_left_of_a_seconds_budget() -> None:
-    # Past the join window with the quorum in, a seconds budget hands the late peer the rest
-    # of the round's work time, so it ends about when the others do and holds no close; with
-    # less than rounds.late_order_min of it left, the peer waits for the next round.
+    # Past the join window with the quorum in, a seconds budget hands a late peer that holds
+    # the previous base (it contributed to the round before) the rest of the round's work
+    # time, so it ends about when the others do; a peer that would first download all of θ,
+    # or one that comes with less than rounds.late_order_min of the work time left, waits.
     seconds = {"budget": "seconds", "seconds": 40.0}
     p, clock = make(rounds={"quorum": 2, "deadline_s": 60.0}, inner=seconds)
-    first = join_and_order(p, "a", "b", "c", "d")  # the window: 40 s / 4 orders = 10 s
-    assert {o.max_seconds for o in first.values()} == {40.0}
+    join_and_order(p, "a", "b", "c", "d", "e")
+    for peer in "abcde":
+        submit(p, peer, 1.0)
+    assert p.round == 1
+    first = {x: p.handle(WorkRequested(x))[0] for x in "abcd"}  # the window: 40 s / 4 = 10 s
+    assert {o.max_seconds for o in first.values()} == {40.0}  # type: ignore[union-attr]
     clock.now += 12.0
-    late = join_and_order(p, "e")["e"]
-    assert late.max_seconds == pytest.approx(28.0) and late.round == 0
+    (late,) = p.handle(WorkRequested("e"))
+    assert isinstance(late, WorkOrder) and late.round == 1
+    assert late.max_seconds == pytest.approx(28.0)
     assert p.handle(WorkRequested("e")) == [late]  # the order it holds, unchanged
-    clock.now += 20.0  # 32 s in: 8 s left, under a quarter of 40 s
-    p.handle(PeerJoined("f", "f"))
+    p.handle(PeerJoined("f", "f"))  # new: it would download all of θ first
     (wait,) = p.handle(WorkRequested("f"))
     assert isinstance(wait, Wait) and wait.peer_id == "f" and "next round" in wait.reason
     assert "f" not in p.assigned()
-    q, clock2 = make(rounds={"quorum": 2, "late_order_min": 1.0}, inner=seconds)
-    join_and_order(q, "a", "b", "c", "d")
-    clock2.now += 12.0
-    q.handle(PeerJoined("e", "e"))
-    (wait,) = q.handle(WorkRequested("e"))  # late orders off: as with a steps budget
-    assert isinstance(wait, Wait)
+    q, clock2 = make(rounds={"quorum": 2, "deadline_s": 60.0}, inner=seconds)
+    join_and_order(q, "a", "b", "c", "d", "e")
+    for peer in "abcde":
+        submit(q, peer, 1.0)
+    for peer in "abcd":
+        q.handle(WorkRequested(peer))
+    clock2.now += 32.0  # 8 s left, under a quarter of 40 s
+    (wait,) = q.handle(WorkRequested("e"))
+    assert isinstance(wait, Wait) and "next round" in wait.reason
+
+
+def test_a_driver_can_move_the_open_rounds_opening_on_by_its_close() -> None:
+    p, clock = make(rounds={"deadline_s": 60.0})
+    opened = p.deadline - 60.0
+    p.delay_open(48.0)
+    assert p.deadline == pytest.approx(opened + 108.0)
+    clock.now += 50.0  # 2 s after the delayed opening: inside every join window
+    assert isinstance(join_and_order(p, "a", "b", "c")["c"], WorkOrder)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            p.delay_open(bad)
 
 
 def test_late_joiner_waits_for_next_round_unless_quorum_is_short() -> None:

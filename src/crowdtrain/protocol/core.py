@@ -22,6 +22,7 @@ the machine remembers in `records.py`, and its JSON snapshot in `snapshot.py`.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -320,6 +321,18 @@ class RoundProtocol:
         self._enter(TRANSITIONS[self.state][kind], now)
         return self.HANDLERS[kind](self, event, now)
 
+    def delay_open(self, seconds: float) -> None:
+        """The open round's opening and deadline move on by SECONDS. The simulator's close
+        takes no time on the protocol's clock, so it says how long the real one would have
+        taken (`sim.coordinator_cost`); the HTTP coordinator's clock runs during its close, and
+        its rounds open after it."""
+        if not (seconds >= 0.0 and math.isfinite(seconds)):
+            raise ValueError(
+                f"a round's opening moves on by a finite non-negative time, not {seconds}"
+            )
+        self._round.opened_at += seconds
+        self._round.deadline += seconds
+
     def _enter(self, state: RunState, now: float) -> None:
         """Move the run to STATE. A pause stops the clock of the open round: resuming moves
         its opening and deadline on by the pause, so no peer loses time to it."""
@@ -405,7 +418,7 @@ class RoundProtocol:
         order = rnd.orders.get(event.peer_id)
         if order is not None:
             return [order]
-        late = self._cannot_join(rnd, now)
+        late = self._cannot_join(rnd, now, event.peer_id)
         if isinstance(late, Wait):
             return [replace(late, peer_id=event.peer_id)]
         order = self._make_order(event.peer_id, rnd)
@@ -414,10 +427,13 @@ class RoundProtocol:
         rnd.orders[event.peer_id] = order
         return [order]
 
-    def _cannot_join(self, rnd: Round, now: float) -> Wait | float | None:
-        """Why a peer without an order cannot have a full one in RND now: a Wait (for the
+    def _cannot_join(self, rnd: Round, now: float, peer_id: str) -> Wait | float | None:
+        """Why PEER_ID, without an order, cannot have a full one in RND now: a Wait (for the
         next round; its peer id left empty), the work seconds of a shortened late order
-        (`RunConfig.late_order_s`), or None (it can)."""
+        (`RunConfig.late_order_s`), or None (it can). A late order goes only to a peer that
+        contributed to the round before: it holds that base, so it fetches only what the
+        peers in the window fetched and ends with them; one that must first download all of
+        θ would hold the close."""
         cfg = self.config
         if len(rnd.orders) >= cfg.rounds.max_peers_per_round:
             return Wait("", 1.0, "this round has all the peers it can take")
@@ -430,7 +446,8 @@ class RoundProtocol:
         if now <= rnd.opened_at + cfg.join_window_s(self.round_seconds, len(rnd.orders)):
             return None
         late = cfg.late_order_s(now - rnd.opened_at)
-        if late is not None:
+        previous = self._previous
+        if late is not None and previous is not None and peer_id in previous.submissions:
             return late
         retry = max(0.5, min(5.0, rnd.deadline - now))
         reason = "this round is past its join window; your work starts with the next round"

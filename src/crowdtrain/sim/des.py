@@ -570,6 +570,8 @@ class _Sim:
         close_s = self.options.close_s(len(d.contributors))
         now = self.loop.now + close_s
         self.ready_at = now
+        if not self.protocol.finished:
+            self.protocol.delay_open(close_s)  # the next round opens once the close is done
         for pid in d.contributors:
             self.peers[pid].contributions += 1
         row: dict[str, Any] = {
