@@ -57,6 +57,13 @@ quorum = 2
     assert [r["round"] for r in doc["rounds"]] == [0, 1]
     assert {"train_loss", "eval_loss", "contributions", "bytes_up"} <= set(doc["rounds"][0])
     assert isinstance(doc["final_eval_loss"], float)
+    # --seed reruns the same scenario from another seed: another start, another loss
+    again = tmp_path / "seed1.json"
+    args = ["simulate", "--scenario", str(scenario), "--json", str(again), "--seed", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert json.loads(again.read_text())["final_eval_loss"] != doc["final_eval_loss"]
+    bad = runner.invoke(app, [*args[:5], "--seed", "-1"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
 
 
 def test_unknown_scenario_is_one_sentence() -> None:

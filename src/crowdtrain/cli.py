@@ -228,6 +228,7 @@ def _simulate(
     attack: str | None = None,
     attackers: int | None = None,
     plot_dir: Path | None = None,
+    seed: int | None = None,
 ) -> float:
     from crowdtrain.sim.scenario import check_attack, load_scenario
     from crowdtrain.sim.swarm import run_swarm
@@ -236,6 +237,8 @@ def _simulate(
     run = scenario.run
     if rounds is not None:
         run = run.model_copy(update={"rounds": run.rounds.model_copy(update={"total": rounds})})
+    if seed is not None:
+        run = run.model_copy(update={"seed": seed})
     if scenario.discrete_event:
         if attack or attackers:
             raise ConfigError(
@@ -320,6 +323,15 @@ def simulate(
     scenario: Annotated[str, typer.Option(help="Built-in scenario name or a TOML file.")] = "smoke",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="Override the round count.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=2**31 - 1,
+            help="Override the run's seed: the model's start, the data order and, for a "
+            "discrete-event scenario, its peers and their comings and goings.",
+        ),
+    ] = None,
     attack: Annotated[
         str | None, typer.Option(help="An attack from crowdtrain.adversary (docs/SECURITY.md).")
     ] = None,
@@ -339,7 +351,7 @@ def simulate(
     ideal and DDP over the volunteers' links (docs/SIMULATIONS.md).
     """
     with _friendly_errors():
-        _simulate(scenario, json_path, rounds, attack, attackers, plot)
+        _simulate(scenario, json_path, rounds, attack, attackers, plot, seed)
 
 
 def _print_demo(doc: dict[str, Any], attack: str | None) -> None:
