@@ -40,6 +40,7 @@ from crowdtrain.protocol import (
     Verdict,
     VerificationSubmitted,
     VerifyOrder,
+    Wait,
     WorkOrder,
     WorkRequested,
 )
@@ -169,6 +170,15 @@ def play(p: RoundProtocol, deltas: Mapping[str, Mapping[str, torch.Tensor]]) -> 
         out.extend(submit(p, peer, d))
     assert any(isinstance(x, RoundClosed) for x in out)
     return out
+
+
+def ask_idle(p: RoundProtocol, peer: str) -> Decision:
+    """What PEER gets when it asks for work with none of its own to do (its contribution to
+    the open round is in, or it came too late for it): a check for it, or a Wait. The round
+    core routes only such a peer to `Verification.check_for`; the routing has its own test
+    (test_a_trusted_peer_gets_a_verify_order_for_another_peers_work)."""
+    check = p.verification.check_for(p.peers[peer], p.clock())
+    return check if check is not None else Wait(peer, 0.25, "no check for it")
 
 
 def only(decisions: Sequence[Decision], kind: type[Any]) -> list[Any]:
@@ -518,7 +528,13 @@ def test_a_trusted_peer_gets_a_verify_order_for_another_peers_work() -> None:
     p = t.p
     first = p.history[-1]
     assert first.contributors == ("a", "b")
-    (v,) = p.handle(WorkRequested("a"))
+    # Its own work comes first: a trusted peer with checks pending gets its order ...
+    mine = order(p, "a", "b")
+    assert {o.round for o in mine.values()} == {1}
+    assert p.handle(WorkRequested("a")) == [mine["a"]]
+    # ... and the check once its contribution is in, while it waits for the round to close
+    submit(p, "a", rand(3))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder)
     assert (v.peer_id, v.target, v.round, v.base_version, v.steps) == ("a", "b", 0, 0, STEPS)
     b_order = t.orders["b"]  # the work it replays
@@ -528,13 +544,14 @@ def test_a_trusted_peer_gets_a_verify_order_for_another_peers_work() -> None:
         b_order.step_offset,
     )
     assert p.handle(WorkRequested("a")) == [v]  # asking again gives the same check
-    (w,) = p.handle(WorkRequested("b"))
-    assert isinstance(w, VerifyOrder) and (w.peer_id, w.target) == ("b", "a")
+    assert p.handle(WorkRequested("b")) == [mine["b"]]  # b still owes the round its work
     (done,) = p.handle(VerificationSubmitted(v.check_id, "a", DictSource(rand(2)), STEPS))
     assert isinstance(done, CheckDone) and done.passed
-    # a's own contribution is still pending (assigned to b): a never gets its own check
-    (o,) = p.handle(WorkRequested("a"))
-    assert isinstance(o, WorkOrder) and o.round == 1
+    # a's own contribution is still pending, but a never gets its own check
+    (w,) = p.handle(WorkRequested("a"))
+    assert isinstance(w, Wait) and "is in" in w.reason
+    w = ask_idle(p, "b")
+    assert isinstance(w, VerifyOrder) and (w.peer_id, w.target) == ("b", "a")
 
 
 def test_untrusted_peers_never_get_a_verify_order() -> None:
@@ -543,7 +560,7 @@ def test_untrusted_peers_never_get_a_verify_order() -> None:
     join(p, "newcomer")
     (o,) = p.handle(WorkRequested("newcomer"))
     assert isinstance(o, WorkOrder)
-    assert isinstance(p.handle(WorkRequested("a"))[0], VerifyOrder)  # a trusted peer does
+    assert isinstance(ask_idle(p, "a"), VerifyOrder)  # a trusted peer does
     # with the default reputation a peer is not trusted after one round either
     q, _ = make(defence={"spot_check": "peer", "check_p_new": 1.0})
     join(q, "a", "b")
@@ -557,7 +574,7 @@ def test_untrusted_peers_never_get_a_verify_order() -> None:
 def test_a_matching_replay_passes_the_check() -> None:
     t = Trusted(("a", "b"))
     p, deltas = t.p, t.deltas
-    (v,) = p.handle(WorkRequested("a"))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder) and v.target == "b"
     replay = scaled(deltas["b"], 1.01)  # within the 5% tolerance
     (done,) = p.handle(VerificationSubmitted(v.check_id, "a", DictSource(replay), STEPS))
@@ -579,7 +596,7 @@ def test_a_mismatching_replay_fails_voids_the_credit_and_can_ban(
 ) -> None:
     t = Trusted(("a", "b", "c"), check_strikes=check_strikes)
     p, deltas = t.p, t.deltas
-    (v,) = p.handle(WorkRequested("a"))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder)
     target = v.target
     assert p.peers[target].samples == SAMPLES
@@ -614,8 +631,8 @@ def test_a_banned_verifier_releases_its_check_to_another_trusted_peer() -> None:
     of = {c.order.target: check_id for check_id, c in p.checks.items()}
     p.checks[of["b"]].assigned["a"] = p.clock()  # a checks b, b checks a
     p.checks[of["a"]].assigned["b"] = p.clock()
-    (va,) = p.handle(WorkRequested("a"))
-    (vb,) = p.handle(WorkRequested("b"))
+    va = ask_idle(p, "a")
+    vb = ask_idle(p, "b")
     assert isinstance(va, VerifyOrder) and isinstance(vb, VerifyOrder)
     assert (va.target, vb.target) == ("b", "a")
     # b's own contribution fails its check: b is banned and its assignment released
@@ -625,7 +642,7 @@ def test_a_banned_verifier_releases_its_check_to_another_trusted_peer() -> None:
     (d,) = p.handle(VerificationSubmitted(vb.check_id, "b", DictSource(deltas["a"]), STEPS))
     assert isinstance(d, Unknown)
     p.checks[of["c"]].assigned["a"] = p.clock()  # keep c's own check out of the way
-    (vc,) = p.handle(WorkRequested("c"))
+    vc = ask_idle(p, "c")
     assert isinstance(vc, VerifyOrder) and vc.check_id == vb.check_id and vc.peer_id == "c"
 
 
@@ -637,7 +654,7 @@ def test_verifiers_get_pending_checks_in_their_own_secret_order() -> None:
         t = Trusted(("a", "b", "c", "d"))
         p = t.p
         p.verification.secret = secret
-        (v,) = p.handle(WorkRequested("a"))
+        v = ask_idle(p, "a")
         assert isinstance(v, VerifyOrder) and v.target != "a"
         firsts.add(v.target)
     assert len(firsts) > 1
@@ -646,7 +663,7 @@ def test_verifiers_get_pending_checks_in_their_own_secret_order() -> None:
 def test_a_replay_with_a_different_step_count_fails_the_check() -> None:
     t = Trusted(("a", "b"), check_strikes=1.0)
     p, deltas = t.p, t.deltas
-    (v,) = p.handle(WorkRequested("a"))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder)
     decisions = p.handle(
         VerificationSubmitted(v.check_id, "a", DictSource(deltas[v.target]), STEPS - 1)
@@ -661,7 +678,7 @@ def test_verifications_for_unknown_or_unassigned_checks_are_refused() -> None:
     p, deltas = t.p, t.deltas
     (d,) = p.handle(VerificationSubmitted("0" * 24, "a", DictSource(deltas["a"]), STEPS))
     assert isinstance(d, Unknown) and d.peer_id == "a"
-    (v,) = p.handle(WorkRequested("a"))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder)
     # c is trusted too, but this check is assigned to a
     (d,) = p.handle(VerificationSubmitted(v.check_id, "c", DictSource(deltas[v.target]), STEPS))
@@ -679,12 +696,12 @@ def test_verifications_for_unknown_or_unassigned_checks_are_refused() -> None:
 def test_a_check_assigned_long_ago_is_handed_to_another_verifier() -> None:
     t = Trusted(("a", "b", "c"))
     p, clock = t.p, t.clock
-    (v,) = p.handle(WorkRequested("a"))
+    v = ask_idle(p, "a")
     assert isinstance(v, VerifyOrder)
     clock.now += 61.0  # longer than the round deadline: a's assignment lapses
     handed = []
     for peer in ("b", "c"):  # each takes, and answers, every check it may
-        got = p.handle(WorkRequested(peer))[0]
+        got = ask_idle(p, peer)
         while isinstance(got, VerifyOrder):
             handed.append(got.check_id)
             if got.check_id == v.check_id:
@@ -692,7 +709,7 @@ def test_a_check_assigned_long_ago_is_handed_to_another_verifier() -> None:
             p.handle(
                 VerificationSubmitted(got.check_id, peer, DictSource(t.deltas[got.target]), STEPS)
             )
-            got = p.handle(WorkRequested(peer))[0]
+            got = ask_idle(p, peer)
     assert v.check_id in handed
 
 
@@ -867,7 +884,7 @@ def script_round0(p: RoundProtocol, sources: dict[str, DictSource]) -> list[Deci
             peer, 0, 0, sources[ref], SAMPLES, SAMPLES * CONTEXT, STEPS, 2.0, ref=ref
         )
         out.extend(p.handle(event))
-    out.extend(p.handle(WorkRequested("a")))
+    out.append(ask_idle(p, "a"))
     return out
 
 
@@ -875,7 +892,7 @@ def script_round1(p: RoundProtocol, sources: dict[str, DictSource]) -> list[Deci
     """Checks answered (one passes, one fails), then a replay of round 0 in round 1."""
     out: list[Decision] = []
     for peer in ("a", "b"):
-        (v,) = p.handle(WorkRequested(peer))
+        v = ask_idle(p, peer)
         out.append(v)
         if isinstance(v, VerifyOrder):
             good = sources[f"{v.target}/0"]

@@ -13,6 +13,7 @@ from test_protocol_defence import (
     TRUST_FAST,
     Delta,
     Trusted,
+    ask_idle,
     join,
     make,
     order,
@@ -95,10 +96,10 @@ def test_a_mismatch_is_handed_to_a_second_verifier_before_anything_is_decided() 
     assign(p, "a", check_id)
     assert report(p, "a", check_id, rand(77)) == [CheckReported(check_id, "b", 0, "a")]
     assert p.peers["b"].standing.strikes == 0
-    got = p.handle(WorkRequested("c"))[0]
+    got = ask_idle(p, "c")
     while isinstance(got, VerifyOrder) and got.check_id != check_id:
         report(p, "c", got.check_id, t.deltas[got.target])
-        got = p.handle(WorkRequested("c"))[0]
+        got = ask_idle(p, "c")
     assert isinstance(got, VerifyOrder) and got.check_id == check_id
 
 
@@ -117,11 +118,11 @@ def test_a_lying_verifier_cannot_frame_an_honest_peer_and_is_overruled() -> None
     # a split: nothing is decided, the check wants a third verifier and gets d (not a or c)
     assert p.peers["b"].standing.strikes == 0 and p.peers["b"].samples == samples
     assert p.checks[check_id].tally() == (1, 1)
-    got = p.handle(WorkRequested("d"))[0]
+    got = ask_idle(p, "d")
     assert isinstance(got, VerifyOrder)
     while got.check_id != check_id:  # d may hold another check first: answer it truthfully
         report(p, "d", got.check_id, t.deltas[got.target])
-        got = p.handle(WorkRequested("d"))[0]
+        got = ask_idle(p, "d")
         assert isinstance(got, VerifyOrder)
     decisions = report(p, "d", check_id, t.deltas["b"])
     done = decisions[0]
@@ -169,7 +170,7 @@ def test_a_verifier_never_gets_a_check_it_answered_nor_its_own() -> None:
     p = t.p
     seen: set[str] = set()
     for _ in range(10):  # a answers every check it is given, until none is left for it
-        got = p.handle(WorkRequested("a"))[0]
+        got = ask_idle(p, "a")
         if not isinstance(got, VerifyOrder):
             break
         assert got.target != "a" and got.check_id not in seen
@@ -277,7 +278,7 @@ def test_volunteers_get_score_orders_for_the_contributions_the_coordinator_would
     for o in orders.values():
         assert isinstance(o, ScoreOrder) and o.base_version == 0 and o.round == 0
         assert o.payload_ref == p.checks[o.check_id].ref
-    got = p.handle(WorkRequested("a"))[0]
+    got = ask_idle(p, "a")
     assert isinstance(got, ScoreOrder) and got.peer_id == "a" and got.target != "a"
     assert p.verification.peer_scoring
     # "auto" scores on the coordinator for a model this small: no score orders
@@ -395,7 +396,7 @@ def test_checks_of_the_last_round_still_run_after_the_run_finished() -> None:
     )
     join(p, "a", "b")
     play(p, {"a": rand(1), "b": rand(2)})
-    for v in [p.handle(WorkRequested(x))[0] for x in ("a", "b")]:  # round 0's checks
+    for v in [ask_idle(p, x) for x in ("a", "b")]:  # round 0's checks
         assert isinstance(v, VerifyOrder)
         report(p, v.peer_id, v.check_id, rand(1 if v.target == "a" else 2))
     last = {"a": rand(3), "b": rand(4)}
@@ -427,7 +428,7 @@ def test_two_colluding_verifiers_cannot_frame_when_the_coordinator_confirms() ->
     assert reported == CheckReported(check_id, "b", 0, "c")
     assert isinstance(ask, VerifyOrder) and ask.peer_id == "" and ask.check_id == check_id
     assert p.checks[check_id].confirming and p.peers["b"].standing.strikes == 0
-    got = p.handle(WorkRequested("d"))[0]  # no verifier is asked any more
+    got = ask_idle(p, "d")  # no verifier is asked any more
     assert not (isinstance(got, VerifyOrder) and got.check_id == check_id)
     # a restart keeps the check waiting on the coordinator
     doc = json.loads(json.dumps(check_to_json(p.checks[check_id])))

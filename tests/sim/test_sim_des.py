@@ -253,9 +253,11 @@ def test_overlapped_contributions_pass_exact_spot_checks(corpus_file: Path, data
                  rounds={"total": 4})  # fmt: skip
     result = run(cfg, slow)
     passed = result.verdicts.get("spot_check:check_passed", 0)
-    assert passed >= 3, result.verdicts
-    assert set(result.verdicts) == {"spot_check:check_passed"}
-    assert result.to_json()["refusals"] == []  # passed checks are counted, not listed
+    # Peers verify only while they have no work of their own (these three finish together),
+    # so some checks expire; every replay that ran matched.
+    assert passed >= 2, result.verdicts
+    assert set(result.verdicts) <= {"spot_check:check_passed", "spot_check:check_expired"}
+    assert all(r["outcome"] == "check_expired" for r in result.to_json()["refusals"])
 
 
 def test_the_coordinators_close_time_delays_the_next_base(

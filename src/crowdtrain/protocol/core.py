@@ -402,25 +402,27 @@ class RoundProtocol:
         if peer.standing.banned:
             return [Banned(peer.peer_id, peer.standing.ban_reason)]
         if self.state.finished:  # training is over; the checks of its last rounds still run
-            check = self.verification.check_for(peer, False, now)
+            check = self.verification.check_for(peer, now)
             return [check] if check is not None else [RunFinished(self.version)]
         if self.state is RunState.PAUSED:
             return [Wait(event.peer_id, 2.0, "the run is paused by its organizer")]
         rnd = self._round
-        # A peer owes this round its contribution until it sends it; once it has, it waits for
-        # the next round anyway, and a check then costs the round nothing.
-        busy = peer.peer_id in rnd.orders and peer.peer_id not in rnd.submissions
-        check = self.verification.check_for(peer, busy, now)
-        if check is not None:
-            return [check]
         if event.peer_id in rnd.submissions:
+            # Its contribution is in: it waits for the next round, so a check costs none.
+            check = self.verification.check_for(peer, now)
+            if check is not None:
+                return [check]
             return [Wait(event.peer_id, 0.25, "your contribution to this round is in")]
         order = rnd.orders.get(event.peer_id)
-        if order is not None:
+        if order is not None:  # it owes this round its contribution
             return [order]
+        # Its own work comes first: checks go to peers that cannot take part in the open round
+        # (their contribution is in, or they came too late for it), so verifying never keeps
+        # a volunteer out of a round it could have trained in.
         late = self._cannot_join(rnd, now, event.peer_id)
         if isinstance(late, Wait):
-            return [replace(late, peer_id=event.peer_id)]
+            check = self.verification.check_for(peer, now)
+            return [check if check is not None else replace(late, peer_id=event.peer_id)]
         order = self._make_order(event.peer_id, rnd)
         if late is not None:  # past the join window: what is left of the round's work
             order = replace(order, max_seconds=late)

@@ -531,18 +531,16 @@ class Verification:
 
     # --- checks handed out and judged ------------------------------------------------------
 
-    def check_for(
-        self, peer: PeerRecord, busy: bool, now: float
-    ) -> VerifyOrder | ScoreOrder | None:
+    def check_for(self, peer: PeerRecord, now: float) -> VerifyOrder | ScoreOrder | None:
         """A pending check (a replay in `spot_check = "peer"` mode, a score when volunteers
-        score) for a trusted peer that is not `busy` with an order this round: the one it
-        holds, or one of another peer's work that still wants a verifier and that this peer
-        has not answered already."""
+        score) for a trusted peer with no work of its own to do now (the round core decides
+        that): the one it holds, or one of another peer's work that still wants a verifier
+        and that this peer has not answered already."""
         cfg = self.config.defence
         replays = cfg.spot_check == "peer"
         if not (replays or self.peer_scoring) or not self.enabled:
             return None
-        if not is_trusted(peer.standing, cfg) or busy:
+        if not is_trusted(peer.standing, cfg):
             return None
         lapse = self.config.rounds.deadline_s
         for check in self.checks.values():

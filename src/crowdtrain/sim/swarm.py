@@ -383,6 +383,8 @@ class _Swarm:
             if order is not None:
                 p.feed(ve.GotWork(as_steps(order)))
                 self.drive(p)
+                if p.peer_id in protocol.submitted():  # it waits for the close and asks again,
+                    self.ask(p)  # as real volunteers do: the checks it gets meanwhile
 
     def ask(self, p: SimPeer) -> pr.WorkOrder | None:
         """P's answer from the protocol, replaying spot-checks on the way; None: no work."""
