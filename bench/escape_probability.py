@@ -1,6 +1,6 @@
 """How often a cheater escapes every spot-check draw for k rounds, measured on the protocol.
 
-    .venv/bin/python bench/escape_probability.py [TRIALS] [--rounds 10] [--p-new 0.15]
+    .venv/bin/python bench/escape_probability.py [TRIALS] [--rounds 10] [--p-new P]
 
 Runs the real round protocol (`crowdtrain.protocol.RoundProtocol`, with a secret drawn per run
 as a coordinator draws it) with 5 volunteers on a toy parameter set, TRIALS times, for ROUNDS
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from crowdtrain.config import parse_config
+from crowdtrain.config import DefenceConfig, parse_config
 from crowdtrain.protocol import ContributionSubmitted, RoundProtocol, WorkOrder, WorkRequested
 from crowdtrain.robust import DictSource
 
@@ -98,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trials", type=int, nargs="?", default=2000)
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--p-new", type=float, default=0.15)
+    ap.add_argument("--p-new", type=float, default=DefenceConfig().check_p_new)
     args = ap.parse_args()
     draws = [first_draw(args.rounds, args.p_new, seed) for seed in range(args.trials)]
     rows = []

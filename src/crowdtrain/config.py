@@ -317,7 +317,11 @@ class DefenceConfig(_Strict):
     # parameters, volunteers above (`scores_on_peers`).
     scoring: ScoringMode = "auto"
     spot_check: SpotCheckMode = "peer"
-    check_p_new: float = Field(0.15, ge=0.0, le=1.0)
+    # A peer that has passed no check is drawn with this probability in each round: 0.37
+    # leaves a cheater that never passes one (0.63^10 =) 0.98% of escaping 10 rounds, the
+    # defences issue's bound (docs/SECURITY.md, measured by bench/escape_probability.py).
+    # Each passed check halves it, down to `check_p_min`.
+    check_p_new: float = Field(0.37, ge=0.0, le=1.0)
     check_p_min: float = Field(0.02, ge=0.0, le=1.0)
     check_tolerance: float = Field(0.05, gt=0.0)
     # Verifiers' replays that must agree before a spot-check fails (peer mode), so that one

@@ -660,6 +660,21 @@ def test_verifiers_get_pending_checks_in_their_own_secret_order() -> None:
     assert len(firsts) > 1
 
 
+def test_verifiers_get_the_oldest_pending_checks_first() -> None:
+    """A check that expires unanswered lets its target off, so a verifier is handed the checks
+    nearest to expiring first, whatever its secret order within a round."""
+    for secret in range(6):
+        t = Trusted(("a", "b", "c", "d"))
+        p = t.p
+        p.verification.secret = secret
+        play(p, {x: rand(10 + i) for i, x in enumerate("abcd")})  # round 1, checked too
+        rounds = {c.order.round for c in p.checks.values()}
+        assert rounds == {0, 1}
+        for peer in ("a", "b"):
+            v = ask_idle(p, peer)
+            assert isinstance(v, VerifyOrder) and v.round == 0, (secret, peer, v)
+
+
 def test_a_replay_with_a_different_step_count_fails_the_check() -> None:
     t = Trusted(("a", "b"), check_strikes=1.0)
     p, deltas = t.p, t.deltas

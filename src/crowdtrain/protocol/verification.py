@@ -547,11 +547,12 @@ class Verification:
             if peer.peer_id in check.assigned:
                 return replace(check.order, peer_id=peer.peer_id)
 
-        # Each peer considers the pending checks in its own secret order, so a verifier cannot
-        # choose whose work it checks by when it asks.
-        def draw(check: Check) -> bytes:
+        # The oldest checks first (those nearest to expiring unanswered, which would let a
+        # cheater off), and among a round's checks each peer's own secret order, so a verifier
+        # cannot choose whose work it checks by when it asks.
+        def draw(check: Check) -> tuple[int, bytes]:
             text = f"assign\x00{self.secret}\x00{peer.peer_id}\x00{check.order.check_id}"
-            return hashlib.sha256(text.encode()).digest()
+            return check.opened_round, hashlib.sha256(text.encode()).digest()
 
         for check in sorted(self.checks.values(), key=draw):
             if check.order.target == peer.peer_id or peer.peer_id in check.reports:
