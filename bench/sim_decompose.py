@@ -1,7 +1,7 @@
 """Split a swarm's efficiency into what DiLoCo costs and what the volunteers' world costs.
 
     .venv/bin/python bench/sim_decompose.py bench/results/sim-consumer-1b.json \\
-        bench/results/sim-datacenter-diloco.json [SCENARIO.toml [TARGET_LOSS]]
+        bench/results/sim-datacenter-diloco.json [SCENARIO.toml [TARGET_LOSS]] [--seed N]
 
 The first document is a volunteer scenario, the second the same DiLoCo rounds on the
 datacenter's hardware (identical machines of the volunteers' mean speed, so the same total
@@ -13,13 +13,16 @@ to compare variants at one loss every one of them reaches):
 * systems efficiency = datacenter DiLoCo against the volunteer swarm, per FLOP online (what the
   links, the spread in speed, churn and crashes cost DiLoCo);
 
-and their product is the headline efficiency against the datacenter ideal.
+and their product is the headline efficiency against the datacenter ideal. The volunteers'
+FLOP/s online come from the scenario drawn with the swarm run's seed (its document's
+`setup.seed`, or --seed N for a document written before it recorded one: `crowdtrain simulate
+--seed N`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from crowdtrain.sim.report import Curve, efficiency
@@ -27,13 +30,24 @@ from crowdtrain.sim.scenario import des_setup, load_scenario
 
 
 def main(
-    swarm_path: str, ideal_path: str, scenario: str | None = None, loss: str | None = None
+    swarm_path: str,
+    ideal_path: str,
+    scenario: str | None = None,
+    loss: str | None = None,
+    seed: int | None = None,
 ) -> None:
     """`scenario` (a name or TOML path) defaults to the swarm document's scenario name; the
-    target loss to the swarm document's."""
+    target loss to the swarm document's; the seed to the swarm run's."""
     swarm_doc = json.loads(Path(swarm_path).read_text())
     ideal_doc = json.loads(Path(ideal_path).read_text())
-    setup = des_setup(load_scenario(scenario or swarm_doc["scenario"]))
+    loaded = load_scenario(scenario or swarm_doc["scenario"])
+    recorded = swarm_doc.get("setup", {}).get("seed")
+    if recorded is not None and seed is not None and seed != recorded:
+        raise SystemExit(f"{swarm_path} was run with seed {recorded}, not {seed}")
+    seed = recorded if recorded is not None else seed
+    if seed is not None:
+        loaded = loaded.model_copy(update={"run": loaded.run.model_copy(update={"seed": seed})})
+    setup = des_setup(loaded)
     eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
     target: float = swarm_doc["target_loss"] if loss is None else float(loss)
     swarm, ddp = Curve.from_report(swarm_doc, "swarm"), Curve.from_report(swarm_doc, "datacenter")
@@ -61,4 +75,11 @@ def main(
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("swarm")
+    ap.add_argument("ideal")
+    ap.add_argument("scenario", nargs="?")
+    ap.add_argument("loss", nargs="?")
+    ap.add_argument("--seed", type=int, default=None)
+    a = ap.parse_args()
+    main(a.swarm, a.ideal, a.scenario, a.loss, a.seed)

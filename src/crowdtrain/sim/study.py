@@ -275,6 +275,7 @@ def run_study(
         notes=notes,
     )
     report["setup"] = {
+        "seed": run.seed,  # the population's, the churn's, the model's and the data's
         "peers": peers,
         "target_params": target.params,
         "steps_per_proxy_step": target.steps_per_proxy_step,
