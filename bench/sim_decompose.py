@@ -24,9 +24,31 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from crowdtrain.sim.report import Curve, efficiency
-from crowdtrain.sim.scenario import des_setup, load_scenario
+from crowdtrain.sim.scenario import DesSetup, des_setup, load_scenario
+
+
+def setup_of(swarm_doc: dict[str, Any], scenario: str | None, seed: int | None) -> DesSetup:
+    """The scenario of SWARM_DOC (or SCENARIO, a name or TOML path) drawn with the swarm run's
+    seed: the one its document records, else SEED (a mismatch is an error)."""
+    loaded = load_scenario(scenario or swarm_doc["scenario"])
+    recorded = swarm_doc.get("setup", {}).get("seed")
+    if recorded is not None and seed is not None and seed != recorded:
+        raise SystemExit(f"the swarm was run with seed {recorded}, not {seed}")
+    seed = recorded if recorded is not None else seed
+    if seed is not None:
+        loaded = loaded.model_copy(update={"run": loaded.run.model_copy(update={"seed": seed})})
+    return des_setup(loaded)
+
+
+def headline(swarm_doc: dict[str, Any], setup: DesSetup, target: float) -> float | None:
+    """Datacenter DDP against the volunteer swarm at TARGET, per FLOP online (None: not
+    reached), from the swarm's document alone."""
+    eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
+    swarm, ddp = Curve.from_report(swarm_doc, "swarm"), Curve.from_report(swarm_doc, "datacenter")
+    return efficiency(swarm, ddp, target, eff=eff, online=setup.online).efficiency
 
 
 def main(
@@ -40,14 +62,7 @@ def main(
     target loss to the swarm document's; the seed to the swarm run's."""
     swarm_doc = json.loads(Path(swarm_path).read_text())
     ideal_doc = json.loads(Path(ideal_path).read_text())
-    loaded = load_scenario(scenario or swarm_doc["scenario"])
-    recorded = swarm_doc.get("setup", {}).get("seed")
-    if recorded is not None and seed is not None and seed != recorded:
-        raise SystemExit(f"{swarm_path} was run with seed {recorded}, not {seed}")
-    seed = recorded if recorded is not None else seed
-    if seed is not None:
-        loaded = loaded.model_copy(update={"run": loaded.run.model_copy(update={"seed": seed})})
-    setup = des_setup(loaded)
+    setup = setup_of(swarm_doc, scenario, seed)
     eff = {p.peer_id: p.flops * p.mfu for p in setup.population}
     target: float = swarm_doc["target_loss"] if loss is None else float(loss)
     swarm, ddp = Curve.from_report(swarm_doc, "swarm"), Curve.from_report(swarm_doc, "datacenter")
