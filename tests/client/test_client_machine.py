@@ -195,13 +195,7 @@ def test_overlap_that_continues_a_refused_upload_is_dropped() -> None:
     speculate, _ = m.handle(ve.Trained(result(4)))
     assert isinstance(speculate, ve.Speculate)
     assert m.handle(ve.Uploaded(False)) == [ve.AskForWork()]
-    m.handle(ve.GotWork(Order(round=1, base_version=1, step_offset=4)))
-    assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
-    train = one(m.handle(ve.SpeculationEnded(result(3, value=0.5))))
-    assert isinstance(train, ve.Train) and train.segment.start is None
-    assert train.segment.max_steps == 4
-    _, upload = m.handle(ve.Trained(result(4)))
-    assert isinstance(upload, ve.Upload) and upload.overlap is None
+    starts_afresh(m, Order(round=1, base_version=1, step_offset=4))
 
 
 def test_overlap_is_dropped_when_the_next_order_is_not_for_the_next_round() -> None:
@@ -209,7 +203,13 @@ def test_overlap_is_dropped_when_the_next_order_is_not_for_the_next_round() -> N
     continued round 0's upload, which the coordinator replays only into round 1."""
     m = machine()
     overlapped_round(m)
-    m.handle(ve.GotWork(Order(round=2, base_version=2, step_offset=8)))
+    starts_afresh(m, Order(round=2, base_version=2, step_offset=8))
+
+
+def starts_afresh(m: vm.VolunteerMachine, order: Order) -> None:
+    """M, training ahead, gets ORDER: it drops the overlapped steps and trains the whole
+    budget from the new base, declaring no overlap."""
+    m.handle(ve.GotWork(order))
     assert m.handle(ve.InputsReady(params(2.0))) == [ve.StopSpeculation()]
     train = one(m.handle(ve.SpeculationEnded(result(3, value=0.5))))
     assert isinstance(train, ve.Train) and train.segment.start is None
