@@ -146,6 +146,22 @@ def upload(
     return client.put(f"/v1/contributions/{round_number}", content=payload, headers=hdrs)
 
 
+def ask_for_check(
+    client: TestClient, config: RunConfig, peer: Peer, *others: Peer
+) -> dict[str, Any]:
+    """What PEER is handed once it has no work of its own left in the open round: it takes its
+    order and uploads its contribution while OTHERS hold orders of theirs (so the round stays
+    open), then asks again. A volunteer's own work comes first; checks come after."""
+    order = work(client, peer)
+    assert order["kind"] == "work", order
+    for other in others:
+        work(client, other)
+    base = meta(order["base_version"])
+    r = upload(client, peer, order["round"], make_payload(config, seed=50), base)
+    assert r.status_code == 200, r.text
+    return work(client, peer)
+
+
 def assert_error(response: Any, status: int) -> dict[str, Any]:
     """The response is a JSON error {"error", "detail"} with this status and no traceback."""
     assert response.status_code == status, response.text

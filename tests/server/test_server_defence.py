@@ -14,6 +14,7 @@ from safetensors.torch import load as load_safetensors
 from server_helpers import (
     FakeClock,
     Peer,
+    ask_for_check,
     assert_error,
     make_payload,
     meta,
@@ -145,8 +146,8 @@ def put_verification(client: TestClient, peer: Peer, check_id: str, payload: byt
 def test_a_trusted_peer_replays_another_peers_work_and_a_match_passes(
     checking: TestClient, config: RunConfig
 ) -> None:
-    a, _b, payload_b = close_round_zero(checking, config)
-    order = work(checking, a)
+    a, b, payload_b = close_round_zero(checking, config)
+    order = ask_for_check(checking, config, a, b)
     assert order["kind"] == "verify"
     target = "b" if order["target"] != a.peer_id else "a"
     assert order["target"] != a.peer_id and order["steps"] == 2
@@ -163,7 +164,7 @@ def test_a_replay_that_differs_fails_the_check_and_bans_the_target(
     checking: TestClient, config: RunConfig
 ) -> None:
     a, b, _ = close_round_zero(checking, config)
-    order = work(checking, a)
+    order = ask_for_check(checking, config, a, b)
     assert order["kind"] == "verify" and order["target"] == b.peer_id
     other = make_payload(config, seed=99)
     assert put_verification(checking, a, order["check_id"], other).status_code == 200
@@ -182,7 +183,7 @@ def test_one_verifiers_mismatch_does_not_ban_the_target_a_second_ones_does(
         work(client, peer)
     for i, peer in enumerate((a, b, c)):
         assert upload(client, peer, 0, make_payload(config, seed=i + 1)).status_code == 200
-    order = work(client, a)
+    order = ask_for_check(client, config, a, b, c)
     assert order["kind"] == "verify"
     target = order["target"]
     name = {b.peer_id: "b", c.peer_id: "c", a.peer_id: "a"}[target]
@@ -191,7 +192,7 @@ def test_one_verifiers_mismatch_does_not_ban_the_target_a_second_ones_does(
     entry = status_of(client, name)
     assert not entry["banned"] and entry["samples"] > 0  # one report decides nothing
     other = c if target != c.peer_id else b
-    second = work(client, other)
+    second = ask_for_check(client, config, other)
     while second["kind"] == "verify" and second["check_id"] != order["check_id"]:
         put_verification(client, other, second["check_id"], lie)
         second = work(client, other)
@@ -211,7 +212,7 @@ def test_verifications_for_unknown_or_foreign_checks_are_refused(
     doc = assert_error(put_verification(checking, a, "ab" * 12, other), 409)
     assert doc["error"] == "no_check"
     assert set(coordinator.blobs.root.rglob("*")) == stored  # refused before it was read
-    order = work(checking, a)
+    order = ask_for_check(checking, config, a, b)
     assert order["kind"] == "verify"
     doc = assert_error(put_verification(checking, b, order["check_id"], payload_b), 409)
     assert doc["error"] == "no_check"
@@ -332,7 +333,7 @@ def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
         work(client, peer)
     for i, peer in enumerate((a, b, c)):
         assert upload(client, peer, 0, make_payload(config, seed=i + 1)).status_code == 200
-    order = work(client, a)
+    order = ask_for_check(client, config, a, b, c)
     assert order["kind"] == "score" and order["target"] != a.peer_id
     msg = ScoreOrderMsg.model_validate(order)  # what the client reads, as the API documents it
     assert client.get(f"/v1/blobs/{msg.payload}", headers=a.auth).status_code == 200  # scorer
@@ -351,7 +352,7 @@ def test_a_score_order_over_http_and_two_failing_scores_flag_the_contribution(
     name = {b.peer_id: "b", c.peer_id: "c"}[msg.target]
     assert status_of(client, name)["flagged"] == 0  # one report decides nothing
     other = c if msg.target == b.peer_id else b
-    second = work(client, other)
+    second = ask_for_check(client, config, other)
     while second["kind"] == "score" and second["check_id"] != msg.check_id:
         put_score(client, other, second["check_id"], GOOD_SCORE)
         second = work(client, other)
@@ -381,7 +382,7 @@ def test_a_contribution_payload_is_private_to_its_author_its_verifiers_and_the_a
         for who in ({}, c.auth, {"Authorization": "Bearer not-a-token"}):
             assert assert_error(get(who), 403)["error"] == "private_blob"
         # a verifier assigned to check it may read it
-        order = work(client, a)
+        order = ask_for_check(client, config, a, b)
         assert order["kind"] == "verify"
         assert order["target"] == b.peer_id  # a cannot check itself
         assert get(a.auth).content == payload_b

@@ -75,9 +75,7 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
     round0 = {a.peer_id: make_payload(config, seed=1), b.peer_id: make_payload(config, seed=2)}
     for p in (a, b):
         assert upload(checking, p, 0, round0[p.peer_id]).status_code == 200
-    for p in (a, b):  # each replays the other's round 0 first
-        assert verify_back(checking, p, round0)["kind"] == "verify"
-    order1 = {p.peer_id: work(checking, p) for p in (a, b)}
+    order1 = {p.peer_id: work(checking, p) for p in (a, b)}  # their own work comes first
     assert all(o["kind"] == "work" and o["round"] == 1 for o in order1.values())
     bad = meta(1, overlap_steps=1, overlap_round=-2)
     doc = assert_error(upload(checking, a, 1, make_payload(config, 3), bad), 400)
@@ -88,7 +86,16 @@ def test_the_verify_message_names_the_prior_round_weights_and_payload(
     assert doc["error"] == "bad_claim" and "from batch 2" in doc["detail"]
     claim = meta(1, overlap_steps=1, overlap_round=0, overlap_first_batch=2)
     assert upload(checking, a, 1, make_payload(config, 3), claim).status_code == 200
+    # a's contribution is in and b still owes its own: a replays b's round 0 meanwhile
+    assert verify_back(checking, a, round0)["kind"] == "verify"
     assert upload(checking, b, 1, make_payload(config, 4), meta(1)).status_code == 200
+    # round 2 stays open on c's order while a and b, their contributions in, take checks
+    c = register(checking, "c")
+    assert work(checking, c)["kind"] == "work"
+    for p, seed in ((a, 5), (b, 6)):
+        assert work(checking, p)["round"] == 2
+        assert upload(checking, p, 2, make_payload(config, seed), meta(2)).status_code == 200
+    assert verify_back(checking, b, round0)["target"] == a.peer_id  # the oldest check first
 
     checks = {o["target"]: o for o in (work(checking, b), work(checking, a))}
     assert {o["kind"] for o in checks.values()} == {"verify"}
