@@ -216,7 +216,8 @@ class Server:
 
 
 class Sampler:
-    """Samples a process's RSS every 50 ms in the background: `peak` since start."""
+    """Samples a process's RSS every 50 ms in the background: `peak` since the start or the
+    last `reset`."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
@@ -232,6 +233,11 @@ class Sampler:
             except psutil.Error:
                 return
             time.sleep(0.05)
+
+    def reset(self) -> int:
+        """The peak since the start or the last reset; the next peak counts from now."""
+        peak, self.peak = self.peak, self.proc.memory_info().rss
+        return peak
 
     def cpu_s(self) -> float:
         t = self.proc.cpu_times()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
+from load_volunteers import Sampler
 
 CONFIG = """
 name = "flood"
@@ -43,29 +43,6 @@ total = 2
 quorum = 2
 deadline_s = 600.0
 """
-
-
-class PeakRss:
-    """Samples a process's RSS in the background; `peak` since the last `reset`."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    def reset(self) -> int:
-        peak, self.peak = self.peak, self.proc.memory_info().rss
-        return peak
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def main() -> None:
@@ -92,7 +69,7 @@ def main() -> None:
                     raise SystemExit("the coordinator did not start")
                 time.sleep(0.1)
             url = json.loads((state / "server.json").read_text())["url"]
-            rss = PeakRss(server.pid)
+            rss = Sampler(server.pid)
             time.sleep(0.5)
             doc["rss_idle_mb"] = rss.reset() / 2**20
 

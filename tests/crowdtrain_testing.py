@@ -9,6 +9,7 @@ from typing import Any
 import tomli_w
 
 from crowdtrain.config import RunConfig, parse_config
+from crowdtrain.demo import join_command as demo_join_command
 
 
 def tiny_data(corpus: Path, data_dir: Path) -> dict[str, Any]:
@@ -24,23 +25,8 @@ def tiny_data(corpus: Path, data_dir: Path) -> dict[str, Any]:
 
 def join_command(url: str, name: str, home: Path) -> list[str]:
     """`crowdtrain join` for a test volunteer named NAME with its files under HOME (run with
-    ``CROWDTRAIN_CONFIG_DIR`` in HOME too): one thread, quiet, a summary and its own cache."""
-    return [
-        sys.executable,
-        "-m",
-        "crowdtrain.cli",
-        "join",
-        url,
-        "--name",
-        name,
-        "--threads",
-        "1",
-        "--quiet",
-        "--summary",
-        str(home / "summary.json"),
-        "--cache-dir",
-        str(home / "cache"),
-    ]
+    ``CROWDTRAIN_CONFIG_DIR`` in HOME too): the demo's volunteer command line."""
+    return demo_join_command([sys.executable, "-m", "crowdtrain.cli"], url, name, home)
 
 
 def tiny_config(corpus: Path, data_dir: Path, **overrides: dict[str, object]) -> RunConfig:

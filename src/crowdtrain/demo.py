@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,25 @@ def demo_volunteers(
     return specs, honest
 
 
+def join_command(cli: Sequence[str], url: str, name: str, home: Path) -> list[str]:
+    """`crowdtrain join` (CLI: how to start the command) for a local volunteer named NAME with
+    its files under HOME: one thread, quiet, a summary and its own cache."""
+    return [
+        *cli,
+        "join",
+        url,
+        "--name",
+        name,
+        "--threads",
+        "1",
+        "--quiet",
+        "--summary",
+        str(home / "summary.json"),
+        "--cache-dir",
+        str(home / "cache"),
+    ]
+
+
 def run_demo(
     *,
     volunteers: int = 4,
@@ -270,18 +289,7 @@ def run_network(
             home = state / "volunteers" / spec.name
             home.mkdir(parents=True, exist_ok=True)
             args = [
-                *cli,
-                "join",
-                f"http://127.0.0.1:{proxy.port}",
-                "--name",
-                spec.name,
-                "--threads",
-                "1",
-                "--quiet",
-                "--summary",
-                str(home / "summary.json"),
-                "--cache-dir",
-                str(home / "cache"),
+                *join_command(cli, f"http://127.0.0.1:{proxy.port}", spec.name, home),
                 "--slowdown",
                 str(spec.slowdown),
                 *(["--attack", spec.attack] if spec.attack else []),
