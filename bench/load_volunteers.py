@@ -237,7 +237,7 @@ class Sampler:
     def reset(self) -> int:
         """The peak since the start or the last reset; the next peak counts from now."""
         peak, self.peak = self.peak, int(self.proc.memory_info().rss)
-        return peak
+        return int(peak)
 
     def cpu_s(self) -> float:
         t = self.proc.cpu_times()

@@ -19,6 +19,7 @@ from typing import Any
 import crowdtrain.protocol.core as core
 import crowdtrain.sim.des as des
 from crowdtrain.cli import app
+from crowdtrain.protocol import RoundClosed, WorkOrder
 
 
 def main(scenario: str, rounds: str, out: str) -> None:
@@ -29,17 +30,16 @@ def main(scenario: str, rounds: str, out: str) -> None:
     def traced(self: core.RoundProtocol, event: Any) -> Any:
         decisions = handle(self, event)
         kind = type(event).__name__
-        names = [type(d).__name__ for d in decisions]
-        if kind in ("PeerSeen", "Tick") and "RoundClosed" not in names:
+        if kind in ("PeerSeen", "Tick") and not any(isinstance(d, RoundClosed) for d in decisions):
             return decisions
         parts = []
-        for d, name in zip(decisions, names, strict=True):
-            if name == "WorkOrder":
+        for d in decisions:
+            if isinstance(d, WorkOrder):
                 parts.append(f"WorkOrder(r{d.round}, {d.max_seconds:g} s)")
-            elif name == "RoundClosed":
+            elif isinstance(d, RoundClosed):
                 parts.append(f"RoundClosed(r{d.round}, {len(d.contributors)} contributions)")
             else:
-                parts.append(f"{name}({getattr(d, 'reason', '')})")
+                parts.append(f"{type(d).__name__}({getattr(d, 'reason', '')})")
         now = clock["loop"].now if "loop" in clock else 0.0
         peer, rnd = getattr(event, "peer_id", ""), getattr(event, "round", "")
         print(f"{now:9.1f} {kind:24s} {peer:8s} {rnd} -> {'; '.join(parts)}", file=log)
